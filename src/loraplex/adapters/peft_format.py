@@ -1,0 +1,176 @@
+"""Read a PEFT LoRA adapter directory and validate it against the base model, refusing what we don't support.
+
+A directory holds adapter_config.json and adapter_model.safetensors (adapter_model.bin only with an
+explicit opt-in, loaded with weights_only=True). Every unsupported feature is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex.errors import (
+    AdapterFormatError,
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    AdapterRankError,
+    UnsupportedAdapterFeatureError,
+)
+from loraplex.lora.layers import PartWeights
+
+log = logging.getLogger(__name__)
+
+# "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (optionally ".lora_A.<adapter>.weight")
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_FORBIDDEN_TARGETS = {"embed_tokens": "embedding LoRA (target embed_tokens)", "lm_head": "lm_head LoRA"}
+
+
+@dataclass(slots=True)
+class AdapterWeights:
+    """A validated adapter on the host: (layer, part) -> PartWeights, in fp32."""
+
+    name: str
+    path: Path
+    rank: int
+    parts: dict[tuple[int, str], PartWeights] = field(default_factory=dict)
+    base_model_name: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.a.numel() * w.a.element_size() + w.b.numel() * w.b.element_size() for w in self.parts.values())
+
+
+def _check_config(cfg: dict[str, Any], path: Path) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedAdapterFeatureError(f"adapter {path}: PEFT method {peft_type} is not supported; only LORA is")
+    refusals = {
+        "use_dora": "DoRA (use_dora=true)",
+        "modules_to_save": "modules_to_save",
+        "layer_replication": "layer_replication",
+        "trainable_token_indices": "trainable_token_indices",
+        "target_parameters": "target_parameters (LoRA on parameters)",
+        "lora_bias": "lora_bias",
+        "use_qalora": "QALoRA (use_qalora=true)",
+        "fan_in_fan_out": "fan_in_fan_out",
+    }
+    for key, feature in refusals.items():
+        if cfg.get(key):
+            raise UnsupportedAdapterFeatureError(f"adapter {path}: {feature} is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise UnsupportedAdapterFeatureError(f"adapter {path}: bias={cfg['bias']!r} is not supported; only 'none' is")
+    targets = cfg.get("target_modules") or []
+    names = [targets] if isinstance(targets, str) else list(targets)
+    for t in names:
+        for module, feature in _FORBIDDEN_TARGETS.items():
+            if module in t:
+                raise UnsupportedAdapterFeatureError(f"adapter {path}: {feature} is not supported")
+
+
+def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    # PEFT matches pattern keys against the end of the module's qualified name.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st = path / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise AdapterFormatError(f"adapter {path}: corrupt safetensors file {st.name}: {e}") from e
+    binary = path / "adapter_model.bin"
+    if binary.is_file():
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"adapter {path}: only adapter_model.bin (pickle) found; safetensors is required unless "
+                "pickled adapters are allowed (--allow-pickle-adapters)"
+            )
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unpickling failure is a format error of this file
+            raise AdapterFormatError(f"adapter {path}: cannot read adapter_model.bin: {e}") from e
+    raise AdapterFormatError(f"adapter {path}: no adapter_model.safetensors found")
+
+
+def load_peft_adapter(
+    name: str,
+    path: Path,
+    targets: dict[tuple[int, str], tuple[int, int]],
+    max_rank: int,
+    allow_pickle: bool = False,
+) -> AdapterWeights:
+    """Load and validate. `targets` maps (layer, part) -> (in_features, out_features) of the base model."""
+    if not path.is_dir():
+        raise AdapterNotFoundError(f"adapter {name!r}: directory {path} does not exist")
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"adapter {path}: adapter_config.json must hold a JSON object")
+    _check_config(cfg, path)
+    tensors = _read_tensors(path, allow_pickle)
+
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if "lora_magnitude_vector" in key:
+            raise UnsupportedAdapterFeatureError(f"adapter {path}: DoRA (lora_magnitude_vector) is not supported")
+        if "lora_embedding" in key or "embed_tokens" in key:
+            raise UnsupportedAdapterFeatureError(f"adapter {path}: embedding LoRA is not supported")
+        if "lm_head" in key:
+            raise UnsupportedAdapterFeatureError(f"adapter {path}: lm_head LoRA is not supported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise AdapterIncompatibleError(f"adapter {path}: tensor {key!r} does not match any LoRA target of the base model")
+        layer, part, ab = int(m.group(1)), m.group(2), m.group(3)
+        if (layer, part) not in targets:
+            valid = sorted({p for _, p in targets})
+            raise AdapterIncompatibleError(
+                f"adapter {path}: {key!r} targets layer {layer} module {part!r}, which the base model lacks "
+                f"(layers 0-{max(l for l, _ in targets)}, modules {', '.join(valid)})"
+            )
+        pairs.setdefault((layer, part), {})[ab] = tensor
+    if not pairs:
+        raise AdapterFormatError(f"adapter {path}: no LoRA weights found")
+
+    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    use_rslora = bool(cfg.get("use_rslora", False))
+    weights = AdapterWeights(name=name, path=path, rank=0, base_model_name=cfg.get("base_model_name_or_path"))
+    for (layer, part), ab in sorted(pairs.items()):
+        if "A" not in ab or "B" not in ab:
+            raise AdapterFormatError(f"adapter {path}: layer {layer} {part} lacks lora_{'B' if 'A' in ab else 'A'}")
+        a, b = ab["A"], ab["B"]
+        in_f, out_f = targets[(layer, part)]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
+            raise AdapterIncompatibleError(
+                f"adapter {path}: layer {layer} {part} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                f"the base model needs lora_A [r, {in_f}] and lora_B [{out_f}, r]. Was it trained for a different base model?"
+            )
+        if r > max_rank:
+            raise AdapterRankError(
+                f"adapter {name!r} has rank {r} > --max-lora-rank {max_rank}; restart with --max-lora-rank {r}"
+            )
+        module_alpha = float(_pattern_value(alpha_pattern, f"layers.{layer}.{part}", alpha))
+        scale = module_alpha / math.sqrt(r) if use_rslora else module_alpha / r
+        weights.parts[(layer, part)] = PartWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=scale)
+        weights.rank = max(weights.rank, r)
+    return weights

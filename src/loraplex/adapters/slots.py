@@ -1,0 +1,68 @@
+"""SlotTable: which adapter occupies which device slot, with reference counts and LRU reuse. No torch.
+
+A slot whose adapter is referenced by a scheduled request is never reassigned; unreferenced slots
+keep their adapter (a later request reuses it without a copy) until the least recently used one is
+needed for another adapter.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SlotGrant:
+    slot: int
+    needs_load: bool  # True when the adapter's weights must be copied into the slot before the next step
+
+
+class SlotTable:
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.slot_of: dict[str, int] = {}
+        self.refs: dict[str, int] = {}
+        self.pinned: set[str] = set()
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._idle: OrderedDict[str, None] = OrderedDict()  # resident, unreferenced, LRU first
+        self.evictions = 0
+
+    def can_acquire(self, key: str) -> bool:
+        return key in self.slot_of or bool(self._free) or any(k not in self.pinned for k in self._idle)
+
+    def acquire(self, key: str) -> SlotGrant | None:
+        """Reference `key`'s slot, assigning one (LRU eviction of an idle adapter) if needed; None if all are busy."""
+        if key in self.slot_of:
+            self._idle.pop(key, None)
+            self.refs[key] = self.refs.get(key, 0) + 1
+            return SlotGrant(self.slot_of[key], needs_load=False)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((k for k in self._idle if k not in self.pinned), None)
+            if victim is None:
+                return None
+            del self._idle[victim]
+            slot = self.slot_of.pop(victim)
+            self.evictions += 1
+        self.slot_of[key] = slot
+        self.refs[key] = 1
+        return SlotGrant(slot, needs_load=True)
+
+    def release(self, key: str) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self._idle[key] = None  # most recently used at the end
+
+    def invalidate(self, key: str) -> None:
+        """Forget a resident adapter (failed load or unload); only allowed when unreferenced."""
+        if key in self.refs:
+            raise RuntimeError(f"adapter {key!r} is in use")
+        self._idle.pop(key, None)
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def resident(self) -> list[str]:
+        return list(self.slot_of)

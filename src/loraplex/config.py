@@ -1,0 +1,44 @@
+"""EngineConfig: frozen, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex.errors import InvalidRequestError
+
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # None = the embedded default model
+    dtype: str = "auto"  # auto = bfloat16 on CPU
+    device: str = "cpu"
+    max_model_len: int | None = None  # None = min(model's max_position_embeddings, 4096)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
+    enable_lora: bool = True
+    max_loras: int = 8  # device slots: distinct adapters in one step
+    max_lora_rank: int = 16
+    lora_modules: tuple[tuple[str, str], ...] = field(default=())  # (name, path) registered at start
+    allow_pickle_adapters: bool = False
+    max_skips: int = 16  # fairness: how often a waiting request may be passed over by later ones
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.block_size >= 1, "block_size must be >= 1"),
+            (self.kv_cache_memory > 0, "kv_cache_memory must be > 0"),
+            (self.max_loras >= 1, "max_loras must be >= 1"),
+            (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
+            (self.max_skips >= 0, "max_skips must be >= 0"),
+            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)

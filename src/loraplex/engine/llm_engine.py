@@ -1,0 +1,194 @@
+"""LLMEngine: the synchronous engine. add_request / abort_request / step, nothing else drives the model.
+
+Where a request goes: add_request validates and tokenizes -> Scheduler.waiting -> Scheduler.schedule
+picks the step's tokens -> ModelRunner.execute runs the forward pass and samples -> _process appends
+tokens, detokenizes, checks stop conditions -> RequestOutput.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex.adapters.peft_format import AdapterWeights, load_peft_adapter
+from loraplex.adapters.slots import SlotTable
+from loraplex.config import EngineConfig
+from loraplex.engine import detokenizer
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.outputs import CompletionOutput, RequestOutput
+from loraplex.engine.request import Request, RequestStatus
+from loraplex.engine.scheduler import Scheduler
+from loraplex.errors import AdapterNotFoundError, InvalidRequestError, PromptTooLongError
+from loraplex.lora.layers import attach_lora
+from loraplex.models.loader import load_model, resolve_model
+from loraplex.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16  # bf16 on CPU (AVX-512 bf16) and on GPUs alike
+    return getattr(torch, name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.model_dir = resolve_model(config.model)
+        from loraplex.models.config import load_model_config
+
+        mcfg = load_model_config(self.model_dir)
+        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
+        t0 = time.perf_counter()
+        model, self.model_config = load_model(self.model_dir, self.dtype, self.max_model_len)
+        model.to(self.device)
+        self.model_name = self.model_config.name
+        targets = attach_lora(model, config.max_loras, config.max_lora_rank, self.dtype) if config.enable_lora else {}
+        # (layer, part) -> (in_features, out_features of that part): what an adapter must match.
+        self.lora_shapes = {key: (w.in_features, dict(w.parts)[key[1]]) for key, w in targets.items()}
+        num_blocks = self._num_blocks()
+        self.runner = ModelRunner(model, targets, num_blocks, config.block_size, self.dtype, self.device, config.seed)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.slots = SlotTable(config.max_loras)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs,
+                                   config.max_num_batched_tokens, config.max_skips)
+        from transformers import AutoTokenizer
+
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
+        self.requests: dict[str, Request] = {}
+        self.adapter_paths: dict[str, Path] = {}
+        self.adapter_weights: dict[str, AdapterWeights] = {}
+        self._ids = itertools.count()
+        for name, path in config.lora_modules:
+            self.register_adapter(name, path)
+        log.info("loaded %s (%s, %s) in %.1fs: %d KV blocks of %d tokens, %d adapter slots of rank %d",
+                 self.model_name, self.model_config.architecture, self.dtype, time.perf_counter() - t0,
+                 num_blocks, config.block_size, config.max_loras, config.max_lora_rank)
+
+    def _num_blocks(self) -> int:
+        c, m = self.config, self.model_config
+        per_block = m.num_layers * 2 * c.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
+        num = c.kv_cache_memory // per_block
+        need = -(-self.max_model_len // c.block_size)
+        if num < need:
+            raise InvalidRequestError(
+                f"kv_cache_memory={c.kv_cache_memory} bytes holds {num} blocks of {c.block_size} tokens, fewer than the "
+                f"{need} one sequence of max_model_len={self.max_model_len} needs; raise kv_cache_memory to at least "
+                f"{need * per_block} or lower max_model_len"
+            )
+        return num
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def register_adapter(self, name: str, path: str | Path) -> AdapterWeights:
+        """Load, validate and register an adapter under `name` (replacing an idle one of that name)."""
+        if not self.config.enable_lora:
+            raise InvalidRequestError("LoRA is disabled (enable_lora=False)")
+        weights = load_peft_adapter(name, Path(path), self.lora_shapes, self.config.max_lora_rank,
+                                    self.config.allow_pickle_adapters)
+        if weights.base_model_name and self.model_name and Path(weights.base_model_name).name != self.model_name:
+            log.warning("adapter %r was trained for %r, serving it on %r", name, weights.base_model_name, self.model_name)
+        if name in self.slots.slot_of and name not in self.slots.refs:
+            self.slots.invalidate(name)  # a stale copy sits in a device slot
+        self.adapter_paths[name] = Path(path)
+        self.adapter_weights[name] = weights
+        return weights
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    adapter: str | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then."""
+        sampling = sampling or SamplingParams()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens; the context (max_model_len) is {self.max_model_len} tokens, "
+                "which must also leave room for at least one generated token"
+            )
+        if adapter is not None and adapter not in self.adapter_weights:
+            known = ", ".join(sorted(self.adapter_weights)) or "none"
+            raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (registered adapters: {known})")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, token_ids, sampling, adapter, time.monotonic(), prompt=text)
+        detokenizer.init_offsets(req)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+            self.runner.forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        for slot, key in sched.slot_loads:
+            self.runner.load_adapter(slot, self.adapter_weights[key])
+        if not sched.seqs:
+            return []
+        sampled = self.runner.execute(sched.seqs)
+        for s in sched.seqs:
+            s.request.num_computed_tokens += s.num_tokens
+        return [self._process(req, token) for req, token in sampled]
+
+    def _process(self, req: Request, token: int) -> RequestOutput:
+        req.output_token_ids.append(token)
+        sp = req.sampling
+        reason: str | None = None
+        if token in sp.stop_token_ids:
+            reason, req.stop_reason = "stop", token  # stop tokens end the text, they are not part of it
+        elif not sp.ignore_eos and token in self.runner.eos_ids:
+            reason = "stop"
+        else:
+            before = len(req.output_text)
+            detokenizer.append_text(self.tokenizer, req)
+            if detokenizer.find_stop(req, len(req.output_text) - before):
+                reason = "stop"
+        if reason is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self.runner.forget(req.request_id)
+            self.requests.pop(req.request_id, None)
+        return self._output(req)
+
+    def _output(self, req: Request) -> RequestOutput:
+        delta_ids = req.output_token_ids[req.emitted_token_len :]
+        req.emitted_token_len = len(req.output_token_ids)
+        completion = CompletionOutput(
+            index=0,
+            text=req.output_text,
+            token_ids=list(req.output_token_ids),
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            delta_text=detokenizer.take_delta(req),
+            delta_token_ids=delta_ids,
+        )
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished)
+
+    def request_status(self, request_id: str) -> RequestStatus | None:
+        req = self.requests.get(request_id)
+        return None if req is None else req.status

@@ -1,0 +1,151 @@
+"""ModelRunner: owns the model, its KV cache and adapter slots; turns a scheduled step into tensors,
+runs the forward pass and samples.
+
+Tokens are laid out decodes first (one per sequence), then prefill chunks, so the decode group is
+contiguous and needs no gather.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loraplex.adapters.peft_format import AdapterWeights
+from loraplex.engine.request import Request
+from loraplex.engine.scheduler import ScheduledSeq
+from loraplex.lora.layers import LoRALinear, PartWeights
+from loraplex.lora.mapping import build_mapping
+from loraplex.models.batch import AttentionGroup, ForwardBatch
+from loraplex.models.llama import LlamaForCausalLM
+from loraplex.sampling import sample
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, lora_targets: dict[tuple[int, str], LoRALinear],
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+        self.model = model
+        self.lora_targets = lora_targets
+        self.wrappers = list(dict.fromkeys(lora_targets.values()))
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        cfg = model.cfg
+        self.eos_ids = list(cfg.eos_token_ids)
+        shape = (cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)  # allocated once, never resized
+        for i, attn in enumerate(model.attention_modules()):
+            attn.k_cache, attn.v_cache, attn.block_size = self.kv_cache[i, 0], self.kv_cache[i, 1], block_size
+        self.windows = {attn.sliding_window for attn in model.attention_modules()}
+        self.generators: dict[str, torch.Generator] = {}
+        self._seed_source = torch.Generator().manual_seed(seed)
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy an adapter into device slot `slot` of every wrapper (wrappers it doesn't target are zeroed)."""
+        per_wrapper: dict[LoRALinear, dict[str, PartWeights]] = {w: {} for w in self.wrappers}
+        for (layer, part), w in weights.parts.items():
+            per_wrapper[self.lora_targets[(layer, part)]][part] = w
+        with torch.no_grad():
+            for wrapper, parts in per_wrapper.items():
+                wrapper.set_slot(slot, parts)
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, int]]:
+        """Run one forward pass; return (request, sampled token) for every request that reached its last token."""
+        decodes = [s for s in seqs if s.num_tokens == 1]
+        prefills = [s for s in seqs if s.num_tokens > 1]
+        ordered = decodes + prefills
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        lora_slots: list[int] = []
+        sample_at: list[int] = []
+        sampled_reqs: list[Request] = []
+        bs = self.block_size
+        for s in ordered:
+            r = s.request
+            start = r.num_computed_tokens
+            for p in range(start, start + s.num_tokens):
+                ids.append(r.token_at(p))
+                positions.append(p)
+                slots.append(r.block_ids[p // bs] * bs + p % bs)
+            lora_slots.extend([r.lora_slot] * s.num_tokens)
+            if start + s.num_tokens == r.num_tokens:
+                sample_at.append(len(ids) - 1)
+                sampled_reqs.append(r)
+        dev = self.device
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, device=dev),
+            slot_mapping=torch.tensor(slots, device=dev),
+            decode=self._group(decodes, 0) if decodes else None,
+            prefill=self._group(prefills, len(decodes)) if prefills else None,
+            logits_index=torch.tensor(sample_at, device=dev),
+            lora=build_mapping(lora_slots, self.dtype, dev),
+        )
+        if not sampled_reqs:
+            self.model(torch.tensor(ids, device=dev), batch)
+            return []
+        logits = self.model(torch.tensor(ids, device=dev), batch)
+        return list(zip(sampled_reqs, self._sample(logits, sampled_reqs)))
+
+    def _group(self, seqs: list[ScheduledSeq], start: int) -> AttentionGroup:
+        bs = self.block_size
+        b = len(seqs)
+        q_lens = [s.num_tokens for s in seqs]
+        q = max(q_lens)
+        nb = max(len(s.request.block_ids) for s in seqs)
+        tables = torch.zeros(b, nb, dtype=torch.long)
+        qpos = torch.zeros(b, q, dtype=torch.long)
+        token_index = torch.zeros(b, q, dtype=torch.long)
+        offset = start
+        for i, s in enumerate(seqs):
+            tables[i, : len(s.request.block_ids)] = torch.tensor(s.request.block_ids)
+            first = s.request.num_computed_tokens
+            qpos[i, : s.num_tokens] = torch.arange(first, first + s.num_tokens)
+            token_index[i, : s.num_tokens] = torch.arange(offset, offset + s.num_tokens)
+            offset += s.num_tokens
+        uniform = all(n == q for n in q_lens)
+        valid = torch.arange(q)[None, :] < torch.tensor(q_lens)[:, None]  # [B, Q]
+        kpos = torch.arange(nb * bs)
+        masks: dict[int | None, torch.Tensor] = {}
+        for w in self.windows:
+            m = kpos[None, None, :] <= qpos[:, :, None]  # causal over absolute positions: [B, Q, K]
+            if w is not None:
+                m &= kpos[None, None, :] > qpos[:, :, None] - w
+            masks[w] = m.unsqueeze(1).to(self.device)  # [B, 1, Q, K]
+        return AttentionGroup(
+            token_index=None if uniform else token_index.to(self.device),
+            start=start,
+            num_seqs=b,
+            q_len=q,
+            block_tables=tables.to(self.device),
+            masks=masks,
+            valid=None if uniform else valid.to(self.device),
+        )
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        for i, r in enumerate(reqs):
+            if len(r.output_token_ids) < r.sampling.min_tokens:
+                banned = r.sampling.stop_token_ids + ([] if r.sampling.ignore_eos else self.eos_ids)
+                if banned:
+                    logits[i, banned] = float("-inf")
+        gens = [self._generator(r) for r in reqs]
+        return sample(logits, [r.sampling for r in reqs], gens)
+
+    def _generator(self, r: Request) -> torch.Generator | None:
+        if r.sampling.greedy:
+            return None
+        g = self.generators.get(r.request_id)
+        if g is None:
+            seed = r.sampling.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+            g = self.generators[r.request_id] = torch.Generator().manual_seed(seed)
+        return g
+
+    def forget(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)

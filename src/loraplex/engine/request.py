@@ -1,0 +1,50 @@
+"""Request: one generation's state as it moves through waiting -> running -> finished."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from loraplex.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter: str | None  # adapter key, None = base model
+    arrival: float
+    prompt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    lora_slot: int = -1
+    times_passed_over: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    # Incremental detokenization state (see engine/detokenizer.py).
+    output_text: str = ""
+    emitted_text_len: int = 0
+    emitted_token_len: int = 0
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]

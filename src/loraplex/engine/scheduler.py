@@ -1,0 +1,122 @@
+"""Scheduler: iteration-level batching with chunked prefill, KV admission control and adapter slots. No torch.
+
+Each step: running requests first (decodes, then unfinished prefills), in arrival order, each
+taking one token or a prompt chunk from the step's token budget; then waiting requests are
+admitted first-come first-served while KV blocks, sequence slots and adapter slots allow. When a
+decode needs a block and none is free, the newest running request is preempted (its KV freed and
+recomputed later). A waiting request whose adapter cannot get a slot is passed over by later
+requests at most `max_skips` times; after that nobody is admitted ahead of it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from loraplex.adapters.slots import SlotTable
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    request: Request
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    slot_loads: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter key) to copy before the step
+    preempted: list[Request] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, slots: SlotTable, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_skips: int) -> None:
+        self.blocks = blocks
+        self.slots = slots
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_skips = max_skips
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def _release(self, req: Request) -> None:
+        self.blocks.free(req)
+        if req.adapter is not None and req.lora_slot >= 0:
+            self.slots.release(req.adapter)
+        req.lora_slot = -1
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed_tokens = 0  # recompute prompt + generated tokens when readmitted
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.blocks.can_allocate(self.blocks.blocks_needed(req, req.num_computed_tokens + n)):
+                self._preempt(self.running[-1], out)
+                if req.status is not RequestStatus.RUNNING:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # req was the newest and got preempted; nothing after it is left
+            self.blocks.allocate(req, req.num_computed_tokens + n)
+            out.seqs.append(ScheduledSeq(req, n))
+            budget -= n
+            i += 1
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        passed: list[Request] = []
+        for req in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if req.adapter is not None and not self.slots.can_acquire(req.adapter):
+                passed.append(req)
+                if req.times_passed_over >= self.max_skips:
+                    break  # fairness bound reached: nobody overtakes it any more
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):
+                break  # KV cache full: wait for running requests to free blocks
+            if req.adapter is not None:
+                grant = self.slots.acquire(req.adapter)
+                assert grant is not None
+                req.lora_slot = grant.slot
+                if grant.needs_load:
+                    out.slot_loads.append((grant.slot, req.adapter))
+            for p in passed:
+                p.times_passed_over += 1
+            passed.clear()
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self.blocks.allocate(req, n)
+            out.seqs.append(ScheduledSeq(req, n))
+            budget -= n

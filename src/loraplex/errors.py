@@ -1,0 +1,51 @@
+"""Exception types a user can cause. Each names its cause; the server maps them to HTTP statuses."""
+
+from __future__ import annotations
+
+
+class LoraplexError(Exception):
+    """Base class of every error loraplex raises on purpose."""
+
+
+class UnsupportedModelError(LoraplexError):
+    """The model's architecture or one of its config features is not supported."""
+
+
+class ModelLoadError(LoraplexError):
+    """A model directory or file could not be read."""
+
+
+class InvalidRequestError(LoraplexError):
+    """A request parameter is out of range or inconsistent."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt (plus the tokens to generate) does not fit the context."""
+
+
+class AdapterError(LoraplexError):
+    """Base class of adapter problems."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """No adapter directory or registry entry exists for the name or path."""
+
+
+class InvalidAdapterNameError(AdapterError):
+    """An adapter name that could escape the adapter root or is otherwise malformed."""
+
+
+class AdapterFormatError(AdapterError):
+    """The adapter files are missing, corrupt, or not in PEFT's format."""
+
+
+class AdapterIncompatibleError(AdapterError):
+    """The adapter's tensors do not fit the base model's shapes."""
+
+
+class AdapterRankError(AdapterError):
+    """The adapter's rank exceeds the engine's --max-lora-rank."""
+
+
+class UnsupportedAdapterFeatureError(AdapterError):
+    """The adapter uses a PEFT feature loraplex refuses to ignore silently."""

@@ -1,0 +1,82 @@
+"""LoRA layer wrappers, swapped in for the model's Linear layers by module replacement.
+
+Each wrapper owns the device slots of one linear layer: A [S, R, IN], B [S, R, OUT], where
+R = parts * max_rank. Part p of a packed layer (q/k/v, gate/up) uses rows [p*max_rank, p*max_rank + r)
+of A and B, and only its own output columns in B, so one adapter may target any subset of parts
+and any rank up to max_rank; unused rows stay zero.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraplex.lora.ops import lora_apply
+from loraplex.models.batch import ForwardBatch
+from loraplex.models.layers import Linear
+
+
+@dataclass(frozen=True, slots=True)
+class PartWeights:
+    a: torch.Tensor  # [r, IN]
+    b: torch.Tensor  # [OUT_part, r]
+    scale: float
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base = base
+        self.parts: tuple[tuple[str, int], ...] = base.parts
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.max_rank = max_rank
+        rows = len(self.parts) * max_rank
+        device = next(base.parameters()).device
+        self.lora_a = torch.zeros(max_loras, rows, self.in_features, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(max_loras, rows, self.out_features, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        y = self.base(x, batch)
+        if batch is not None and batch.lora is not None:
+            y = y + lora_apply(x, self.lora_a, self.lora_b, batch.lora)
+        return y
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+    def set_slot(self, slot: int, weights: dict[str, PartWeights]) -> None:
+        """Write one adapter's parts into `slot` (parts absent from `weights` stay zero)."""
+        self.clear_slot(slot)
+        out_start = 0
+        for p, (name, size) in enumerate(self.parts):
+            w = weights.get(name)
+            if w is not None:
+                r = w.a.shape[0]
+                rows = slice(p * self.max_rank, p * self.max_rank + r)
+                self.lora_a[slot, rows] = w.a.to(self.lora_a.dtype)
+                # Fold the scaling into B, stored transposed so the expand is x_a @ B: [R, OUT].
+                self.lora_b[slot, rows, out_start : out_start + size] = (w.b.float() * w.scale).T.to(self.lora_b.dtype)
+            out_start += size
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:
+    """Replace every per-layer Linear of `model` by a LoRALinear; return (layer index, part name) -> wrapper."""
+    targets: dict[tuple[int, str], LoRALinear] = {}
+    for name, module in list(model.named_modules()):
+        m = _LAYER_RE.search(name + ".")
+        if not isinstance(module, Linear) or m is None:
+            continue
+        wrapper = LoRALinear(module, max_loras, max_rank, dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, wrapper)
+        for part, _ in module.parts:
+            targets[(int(m.group(1)), part)] = wrapper
+    return targets

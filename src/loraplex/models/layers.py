@@ -1,0 +1,49 @@
+"""Base layers of the model: a swappable linear layer that knows its packed parts, and RMSNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.models.batch import ForwardBatch
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). `parts` names the checkpoint matrices packed along the output axis.
+
+    Packing (q,k,v -> qkv_proj; gate,up -> gate_up_proj) means one matmul per layer instead of
+    three. LoRA wrappers and quantized replacements read `parts` to place their own tensors.
+    """
+
+    def __init__(self, in_features: int, parts: list[tuple[str, int]], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.parts = tuple(parts)
+        self.out_features = sum(size for _, size in parts)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+
+    def part_slice(self, name: str) -> slice:
+        start = 0
+        for part, size in self.parts:
+            if part == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(name)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as transformers does), scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)

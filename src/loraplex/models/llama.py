@@ -1,0 +1,88 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) over flattened tokens with paged attention.
+
+It knows nothing of LoRA, the engine or HTTP: linear layers are `Linear` modules that other
+packages may replace (LoRA wrappers, quantized layers) without touching this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.models.attention import PagedAttention
+from loraplex.models.batch import ForwardBatch
+from loraplex.models.config import ModelConfig
+from loraplex.models.layers import Linear, RMSNorm
+from loraplex.models.rope import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = Linear(
+            cfg.hidden_size, [("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)], cfg.qkv_bias
+        )
+        self.o_proj = Linear(cfg.q_size, [("o_proj", cfg.hidden_size)])
+        self.rotary = rotary
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_windows[layer])
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        cfg = self.cfg
+        qkv = self.qkv_proj(x, batch)  # [T, q + 2kv]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        q, k = self.rotary(batch.positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch), batch)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, [("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)])
+        self.down_proj = Linear(cfg.intermediate_size, [("down_proj", cfg.hidden_size)])
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, batch).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up, batch)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, rotary, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, [("lm_head", cfg.vocab_size)])
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # input_ids: [T] -> logits [N, V] (fp32) for the tokens in batch.logits_index
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        x = self.norm(x[batch.logits_index])
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()
+
+    def attention_modules(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]

