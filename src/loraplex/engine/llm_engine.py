@@ -23,7 +23,7 @@ from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.outputs import CompletionOutput, RequestOutput
 from loraplex.engine.request import Request, RequestStatus
-from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.errors import AdapterNotFoundError, InvalidRequestError, PromptTooLongError
 from loraplex.lora.layers import attach_lora
 from loraplex.models.loader import load_model, resolve_model
@@ -94,13 +94,19 @@ class LLMEngine:
             raise InvalidRequestError("LoRA is disabled (enable_lora=False)")
         weights = load_peft_adapter(name, Path(path), self.lora_shapes, self.config.max_lora_rank,
                                     self.config.allow_pickle_adapters)
-        if weights.base_model_name and self.model_name and Path(weights.base_model_name).name != self.model_name:
+        if weights.base_model_name and not self._is_our_base(weights.base_model_name):
             log.warning("adapter %r was trained for %r, serving it on %r", name, weights.base_model_name, self.model_name)
         if name in self.slots.slot_of and name not in self.slots.refs:
             self.slots.invalidate(name)  # a stale copy sits in a device slot
         self.adapter_paths[name] = Path(path)
         self.adapter_weights[name] = weights
         return weights
+
+    def _is_our_base(self, base: str) -> bool:
+        """Whether an adapter's base_model_name_or_path names this model (a path to it, its name, or a hub id ending in it)."""
+        names = {self.model_name, self.model_dir.name}
+        tail = base.rstrip("/").rsplit("/", 1)[-1]
+        return tail in names or Path(base).resolve() == self.model_dir.resolve()
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
@@ -188,6 +194,31 @@ class LLMEngine:
             delta_token_ids=delta_ids,
         )
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished)
+
+    def prompt_logits(self, prompt: str | list[int], adapter: str | None = None) -> torch.Tensor:
+        """Logits [len(prompt), V] (fp32) of every prompt position under `adapter`, as one full prefill.
+
+        Runs between steps on blocks and an adapter slot borrowed like any request's, then returns them."""
+        rid = self.add_request(prompt, SamplingParams(max_tokens=1), adapter, request_id=f"logits-{next(self._ids)}")
+        req = self.requests.pop(rid)
+        self.scheduler.waiting.remove(req)
+        n = len(req.prompt_token_ids)
+        if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):
+            raise InvalidRequestError("the KV cache is busy; call prompt_logits when no requests are running")
+        grant = self.slots.acquire(adapter) if adapter is not None else None
+        if adapter is not None and grant is None:
+            raise InvalidRequestError("every adapter slot is busy; call prompt_logits when no requests are running")
+        try:
+            if grant is not None:
+                req.lora_slot = grant.slot
+                if grant.needs_load:
+                    self.runner.load_adapter(grant.slot, self.adapter_weights[adapter])  # type: ignore[index]
+            self.blocks.allocate(req, n)
+            return self.runner.logits(ScheduledSeq(req, n))
+        finally:
+            self.blocks.free(req)
+            if grant is not None:
+                self.slots.release(adapter)  # type: ignore[arg-type]
 
     def request_status(self, request_id: str) -> RequestStatus | None:
         req = self.requests.get(request_id)

@@ -56,9 +56,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, int]]:
         """Run one forward pass; return (request, sampled token) for every request that reached its last token."""
+        ids, batch, sampled_reqs = self._prepare(seqs, all_logits=False)
+        logits = self.model(ids, batch)
+        if not sampled_reqs:
+            return []
+        return list(zip(sampled_reqs, self._sample(logits, sampled_reqs)))
+
+    @torch.inference_mode()
+    def logits(self, seq: ScheduledSeq) -> torch.Tensor:
+        """Logits [num_tokens, V] (fp32) at every position computed for one sequence, sampling nothing."""
+        ids, batch, _ = self._prepare([seq], all_logits=True)
+        return self.model(ids, batch)
+
+    def _prepare(self, seqs: list[ScheduledSeq], all_logits: bool) -> tuple[torch.Tensor, ForwardBatch, list[Request]]:
         decodes = [s for s in seqs if s.num_tokens == 1]
         prefills = [s for s in seqs if s.num_tokens > 1]
-        ordered = decodes + prefills
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -66,7 +78,7 @@ class ModelRunner:
         sample_at: list[int] = []
         sampled_reqs: list[Request] = []
         bs = self.block_size
-        for s in ordered:
+        for s in decodes + prefills:
             r = s.request
             start = r.num_computed_tokens
             for p in range(start, start + s.num_tokens):
@@ -79,18 +91,14 @@ class ModelRunner:
                 sampled_reqs.append(r)
         dev = self.device
         batch = ForwardBatch(
-            positions=torch.tensor(positions, device=dev),
-            slot_mapping=torch.tensor(slots, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode=self._group(decodes, 0) if decodes else None,
             prefill=self._group(prefills, len(decodes)) if prefills else None,
-            logits_index=torch.tensor(sample_at, device=dev),
+            logits_index=torch.arange(len(ids), device=dev) if all_logits else torch.tensor(sample_at, dtype=torch.long, device=dev),
             lora=build_mapping(lora_slots, self.dtype, dev),
         )
-        if not sampled_reqs:
-            self.model(torch.tensor(ids, device=dev), batch)
-            return []
-        logits = self.model(torch.tensor(ids, device=dev), batch)
-        return list(zip(sampled_reqs, self._sample(logits, sampled_reqs)))
+        return torch.tensor(ids, dtype=torch.long, device=dev), batch, sampled_reqs
 
     def _group(self, seqs: list[ScheduledSeq], start: int) -> AttentionGroup:
         bs = self.block_size

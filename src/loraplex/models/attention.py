@@ -39,7 +39,7 @@ class PagedAttention(nn.Module):
     def _attend_group(self, q: torch.Tensor, out: torch.Tensor, g: AttentionGroup) -> None:
         b, ql = g.num_seqs, g.q_len
         if g.token_index is None:
-            qg = q[g.start : g.start + b].view(b, ql, self.num_heads, self.head_dim)
+            qg = q[g.start : g.start + b * ql].view(b, ql, self.num_heads, self.head_dim)
         else:
             qg = q[g.token_index]  # [B, Q, H, D]
         nb = g.block_tables.shape[1]
@@ -56,7 +56,7 @@ class PagedAttention(nn.Module):
             enable_gqa=self.num_heads != self.num_kv_heads,
         ).transpose(1, 2)  # [B, Q, H, D]
         if g.token_index is None:
-            out[g.start : g.start + b] = o.reshape(b * ql, self.num_heads, self.head_dim)
+            out[g.start : g.start + b * ql] = o.reshape(b * ql, self.num_heads, self.head_dim)
         else:
             assert g.valid is not None
             out[g.token_index[g.valid]] = o[g.valid]
