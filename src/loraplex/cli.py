@@ -1,0 +1,101 @@
+"""Command line: `loraplex generate | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from loraplex.errors import LoraplexError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory, .gguf file, or omitted for the embedded default")
+    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to register at start")
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--allow-pickle-adapters", action="store_true", help="accept adapter_model.bin (weights_only)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", nargs="*", default=[])
+
+
+def _parse_modules(items: list[str]) -> dict[str, str]:
+    modules = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora-modules expects NAME=PATH, got {item!r}")
+        modules[name] = path
+    return modules
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from loraplex.llm import LLM
+    from loraplex.sampling import SamplingParams
+
+    modules = _parse_modules(args.lora_modules)
+    adapter = args.adapter
+    if adapter is not None and adapter not in modules:
+        if not Path(adapter).is_dir():
+            raise SystemExit(f"--adapter {adapter!r} is neither a --lora-modules name nor an adapter directory")
+        modules[Path(adapter).name] = adapter
+        adapter = Path(adapter).name
+    llm = LLM(args.model, lora_modules=modules, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+              dtype=args.dtype, max_model_len=args.max_model_len, allow_pickle_adapters=args.allow_pickle_adapters)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop)
+    engine = llm.engine
+    engine.add_request(prompt, params, adapter)
+    while engine.has_unfinished_requests():  # stream tokens as they are produced
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from loraplex.demo import run_demo
+
+    run_demo(max_tokens=args.max_tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate once, optionally with an adapter")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--adapter", default=None, help="a --lora-modules name or a PEFT adapter directory")
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt raw, without the chat template")
+    _engine_args(gen)
+    _sampling_args(gen)
+    gen.set_defaults(fn=cmd_generate)
+
+    demo = sub.add_parser("demo", help="several adapters in one batch on the default model")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.set_defaults(fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except LoraplexError as e:  # a user's mistake: say what and why, no stack trace
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

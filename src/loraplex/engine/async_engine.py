@@ -1,0 +1,137 @@
+"""AsyncLLMEngine: runs LLMEngine's step loop on one background thread and streams outputs to asyncio.
+
+Every engine mutation (add, abort, adapter registration) runs on the engine thread between steps,
+submitted through `_call`; errors come back to the awaiting coroutine. The event loop never runs
+model work, so one process serves many concurrent clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from loraplex.config import EngineConfig
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.engine.outputs import RequestOutput
+from loraplex.errors import LoraplexError
+from loraplex.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class EngineDeadError(LoraplexError):
+    """The engine thread has stopped."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config or EngineConfig())
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API (event loop side) -------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                       adapter: str | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs as tokens are produced. Leaving the loop early (client gone) aborts the request."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            await self.call(lambda: self.engine.add_request(prompt, sampling, adapter, request_id))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and not self._stopped:
+                self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        await self.call(lambda: self.engine.abort_request(request_id))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps; its result or exception comes back here."""
+        return await asyncio.wrap_future(self._submit(fn))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.engine.requests)
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def _submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._stopped:
+            fut.set_exception(EngineDeadError("the engine is shut down"))
+            return fut
+        self._calls.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # delivered to the caller, never kills the loop
+                fut.set_exception(e)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._run_calls()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug in a step: fail the requests in flight, keep serving new ones
+                log.exception("engine step failed; aborting the requests in flight")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+        self._fail_all(EngineDeadError("the engine is shut down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort_request(rid)
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put(error)

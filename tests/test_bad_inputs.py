@@ -1,0 +1,142 @@
+"""Every bad input gets its own error type naming the cause, and requests already running finish unharmed."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ATTN, make_peft_adapter
+from loraplex import LLM, SamplingParams
+from loraplex.errors import (
+    AdapterFormatError,
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    AdapterRankError,
+    InvalidRequestError,
+    PromptTooLongError,
+    UnsupportedAdapterFeatureError,
+)
+
+
+@pytest.fixture(scope="module")
+def good(adapter_factory: Callable[..., Path]) -> Path:
+    return adapter_factory("good", r=8, alpha=16, targets=ATTN, seed=7)
+
+
+@pytest.fixture(scope="module")
+def llm(good: Path) -> LLM:
+    return LLM(dtype="float32", max_lora_rank=8, max_loras=2, max_model_len=256, lora_modules={"good": str(good)})
+
+
+def _peft(hf_base: torch.nn.Module, out: Path, config: object) -> Path:
+    from peft import get_peft_model
+
+    model = get_peft_model(hf_base, config)  # type: ignore[arg-type]
+    try:
+        model.save_pretrained(out)
+    finally:
+        model.unload()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(good: Path, hf_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from peft import IA3Config, LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("bad")
+    corrupt = root / "corrupt"
+    shutil.copytree(good, corrupt)
+    data = (corrupt / "adapter_model.safetensors").read_bytes()
+    (corrupt / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # truncated download
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    pickled = root / "pickled"
+    shutil.copytree(good, pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(pickled / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    return {
+        "corrupt": corrupt,
+        "other_base": make_peft_adapter(tiny, root / "other_base", r=4, targets=ATTN),
+        "rank16": make_peft_adapter(hf_base, root / "rank16", r=16, targets=ATTN),
+        "dora": _peft(hf_base, root / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)),
+        "modules_to_save": _peft(hf_base, root / "mts", LoraConfig(r=4, target_modules=["q_proj"],
+                                                                    modules_to_save=["lm_head"])),
+        "embedding": _peft(hf_base, root / "emb", LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"])),
+        "ia3": _peft(hf_base, root / "ia3", IA3Config(target_modules=["k_proj", "down_proj"],
+                                                       feedforward_modules=["down_proj"])),
+        "pickled": pickled,
+    }
+
+
+CASES = [
+    ("missing", AdapterNotFoundError, "does not exist"),
+    ("corrupt", AdapterFormatError, "corrupt safetensors"),
+    ("other_base", AdapterIncompatibleError, "different base model"),
+    ("rank16", AdapterRankError, "--max-lora-rank 16"),
+    ("dora", UnsupportedAdapterFeatureError, "DoRA"),
+    ("modules_to_save", UnsupportedAdapterFeatureError, "modules_to_save"),
+    ("embedding", UnsupportedAdapterFeatureError, "embedding LoRA"),
+    ("ia3", UnsupportedAdapterFeatureError, "PEFT method IA3"),
+    ("pickled", AdapterFormatError, "safetensors is required"),
+]
+
+
+@pytest.mark.parametrize(("case", "error", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_adapter_rejected_while_serving(llm: LLM, bad_adapters: dict[str, Path], tmp_path: Path,
+                                            case: str, error: type[Exception], message: str) -> None:
+    """A bad adapter is refused with its own error; a request running meanwhile finishes with its solo tokens."""
+    engine = llm.engine
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Name a fruit."}])
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = llm.generate([prompt], params, adapters=["good"])[0].outputs[0].token_ids
+
+    engine.add_request(prompt, params, "good", request_id="inflight")
+    engine.step()
+    path = bad_adapters.get(case, tmp_path / "no-such-adapter")
+    with pytest.raises(error, match=message):
+        engine.register_adapter(case, path)
+    assert case not in engine.adapter_weights  # nothing half-registered
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out
+    assert final is not None and final.outputs[0].token_ids == alone
+
+
+def test_pickled_adapter_loads_with_opt_in(bad_adapters: dict[str, Path], good: Path) -> None:
+    """adapter_model.bin is accepted only with allow_pickle_adapters=True, and then serves like the original."""
+    llm = LLM(dtype="float32", max_lora_rank=8, allow_pickle_adapters=True, max_model_len=256,
+              lora_modules={"pickled": str(bad_adapters["pickled"]), "good": str(good)})
+    prompt = llm.apply_chat_template([{"role": "user", "content": "Name a fruit."}])
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    a, b = llm.generate([prompt, prompt], params, adapters=["pickled", "good"])
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_unknown_adapter_name(llm: LLM) -> None:
+    """A request for an adapter nobody registered gets AdapterNotFoundError listing the registered ones."""
+    with pytest.raises(AdapterNotFoundError, match="'nope' is not registered .*good"):
+        llm.generate(["hi"], adapters=["nope"])
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_prompt_too_long(llm: LLM) -> None:
+    """A prompt longer than the context gets PromptTooLongError with both lengths; nothing is queued."""
+    with pytest.raises(PromptTooLongError, match="300 tokens; the context .* 256"):
+        llm.generate([[1] * 300])
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_bad_sampling_and_empty_prompt(llm: LLM) -> None:
+    """Out-of-range sampling parameters and empty prompts are InvalidRequestError naming the parameter."""
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate([[]])
