@@ -23,6 +23,9 @@ class EngineConfig:
     max_loras: int = 8  # device slots: distinct adapters in one step
     max_lora_rank: int = 16
     lora_modules: tuple[tuple[str, str], ...] = field(default=())  # (name, path) registered at start
+    adapter_dir: str | None = None  # <dir>/<name>/ or <dir>/<name>/<version>/, loaded just in time
+    max_cpu_loras: int = 32  # host-memory tier (LRU) of validated adapters
+    registry_file: str | None = None  # run-time registrations, promotions and pins survive restarts here
     allow_pickle_adapters: bool = False
     max_skips: int = 16  # fairness: how often a waiting request may be passed over by later ones
     seed: int = 0
@@ -36,6 +39,7 @@ class EngineConfig:
             (self.kv_cache_memory > 0, "kv_cache_memory must be > 0"),
             (self.max_loras >= 1, "max_loras must be >= 1"),
             (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
+            (self.max_cpu_loras >= 1, "max_cpu_loras must be >= 1"),
             (self.max_skips >= 0, "max_skips must be >= 0"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
         ]

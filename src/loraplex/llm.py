@@ -55,6 +55,9 @@ class LLM:
             for out in self.engine.step():
                 if out.finished:
                     final[out.request_id] = out
+        errors = [final[rid].error for rid in ids if final[rid].error is not None]
+        if errors:  # e.g. an adapter that failed to load; the other requests did complete
+            raise errors[0]  # type: ignore[misc]
         return [final[rid] for rid in ids]
 
     def chat(

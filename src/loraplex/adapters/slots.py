@@ -26,6 +26,8 @@ class SlotTable:
         self._free = list(range(num_slots - 1, -1, -1))
         self._idle: OrderedDict[str, None] = OrderedDict()  # resident, unreferenced, LRU first
         self.evictions = 0
+        self.hits = 0  # acquire found the adapter already in a slot
+        self.misses = 0  # acquire had to copy it in
 
     def can_acquire(self, key: str) -> bool:
         return key in self.slot_of or bool(self._free) or any(k not in self.pinned for k in self._idle)
@@ -35,6 +37,7 @@ class SlotTable:
         if key in self.slot_of:
             self._idle.pop(key, None)
             self.refs[key] = self.refs.get(key, 0) + 1
+            self.hits += 1
             return SlotGrant(self.slot_of[key], needs_load=False)
         if self._free:
             slot = self._free.pop()
@@ -47,6 +50,7 @@ class SlotTable:
             self.evictions += 1
         self.slot_of[key] = slot
         self.refs[key] = 1
+        self.misses += 1
         return SlotGrant(slot, needs_load=True)
 
     def release(self, key: str) -> None:
@@ -63,6 +67,13 @@ class SlotTable:
         slot = self.slot_of.pop(key, None)
         if slot is not None:
             self._free.append(slot)
+
+    def invalidate_if_idle(self, key: str) -> bool:
+        """Free `key`'s slot unless a request holds it; True if it is no longer resident."""
+        if key in self.refs:
+            return False
+        self.invalidate(key)
+        return True
 
     def resident(self) -> list[str]:
         return list(self.slot_of)

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from loraplex.adapters.manager import AdapterManager
 from loraplex.adapters.peft_format import AdapterWeights, load_peft_adapter
+from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.slots import SlotTable
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
@@ -24,7 +26,7 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.outputs import CompletionOutput, RequestOutput
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
-from loraplex.errors import AdapterNotFoundError, InvalidRequestError, PromptTooLongError
+from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
 from loraplex.lora.layers import attach_lora
 from loraplex.models.loader import load_model, resolve_model
 from loraplex.sampling import SamplingParams
@@ -59,17 +61,21 @@ class LLMEngine:
         self.runner = ModelRunner(model, targets, num_blocks, config.block_size, self.dtype, self.device, config.seed)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.slots = SlotTable(config.max_loras)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.max_skips)
+        registry = AdapterRegistry(
+            Path(config.adapter_dir) if config.adapter_dir else None,
+            Path(config.registry_file) if config.registry_file else None,
+        )
+        self.adapters = AdapterManager(registry, self.slots, config.max_cpu_loras, self._load_adapter)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_skips, adapter_ready=self.adapters.ready)
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
         self.requests: dict[str, Request] = {}
-        self.adapter_paths: dict[str, Path] = {}
-        self.adapter_weights: dict[str, AdapterWeights] = {}
+        self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
         self._ids = itertools.count()
         for name, path in config.lora_modules:
-            self.register_adapter(name, path)
+            self.register_adapter(name, path, persistent=False)
         log.info("loaded %s (%s, %s) in %.1fs: %d KV blocks of %d tokens, %d adapter slots of rank %d",
                  self.model_name, self.model_config.architecture, self.dtype, time.perf_counter() - t0,
                  num_blocks, config.block_size, config.max_loras, config.max_lora_rank)
@@ -88,19 +94,22 @@ class LLMEngine:
         return num
 
     # ---- adapters -------------------------------------------------------------------------------
-    def register_adapter(self, name: str, path: str | Path) -> AdapterWeights:
-        """Load, validate and register an adapter under `name` (replacing an idle one of that name)."""
+    def _load_adapter(self, name: str, path: Path) -> AdapterWeights:
+        """Read + validate one adapter from disk (runs on the manager's loader thread)."""
         if not self.config.enable_lora:
             raise InvalidRequestError("LoRA is disabled (enable_lora=False)")
-        weights = load_peft_adapter(name, Path(path), self.lora_shapes, self.config.max_lora_rank,
+        weights = load_peft_adapter(name, path, self.lora_shapes, self.config.max_lora_rank,
                                     self.config.allow_pickle_adapters)
         if weights.base_model_name and not self._is_our_base(weights.base_model_name):
             log.warning("adapter %r was trained for %r, serving it on %r", name, weights.base_model_name, self.model_name)
-        if name in self.slots.slot_of and name not in self.slots.refs:
-            self.slots.invalidate(name)  # a stale copy sits in a device slot
-        self.adapter_paths[name] = Path(path)
-        self.adapter_weights[name] = weights
         return weights
+
+    def register_adapter(self, name: str, path: str | Path, version: str | None = None, promote: bool = True,
+                         persistent: bool = True) -> str:
+        """Load, validate and register a version of `name`; returns its key 'name@version'.
+
+        Requests already running keep the version they started with; new ones get the promoted one."""
+        return self.adapters.register(name, Path(path), version, promote, persistent)
 
     def _is_our_base(self, base: str) -> bool:
         """Whether an adapter's base_model_name_or_path names this model (a path to it, its name, or a hub id ending in it)."""
@@ -128,37 +137,71 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens; the context (max_model_len) is {self.max_model_len} tokens, "
                 "which must also leave room for at least one generated token"
             )
-        if adapter is not None and adapter not in self.adapter_weights:
-            known = ", ".join(sorted(self.adapter_weights)) or "none"
-            raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (registered adapters: {known})")
+        key = self.adapters.resolve(adapter) if adapter is not None else None
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, token_ids, sampling, adapter, time.monotonic(), prompt=text)
+        req = Request(request_id, token_ids, sampling, key, time.monotonic(), prompt=text)
         detokenizer.init_offsets(req)
+        if key is not None:
+            self.adapters.acquire(key)  # starts a background load if the adapter is cold
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is not None and not req.finished:
-            self.scheduler.finish(req, "abort")
-            self.runner.forget(request_id)
+            self._finish(req, "abort")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        self.runner.forget(req.request_id)
+        self.requests.pop(req.request_id, None)
+        if req.adapter is not None:
+            self.adapters.release(req.adapter)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._errors)
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._between_steps()
         sched = self.scheduler.schedule()
         for slot, key in sched.slot_loads:
-            self.runner.load_adapter(slot, self.adapter_weights[key])
+            t0 = time.perf_counter()
+            self.runner.load_adapter(slot, self.adapters.weights(key))
+            self.adapters.metrics.load("device", time.perf_counter() - t0)
         if not sched.seqs:
-            return []
+            if self.scheduler.has_unfinished() and self.adapters.loading:
+                time.sleep(0.0005)  # only requests waiting for disk loads: don't spin the core they need
+            return outputs
         sampled = self.runner.execute(sched.seqs)
         for s in sched.seqs:
             s.request.num_computed_tokens += s.num_tokens
-        return [self._process(req, token) for req, token in sampled]
+        return outputs + [self._process(req, token) for req, token in sampled]
+
+    def _collect_loads(self) -> dict[str, LoraplexError]:
+        """Take in finished adapter loads; fail the requests waiting on one that failed (the next request retries)."""
+        failures = self.adapters.poll()
+        for key, error in failures.items():
+            for req in [r for r in self.scheduler.waiting if r.adapter == key]:
+                self._finish(req, "error")
+                out = self._output(req)
+                out.error = error
+                self._errors.append(out)
+        return failures
+
+    def _between_steps(self) -> list[RequestOutput]:
+        """Collect finished adapter loads and failed requests; place pinned adapters in device slots."""
+        self._collect_loads()
+        outputs, self._errors = self._errors, []
+        for key in self.adapters.pinned_keys():
+            if self.adapters.ready(key) and key not in self.slots.slot_of:
+                grant = self.slots.acquire(key)
+                if grant is not None:
+                    self.runner.load_adapter(grant.slot, self.adapters.weights(key))
+                    self.slots.release(key)
+        return outputs
 
     def _process(self, req: Request, token: int) -> RequestOutput:
         req.output_token_ids.append(token)
@@ -176,9 +219,7 @@ class LLMEngine:
         if reason is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            self.scheduler.finish(req, reason)
-            self.runner.forget(req.request_id)
-            self.requests.pop(req.request_id, None)
+            self._finish(req, reason)
         return self._output(req)
 
     def _output(self, req: Request) -> RequestOutput:
@@ -200,8 +241,22 @@ class LLMEngine:
 
         Runs between steps on blocks and an adapter slot borrowed like any request's, then returns them."""
         rid = self.add_request(prompt, SamplingParams(max_tokens=1), adapter, request_id=f"logits-{next(self._ids)}")
-        req = self.requests.pop(rid)
-        self.scheduler.waiting.remove(req)
+        req = self.requests[rid]
+        self.scheduler.finish(req, "abort")  # taken out of the queue: run here, outside the step loop
+        self.requests.pop(rid)
+        key = req.adapter
+        try:
+            return self._prompt_logits(req, key)
+        finally:
+            if key is not None:
+                self.adapters.release(key)
+
+    def _prompt_logits(self, req: Request, adapter: str | None) -> torch.Tensor:
+        if adapter is not None:
+            self.adapters.wait([adapter])
+            failure = self._collect_loads().get(adapter)
+            if failure is not None:
+                raise failure
         n = len(req.prompt_token_ids)
         if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):
             raise InvalidRequestError("the KV cache is busy; call prompt_logits when no requests are running")
@@ -212,7 +267,7 @@ class LLMEngine:
             if grant is not None:
                 req.lora_slot = grant.slot
                 if grant.needs_load:
-                    self.runner.load_adapter(grant.slot, self.adapter_weights[adapter])  # type: ignore[index]
+                    self.runner.load_adapter(grant.slot, self.adapters.weights(adapter))
             self.blocks.allocate(req, n)
             return self.runner.logits(ScheduledSeq(req, n))
         finally:

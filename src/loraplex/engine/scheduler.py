@@ -5,12 +5,14 @@ taking one token or a prompt chunk from the step's token budget; then waiting re
 admitted first-come first-served while KV blocks, sequence slots and adapter slots allow. When a
 decode needs a block and none is free, the newest running request is preempted (its KV freed and
 recomputed later). A waiting request whose adapter cannot get a slot is passed over by later
-requests at most `max_skips` times; after that nobody is admitted ahead of it.
+requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
+adapter is still being read from disk simply waits: it holds nobody up and loses no place.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraplex.adapters.slots import SlotTable
@@ -33,12 +35,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: SlotTable, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_skips: int) -> None:
+                 max_num_batched_tokens: int, max_skips: int,
+                 adapter_ready: Callable[[str], bool] = lambda key: True) -> None:
         self.blocks = blocks
         self.slots = slots
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_skips = max_skips
+        self.adapter_ready = adapter_ready  # False while an adapter is still loading from disk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -97,6 +101,8 @@ class Scheduler:
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if req.adapter is not None and not self.adapter_ready(req.adapter):
+                continue  # still loading on the loader thread: wait without holding anyone up
             if req.adapter is not None and not self.slots.can_acquire(req.adapter):
                 passed.append(req)
                 if req.times_passed_over >= self.max_skips:
@@ -111,12 +117,13 @@ class Scheduler:
                 req.lora_slot = grant.slot
                 if grant.needs_load:
                     out.slot_loads.append((grant.slot, req.adapter))
-            for p in passed:
+            for p in passed:  # every later request admitted counts, also several in one step
                 p.times_passed_over += 1
-            passed.clear()
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self.blocks.allocate(req, n)
             out.seqs.append(ScheduledSeq(req, n))
             budget -= n
+            if any(p.times_passed_over >= self.max_skips for p in passed):
+                break  # fairness bound reached: nobody overtakes it any more

@@ -1,0 +1,60 @@
+"""HostCache: validated adapters in host memory, LRU, never evicting one that a request or a pin holds. No torch use."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+class HostCache(Generic[V]):
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, V] = OrderedDict()  # least recently used first
+        self.refs: dict[str, int] = {}
+        self.pinned: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, key: str) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: V) -> list[str]:
+        """Insert as most recently used; evict LRU entries no one holds until within capacity. Returns evicted keys.
+
+        When every entry is held the cache exceeds its capacity rather than evict an adapter in use."""
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        evicted = []
+        for k in list(self._entries):
+            if len(self._entries) <= self.capacity:
+                break
+            if k != key and not self.refs.get(k) and k not in self.pinned:
+                del self._entries[k]
+                evicted.append(k)
+        return evicted
+
+    def ref(self, key: str) -> None:
+        self.refs[key] = self.refs.get(key, 0) + 1
+
+    def unref(self, key: str) -> int:
+        n = self.refs.get(key, 0) - 1
+        if n <= 0:
+            self.refs.pop(key, None)
+            return 0
+        self.refs[key] = n
+        return n
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
