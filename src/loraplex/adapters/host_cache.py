@@ -36,11 +36,15 @@ class HostCache(Generic[V]):
         When every entry is held the cache exceeds its capacity rather than evict an adapter in use."""
         self._entries[key] = value
         self._entries.move_to_end(key)
+        return self.shrink(keep=key)
+
+    def shrink(self, keep: str | None = None) -> list[str]:
+        """Evict least recently used entries that nobody holds until within capacity; returns their keys."""
         evicted = []
         for k in list(self._entries):
             if len(self._entries) <= self.capacity:
                 break
-            if k != key and not self.refs.get(k) and k not in self.pinned:
+            if k != keep and not self.refs.get(k) and k not in self.pinned:
                 del self._entries[k]
                 evicted.append(k)
         return evicted

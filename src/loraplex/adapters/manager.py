@@ -112,8 +112,9 @@ class AdapterManager:
         """A request now needs `key`: count it and start loading it from disk if it is cold."""
         with self._lock:
             self.users[key] = self.users.get(key, 0) + 1
-            self.host.ref(key)
-            if key in self.host:
+            if self.users[key] == 1:
+                self.host.ref(key)  # one host reference while any request uses the adapter
+            if self.host.get(key) is not None:  # get() also marks it most recently used
                 self.metrics.hit("host")
             else:
                 self.metrics.miss("host")
@@ -131,6 +132,8 @@ class AdapterManager:
             entry = self.registry.entries.get(name)
             if entry is None or entry.current != version:
                 self._free(key)  # superseded or unregistered: free once unused
+            for _ in self.host.shrink():  # a burst of in-use adapters may have overfilled the tier
+                self.metrics.evict("host")
 
     def ready(self, key: str) -> bool:
         return key in self.host

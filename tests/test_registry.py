@@ -1,0 +1,102 @@
+"""AdapterRegistry and HostCache without a model: names, versions, the adapter root, persistence, LRU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from loraplex.adapters.host_cache import HostCache
+from loraplex.adapters.registry import AdapterRegistry, parse_spec
+from loraplex.errors import AdapterNotFoundError, InvalidAdapterNameError
+
+
+def _peft_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("bad", ["../etc", "/abs", "a/b", "a\\b", "..", "", ".hidden", "x..y", "name@../v", "a@b/c"])
+def test_names_that_could_leave_the_root_are_refused(bad: str) -> None:
+    """Path separators, '..', absolute paths and empty names are InvalidAdapterNameError."""
+    with pytest.raises(InvalidAdapterNameError, match="invalid adapter"):
+        parse_spec(bad)
+
+
+def test_root_layouts_and_versions(tmp_path: Path) -> None:
+    """<root>/<name>/ is version '1'; <root>/<name>/<v>/ are versions, the highest current; name@v pins one."""
+    _peft_dir(tmp_path / "flat")
+    _peft_dir(tmp_path / "multi" / "1")
+    _peft_dir(tmp_path / "multi" / "2")
+    _peft_dir(tmp_path / "multi" / "10")
+    reg = AdapterRegistry(root=tmp_path)
+    assert reg.resolve("flat")[1:] == ("1", tmp_path / "flat")
+    assert reg.resolve("multi")[1] == "10"  # numeric, not lexical, order
+    assert reg.resolve("multi@2")[2] == tmp_path / "multi" / "2"
+    assert reg.names() == ["flat", "multi"]
+    with pytest.raises(AdapterNotFoundError, match="no version '7'"):
+        reg.resolve("multi@7")
+
+
+def test_not_found_says_where_it_looked(tmp_path: Path) -> None:
+    """The error names the directory that was searched, or says no root is set."""
+    with pytest.raises(AdapterNotFoundError, match=f"no directory {tmp_path / 'ghost'}"):
+        AdapterRegistry(root=tmp_path).resolve("ghost")
+    with pytest.raises(AdapterNotFoundError, match="no --adapter-dir is set"):
+        AdapterRegistry().resolve("ghost")
+
+
+def test_symlink_out_of_root_is_not_followed(tmp_path: Path) -> None:
+    """A link inside the root that points outside it is treated as absent."""
+    outside = _peft_dir(tmp_path / "outside" / "secret")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(outside, root / "escape")
+    with pytest.raises(AdapterNotFoundError):
+        AdapterRegistry(root=root).resolve("escape")
+
+
+def test_registry_survives_restart(tmp_path: Path) -> None:
+    """Run-time registrations, promotions and pins are written atomically and read back by a new registry."""
+    state = tmp_path / "state" / "registry.json"
+    a1, a2 = _peft_dir(tmp_path / "a1"), _peft_dir(tmp_path / "a2")
+    reg = AdapterRegistry(state_file=state)
+    assert reg.register("legal", a1) == "1"
+    assert reg.register("legal", a2, promote=False) == "2"
+    assert reg.resolve("legal")[1] == "1"
+    reg.promote("legal", "2")
+    reg.set_pinned("legal", True)
+    reg.register("static", a1, persistent=False)
+    assert json.loads(state.read_text())["adapters"]["legal"]["current"] == "2"
+    assert [p.name for p in state.parent.iterdir()] == ["registry.json"]  # no temp file left behind
+
+    again = AdapterRegistry(state_file=state)
+    assert again.resolve("legal")[1:] == ("2", a2)
+    assert again.resolve("legal@1")[2] == a1
+    assert again.entries["legal"].pinned
+    assert "static" not in again.entries  # start-up modules are not persisted
+
+
+def test_unreadable_registry_is_a_clear_error(tmp_path: Path) -> None:
+    state = tmp_path / "registry.json"
+    state.write_text("{broken")
+    with pytest.raises(AdapterNotFoundError, match="registry .* is unreadable"):
+        AdapterRegistry(state_file=state)
+
+
+def test_host_cache_lru_refs_and_pins() -> None:
+    """Capacity holds; LRU goes first; referenced and pinned entries are never evicted."""
+    cache: HostCache[int] = HostCache(capacity=2)
+    assert cache.put("a", 1) == [] and cache.put("b", 2) == []
+    cache.get("a")  # a is now most recently used
+    assert cache.put("c", 3) == ["b"]
+    cache.ref("a")
+    cache.pinned.add("c")
+    assert cache.put("d", 4) == []  # a held, c pinned: over capacity rather than evict either
+    assert sorted(cache.keys()) == ["a", "c", "d"]
+    cache.unref("a")
+    assert cache.put("e", 5) == ["a", "d"]
+    assert sorted(cache.keys()) == ["c", "e"]
