@@ -181,3 +181,25 @@ def test_rare_adapter_is_not_starved(root: Path) -> None:
             break
     assert finished is not None, "the rare adapter's request never ran"
     assert rare.times_passed_over <= 3
+
+
+def test_stats_count_tiers_and_requests(root: Path) -> None:
+    """adapter_stats reports loads, hits, misses, evictions, residency per tier and per-adapter queues."""
+    e = engine(root, max_loras=1, max_cpu_loras=1)
+    e.adapters.prefetch("g0")
+    e.adapters.wait()
+    e.step()  # collects the finished background load
+    for i in range(3):
+        e.add_request(prompt(e), PARAMS, "g0", request_id=f"a{i}")
+    e.add_request(prompt(e), PARAMS, "g1", request_id="b")
+    e.step()
+    s = e.adapter_stats()
+    assert s.running == {"g0": 3} and s.queued == {"g1": 1}
+    while e.has_unfinished_requests():
+        e.step()
+    s = e.adapter_stats()
+    assert s.loads == {"host": 2, "device": 2} and s.load_failures == 0
+    assert s.misses["device"] == 2 and s.hits["device"] == 2 and s.evictions["device"] == 1
+    assert s.hits["host"] == 3 and s.misses["host"] == 1 and s.evictions["host"] == 1
+    assert s.resident == {"host": 1, "device": 1} and s.queued == {} and s.running == {}
+    assert s.load_latency["host"].n == 2 and s.load_latency["device"].n == 2

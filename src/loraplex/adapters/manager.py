@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from loraplex.adapters.host_cache import HostCache
-from loraplex.adapters.metrics import AdapterMetrics
+from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterRegistry, adapter_key, parse_spec
 from loraplex.adapters.slots import SlotTable
@@ -134,6 +134,30 @@ class AdapterManager:
                 self._free(key)  # superseded or unregistered: free once unused
             for _ in self.host.shrink():  # a burst of in-use adapters may have overfilled the tier
                 self.metrics.evict("host")
+
+    def prefetch(self, spec: str) -> str:
+        """Start loading `spec` into host memory in the background (warming a tenant before traffic)."""
+        key = self.resolve(spec)
+        with self._lock:
+            if key not in self.host:
+                self._start_load(key)
+        return key
+
+    def stats(self, queued: dict[str, int], running: dict[str, int]) -> AdapterStats:
+        m = self.metrics
+        with self._lock:
+            return AdapterStats(
+                loads={t: m.loads[t] for t in ("host", "device")},
+                load_failures=m.load_failures,
+                load_latency=dict(m.load_latency),
+                hits={"host": m.hits["host"], "device": self.slots.hits},
+                misses={"host": m.misses["host"], "device": self.slots.misses},
+                evictions={"host": m.evictions["host"], "device": self.slots.evictions},
+                resident={"host": len(self.host), "device": len(self.slots.slot_of)},
+                loading=len(self._loading),
+                queued=queued,
+                running=running,
+            )
 
     def ready(self, key: str) -> bool:
         return key in self.host

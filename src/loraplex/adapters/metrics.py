@@ -65,3 +65,19 @@ class AdapterMetrics:
     def failure(self) -> None:
         with self._lock:
             self.load_failures += 1
+
+
+@dataclass(slots=True)
+class AdapterStats:
+    """A point-in-time view of the adapter cache, published by the HTTP server as Prometheus metrics."""
+
+    loads: dict[str, int]  # tier -> adapters loaded into it (host: from disk; device: into a slot)
+    load_failures: int
+    load_latency: dict[str, Histogram]  # tier -> seconds per load
+    hits: dict[str, int]
+    misses: dict[str, int]
+    evictions: dict[str, int]
+    resident: dict[str, int]  # tier -> adapters held there now
+    loading: int  # disk loads in flight
+    queued: dict[str, int]  # adapter name -> requests waiting
+    running: dict[str, int]  # adapter name -> requests running

@@ -37,19 +37,22 @@ def append_text(tokenizer: Any, req: Request) -> None:
 
 
 def find_stop(req: Request, new_chars: int) -> bool:
-    """Truncate at the first stop string that ends in the newest text; True if one was found."""
+    """Truncate at the earliest stop string that ends in the newest text; True if one was found."""
     stops = req.sampling.stop
     if not stops:
         return False
     text = req.output_text
+    best: tuple[int, str] | None = None
     for s in stops:
-        start = max(0, len(text) - new_chars - len(s) + 1)
-        idx = text.find(s, start)
-        if idx != -1:
-            req.output_text = text[: idx + len(s)] if req.sampling.include_stop_str_in_output else text[:idx]
-            req.stop_reason = s
-            return True
-    return False
+        idx = text.find(s, max(0, len(text) - new_chars - len(s) + 1))
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, s)  # the earliest in the text wins, not the first in the list
+    if best is None:
+        return False
+    idx, s = best
+    req.output_text = text[: idx + len(s)] if req.sampling.include_stop_str_in_output else text[:idx]
+    req.stop_reason = s
+    return True
 
 
 def take_delta(req: Request) -> str:

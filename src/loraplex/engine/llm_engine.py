@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from loraplex.adapters.manager import AdapterManager
+from loraplex.adapters.metrics import AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights, load_peft_adapter
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.slots import SlotTable
@@ -274,6 +275,17 @@ class LLMEngine:
             self.blocks.free(req)
             if grant is not None:
                 self.slots.release(adapter)  # type: ignore[arg-type]
+
+    def adapter_stats(self) -> AdapterStats:
+        """Adapter-cache counters plus queued and running requests per adapter (by name, all versions)."""
+        queued: dict[str, int] = {}
+        running: dict[str, int] = {}
+        for reqs, counts in ((self.scheduler.waiting, queued), (self.scheduler.running, running)):
+            for r in reqs:
+                if r.adapter is not None:
+                    name = r.adapter.partition("@")[0]
+                    counts[name] = counts.get(name, 0) + 1
+        return self.adapters.stats(queued, running)
 
     def request_status(self, request_id: str) -> RequestStatus | None:
         req = self.requests.get(request_id)

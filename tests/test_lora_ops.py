@@ -1,0 +1,159 @@
+"""Multi-LoRA ops: the masked and grouped fast paths equal `lora_reference` for every adapter-popularity mix."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loraplex.lora.mapping import MASKED_MAX_ADAPTERS, build_mapping
+from loraplex.lora.ops import lora_apply, lora_grouped, lora_masked, lora_reference
+
+S, R, IN, OUT = 8, 16, 64, 96
+KERNELS = {"masked": lora_masked, "grouped": lora_grouped}
+
+
+def token_slots_for(case: str, t: int, seed: int = 0) -> list[int]:
+    rng = random.Random(f"{case}-{t}-{seed}")
+    if case == "one":
+        return [3] * t
+    if case == "distinct":  # every token its own adapter (round-robin once T > S)
+        return [(5 + i) % S for i in range(t)]
+    if case == "uniform":
+        return [rng.randrange(S) for _ in range(t)]
+    if case == "zipf":
+        weights = [1 / (k + 1) ** 1.5 for k in range(S)]
+        return rng.choices(range(S), weights=weights, k=t)
+    if case == "with_base":
+        slots = [rng.choice([-1, -1, 0, 2, 6]) for _ in range(t)]
+        slots[t // 2] = 6  # at least one adapter token
+        return slots
+    if case == "subset":  # only slots 1 and 5 in use, plus some base tokens
+        slots = [rng.choice([1, 5, -1]) for _ in range(t)]
+        slots[0] = 5
+        return slots
+    raise AssertionError(case)
+
+
+CASES = ["one", "distinct", "uniform", "zipf", "with_base", "subset"]
+
+
+def make_weights(dtype: torch.dtype, t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, IN, generator=g).to(dtype)
+    a = (torch.randn(S, R, IN, generator=g) / IN**0.5).to(dtype)
+    b = (torch.randn(S, R, OUT, generator=g) / R**0.5).to(dtype)
+    return x, a, b
+
+
+@pytest.mark.parametrize("kernel", ["masked", "grouped"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("t", [1, 7, 64])
+def test_fast_paths_match_reference_fp32(kernel: str, case: str, t: int) -> None:
+    """In fp32 each kernel equals the token-by-token reference to ~1e-5, and base (-1) tokens get exactly 0."""
+    slots = token_slots_for(case, t)
+    x, a, b = make_weights(torch.float32, t)
+    m = build_mapping(slots, torch.float32, kernel=kernel)
+    assert m is not None and m.kernel == kernel
+    y = KERNELS[kernel](x, a, b, m)
+    ref = lora_reference(x, a, b, torch.tensor(slots))
+    assert y.shape == (t, OUT) and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    base = torch.tensor([s < 0 for s in slots])
+    assert torch.all(y[base] == 0)
+    assert torch.all(ref[~base].abs().amax(-1) > 0)  # adapter tokens really got a delta
+    torch.testing.assert_close(lora_apply(x, a, b, m), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", ["masked", "grouped"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("t", [1, 7, 64])
+def test_fast_paths_match_reference_bf16(kernel: str, case: str, t: int) -> None:
+    """In bf16 each kernel matches the fp32-accumulated reference within bf16 rounding (a few ulps of the output)."""
+    slots = token_slots_for(case, t, seed=1)
+    x, a, b = make_weights(torch.bfloat16, t, seed=1)
+    m = build_mapping(slots, torch.bfloat16, kernel=kernel)
+    assert m is not None
+    y = KERNELS[kernel](x, a, b, m)
+    ref = lora_reference(x, a, b, torch.tensor(slots))
+    assert y.dtype == torch.bfloat16
+    scale = ref.float().abs().max().item()
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= 0.02 * scale, (err, scale)
+    assert torch.all(y[torch.tensor([s < 0 for s in slots])] == 0)
+
+
+@pytest.mark.parametrize("kernel", ["masked", "grouped"])
+@pytest.mark.parametrize("case", ["one", "with_base", "subset", "zipf"])
+def test_unused_slots_are_never_read(kernel: str, case: str) -> None:
+    """Slots no token uses may hold anything (NaN here, e.g. a stale or half-loaded adapter): outputs stay exact."""
+    slots = token_slots_for(case, 64)
+    x, a, b = make_weights(torch.float32, 64)
+    unused = [s for s in range(S) if s not in slots]
+    if not unused:
+        pytest.skip("every slot is used")
+    a[unused] = float("nan")
+    b[unused] = float("nan")
+    y = KERNELS[kernel](x, a, b, build_mapping(slots, torch.float32, kernel=kernel))  # type: ignore[arg-type]
+    torch.testing.assert_close(y, lora_reference(x, a, b, torch.tensor(slots)), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_matches_a_direct_formula() -> None:
+    """The reference itself computes (x @ A[s]^T) @ B[s] per token and 0 for base tokens."""
+    x, a, b = make_weights(torch.float32, 3)
+    y = lora_reference(x, a, b, torch.tensor([2, -1, 7]))
+    torch.testing.assert_close(y[0], x[0] @ a[2].T @ b[2])
+    torch.testing.assert_close(y[2], x[2] @ a[7].T @ b[7])
+    assert torch.all(y[1] == 0)
+
+
+# ---- build_mapping ---------------------------------------------------------------------------------------
+
+
+def test_build_mapping_returns_none_without_adapter_tokens() -> None:
+    """No token uses an adapter (all -1, or no tokens): no mapping, the LoRA path is skipped."""
+    assert build_mapping([-1, -1, -1], torch.float32) is None
+    assert build_mapping([-1], torch.bfloat16, kernel="grouped") is None
+    assert build_mapping([], torch.float32) is None
+
+
+def test_build_mapping_fields() -> None:
+    """Active slots are sorted and distinct; the masked mask and grouped index/padding describe the tokens exactly."""
+    slots = [4, -1, 1, 4, 4]
+    m = build_mapping(slots, torch.float32, kernel="masked")
+    assert m is not None and m.active_slots.tolist() == [1, 4] and m.token_slots.tolist() == slots
+    assert m.token_mask is not None and m.token_mask.shape == (5, 2, 1)
+    assert m.token_mask[..., 0].tolist() == [[0, 1], [0, 0], [1, 0], [0, 1], [0, 1]]
+    g = build_mapping(slots, torch.float32, kernel="grouped")
+    assert g is not None and g.group_index is not None and g.group_mask is not None
+    assert g.group_index.tolist() == [[2, 0, 0], [0, 3, 4]]
+    assert g.group_mask[..., 0].tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_build_mapping_skips_masks_when_not_needed() -> None:
+    """One adapter for every token needs no mask; equal-size groups need no padding mask."""
+    m = build_mapping([2, 2, 2], torch.float32, kernel="masked")
+    assert m is not None and m.token_mask is None
+    m = build_mapping([2, -1, 2], torch.float32, kernel="masked")
+    assert m is not None and m.token_mask is not None  # the base token must be zeroed
+    g = build_mapping([3, 1, 1, 3], torch.float32, kernel="grouped")
+    assert g is not None and g.group_index is not None and g.group_mask is None
+    assert g.group_index.tolist() == [[1, 2], [0, 3]]
+
+
+def test_build_mapping_default_kernel_and_unknown_kernel() -> None:
+    """Few distinct adapters choose the masked kernel, more choose grouped; an unknown kernel name raises."""
+    few = list(range(MASKED_MAX_ADAPTERS))
+    assert build_mapping(few, torch.float32).kernel == "masked"  # type: ignore[union-attr]
+    assert build_mapping(few + [MASKED_MAX_ADAPTERS], torch.float32).kernel == "grouped"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="bogus"):
+        build_mapping([0], torch.float32, kernel="bogus")
+
+
+def test_bf16_mapping_masks_have_model_dtype() -> None:
+    """Masks are built in the model dtype so the kernels never upcast activations."""
+    m = build_mapping([0, 1, -1], torch.bfloat16, kernel="masked")
+    g = build_mapping([0, 1, 1], torch.bfloat16, kernel="grouped")
+    assert m.token_mask.dtype == torch.bfloat16  # type: ignore[union-attr]
+    assert g.group_mask.dtype == torch.bfloat16  # type: ignore[union-attr]
