@@ -1,0 +1,64 @@
+"""Shared benchmark helpers: PEFT-made adapters on the default model, machine facts, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(os.environ.get("LORAPLEX_RESULTS", "results"))
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def make_adapters(model_dir: Path, root: Path, count: int, r: int = 16,
+                  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
+    """`count` PEFT LoRA adapters (seeded random weights) under root/a{i}; made once, then copied."""
+    names = [f"a{i}" for i in range(count)]
+    if all((root / n / "adapter_config.json").is_file() for n in names):
+        return names
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seeds = min(count, 8)  # 8 distinct weight sets, copied to reach `count` names
+    for i in range(seeds):
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    std = (1.0 if "lora_A" in name else 0.3) / math.sqrt(p.shape[1])
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        model.save_pretrained(root / names[i])
+        base = model.unload()
+    for i in range(seeds, count):
+        shutil.copytree(root / names[i % seeds], root / names[i], dirs_exist_ok=True)
+    return names
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
