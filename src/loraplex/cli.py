@@ -10,8 +10,9 @@ from pathlib import Path
 from loraplex.errors import LoraplexError
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory, .gguf file, or omitted for the embedded default")
+def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        p.add_argument("--model", default=None, help="HF model directory, .gguf file, or omitted for the embedded default")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to register at start")
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=16)
@@ -64,6 +65,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from loraplex.server.serve import serve
+
+    modules = _parse_modules(args.lora_modules)
+    if args.demo_adapters:
+        from loraplex.demo import make_demo_adapters
+
+        modules = {**{k: str(v) for k, v in make_demo_adapters().items()}, **modules}
+    serve(args, modules)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from loraplex.demo import run_demo
 
@@ -83,12 +95,21 @@ def main(argv: list[str] | None = None) -> None:
     _sampling_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
+    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    from loraplex.server.serve import add_serve_args
+
+    add_serve_args(srv)
+    _engine_args(srv, with_model=False)
+    srv.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
+    srv.set_defaults(fn=cmd_serve)
+
     demo = sub.add_parser("demo", help="several adapters in one batch on the default model")
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    verbose = args.verbose or args.command == "serve"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)

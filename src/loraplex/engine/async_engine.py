@@ -64,6 +64,9 @@ class AsyncLLMEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:  # e.g. its adapter failed to load
+                    finished = True
+                    raise item.error
                 finished = item.finished
                 yield item
                 if finished:

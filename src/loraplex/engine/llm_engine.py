@@ -73,7 +73,8 @@ class LLMEngine:
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
         self.requests: dict[str, Request] = {}
-        self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
+        self._errors: list[RequestOutput] = []
+        self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)  # requests failed between steps, reported by the next step
         self._ids = itertools.count()
         for name, path in config.lora_modules:
             self.register_adapter(name, path, persistent=False)
@@ -176,6 +177,7 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and self.adapters.loading:
                 time.sleep(0.0005)  # only requests waiting for disk loads: don't spin the core they need
             return outputs
+        self.last_step_tokens = sum(s.num_tokens for s in sched.seqs)
         sampled = self.runner.execute(sched.seqs)
         for s in sched.seqs:
             s.request.num_computed_tokens += s.num_tokens

@@ -1,0 +1,42 @@
+"""build_app: the FastAPI application over an AsyncLLMEngine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.server import admin_routes, errors, openai_routes
+from loraplex.server.auth import Authenticator, KeyScope
+from loraplex.server.metrics import ServerMetrics
+from loraplex.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def build_app(engine: AsyncLLMEngine, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
+              max_queue: int = 256, shutdown_engine: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.draining = True  # uvicorn has stopped accepting and drained what it could
+        if shutdown_engine:
+            engine.shutdown()
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible multi-tenant LoRA server")
+    state = ServerState(
+        engine=engine,
+        auth=Authenticator(keys),
+        metrics=ServerMetrics(),
+        served_name=served_name or engine.engine.model_name,
+        max_in_flight=engine.engine.config.max_num_seqs + max_queue,
+    )
+    app.state.loraplex = state
+    errors.install(app)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    return app

@@ -1,0 +1,77 @@
+"""Map errors to HTTP statuses in OpenAI's error shape. A client's mistake is never a 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraplex.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    LoraplexError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error the server raises itself, with its status."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
+
+def status_of(e: BaseException) -> tuple[int, str]:
+    if isinstance(e, APIError):
+        return e.status, e.type
+    if isinstance(e, AdapterNotFoundError):
+        return 404, "NotFoundError"
+    if isinstance(e, (AdapterError, InvalidRequestError)):
+        return 400, "BadRequestError"
+    if isinstance(e, LoraplexError):
+        return 400, "BadRequestError"
+    return 500, "InternalServerError"
+
+
+def to_response(e: BaseException) -> JSONResponse:
+    status, type_ = status_of(e)
+    if status >= 500:
+        log.exception("internal error", exc_info=e)
+        message = "internal server error"
+    else:
+        message = getattr(e, "message", None) or str(e)
+    headers = getattr(e, "headers", None)
+    return JSONResponse(error_body(status, message, type_, getattr(e, "param", None)), status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    @app.exception_handler(LoraplexError)
+    async def _known(_: Request, e: Exception) -> JSONResponse:
+        return to_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"malformed request body: {where or 'body'}: {first.get('msg', 'invalid')}"
+        return JSONResponse(error_body(422, message, "UnprocessableEntityError", where or None), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(e.status_code, str(e.detail), "HTTPError"), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        return to_response(e)

@@ -1,0 +1,101 @@
+"""Prometheus metrics: per-adapter request counts, latency, TTFT and time per output token; queue depth,
+batch size and KV blocks; the adapter cache. Engine state is read on the engine thread at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from loraplex.adapters.metrics import AdapterStats, Histogram as StatsHistogram
+
+disable_created_metrics()  # the *_created series only add noise here
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    waiting: int
+    running: int
+    last_step_tokens: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    adapters: AdapterStats
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loraplex_requests", "Requests finished, by model/adapter and outcome",
+                                ["model", "status"], registry=r)
+        self.latency = Histogram("loraplex_request_latency_seconds", "End-to-end request latency",
+                                 ["model"], buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time to first token",
+                              ["model"], buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("loraplex_time_per_output_token_seconds", "Time per output token after the first",
+                              ["model"], buckets=_PER_TOKEN, registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.snapshot: EngineSnapshot | None = None
+        r.register(_EngineCollector(self))
+
+    def render(self, snapshot: EngineSnapshot) -> bytes:
+        self.snapshot = snapshot
+        return generate_latest(self.registry)
+
+
+def _histogram(name: str, doc: str, label: str, hists: dict[str, StatsHistogram]) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=[label])
+    for value, h in hists.items():
+        cumulative, buckets = 0, []
+        for bound, count in zip(h.buckets, h.counts):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        buckets.append(("+Inf", h.n))
+        fam.add_metric([value], buckets, sum_value=h.total)
+    return fam
+
+
+class _EngineCollector:
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.metrics.snapshot
+        if s is None:
+            return
+        yield GaugeMetricFamily("loraplex_queue_depth", "Requests waiting to be scheduled", value=s.waiting)
+        yield GaugeMetricFamily("loraplex_running_requests", "Requests in the running batch", value=s.running)
+        yield GaugeMetricFamily("loraplex_batch_tokens", "Tokens in the last engine step", value=s.last_step_tokens)
+        kv = GaugeMetricFamily("loraplex_kv_cache_blocks", "KV-cache blocks by state", labels=["state"])
+        kv.add_metric(["free"], s.kv_blocks_free)
+        kv.add_metric(["used"], s.kv_blocks_total - s.kv_blocks_free)
+        yield kv
+        a = s.adapters
+        for name, doc, values in (
+            ("loraplex_adapter_loads", "Adapter loads into a tier (host: from disk; device: into a slot)", a.loads),
+            ("loraplex_adapter_cache_hits", "Adapter found already in the tier", a.hits),
+            ("loraplex_adapter_cache_misses", "Adapter not in the tier when needed", a.misses),
+            ("loraplex_adapter_evictions", "Adapters evicted from the tier", a.evictions),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["tier"])
+            for tier, v in values.items():
+                fam.add_metric([tier], v)
+            yield fam
+        yield CounterMetricFamily("loraplex_adapter_load_failures", "Adapter loads that failed", value=a.load_failures)
+        resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapters held in the tier", labels=["tier"])
+        for tier, v in a.resident.items():
+            resident.add_metric([tier], v)
+        yield resident
+        yield GaugeMetricFamily("loraplex_adapter_loads_in_flight", "Disk loads running", value=a.loading)
+        yield _histogram("loraplex_adapter_load_seconds", "Adapter load latency by tier", "tier", a.load_latency)
+        per = GaugeMetricFamily("loraplex_adapter_requests", "Requests per adapter by state", labels=["adapter", "state"])
+        for state, counts in (("queued", a.queued), ("running", a.running)):
+            for adapter, n in counts.items():
+                per.add_metric([adapter, state], n)
+        yield per

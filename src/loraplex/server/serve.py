@@ -1,0 +1,79 @@
+"""`loraplex serve`: the engine behind uvicorn, with SIGTERM draining."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from loraplex.config import EngineConfig
+from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.server.app import build_app
+from loraplex.server.auth import load_keys
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: refuse new requests (503, /health 503) while uvicorn drains those in flight
+    for up to --drain-timeout seconds, then stop the engine and exit."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self._app.state.loraplex.draining:
+            log.info("signal %d: draining requests in flight (up to %ss), refusing new ones", sig,
+                     self.config.timeout_graceful_shutdown)
+        self._app.state.loraplex.draining = True
+        super().handle_exit(sig, frame)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="HF model directory or .gguf file (default: the embedded model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-keys", type=Path, default=None, help="JSON file mapping API keys to their adapters")
+    p.add_argument("--adapter-dir", default=None)
+    p.add_argument("--registry-file", default=None, help="where run-time adapter registrations persist")
+    p.add_argument("--max-cpu-loras", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes for the KV cache")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
+    p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
+
+
+def serve(args: argparse.Namespace, lora_modules: dict[str, str]) -> None:
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        lora_modules=tuple(lora_modules.items()), adapter_dir=args.adapter_dir, registry_file=args.registry_file,
+        allow_pickle_adapters=args.allow_pickle_adapters,
+    )
+    keys = load_keys(args.api_keys) if args.api_keys else None
+    if keys is None and not is_loopback(args.host):
+        log.warning("no --api-keys file: the server on %s is open to anyone who can reach it", args.host)
+    engine = AsyncLLMEngine(config)
+    app = build_app(engine, args.served_model_name, keys, args.max_queue)
+    log.info("serving %s with %d adapters registered on http://%s:%d", app.state.loraplex.served_name,
+             len(engine.engine.adapters.registry.entries), args.host, args.port)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=args.drain_timeout), app)
+    server.run()

@@ -1,0 +1,55 @@
+"""ServerState: what every route needs — the engine, keys, metrics, admission limits, the served name."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from loraplex.adapters.registry import parse_spec
+from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.server.auth import Authenticator, KeyScope
+from loraplex.server.errors import APIError
+from loraplex.server.metrics import EngineSnapshot, ServerMetrics
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: AsyncLLMEngine
+    auth: Authenticator
+    metrics: ServerMetrics
+    served_name: str
+    max_in_flight: int  # running + waiting; more gets 503
+    in_flight: int = 0
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def resolve_model(self, model: str, scope: KeyScope) -> str | None:
+        """The adapter spec a `model` field names (None = base), after the key's permission check."""
+        if model in (self.served_name, self.engine.engine.model_name):
+            self.auth.check_model(scope, None, model)
+            return None
+        name, _ = parse_spec(model)  # InvalidAdapterNameError -> 400
+        self.auth.check_model(scope, name, model)
+        return model
+
+    def admit(self, n: int = 1) -> None:
+        """Take n places in the bounded queue, or refuse with 503."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "ServiceUnavailableError", headers={"Retry-After": "5"})
+        if self.in_flight + n > self.max_in_flight:
+            raise APIError(503, f"the server is at capacity ({self.in_flight} requests in flight, limit "
+                           f"{self.max_in_flight}); retry later", "ServiceUnavailableError", headers={"Retry-After": "1"})
+        self.in_flight += n
+
+    def leave(self, n: int = 1) -> None:
+        self.in_flight -= n
+
+    async def snapshot(self) -> EngineSnapshot:
+        def take() -> EngineSnapshot:  # on the engine thread: a consistent view between steps
+            e = self.engine.engine
+            return EngineSnapshot(
+                waiting=len(e.scheduler.waiting), running=len(e.scheduler.running),
+                last_step_tokens=e.last_step_tokens, kv_blocks_free=e.blocks.num_free,
+                kv_blocks_total=e.blocks.num_blocks, adapters=e.adapter_stats())
+
+        return await self.engine.call(take)
