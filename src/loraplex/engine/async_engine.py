@@ -14,7 +14,6 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from loraplex.config import EngineConfig
@@ -27,13 +26,49 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+class RequestStream:
+    """One request's outputs, in order. Iterate it; `abort()` (synchronous, idempotent) cancels the request.
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    Cleanup never needs an await, so a cancelled HTTP handler can always free the request's KV blocks."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:  # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone: nobody is listening
+            pass
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._close()
+            raise item
+        if item.error is not None:  # e.g. its adapter failed to load
+            self._close()
+            raise item.error
+        if item.finished:
+            self._close()
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self._close()
+            self._engine._submit(lambda: self._engine.engine.abort_request(self.request_id))
+
+    def _close(self) -> None:
+        self.finished = True
+        self._engine._streams.pop(self.request_id, None)
 
 
 class EngineDeadError(LoraplexError):
@@ -44,37 +79,35 @@ class AsyncLLMEngine:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
         self.engine = engine or LLMEngine(config or EngineConfig())
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 
     # ---- public API (event loop side) -------------------------------------------------------------
+    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                  adapter: str | None = None, request_id: str | None = None) -> RequestStream:
+        """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        try:
+            await self.call(lambda: self.engine.add_request(prompt, sampling, adapter, request_id))
+        except BaseException:
+            stream._close()
+            raise
+        return stream
+
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                        adapter: str | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs as tokens are produced. Leaving the loop early (client gone) aborts the request."""
-        request_id = request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
-        finished = False
+        stream = await self.add(prompt, sampling, adapter, request_id)
         try:
-            await self.call(lambda: self.engine.add_request(prompt, sampling, adapter, request_id))
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.error is not None:  # e.g. its adapter failed to load
-                    finished = True
-                    raise item.error
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(request_id, None)
-            if not finished and not self._stopped:
-                self._submit(lambda: self.engine.abort_request(request_id))
+            stream.abort()
 
     async def abort(self, request_id: str) -> None:
         await self.call(lambda: self.engine.abort_request(request_id))

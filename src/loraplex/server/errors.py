@@ -46,7 +46,7 @@ def status_of(e: BaseException) -> tuple[int, str]:
 
 def to_response(e: BaseException) -> JSONResponse:
     status, type_ = status_of(e)
-    if status >= 500:
+    if not isinstance(e, (APIError, LoraplexError)):  # a bug: log it, tell the client nothing internal
         log.exception("internal error", exc_info=e)
         message = "internal server error"
     else:

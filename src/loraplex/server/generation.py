@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.engine.async_engine import AsyncLLMEngine, RequestStream
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.sampling import SamplingParams
@@ -100,37 +100,40 @@ class Tracker:
             m.tpot.labels(self.model).observe((end - self.first) / (self.tokens - 1))
 
 
+Started = list[tuple[RequestOutput, RequestStream]]
+
+
 async def open_streams(engine: AsyncLLMEngine, prompt: list[int], params: list[SamplingParams], adapter: str | None,
-                       tracker: Tracker) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
+                       tracker: Tracker) -> Started:
     """Start one engine request per choice and wait for each one's first output, so that an invalid request
     (unknown adapter, prompt too long, adapter that fails to load) surfaces as an error status before any
     streaming begins."""
-    streams = [engine.generate(prompt, p, adapter) for p in params]
-    firsts: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]] = []
+    streams: list[RequestStream] = []
+    firsts: Started = []
     try:
+        for p in params:
+            streams.append(await engine.add(prompt, p, adapter))
         for s in streams:
-            first = await anext(s)  # type: ignore[arg-type]
+            first = await anext(s)
             tracker.saw(first)
             firsts.append((first, s))
     except BaseException:
         for s in streams:
-            await s.aclose()  # type: ignore[attr-defined]
+            s.abort()
         raise
     return firsts
 
 
-async def merged(firsts: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
-                 tracker: Tracker) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the choices' outputs as they come: (choice index, output)."""
-    queue: asyncio.Queue[tuple[int, RequestOutput] | tuple[int, BaseException] | None] = asyncio.Queue()
+async def merged(firsts: Started, tracker: Tracker) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the choices' outputs as they come: (choice index, output). Leaving early aborts them all."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException] | None] = asyncio.Queue()
 
-    async def pump(i: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, first: RequestOutput, stream: RequestStream) -> None:
         try:
             await queue.put((i, first))
-            if not first.finished:
-                async for out in stream:
-                    tracker.saw(out)
-                    await queue.put((i, out))
+            async for out in stream:
+                tracker.saw(out)
+                await queue.put((i, out))
         except Exception as e:
             await queue.put((i, e))
         finally:
@@ -152,11 +155,10 @@ async def merged(firsts: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]
         for t in tasks:
             t.cancel()
         for _, s in firsts:
-            await s.aclose()  # type: ignore[attr-defined]
+            s.abort()  # synchronous: works even while this task is being cancelled
 
 
-async def collect(request: Request, firsts: list[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
-                  tracker: Tracker) -> list[RequestOutput]:
+async def collect(request: Request, firsts: Started, tracker: Tracker) -> list[RequestOutput]:
     """Run every choice to the end; abort them all if the client disconnects first."""
     finals: list[RequestOutput | None] = [None] * len(firsts)
 
@@ -170,10 +172,11 @@ async def collect(request: Request, firsts: list[tuple[RequestOutput, AsyncItera
         while not task.done():
             done, _ = await asyncio.wait({task}, timeout=0.1)
             if not done and await request.is_disconnected():
-                task.cancel()  # closing the streams aborts the engine requests
                 raise APIError(499, "client disconnected", "ClientClosedRequest")
         task.result()
     finally:
         if not task.done():
             task.cancel()
+        for _, s in firsts:
+            s.abort()  # no-op for finished requests; frees the rest at once
     return [f for f in finals if f is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from loraplex.server.generation import Tracker, choice_params, collect, merged, 
 from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ErrorResponse, GenerateRequest, GenerateResponse
 from loraplex.server.state import ServerState
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}
 
@@ -52,6 +54,17 @@ async def _start(st: ServerState, request: Request, prompt: list[int], params: l
         raise
 
 
+async def _collect(request: Request, firsts: list, tracker: Tracker) -> list[RequestOutput]:
+    """Run the choices to the end and record the outcome (499 when the client hung up)."""
+    try:
+        outs = await collect(request, firsts, tracker)
+    except BaseException as e:
+        tracker.done(str(status_of(e)[0]) if isinstance(e, Exception) else "499")
+        raise
+    tracker.done("200")
+    return outs
+
+
 @router.post("/v1/chat/completions", responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     st = _state(request)
@@ -72,8 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise
     if not body.stream:
         try:
-            outs = await collect(request, firsts, tracker)
-            tracker.done("200")
+            outs = await _collect(request, firsts, tracker)
         finally:
             st.leave(body.n)
         return {
@@ -88,7 +100,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     async def events() -> AsyncIterator[str]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
         finals: list[RequestOutput] = []
-        status = "200"
+        status, completed = "200", False
         try:
             for i in range(len(firsts)):
                 yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -103,13 +115,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(len(prompt), finals)})
             yield _sse("[DONE]")
+            completed = True
         except Exception as e:  # an error after streaming began: report it in-band, as vLLM does
             code, type_ = status_of(e)
             status = str(code)
+            if code >= 500:
+                log.exception("stream failed", exc_info=e)
             yield _sse(error_body(code, str(e) if code < 500 else "internal server error", type_))
             yield _sse("[DONE]")
         finally:
-            tracker.done(status)
+            tracker.done(status if completed or status != "200" else "499")  # 499: the client went away
             st.leave(body.n)
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -149,19 +164,21 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     except BaseException:
         for tracker, firsts in started:
             for _, s in firsts:
-                await s.aclose()
+                s.abort()
         st.leave(n_total)
         raise
     if not body.stream:
         try:
             choices, outs_all = [], []
             for p_index, (tracker, firsts) in enumerate(started):
-                outs = await collect(request, firsts, tracker)
-                tracker.done("200")
+                outs = await _collect(request, firsts, tracker)
                 outs_all.extend(outs)
                 choices += [{"index": p_index * body.n + i, "text": o.outputs[0].text, "logprobs": None,
                              "finish_reason": _finish(o.outputs[0].finish_reason)} for i, o in enumerate(outs)]
         finally:
+            for _, firsts in started:  # after an error or a hang-up, the other prompts' requests stop too
+                for _, stream in firsts:
+                    stream.abort()
             st.leave(n_total)
         prompt_tokens = sum(len(p) for p in prompts) * body.n
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -171,6 +188,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     async def events() -> AsyncIterator[str]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         finals: list[RequestOutput] = []
+        done_trackers = 0
         try:
             for p_index, (tracker, firsts) in enumerate(started):
                 async for i, out in merged(firsts, tracker):
@@ -181,14 +199,22 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                     if out.finished:
                         finals.append(out)
                 tracker.done("200")
+                done_trackers += 1
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(sum(len(p) for p in prompts) * body.n, finals)})
             yield _sse("[DONE]")
         except Exception as e:
             code, type_ = status_of(e)
+            if code >= 500:
+                log.exception("stream failed", exc_info=e)
             yield _sse(error_body(code, str(e) if code < 500 else "internal server error", type_))
             yield _sse("[DONE]")
+            for tracker, _ in started[done_trackers:]:
+                tracker.done(str(code))
+            done_trackers = len(started)
         finally:
+            for tracker, _ in started[done_trackers:]:
+                tracker.done("499")  # the client went away
             st.leave(n_total)
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -207,8 +233,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     st.admit()
     try:
         tracker, firsts = await _start(st, request, prompt, [params], adapter, model)
-        outs = await collect(request, firsts, tracker)
-        tracker.done("200")
+        outs = await _collect(request, firsts, tracker)
     finally:
         st.leave()
     c = outs[0].outputs[0]
