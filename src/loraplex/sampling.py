@@ -12,6 +12,8 @@ import torch
 
 from loraplex.errors import InvalidRequestError
 
+_INT32 = 2**31
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -38,7 +40,10 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be -1, 0 or positive, got {self.top_k}"),
             (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
-            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
+            (all(0 <= t < _INT32 for t in self.stop_token_ids), "stop_token_ids must be non-negative token ids"),
+            (self.max_tokens < _INT32, f"max_tokens must be < 2**31, got {self.max_tokens}"),
+            (self.top_k < _INT32, f"top_k must be < 2**31, got {self.top_k}"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
