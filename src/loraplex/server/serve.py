@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ class DrainingServer(uvicorn.Server):
                      self.config.timeout_graceful_shutdown)
         self._app.state.loraplex.draining = True
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises captured signals once it has stopped; a drained SIGTERM is a planned, clean stop: exit 0.
+            self._captured_signals.remove(sig)
 
 
 def is_loopback(host: str) -> bool:
