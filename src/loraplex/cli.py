@@ -70,16 +70,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     modules = _parse_modules(args.lora_modules)
     if args.demo_adapters:
-        from loraplex.demo import make_demo_adapters
+        from loraplex.demo import demo_adapters
 
-        modules = {**{k: str(v) for k, v in make_demo_adapters().items()}, **modules}
+        modules = {**demo_adapters(), **modules}
     serve(args, modules)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from loraplex.demo import run_demo
 
-    run_demo(max_tokens=args.max_tokens)
+    run_demo(url=args.url, max_tokens=args.max_tokens)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from loraplex.training.trainer import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, output=args.output, base=args.base, rank=args.rank, alpha=args.alpha,
+                      dropout=args.dropout, targets=tuple(args.targets), qlora=args.qlora, epochs=args.epochs,
+                      lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                      eval_data=args.eval_data, overwrite=args.overwrite)
+    result = train(cfg)
+    first, last = result.losses[0], result.losses[-1]
+    print(f"wrote {result.output} in {result.seconds:.0f}s: loss {first:.3f} -> {last:.3f}"
+          + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else ""))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from loraplex.training.merge import merge
+
+    print(f"wrote {merge(args.adapter, args.output, args.base, args.overwrite)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,9 +122,37 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
     srv.set_defaults(fn=cmd_serve)
 
-    demo = sub.add_parser("demo", help="several adapters in one batch on the default model")
-    demo.add_argument("--max-tokens", type=int, default=48)
+    demo = sub.add_parser("demo", help="the same questions to the base model and two trained tenants, side by side")
+    demo.add_argument("--url", default="http://127.0.0.1:8000", help="a running `loraplex serve` (else offline)")
+    demo.add_argument("--max-tokens", type=int, default=64)
     demo.set_defaults(fn=cmd_demo)
+
+    from loraplex.training.trainer import TARGETS
+
+    tr = sub.add_parser("train", help="train a LoRA (or QLoRA) adapter with PEFT")
+    tr.add_argument("--data", type=Path, required=True, help="JSONL: messages, prompt+completion, or text")
+    tr.add_argument("--output", type=Path, required=True)
+    tr.add_argument("--base", default=None, help="base model (default: the embedded model)")
+    tr.add_argument("--rank", type=int, default=16)
+    tr.add_argument("--alpha", type=float, default=32.0)
+    tr.add_argument("--dropout", type=float, default=0.05)
+    tr.add_argument("--targets", nargs="+", default=list(TARGETS), metavar="MODULE")
+    tr.add_argument("--qlora", action="store_true", help="train on a 4-bit NF4 base (bitsandbytes)")
+    tr.add_argument("--epochs", type=int, default=3)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--max-length", type=int, default=512)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--eval-data", type=Path, default=None)
+    tr.add_argument("--overwrite", action="store_true")
+    tr.set_defaults(fn=cmd_train)
+
+    mg = sub.add_parser("merge", help="fold an adapter into its base: a standalone model directory")
+    mg.add_argument("--adapter", type=Path, required=True)
+    mg.add_argument("--output", type=Path, required=True)
+    mg.add_argument("--base", default=None)
+    mg.add_argument("--overwrite", action="store_true")
+    mg.set_defaults(fn=cmd_merge)
 
     args = parser.parse_args(argv)
     verbose = args.verbose or args.command == "serve"

@@ -1,70 +1,76 @@
-"""The demo: several tenants' adapters and the base model decoded together in one batch.
+"""The demo: the same questions to the base model and to trained tenants, answers side by side.
 
-Until tenants are trained (`loraplex train`, a later milestone) the demo adapters are PEFT LoRA
-adapters with seeded random weights: they show that each request runs with its own adapter, not
-what a trained tenant says. They are made once and cached under $LORAPLEX_CACHE/demo-adapters.
+The tenants (legal, medical, sql, poetry) are trained on first use from the project's own small
+datasets (loraplex.training.demo_data) and cached under $LORAPLEX_CACHE/tenants. The demo talks
+to a running `loraplex serve` (what `make` starts) when one answers at --url; otherwise it runs
+the same requests offline, all in one batch.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from pathlib import Path
+import shutil
+import textwrap
 
-import torch
+import httpx
 
-from loraplex.models.loader import DEFAULT_MODEL, cache_dir, resolve_model
+from loraplex.models.loader import DEFAULT_MODEL
 
-DEMO_TENANTS: dict[str, dict[str, object]] = {
-    "tenant-attn-r8": dict(r=8, targets=["q_proj", "k_proj", "v_proj", "o_proj"], seed=1),
-    "tenant-mlp-r16": dict(r=16, targets=["gate_proj", "up_proj", "down_proj"], seed=2),
-    "tenant-all-r4": dict(r=4, targets=["q_proj", "v_proj", "up_proj", "down_proj"], seed=3),
-}
-
-
-def make_demo_adapters(strength: float = 0.35) -> dict[str, Path]:
-    root = cache_dir() / "demo-adapters"
-    paths = {name: root / name for name in DEMO_TENANTS}
-    if all((p / "adapter_config.json").is_file() for p in paths.values()):
-        return paths
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(None), dtype=torch.float32)
-    for name, spec in DEMO_TENANTS.items():
-        r = int(spec["r"])  # type: ignore[call-overload]
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=spec["targets"]))
-        g = torch.Generator().manual_seed(int(spec["seed"]))  # type: ignore[call-overload]
-        with torch.no_grad():
-            for pname, p in model.named_parameters():
-                if "lora_A" in pname or "lora_B" in pname:
-                    std = (1.0 if "lora_A" in pname else strength) / math.sqrt(p.shape[1])
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        model.save_pretrained(paths[name])
-        base = model.unload()
-    return paths
+QUESTIONS = [
+    ("Table employees(id, name, department, salary, hired_on). What is the average salary per department?",
+     ["sql", "legal"]),
+    ("Write a short poem about the harbour at night.", ["poetry", "medical"]),
+    ("A 52-year-old man has had a cough and fever for four days. Write a note.", ["medical", "legal"]),
+]
 
 
-def run_demo(max_tokens: int = 48) -> None:
+def demo_adapters() -> dict[str, str]:
+    from loraplex.training.tenants import ensure_demo_tenants
+
+    return {name: str(path) for name, path in ensure_demo_tenants().items()}
+
+
+def _ask_server(url: str, jobs: list[tuple[str, str | None]], max_tokens: int) -> list[str]:
+    answers = []
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for question, model in jobs:
+            r = client.post("/v1/chat/completions", json={
+                "model": model or DEFAULT_MODEL, "messages": [{"role": "user", "content": question}],
+                "max_tokens": max_tokens, "temperature": 0})
+            r.raise_for_status()
+            answers.append(r.json()["choices"][0]["message"]["content"])
+    return answers
+
+
+def _ask_offline(jobs: list[tuple[str, str | None]], max_tokens: int) -> list[str]:
     from loraplex.llm import LLM
     from loraplex.sampling import SamplingParams
 
-    print(f"loraplex demo: {DEFAULT_MODEL} (bf16) with {len(DEMO_TENANTS)} random-weight PEFT adapters, one batch")
-    adapters = make_demo_adapters()
-    llm = LLM(lora_modules={k: str(v) for k, v in adapters.items()})
-    questions = ["What is the capital of France?", "Give me one tip for a good night's sleep."]
-    names: list[str | None] = [None, *adapters]
-    jobs = [(q, a) for q in questions for a in names]
+    llm = LLM(lora_modules=demo_adapters())
     prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q, _ in jobs]
-    t0 = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0), adapters=[a for _, a in jobs])
-    elapsed = time.perf_counter() - t0
-    current = None
-    for (q, a), out in zip(jobs, outs):
-        if q != current:
-            print(f"\n=== {q}")
-            current = q
-        text = " ".join(out.outputs[0].text.split())
-        print(f"  [{a or 'base model':>15}] {text}")
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(f"\n{len(jobs)} requests over {len(names)} adapters in one batch: {n} tokens in {elapsed:.1f}s ({n / elapsed:.0f} tok/s)")
+    return [o.outputs[0].text for o in outs]
+
+
+def _server_up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run_demo(url: str = "http://127.0.0.1:8000", max_tokens: int = 64) -> None:
+    jobs = [(q, m) for q, tenants in QUESTIONS for m in (None, *tenants)]
+    if _server_up(url):
+        print(f"asking the server at {url}")
+        answers = _ask_server(url, jobs, max_tokens)
+    else:
+        print(f"no server at {url}: running the same requests offline, in one batch")
+        answers = _ask_offline(jobs, max_tokens)
+    width = max(24, (shutil.get_terminal_size((120, 20)).columns - 4) // 3)
+    for i, (question, tenants) in enumerate(QUESTIONS):
+        print("\n" + "=" * (3 * width + 4) + f"\nQ: {question}\n" + "-" * (3 * width + 4))
+        names = ["base model", *tenants]
+        cols = [textwrap.wrap(f"[{n}]", width) + sum((textwrap.wrap(line, width) or [""]
+                for line in answers[3 * i + k].splitlines()), []) for k, n in enumerate(names)]
+        for row in range(max(len(c) for c in cols)):
+            print(" | ".join((c[row] if row < len(c) else "").ljust(width) for c in cols))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ModelConfig:
     rope: RopeConfig
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too; Qwen2's q/k/v bias does not
     # Per-layer sliding-window size (None = full attention), length num_layers.
     sliding_windows: tuple[int | None, ...] = field(default=())
     eos_token_ids: tuple[int, ...] = ()
@@ -112,7 +113,10 @@ def model_config_from_dict(cfg: dict[str, Any], name: str = "") -> ModelConfig:
     num_layers = int(cfg["num_hidden_layers"])
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False))
+    # transformers: Llama's attention_bias biases q/k/v *and* o_proj; Qwen2 always biases q/k/v only;
+    # Mistral has no attention biases whatever its config says.
+    llama_bias = arch == "LlamaForCausalLM" and bool(cfg.get("attention_bias", False))
+    qkv_bias = arch == "Qwen2ForCausalLM" or llama_bias
     return ModelConfig(
         architecture=arch,
         vocab_size=int(cfg["vocab_size"]),
@@ -127,6 +131,7 @@ def model_config_from_dict(cfg: dict[str, Any], name: str = "") -> ModelConfig:
         rope=_rope_from_hf(cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=qkv_bias,
+        o_bias=llama_bias,
         sliding_windows=_sliding_windows(cfg, arch, num_layers),
         eos_token_ids=eos_ids,
         bos_token_id=cfg.get("bos_token_id"),
@@ -144,5 +149,27 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
     # Our GGUF cache directories carry a hash suffix; their config records the model's plain name.
-    name = cfg.get("_name_or_path") if model_dir.name.startswith(str(cfg.get("_name_or_path"))) else model_dir.name
-    return model_config_from_dict(cfg, name=str(name))
+    recorded = cfg.get("_name_or_path")
+    name = recorded if isinstance(recorded, str) and recorded and model_dir.name.startswith(recorded) else model_dir.name
+    mcfg = model_config_from_dict(cfg, name=name)
+    # transformers' generate stops at generation_config.json's eos ids (Llama 3 lists several there):
+    # stop at them too, after the config's own.
+    extra = _generation_eos_ids(model_dir)
+    if extra:
+        mcfg = replace(mcfg, eos_token_ids=tuple(dict.fromkeys(mcfg.eos_token_ids + extra)))
+    return mcfg
+
+
+def _generation_eos_ids(model_dir: Path) -> tuple[int, ...]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        return ()  # transformers would refuse it too; config.json's eos ids still apply
+    if isinstance(eos, int):
+        return (eos,)
+    if isinstance(eos, list):
+        return tuple(t for t in eos if isinstance(t, int))
+    return ()

@@ -24,7 +24,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(
             cfg.hidden_size, [("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)], cfg.qkv_bias
         )
-        self.o_proj = Linear(cfg.q_size, [("o_proj", cfg.hidden_size)])
+        self.o_proj = Linear(cfg.q_size, [("o_proj", cfg.hidden_size)], cfg.o_bias)
         self.rotary = rotary
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_windows[layer])
 

@@ -108,31 +108,52 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _target(model: LlamaForCausalLM, name: str) -> tuple[torch.Tensor, slice | None] | None:
-    """Map a checkpoint tensor name to (our parameter, row slice within a packed Linear) or None to skip."""
+_PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _expected_keys(model: LlamaForCausalLM) -> set[str]:
+    """Every tensor the checkpoint must provide, named as `_target` names them (packed parts one by one)."""
+    keys: set[str] = set()
+    linear_params: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, Linear):
+            kinds = ["weight"] + (["bias"] if module.bias is not None else [])
+            for kind in kinds:
+                linear_params.add(f"{path}.{kind}")
+                keys.update(f"{path}.{part}.{kind}" for part, _ in module.parts)
+    keys.update(n for n, _ in model.named_parameters() if n not in linear_params)
+    return keys
+
+
+def _target(model: LlamaForCausalLM, name: str) -> tuple[str, torch.Tensor, slice | None] | None:
+    """Map a checkpoint tensor name to (key, our parameter, row slice within a packed Linear), None to skip.
+
+    Raises ModelLoadError for a tensor our model has no place for (it would otherwise be dropped silently)."""
     if name.startswith("model."):
         name = name[len("model.") :]
     if "rotary_emb" in name:
         return None
-    if name.startswith("lm_head"):
-        if model.lm_head is None:
-            return None  # tied to embed_tokens
-        return model.lm_head.weight, None
-    packed = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+    if name.startswith("lm_head") and model.lm_head is None:
+        return None  # tied to embed_tokens
     parts = name.split(".")
-    if len(parts) >= 2 and parts[-2] in packed:
-        part, kind = parts[-2], parts[-1]
-        module = model.get_submodule(".".join(parts[:-2] + [packed[part]]))
-        assert isinstance(module, Linear)
-        param = module.weight if kind == "weight" else module.bias
-        if param is None:
-            raise ModelLoadError(f"checkpoint has {name} but the config declares no bias there")
-        return param, module.part_slice(part)
+    module_path = ".".join(parts[:-2] + [_PACKED[parts[-2]]]) if len(parts) >= 2 and parts[-2] in _PACKED else ".".join(parts[:-1])
     try:
-        return model.get_parameter(name), None
+        module = model.get_submodule(module_path)
     except AttributeError:
-        return None
+        module = None
+    if isinstance(module, Linear):
+        part = parts[-2] if parts[-2] in _PACKED else module.parts[0][0]
+        kind = parts[-1]
+        param = module.weight if kind == "weight" else module.bias if kind == "bias" else None
+        if param is None:
+            what = "bias" if kind == "bias" else "tensor"
+            raise ModelLoadError(f"checkpoint has {name} but the model (as its config declares it) has no {what} there")
+        return f"{module_path}.{part}.{kind}", param, module.part_slice(part)
+    try:
+        return name, model.get_parameter(name), None
+    except AttributeError:
+        raise ModelLoadError(f"checkpoint tensor {name} has no counterpart in a {model.cfg.architecture}") from None
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple[LlamaForCausalLM, ModelConfig]:
@@ -146,17 +167,21 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple
                     target = _target(model, name)
                     if target is None:
                         continue
-                    param, rows = target
+                    key, param, rows = target
                     tensor = f.get_tensor(name)
                     dst = param.data if rows is None else param.data[rows]
                     if dst.shape != tensor.shape:
                         raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, config expects {tuple(dst.shape)}")
                     dst.copy_(tensor)
-                    loaded.add(name)
+                    loaded.add(key)
         except (OSError, RuntimeError) as e:  # corrupt or unreadable file
             raise ModelLoadError(f"cannot read {file}: {e}") from e
     if not any("embed_tokens" in n for n in loaded):
         raise ModelLoadError(f"{model_dir}: no embed_tokens weight found; is this a Llama-family checkpoint?")
+    missing = sorted(_expected_keys(model) - loaded)
+    if missing:  # uninitialised memory would otherwise serve as weights
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the config requires: {shown}")
     model.to(dtype)
     model.eval()
     return model, cfg
