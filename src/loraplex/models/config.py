@@ -150,7 +150,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
     # Our GGUF cache directories carry a hash suffix; their config records the model's plain name.
     recorded = cfg.get("_name_or_path")
-    name = recorded if isinstance(recorded, str) and recorded and model_dir.name.startswith(recorded) else model_dir.name
+    ok = isinstance(recorded, str) and bool(recorded) and model_dir.name.startswith(recorded)
+    name = recorded if ok else model_dir.name
     mcfg = model_config_from_dict(cfg, name=name)
     # transformers' generate stops at generation_config.json's eos ids (Llama 3 lists several there):
     # stop at them too, after the config's own.

@@ -137,13 +137,14 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[str, torch.Tensor, slic
     if name.startswith("lm_head") and model.lm_head is None:
         return None  # tied to embed_tokens
     parts = name.split(".")
-    module_path = ".".join(parts[:-2] + [_PACKED[parts[-2]]]) if len(parts) >= 2 and parts[-2] in _PACKED else ".".join(parts[:-1])
+    packed = len(parts) >= 2 and parts[-2] in _PACKED
+    module_path = ".".join(parts[:-2] + [_PACKED[parts[-2]]] if packed else parts[:-1])
     try:
         module = model.get_submodule(module_path)
     except AttributeError:
         module = None
     if isinstance(module, Linear):
-        part = parts[-2] if parts[-2] in _PACKED else module.parts[0][0]
+        part = parts[-2] if packed else module.parts[0][0]
         kind = parts[-1]
         param = module.weight if kind == "weight" else module.bias if kind == "bias" else None
         if param is None:

@@ -22,6 +22,14 @@ def _state(request: Request) -> ServerState:
     return request.app.state.loraplex  # type: ignore[no-any-return]
 
 
+def _admin(request: Request, lora_name: str) -> ServerState:
+    """The state, once the caller's key has the admin scope and the adapter name is valid."""
+    st = _state(request)
+    st.auth.check_admin(st.auth.scope(request))
+    validate_name(lora_name)
+    return st
+
+
 @router.get("/v1/models", responses=ERRORS)
 async def list_models(request: Request) -> dict[str, Any]:
     """The base model and every adapter the caller's key may use, each adapter with its parent (as vLLM lists them)."""
@@ -46,9 +54,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.post("/v1/load_lora_adapter", responses=ERRORS)
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResponse:
     """Register (and by default promote) a version of an adapter; it is loaded and validated before this returns."""
-    st = _state(request)
-    st.auth.check_admin(st.auth.scope(request))
-    validate_name(body.lora_name)
+    st = _admin(request, body.lora_name)
     engine = st.engine.engine
     # Loading reads and validates off the event loop and off the engine thread: decoding goes on meanwhile.
     key = await asyncio.to_thread(engine.register_adapter, body.lora_name, Path(body.lora_path), body.version, body.promote)
@@ -60,9 +66,7 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResp
 @router.post("/v1/unload_lora_adapter", responses=ERRORS)
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSONResponse:
     """Remove an adapter: new requests get 404, running ones finish; its weights are freed when unused."""
-    st = _state(request)
-    st.auth.check_admin(st.auth.scope(request))
-    validate_name(body.lora_name)
+    st = _admin(request, body.lora_name)
     await st.engine.call(lambda: st.engine.engine.adapters.unregister(body.lora_name))
     return JSONResponse({"status": "ok", "lora_name": body.lora_name,
                          "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})
@@ -70,18 +74,14 @@ async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSON
 
 @router.post("/v1/promote_lora_adapter", responses=ERRORS)
 async def promote_lora_adapter(body: PromoteLoRARequest, request: Request) -> JSONResponse:
-    st = _state(request)
-    st.auth.check_admin(st.auth.scope(request))
-    validate_name(body.lora_name)
+    st = _admin(request, body.lora_name)
     await st.engine.call(lambda: st.engine.engine.adapters.promote(body.lora_name, body.version))
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "version": body.version})
 
 
 @router.post("/v1/pin_lora_adapter", responses=ERRORS)
 async def pin_lora_adapter(body: PinLoRARequest, request: Request) -> JSONResponse:
-    st = _state(request)
-    st.auth.check_admin(st.auth.scope(request))
-    validate_name(body.lora_name)
+    st = _admin(request, body.lora_name)
     await st.engine.call(lambda: st.engine.engine.adapters.pin(body.lora_name, body.pinned))
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "pinned": body.pinned})
 
