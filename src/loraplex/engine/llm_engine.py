@@ -73,8 +73,8 @@ class LLMEngine:
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
         self.requests: dict[str, Request] = {}
-        self._errors: list[RequestOutput] = []
-        self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)  # requests failed between steps, reported by the next step
+        self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
+        self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)
         self._ids = itertools.count()
         for name, path in config.lora_modules:
             self.register_adapter(name, path, persistent=False)
