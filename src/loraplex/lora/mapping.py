@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-# Below this many distinct adapters in a step the masked GEMM (one matmul against the concatenated
-# A matrices, per-token mask, one against the stacked B) wins; above it the grouped path (tokens
-# sorted by slot into padded segments, two bmm) wastes fewer FLOPs. Measured in benchmarks/.
+# The masked GEMM (one matmul against the concatenated A matrices, per-token mask, one against the
+# stacked B) costs FLOPs in proportion to the distinct adapters in the step; the grouped path (tokens
+# sorted by slot into padded segments, two bmm) pays gathers instead. Masked is used up to this many
+# adapters: a first estimate, not yet tuned by a profile of both paths.
 MASKED_MAX_ADAPTERS = 2
 
 
