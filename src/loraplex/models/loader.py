@@ -61,9 +61,20 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     )
 
 
+def _content_key(path: Path, sample: int = 4 << 20) -> str:
+    """Identify a file by its name, size and first and last 4 MiB, not by where it is installed: a new
+    virtual environment holding the same GGUF reuses the cached conversion (and the demo tenants trained on it)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(sample))
+        f.seek(max(0, size - sample))
+        h.update(f.read(sample))
+    return h.hexdigest()[:12]
+
+
 def convert_gguf(gguf: Path, name: str) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _content_key(gguf)
     out = cache_dir() / "models" / f"{name}-{key}"
     if (out / "config.json").is_file():
         return out
