@@ -298,17 +298,23 @@ def admitted_in(out: SchedulerOutput, order: list[str]) -> None:
             order.append(q.request.request_id)
 
 
+def _holder_and_starved(s: Scheduler, holder_tokens: int) -> tuple[Request, Request, list[str]]:
+    """Adapter A's request takes the only slot; then x arrives for adapter B and must wait for it."""
+    order: list[str] = []
+    holder = make_req("holder", 2, max_tokens=holder_tokens, adapter="A")
+    s.add(holder)
+    admitted_in(step(s), order)
+    x = make_req("x", 2, max_tokens=2, adapter="B")
+    s.add(x)
+    return holder, x, order
+
+
 @pytest.mark.parametrize("max_skips", [0, 1, 2, 3])
 def test_fairness_bound_when_later_requests_arrive_together(max_skips: int) -> None:
     """A request whose adapter has no slot is overtaken by at most max_skips later requests, even when they
     are all waiting in the same step, and is admitted (before the rest) once a slot frees."""
     s = make_sched(max_loras=1, max_skips=max_skips, max_num_seqs=16)
-    order: list[str] = []
-    holder = make_req("holder", 2, max_tokens=4, adapter="A")
-    s.add(holder)
-    admitted_in(step(s), order)
-    x = make_req("x", 2, max_tokens=2, adapter="B")
-    s.add(x)
+    holder, x, order = _holder_and_starved(s, holder_tokens=4)
     for i in range(6):
         s.add(make_req(f"l{i}", 2, max_tokens=50))
     while x.status is RequestStatus.WAITING:
@@ -323,12 +329,7 @@ def test_fairness_bound_when_later_requests_arrive_one_per_step() -> None:
     """Later requests trickling in one per step overtake a slot-starved request at most max_skips times;
     it is then admitted ahead of everything that arrived after it once the slot frees."""
     s = make_sched(max_loras=1, max_skips=2, max_num_seqs=16)
-    order: list[str] = []
-    holder = make_req("holder", 2, max_tokens=8, adapter="A")
-    s.add(holder)
-    admitted_in(step(s), order)
-    x = make_req("x", 2, max_tokens=2, adapter="B")
-    s.add(x)
+    holder, x, order = _holder_and_starved(s, holder_tokens=8)
     i = 0
     while x.status is RequestStatus.WAITING:
         adapter = "A" if i == 1 else None  # l1 shares the busy slot: it may overtake too

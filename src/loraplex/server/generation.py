@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -62,13 +62,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     """n choices; with a seed, choice i uses seed + i so they differ yet stay reproducible."""
     if n < 1 or n > 16:
         raise InvalidRequestError(f"n must be in [1, 16], got {n}")
-    out = []
-    for i in range(n):
-        p = SamplingParams(**{f: getattr(params, f) for f in params.__slots__})  # type: ignore[attr-defined]
-        if params.seed is not None:
-            p.seed = params.seed + i
-        out.append(p)
-    return out
+    return [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
 
 
 @dataclass(slots=True)
