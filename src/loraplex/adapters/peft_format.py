@@ -169,6 +169,10 @@ def load_peft_adapter(
             raise AdapterRankError(
                 f"adapter {name!r} has rank {r} > --max-lora-rank {max_rank}; restart with --max-lora-rank {r}"
             )
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            # A slot's weights may be read by a step that does not use it (see lora/mapping.py): 0 * inf
+            # would leak into other tenants' tokens, so non-finite adapters never reach a slot.
+            raise AdapterFormatError(f"adapter {path}: layer {layer} {part} has NaN or infinite weights")
         module_alpha = float(_pattern_value(alpha_pattern, f"layers.{layer}.{part}", alpha))
         scale = module_alpha / math.sqrt(r) if use_rslora else module_alpha / r
         weights.parts[(layer, part)] = PartWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=scale)

@@ -124,7 +124,9 @@ class ModelRunner:
             m = kpos[None, None, :] <= qpos[:, :, None]  # causal over absolute positions: [B, Q, K]
             if w is not None:
                 m &= kpos[None, None, :] > qpos[:, :, None] - w
-            masks[w] = m.unsqueeze(1).to(self.device)  # [B, 1, Q, K]
+            # additive fp32 bias, 0 where a query may attend a key (each query sees at least itself)
+            bias = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, torch.finfo(torch.float32).min)
+            masks[w] = bias[:, None, None].to(self.device)  # [B, 1, 1, Q, K]
         return AttentionGroup(
             token_index=None if uniform else token_index.to(self.device),
             start=start,

@@ -38,16 +38,21 @@ class LoRALinear(nn.Module):
         device = next(base.parameters()).device
         self.lora_a = torch.zeros(max_loras, rows, self.in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(max_loras, rows, self.out_features, dtype=dtype, device=device)
+        # Slots whose adapter has weights in this layer: a step whose adapters all skip the layer
+        # (e.g. attention-only adapters at an MLP layer) pays nothing here.
+        self.slot_used = [False] * max_loras
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         y = self.base(x, batch)
-        if batch is not None and batch.lora is not None:
-            y = y + lora_apply(x, self.lora_a, self.lora_b, batch.lora)
+        m = batch.lora if batch is not None else None
+        if m is not None and any(self.slot_used[s] for s in m.active):
+            y = y + lora_apply(x, self.lora_a, self.lora_b, m)
         return y
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
+        self.slot_used[slot] = False
 
     def set_slot(self, slot: int, weights: dict[str, PartWeights]) -> None:
         """Write one adapter's parts into `slot` (parts absent from `weights` stay zero)."""
@@ -61,6 +66,7 @@ class LoRALinear(nn.Module):
                 self.lora_a[slot, rows] = w.a.to(self.lora_a.dtype)
                 # Fold the scaling into B, stored transposed so the expand is x_a @ B: [R, OUT].
                 self.lora_b[slot, rows, out_start : out_start + size] = (w.b.float() * w.scale).T.to(self.lora_b.dtype)
+                self.slot_used[slot] = True
             out_start += size
 
 

@@ -2,6 +2,12 @@
 
 Built by the model runner from per-token slot indices (-1 = base model). Layers never loop over
 requests or adapters: they read the index tensors prepared here.
+
+Which slots a kernel reads ("kernel slots"): the distinct active slots, gathered per layer with
+index_select (a weight copy), or, when the active slots nearly fill a contiguous range (the slot
+table hands out the lowest free slot, so they usually do), that whole range as a view of the slot
+tensors, with no copy. Slots in the range that no token uses are then read and multiplied by zero:
+adapters with non-finite weights are refused at load, so this never leaks into other tokens.
 """
 
 from __future__ import annotations
@@ -10,62 +16,76 @@ from dataclasses import dataclass
 
 import torch
 
-# The masked GEMM (one matmul against the concatenated A matrices, per-token mask, one against the
-# stacked B) costs FLOPs in proportion to the distinct adapters in the step; the grouped path (tokens
-# sorted by slot into padded segments, two bmm) pays gathers instead. Masked is used up to this many
-# adapters: a first estimate, not yet tuned by a profile of both paths.
+# Kernel choice, from a profile of both paths on CPU (benchmarks/lora_kernels.py, bf16, hidden 576,
+# qkv r=16): the masked GEMM costs ~ T * S_k * R * (IN + OUT), the grouped path ~ S_k * Tmax * R *
+# (IN + OUT) plus a gather and a scatter of the tokens. Masked wins while few adapters share a step.
 MASKED_MAX_ADAPTERS = 2
 
 
 @dataclass(slots=True)
 class LoRAMapping:
     token_slots: torch.Tensor  # [T] long, slot per token, -1 = no adapter
-    active_slots: torch.Tensor  # [S_a] long, distinct slots used this step (sorted)
+    active: tuple[int, ...]  # distinct slots used by some token this step (sorted), on the host
+    active_slots: torch.Tensor  # [S_k] long, the kernel slots: `active`, or the contiguous range `span`
+    span: slice | None  # kernel slots as a range: kernels read A[span], B[span] as views
     kernel: str  # "masked" | "grouped"
-    # masked: [T, S_a, 1] 0/1 in model dtype; None when every token uses the single active slot
+    # masked: [T, S_k, 1] 0/1 in model dtype; None when every token uses the single kernel slot
     token_mask: torch.Tensor | None
-    # grouped: [S_a, Tmax] token indices per slot (padding -> 0), padding mask [S_a, Tmax, 1] or None
+    # grouped: [S_k, Tmax] token indices per slot (padding -> 0), padding mask [S_k, Tmax, 1] or None
     group_index: torch.Tensor | None
     group_mask: torch.Tensor | None
 
 
+def kernel_slots(active: list[int]) -> tuple[list[int], slice | None]:
+    """The slots a kernel reads: the contiguous range over `active` if it pads at most a quarter, else `active`."""
+    lo, hi = active[0], active[-1]
+    if (hi - lo + 1) - len(active) <= len(active) // 4:
+        return list(range(lo, hi + 1)), slice(lo, hi + 1)
+    return active, None
+
+
 def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.device | str = "cpu",
                   kernel: str | None = None) -> LoRAMapping | None:
-    """Return the mapping for one step, or None if no token uses an adapter."""
-    active = sorted({s for s in token_slots if s >= 0})
+    """Return the mapping for one step, or None if no token uses an adapter.
+
+    Built with Python lists and one tensor per field: ~10-30 us for a batch of 64 (benchmarks)."""
+    active = sorted(set(token_slots))
+    if active and active[0] < 0:
+        active = active[1:]
     if not active:
         return None
-    num_tokens = len(token_slots)
+    slots, span = kernel_slots(active)
     if kernel is None:
         kernel = "masked" if len(active) <= MASKED_MAX_ADAPTERS else "grouped"
-    slots_t = torch.tensor(token_slots, dtype=torch.long)
-    active_t = torch.tensor(active, dtype=torch.long)
     token_mask = group_index = group_mask = None
     if kernel == "masked":
-        if not (len(active) == 1 and all(s == active[0] for s in token_slots)):
-            token_mask = (slots_t[:, None] == active_t[None, :]).to(dtype).unsqueeze(-1)
+        if not (len(slots) == 1 and -1 not in token_slots):
+            pos = {s: i for i, s in enumerate(slots)}
+            rows = [[0.0] * len(slots) for _ in token_slots]
+            for t, s in enumerate(token_slots):
+                if s >= 0:
+                    rows[t][pos[s]] = 1.0
+            token_mask = torch.tensor(rows, dtype=dtype).unsqueeze(-1).to(device)
     elif kernel == "grouped":
-        groups: list[list[int]] = [[] for _ in active]
-        pos = {s: i for i, s in enumerate(active)}
+        pos = {s: i for i, s in enumerate(slots)}
+        groups: list[list[int]] = [[] for _ in slots]
         for t, s in enumerate(token_slots):
             if s >= 0:
                 groups[pos[s]].append(t)
         tmax = max(len(g) for g in groups)
-        group_index = torch.zeros(len(active), tmax, dtype=torch.long)
-        valid = torch.zeros(len(active), tmax, dtype=torch.bool)
-        for i, g in enumerate(groups):
-            group_index[i, : len(g)] = torch.tensor(g, dtype=torch.long)
-            valid[i, : len(g)] = True
-        if not bool(valid.all()):
-            group_mask = valid.to(dtype).unsqueeze(-1).to(device)
-        group_index = group_index.to(device)
+        group_index = torch.tensor([g + [0] * (tmax - len(g)) for g in groups], dtype=torch.long).to(device)
+        if any(len(g) != tmax for g in groups):
+            valid = [[1.0] * len(g) + [0.0] * (tmax - len(g)) for g in groups]
+            group_mask = torch.tensor(valid, dtype=dtype).unsqueeze(-1).to(device)
     else:
         raise ValueError(f"unknown LoRA kernel {kernel!r}")
     return LoRAMapping(
-        token_slots=slots_t.to(device),
-        active_slots=active_t.to(device),
+        token_slots=torch.tensor(token_slots, dtype=torch.long).to(device),
+        active=tuple(active),
+        active_slots=torch.tensor(slots, dtype=torch.long).to(device),
+        span=span,
         kernel=kernel,
-        token_mask=None if token_mask is None else token_mask.to(device),
+        token_mask=token_mask,
         group_index=group_index,
         group_mask=group_mask,
     )

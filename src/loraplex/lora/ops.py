@@ -24,31 +24,31 @@ def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slot
     return y.to(x.dtype)
 
 
+def kernel_weights(a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """A, B of the kernel slots: [S_k, R, IN], [S_k, R, OUT]; views when the slots are a range, else copies."""
+    if m.span is not None:
+        return a[m.span], b[m.span]
+    return a.index_select(0, m.active_slots), b.index_select(0, m.active_slots)
+
+
 def lora_masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
-    """One GEMM against the concatenated A of the active slots, zero the other slots' columns per token,
-    one GEMM against the stacked B. FLOPs grow with the number of active slots; no weight copy when one."""
-    sa = m.active_slots.shape[0]
-    r = a.shape[1]
-    if sa == 1:
-        s = int(m.active_slots[0]) if m.active_slots.device.type == "cpu" else m.active_slots[0]
-        a_act, b_act = a[s], b[s]  # [R, IN], [R, OUT] views
-    else:
-        a_act = a.index_select(0, m.active_slots).reshape(sa * r, -1)
-        b_act = b.index_select(0, m.active_slots).reshape(sa * r, -1)
-    xa = x @ a_act.T  # [T, S_a*R]
+    """One GEMM against the concatenated A of the kernel slots, zero the other slots' columns per token,
+    one GEMM against the stacked B. FLOPs grow with the number of kernel slots."""
+    a_k, b_k = kernel_weights(a, b, m)
+    sk, r = a_k.shape[0], a_k.shape[1]
+    xa = x @ a_k.reshape(sk * r, -1).T  # [T, S_k*R]
     if m.token_mask is not None:
-        xa = (xa.view(-1, sa, r) * m.token_mask).view(-1, sa * r)
-    return xa @ b_act
+        xa = (xa.view(-1, sk, r) * m.token_mask).view(-1, sk * r)
+    return xa @ b_k.reshape(sk * r, -1)
 
 
 def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
-    """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_a, Tmax], two bmm, scatter-add back.
-    FLOPs ~ S_a * Tmax * R * (IN + OUT); weight copy ~ S_a * R * (IN + OUT)."""
+    """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_k, Tmax], two bmm, scatter-add back.
+    FLOPs ~ S_k * Tmax * R * (IN + OUT)."""
     assert m.group_index is not None
-    a_act = a.index_select(0, m.active_slots)  # [S_a, R, IN]
-    b_act = b.index_select(0, m.active_slots)  # [S_a, R, OUT]
-    xg = x[m.group_index]  # [S_a, Tmax, IN]
-    yg = torch.bmm(torch.bmm(xg, a_act.transpose(1, 2)), b_act)  # [S_a, Tmax, OUT]
+    a_k, b_k = kernel_weights(a, b, m)  # [S_k, R, IN], [S_k, R, OUT]
+    xg = x[m.group_index]  # [S_k, Tmax, IN]
+    yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k)  # [S_k, Tmax, OUT]
     if m.group_mask is not None:
         yg = yg * m.group_mask
     y = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)

@@ -18,7 +18,7 @@ class AttentionGroup:
 
     token_index: [B, Q] index of each query in the flat token axis (padding points at a valid token)
     block_tables: [B, NB] KV block ids of each sequence (padding repeats block 0; masked out)
-    masks: window -> [B, 1, Q, K] bool, True where a query may attend a key
+    masks: window -> [B, 1, 1, Q, K] fp32 additive bias, 0 where a query may attend a key, else -max
     """
 
     token_index: torch.Tensor | None  # None when the group's tokens are already contiguous [start, start+B)

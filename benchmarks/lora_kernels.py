@@ -1,0 +1,93 @@
+"""Profile of the multi-LoRA kernels and the per-step mapping cost, at the default model's shapes.
+
+    .venv/bin/python -m benchmarks.lora_kernels
+
+For each layer shape (packed q/k/v, o) and batch (decode T tokens, prefill chunks), times the masked
+and grouped kernels for 1..32 distinct adapters against the base layer's own matmul, and the time to
+build the step's adapter mapping for a batch of 64. This is the profile behind
+`loraplex.lora.mapping.MASKED_MAX_ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import machine, write_json
+from loraplex.lora.mapping import build_mapping
+from loraplex.lora.ops import lora_grouped, lora_masked
+
+# (name, IN, OUT, R): the default model (hidden 576, 9 heads of 64, 3 KV heads), rank 16 q/k/v/o adapters.
+SHAPES = [("qkv_proj", 576, 960, 48), ("o_proj", 576, 576, 16)]
+ADAPTERS = [1, 2, 3, 4, 8, 16, 32]
+
+
+def timeit(f: Callable[[], Any], repeats: int = 5, min_s: float = 0.04) -> float:
+    """Seconds per call: the fastest of `repeats` timed loops, so a busy neighbour does not skew the profile."""
+    for _ in range(5):
+        f()
+    best = float("inf")
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_s:
+            f()
+            n += 1
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def token_slots(t: int, k: int) -> list[int]:
+    return [i % k for i in range(t)]
+
+
+def kernel_profile(tokens: list[int], dtype: torch.dtype) -> list[dict[str, Any]]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for name, fin, fout, r in SHAPES:
+        a = torch.randn(32, r, fin, generator=g).to(dtype) * 0.02
+        b = torch.randn(32, r, fout, generator=g).to(dtype) * 0.02
+        w = torch.randn(fout, fin, generator=g).to(dtype)
+        for t in tokens:
+            x = torch.randn(t, fin, generator=g).to(dtype)
+            base = timeit(lambda: torch.nn.functional.linear(x, w))
+            for k in ADAPTERS:
+                if k > t:
+                    continue
+                slots = token_slots(t, k)
+                row = {"layer": name, "tokens": t, "adapters": k, "base_us": 1e6 * base}
+                for kernel, fn in (("masked", lora_masked), ("grouped", lora_grouped)):
+                    m = build_mapping(slots, dtype, kernel=kernel)
+                    assert m is not None
+                    row[f"{kernel}_us"] = 1e6 * timeit(lambda: fn(x, a, b, m))
+                rows.append(row)
+                print(f"{name:8s} T={t:4d} adapters={k:2d}  base {row['base_us']:7.1f} us  masked "
+                      f"{row['masked_us']:7.1f} us  grouped {row['grouped_us']:7.1f} us", flush=True)
+    return rows
+
+
+def mapping_cost(batch: int, dtype: torch.dtype) -> dict[str, float]:
+    """Microseconds to build one step's mapping for `batch` decode tokens, by distinct adapters."""
+    out = {}
+    for k in (1, 8, 32, 64):
+        out[str(k)] = 1e6 * timeit(lambda: build_mapping(token_slots(batch, k), dtype))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8, 32, 64, 256])
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    rows = kernel_profile(args.tokens, dtype)
+    cost = mapping_cost(64, dtype)
+    print("mapping build for a batch of 64 decode tokens (us, by distinct adapters):", {k: round(v, 1) for k, v in cost.items()})
+    path = write_json("lora_kernels", {"machine": machine(), "dtype": str(dtype), "kernels": rows, "mapping_us_batch64": cost})
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
