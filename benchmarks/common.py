@@ -62,3 +62,28 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+# ---- the shared offline workload: the same prompts, adapters and decoding for loraplex and every peer ----
+
+TOPICS = ["a lighthouse keeper", "the history of tea", "how bridges stand", "a robot learning to paint",
+          "the water cycle", "a city under the sea", "why the sky is blue", "a chess tournament"]
+
+
+def workload_prompts(tokenizer: Any, count: int = 32) -> list[str]:
+    """`count` chat-templated prompt texts (varied lengths), identical for every system under test."""
+    msgs = [[{"role": "user", "content": f"Tell me a story about {TOPICS[i % len(TOPICS)]}, part {i + 1}."}]
+            for i in range(count)]
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+
+
+def round_robin(names: list[str], count: int) -> list[str]:
+    """Request i uses adapter i % len(names): every adapter appears, evenly, in one batch."""
+    return [names[i % len(names)] for i in range(count)]
+
+
+def default_model_dir() -> Path:
+    """The embedded default model as a Hugging Face directory (converted and cached on first use)."""
+    from loraplex.models.loader import resolve_model
+
+    return resolve_model(None)

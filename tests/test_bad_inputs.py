@@ -61,6 +61,14 @@ def bad_adapters(good: Path, hf_base: torch.nn.Module, tmp_path_factory: pytest.
 
     torch.save(load_file(str(pickled / "adapter_model.safetensors")), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
+    from safetensors.torch import save_file
+
+    nan = root / "nan"  # a diverged training run: NaN in one tensor
+    shutil.copytree(good, nan)
+    tensors = load_file(str(nan / "adapter_model.safetensors"))
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(nan / "adapter_model.safetensors"))
     return {
         "corrupt": corrupt,
         "other_base": make_peft_adapter(tiny, root / "other_base", r=4, targets=ATTN),
@@ -72,6 +80,7 @@ def bad_adapters(good: Path, hf_base: torch.nn.Module, tmp_path_factory: pytest.
         "ia3": _peft(hf_base, root / "ia3", IA3Config(target_modules=["k_proj", "down_proj"],
                                                        feedforward_modules=["down_proj"])),
         "pickled": pickled,
+        "nan": nan,
     }
 
 
@@ -85,6 +94,7 @@ CASES = [
     ("embedding", UnsupportedAdapterFeatureError, "embedding LoRA"),
     ("ia3", UnsupportedAdapterFeatureError, "PEFT method IA3"),
     ("pickled", AdapterFormatError, "safetensors is required"),
+    ("nan", AdapterFormatError, "NaN or infinite weights"),
 ]
 
 

@@ -103,6 +103,21 @@ def test_unused_slots_never_change_outputs(kernel: str, case: str) -> None:
     torch.testing.assert_close(KERNELS[kernel](x, a, b, m), lora_reference(x, a, b, torch.tensor(slots)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_runs_in_slot_order_need_no_index(dtype: torch.dtype) -> None:
+    """Decode tokens sorted by slot in equal runs are read as a view; the result equals the reference."""
+    slots = [s for s in range(S) for _ in range(4)]  # 8 runs of 4
+    x, a, b = make_weights(dtype, len(slots))
+    m = build_mapping(slots, dtype, kernel="grouped")
+    assert m is not None and m.group_index is None and m.group_mask is None
+    ref = lora_reference(x, a, b, torch.tensor(slots))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lora_grouped(x, a, b, m), ref, rtol=tol, atol=tol)
+    for near_runs in ([0, 0, 1, 1, 2, -1], [0, 0, 2, 2, 1, 1], [0, 0, 1, 1, 1, 2]):  # base token, order, sizes
+        g = build_mapping(near_runs, dtype, kernel="grouped")
+        assert g is not None and g.group_index is not None
+
+
 def test_kernel_slots_use_a_range_view_when_it_pads_little() -> None:
     """Active slots that nearly fill a range are read as one view (no weight copy); sparse ones are gathered."""
     m = build_mapping([0, 1, 2, 4, 4], torch.float32, kernel="grouped")  # 4 active in a range of 5

@@ -69,7 +69,9 @@ class ModelRunner:
         return self.model(ids, batch)
 
     def _prepare(self, seqs: list[ScheduledSeq], all_logits: bool) -> tuple[torch.Tensor, ForwardBatch, list[Request]]:
-        decodes = [s for s in seqs if s.num_tokens == 1]
+        # Decode tokens sorted by adapter slot: equal-size runs let the grouped LoRA kernel read the
+        # activations as a view, with no gather or scatter (lora/mapping.py). Order within a step is free.
+        decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.request.lora_slot)
         prefills = [s for s in seqs if s.num_tokens > 1]
         ids: list[int] = []
         positions: list[int] = []

@@ -46,7 +46,7 @@ class LoRALinear(nn.Module):
         y = self.base(x, batch)
         m = batch.lora if batch is not None else None
         if m is not None and any(self.slot_used[s] for s in m.active):
-            y = y + lora_apply(x, self.lora_a, self.lora_b, m)
+            y += lora_apply(x, self.lora_a, self.lora_b, m)
         return y
 
     def clear_slot(self, slot: int) -> None:

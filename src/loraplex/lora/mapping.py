@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-# Kernel choice, from a profile of both paths on CPU (benchmarks/lora_kernels.py, bf16, hidden 576,
-# qkv r=16): the masked GEMM costs ~ T * S_k * R * (IN + OUT), the grouped path ~ S_k * Tmax * R *
-# (IN + OUT) plus a gather and a scatter of the tokens. Masked wins while few adapters share a step.
-MASKED_MAX_ADAPTERS = 2
+# Kernel choice, from a profile of both paths on CPU (benchmarks/lora_kernels.py for the ops alone;
+# decode steps of the default model in bf16 for the end-to-end check): the masked GEMM costs
+# ~ T * S_k * R * (IN + OUT), the grouped path ~ S_k * Tmax * R * (IN + OUT) plus a gather and a
+# scatter, which vanish when decode tokens come sorted by slot (the model runner sorts them). In
+# decode steps grouped was faster from 2 adapters on; masked is kept for one adapter, where it is two
+# plain GEMMs with no mask.
+MASKED_MAX_ADAPTERS = 1
 
 
 @dataclass(slots=True)
@@ -31,7 +34,8 @@ class LoRAMapping:
     kernel: str  # "masked" | "grouped"
     # masked: [T, S_k, 1] 0/1 in model dtype; None when every token uses the single kernel slot
     token_mask: torch.Tensor | None
-    # grouped: [S_k, Tmax] token indices per slot (padding -> 0), padding mask [S_k, Tmax, 1] or None
+    # grouped: [S_k, Tmax] token indices per slot (padding -> 0), padding mask [S_k, Tmax, 1] or None.
+    # group_index is None when the tokens already are S_k equal runs in slot order: x.view(S_k, Tmax, IN).
     group_index: torch.Tensor | None
     group_mask: torch.Tensor | None
 
@@ -73,10 +77,14 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
             if s >= 0:
                 groups[pos[s]].append(t)
         tmax = max(len(g) for g in groups)
-        group_index = torch.tensor([g + [0] * (tmax - len(g)) for g in groups], dtype=torch.long).to(device)
-        if any(len(g) != tmax for g in groups):
-            valid = [[1.0] * len(g) + [0.0] * (tmax - len(g)) for g in groups]
-            group_mask = torch.tensor(valid, dtype=dtype).unsqueeze(-1).to(device)
+        if len(groups) * tmax == len(token_slots) and all(
+                len(g) == tmax and g[0] == i * tmax and g[-1] == g[0] + tmax - 1 for i, g in enumerate(groups)):
+            pass  # every token in a run of tmax, runs in slot order: the kernel reshapes, no index
+        else:
+            group_index = torch.tensor([g + [0] * (tmax - len(g)) for g in groups], dtype=torch.long).to(device)
+            if any(len(g) != tmax for g in groups):
+                valid = [[1.0] * len(g) + [0.0] * (tmax - len(g)) for g in groups]
+                group_mask = torch.tensor(valid, dtype=dtype).unsqueeze(-1).to(device)
     else:
         raise ValueError(f"unknown LoRA kernel {kernel!r}")
     return LoRAMapping(

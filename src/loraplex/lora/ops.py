@@ -45,8 +45,10 @@ def lora_masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappin
 def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
     """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_k, Tmax], two bmm, scatter-add back.
     FLOPs ~ S_k * Tmax * R * (IN + OUT)."""
-    assert m.group_index is not None
     a_k, b_k = kernel_weights(a, b, m)  # [S_k, R, IN], [S_k, R, OUT]
+    if m.group_index is None:  # tokens are equal runs in slot order: views, no gather, no scatter
+        xg = x.view(a_k.shape[0], -1, x.shape[-1])
+        return torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k).view(x.shape[0], -1)
     xg = x[m.group_index]  # [S_k, Tmax, IN]
     yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k)  # [S_k, Tmax, OUT]
     if m.group_mask is not None:

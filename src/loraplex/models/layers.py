@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.models import cpu_gemm
 from loraplex.models.batch import ForwardBatch
 
 
@@ -23,6 +24,15 @@ class Linear(nn.Module):
         self.out_features = sum(size for _, size in parts)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout, once prepack() ran
+
+    def prepack(self) -> bool:
+        """Move the weight into oneDNN's CPU layout (bf16 on CPU only); the plain copy is freed."""
+        if self.packed is not None or not cpu_gemm.supported(self.weight):
+            return False
+        self.packed = cpu_gemm.pack(self.weight)
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        return True
 
     def part_slice(self, name: str) -> slice:
         start = 0
@@ -33,6 +43,8 @@ class Linear(nn.Module):
         raise KeyError(name)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_gemm.linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.models import cpu_gemm
 from loraplex.models.attention import PagedAttention
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.config import ModelConfig
@@ -74,6 +75,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, [("lm_head", cfg.vocab_size)])
+        self.head_packed: torch.Tensor | None = None  # tied head in oneDNN's layout (prepack)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # input_ids: [T] -> logits [N, V] (fp32) for the tokens in batch.logits_index
@@ -81,8 +83,20 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, batch)
         x = self.norm(x[batch.logits_index])
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(x).float()
+        if self.head_packed is not None:
+            return cpu_gemm.linear(x, self.head_packed, None).float()
+        return F.linear(x, self.embed_tokens.weight).float()
+
+    def prepack(self) -> int:
+        """Prepack every base Linear and the LM head for the CPU GEMM (see cpu_gemm); returns how many.
+        A tied head keeps the plain embedding for lookups and adds a packed copy for the logits."""
+        n = sum(m.prepack() for m in self.modules() if isinstance(m, Linear))
+        if self.lm_head is None and self.head_packed is None and cpu_gemm.supported(self.embed_tokens.weight):
+            self.head_packed = cpu_gemm.pack(self.embed_tokens.weight)
+            n += 1
+        return n
 
     def attention_modules(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -196,4 +196,5 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple
         raise ModelLoadError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the config requires: {shown}")
     model.to(dtype)
     model.eval()
+    model.prepack()  # bf16 on CPU: oneDNN layout for every linear (a no-op elsewhere)
     return model, cfg
