@@ -7,7 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
+from loraplex.engine.memory import parse_bytes
 from loraplex.errors import LoraplexError
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except LoraplexError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -19,6 +27,20 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--allow-pickle-adapters", action="store_true", help="accept adapter_model.bin (weights_only)")
+    p.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA stays bf16")
+    p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: quantize the block scales too")
+    p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache budget, e.g. 1GiB (default)")
+    p.add_argument("--adapter-memory", type=_size, default=None,
+                   help="budget for the device adapter slots, e.g. 256MiB; start-up fails if --max-loras does not fit")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """EngineConfig fields from the flags `_engine_args` adds (shared by generate, serve and demo)."""
+    return {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "dtype": args.dtype,
+            "max_model_len": args.max_model_len, "allow_pickle_adapters": args.allow_pickle_adapters,
+            "quantization": args.quantize, "double_quant": args.double_quant, "kv_cache_memory": args.kv_cache_memory,
+            "adapter_memory": args.adapter_memory}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise SystemExit(f"--adapter {adapter!r} is neither a --lora-modules name nor an adapter directory")
         modules[Path(adapter).name] = adapter
         adapter = Path(adapter).name
-    llm = LLM(args.model, lora_modules=modules, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-              dtype=args.dtype, max_model_len=args.max_model_len, allow_pickle_adapters=args.allow_pickle_adapters)
+    llm = LLM(args.model, lora_modules=modules, **engine_kwargs(args))
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop)

@@ -19,6 +19,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
+    quantization: str | None = None  # None (model dtype), "nf4", "fp4" or "int8": the base linears, by bitsandbytes
+    double_quant: bool = False  # 4-bit only: quantize the block scales too (~0.4 bit/weight saved)
+    adapter_memory: int | None = None  # bytes allowed for the device adapter slots; None = what max_loras needs
     enable_lora: bool = True
     max_loras: int = 8  # device slots: distinct adapters in one step
     max_lora_rank: int = 16
@@ -42,6 +45,11 @@ class EngineConfig:
             (self.max_cpu_loras >= 1, "max_cpu_loras must be >= 1"),
             (self.max_skips >= 0, "max_skips must be >= 0"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
+            (self.quantization in (None, "nf4", "fp4", "int8"),
+             f"quantization must be nf4, fp4 or int8, got {self.quantization!r}"),
+            (not self.double_quant or self.quantization in ("nf4", "fp4"),
+             "double_quant applies to 4-bit quantization only: use it with quantization nf4 (or fp4)"),
+            (self.adapter_memory is None or self.adapter_memory > 0, "adapter_memory must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

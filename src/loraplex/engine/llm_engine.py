@@ -23,6 +23,7 @@ from loraplex.adapters.slots import SlotTable
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.memory import MemoryPlan, available_memory, check_budgets, slot_bytes, weight_bytes
 from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.outputs import CompletionOutput, RequestOutput
 from loraplex.engine.request import Request, RequestStatus
@@ -52,13 +53,15 @@ class LLMEngine:
         mcfg = load_model_config(self.model_dir)
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
         t0 = time.perf_counter()
-        model, self.model_config = load_model(self.model_dir, self.dtype, self.max_model_len)
+        model, self.model_config = load_model(self.model_dir, self.dtype, self.max_model_len, config.quantization,
+                                              config.double_quant)
         model.to(self.device)
         self.model_name = self.model_config.name
+        self.memory = self._plan_memory(model)  # raises before allocating if a budget does not fit
         targets = attach_lora(model, config.max_loras, config.max_lora_rank, self.dtype) if config.enable_lora else {}
         # (layer, part) -> (in_features, out_features of that part): what an adapter must match.
         self.lora_shapes = {key: (w.in_features, dict(w.parts)[key[1]]) for key, w in targets.items()}
-        num_blocks = self._num_blocks()
+        num_blocks = self.memory.kv_blocks
         self.runner = ModelRunner(model, targets, num_blocks, config.block_size, self.dtype, self.device, config.seed)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.slots = SlotTable(config.max_loras)
@@ -82,18 +85,20 @@ class LLMEngine:
                  self.model_name, self.model_config.architecture, self.dtype, time.perf_counter() - t0,
                  num_blocks, config.block_size, config.max_loras, config.max_lora_rank)
 
-    def _num_blocks(self) -> int:
+    def _plan_memory(self, model: torch.nn.Module) -> MemoryPlan:
         c, m = self.config, self.model_config
-        per_block = m.num_layers * 2 * c.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
-        num = c.kv_cache_memory // per_block
-        need = -(-self.max_model_len // c.block_size)
-        if num < need:
-            raise InvalidRequestError(
-                f"kv_cache_memory={c.kv_cache_memory} bytes holds {num} blocks of {c.block_size} tokens, fewer than the "
-                f"{need} one sequence of max_model_len={self.max_model_len} needs; raise kv_cache_memory to at least "
-                f"{need * per_block} or lower max_model_len"
-            )
-        return num
+        kv_block = m.num_layers * 2 * c.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
+        one_slot = slot_bytes(model, c.max_lora_rank, self.dtype) if c.enable_lora else 0
+        slots = c.max_loras if c.enable_lora else 0
+        blocks = check_budgets(kv_budget=c.kv_cache_memory, kv_block_bytes=kv_block, block_size=c.block_size,
+                               max_model_len=self.max_model_len, max_loras=slots, one_slot=one_slot,
+                               adapter_budget=c.adapter_memory, free=available_memory(self.device))
+        quant = c.quantization or "none"
+        plan = MemoryPlan(quantization=quant + ("+double-quant" if c.double_quant else ""), weights=weight_bytes(model),
+                          kv_cache=blocks * kv_block, kv_blocks=blocks, block_size=c.block_size,
+                          max_model_len=self.max_model_len, adapter_slot=one_slot, adapter_slots=slots)
+        log.info(plan.describe())
+        return plan
 
     # ---- adapters -------------------------------------------------------------------------------
     def _load_adapter(self, name: str, path: Path) -> AdapterWeights:

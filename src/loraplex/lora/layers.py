@@ -17,6 +17,7 @@ from torch import nn
 from loraplex.lora.ops import lora_apply
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear
+from loraplex.quant.linear import QuantLinear
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class PartWeights:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
+    def __init__(self, base: Linear | QuantLinear, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.base = base
         self.parts: tuple[tuple[str, int], ...] = base.parts
@@ -35,7 +36,7 @@ class LoRALinear(nn.Module):
         self.out_features: int = base.out_features
         self.max_rank = max_rank
         rows = len(self.parts) * max_rank
-        device = next(base.parameters()).device
+        device = next(iter([*base.parameters(), *base.buffers()])).device
         self.lora_a = torch.zeros(max_loras, rows, self.in_features, dtype=dtype, device=device)
         self.lora_b = torch.zeros(max_loras, rows, self.out_features, dtype=dtype, device=device)
         # Slots whose adapter has weights in this layer: a step whose adapters all skip the layer
@@ -74,11 +75,12 @@ _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:
-    """Replace every per-layer Linear of `model` by a LoRALinear; return (layer index, part name) -> wrapper."""
+    """Replace every per-layer Linear (plain or quantized) of `model` by a LoRALinear; return (layer index,
+    part name) -> wrapper."""
     targets: dict[tuple[int, str], LoRALinear] = {}
     for name, module in list(model.named_modules()):
         m = _LAYER_RE.search(name + ".")
-        if not isinstance(module, Linear) or m is None:
+        if not isinstance(module, (Linear, QuantLinear)) or m is None:
             continue
         wrapper = LoRALinear(module, max_loras, max_rank, dtype)
         parent_name, _, child = name.rpartition(".")

@@ -168,7 +168,8 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[str, torch.Tensor, slic
         raise ModelLoadError(f"checkpoint tensor {name} has no counterpart in a {model.cfg.architecture}") from None
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple[LlamaForCausalLM, ModelConfig]:
+def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, quantization: str | None = None,
+               double_quant: bool = False) -> tuple[LlamaForCausalLM, ModelConfig]:
     cfg = load_model_config(model_dir)
     model = LlamaForCausalLM(cfg, max_positions)
     loaded: set[str] = set()
@@ -196,5 +197,11 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int) -> tuple
         raise ModelLoadError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the config requires: {shown}")
     model.to(dtype)
     model.eval()
-    model.prepack()  # bf16 on CPU: oneDNN layout for every linear (a no-op elsewhere)
+    if quantization is not None:  # decoder-layer linears -> bitsandbytes codes; LoRA later goes on top in `dtype`
+        from loraplex.quant.linear import quantize_model
+
+        before, after = quantize_model(model, quantization, double_quant)
+        log.info("quantized the decoder linears to %s%s: %.1f MiB -> %.1f MiB (%.2fx smaller)", quantization,
+                 " with double quantization" if double_quant else "", before / 2**20, after / 2**20, before / after)
+    model.prepack()  # bf16 on CPU: oneDNN layout for every remaining linear (a no-op elsewhere)
     return model, cfg

@@ -38,7 +38,9 @@ async def list_models(request: Request) -> dict[str, Any]:
     engine = st.engine.engine
     base = {"id": st.served_name, "object": "model", "created": st.created, "owned_by": "loraplex",
             "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len,
-            "dtype": str(engine.dtype).removeprefix("torch.")}
+            "dtype": str(engine.dtype).removeprefix("torch."), "quantization": engine.memory.quantization,
+            "memory": {"weights_bytes": engine.memory.weights, "kv_cache_bytes": engine.memory.kv_cache,
+                       "adapter_slots_bytes": engine.memory.adapters, "adapter_slots": engine.memory.adapter_slots}}
     data = [base] if scope.may_use(None) else []
     registry = engine.adapters.registry
     for name in await asyncio.to_thread(registry.names):

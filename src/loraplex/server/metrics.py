@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from loraplex.adapters.metrics import AdapterStats, Histogram as StatsHistogram
+from loraplex.engine.memory import MemoryPlan
 
 disable_created_metrics()  # the *_created series only add noise here
 
@@ -28,7 +29,8 @@ class EngineSnapshot:
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, memory: MemoryPlan) -> None:
+        self.memory = memory
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("loraplex_requests", "Requests finished, by model/adapter and outcome",
@@ -69,6 +71,20 @@ class _EngineCollector:
         s = self.metrics.snapshot
         if s is None:
             return
+        mem = self.metrics.memory
+        fam = GaugeMetricFamily("loraplex_memory_bytes", "Memory by component, fixed at start", labels=["component"])
+        for component, value in (("weights", mem.weights), ("kv_cache", mem.kv_cache), ("adapter_slots", mem.adapters)):
+            fam.add_metric([component], value)
+        yield fam
+        info = GaugeMetricFamily("loraplex_base_model_info", "The base model's quantization (value 1)", labels=["quantization"])
+        info.add_metric([mem.quantization], 1)
+        yield info
+        yield GaugeMetricFamily("loraplex_kv_cache_capacity_tokens", "Tokens the KV cache holds", value=mem.kv_tokens)
+        yield GaugeMetricFamily("loraplex_kv_cache_capacity_sequences",
+                                "Concurrent sequences of max_model_len tokens the KV cache holds", value=mem.kv_sequences_at_max_len)
+        yield GaugeMetricFamily("loraplex_max_model_len", "Context length the capacity is counted at", value=mem.max_model_len)
+        yield GaugeMetricFamily("loraplex_adapter_slots", "Device slots for adapters (distinct adapters per step)",
+                                value=mem.adapter_slots)
         yield GaugeMetricFamily("loraplex_queue_depth", "Requests waiting to be scheduled", value=s.waiting)
         yield GaugeMetricFamily("loraplex_running_requests", "Requests in the running batch", value=s.running)
         yield GaugeMetricFamily("loraplex_batch_tokens", "Tokens in the last engine step", value=s.last_step_tokens)

@@ -58,18 +58,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cpu-loras", type=int, default=32)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes for the KV cache")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
     p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
 
 
 def serve(args: argparse.Namespace, lora_modules: dict[str, str]) -> None:
+    from loraplex.cli import engine_kwargs
+
     config = EngineConfig(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-        lora_modules=tuple(lora_modules.items()), adapter_dir=args.adapter_dir, registry_file=args.registry_file,
-        allow_pickle_adapters=args.allow_pickle_adapters,
+        model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(lora_modules.items()), adapter_dir=args.adapter_dir,
+        registry_file=args.registry_file, **engine_kwargs(args),  # type: ignore[arg-type]
     )
     keys = load_keys(args.api_keys) if args.api_keys else None
     if keys is None and not is_loopback(args.host):

@@ -1,0 +1,143 @@
+"""Where the memory goes: base weights (as held: quantized codes and scales, packed copies), the KV
+cache budget and the adapter slots, with the capacity each gives. Checked before anything is allocated.
+
+Sizes are measured from the tensors (weights) or computed from shapes (KV blocks, adapter slots), so
+the figures logged at start, published on /metrics and reported by benchmarks are the same numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraplex.errors import InvalidRequestError
+from loraplex.models.layers import Linear
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MiB', '2G', '1.5GB' or a plain number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise InvalidRequestError(f"cannot read {text!r} as a size: use bytes or a unit such as 512MiB, 2GiB, 1.5GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()  # also right for oneDNN-packed tensors, which have no plain storage
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy as held: parameters, buffers, packed copies, quantized codes and scales.
+    LoRA slots are not weights (see `slot_bytes`)."""
+    from loraplex.quant.linear import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.nbytes() + (0 if m.bias is None else _tensor_bytes(m.bias))
+            continue
+        total += sum(_tensor_bytes(t) for t in m.parameters(recurse=False))
+        total += sum(_tensor_bytes(t) for t in m.buffers(recurse=False))
+        for attr in ("packed", "head_packed"):
+            t = getattr(m, attr, None)
+            if isinstance(t, torch.Tensor):
+                total += _tensor_bytes(t)
+    return total
+
+
+def slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
+    """Bytes of one adapter slot: A [parts*max_rank, IN] and B [parts*max_rank, OUT] for every decoder-layer linear."""
+    from loraplex.quant.linear import QuantLinear
+
+    size = torch.finfo(dtype).bits // 8
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (Linear, QuantLinear)) and _LAYER_RE.search(name + "."):
+            total += len(m.parts) * max_rank * (m.in_features + m.out_features) * size
+    return total
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on `device` (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    quantization: str  # "none", "nf4", "nf4+double-quant", "fp4", "int8"
+    weights: int  # bytes of the base model as held
+    kv_cache: int  # bytes of the KV cache (num_blocks * block bytes)
+    kv_blocks: int
+    block_size: int
+    max_model_len: int
+    adapter_slot: int  # bytes of one device slot
+    adapter_slots: int
+
+    @property
+    def adapters(self) -> int:
+        return self.adapter_slot * self.adapter_slots
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_blocks * self.block_size
+
+    @property
+    def kv_sequences_at_max_len(self) -> int:
+        """Sequences of max_model_len tokens the KV cache holds at once (shorter ones: proportionally more)."""
+        return self.kv_blocks // -(-self.max_model_len // self.block_size)
+
+    def describe(self) -> str:
+        return (f"memory: base weights {human(self.weights)} ({self.quantization}); KV cache {human(self.kv_cache)} = "
+                f"{self.kv_tokens} tokens, {self.kv_sequences_at_max_len} concurrent sequences at the full "
+                f"{self.max_model_len}-token context; adapters {human(self.adapters)} = {self.adapter_slots} device "
+                f"slots of {human(self.adapter_slot)}")
+
+
+def check_budgets(*, kv_budget: int, kv_block_bytes: int, block_size: int, max_model_len: int, max_loras: int,
+                  one_slot: int, adapter_budget: int | None, free: int | None) -> int:
+    """Validate the KV and adapter budgets against each other and the free memory; returns the KV block count."""
+    num_blocks = kv_budget // kv_block_bytes
+    need = -(-max_model_len // block_size)
+    if num_blocks < need:
+        raise InvalidRequestError(
+            f"--kv-cache-memory {human(kv_budget)} holds {num_blocks} blocks of {block_size} tokens, fewer than the "
+            f"{need} one sequence of --max-model-len {max_model_len} needs; raise --kv-cache-memory to at least "
+            f"{human(need * kv_block_bytes)} or lower --max-model-len")
+    slots = max_loras * one_slot
+    if adapter_budget is not None and slots > adapter_budget:
+        raise InvalidRequestError(
+            f"--max-loras {max_loras} adapter slots need {human(slots)} ({human(one_slot)} each at the "
+            f"--max-lora-rank); --adapter-memory {human(adapter_budget)} fits {adapter_budget // one_slot}: lower "
+            f"--max-loras or --max-lora-rank, or raise --adapter-memory")
+    want = num_blocks * kv_block_bytes + slots
+    if free is not None and want > free:
+        raise InvalidRequestError(
+            f"the KV cache ({human(num_blocks * kv_block_bytes)}) and adapter slots ({human(slots)}) need "
+            f"{human(want)}, but only {human(free)} is free after loading the weights: lower --kv-cache-memory "
+            f"or --max-loras, or quantize the base (--quantize nf4)")
+    return num_blocks

@@ -1,0 +1,130 @@
+"""QuantLinear: a base Linear whose weight is stored 4-bit (NF4/FP4) or 8-bit, by bitsandbytes.
+
+Swapped in for `models.layers.Linear` by module replacement at load (`quantize_model`), before the
+LoRA wrappers go on top: LoRA stays in the model dtype (bf16) and sees a QuantLinear as its base.
+
+- nf4 / fp4: `bitsandbytes.functional.quantize_4bit`, blocks of 64, optional double quantization of
+  the block scales. Each packed part (q, k, v; gate, up) is quantized on its own, as transformers
+  quantizes the separate q_proj/k_proj/v_proj modules, so the codes and scales are the ones PEFT's
+  QLoRA base holds. Forward: dequantize the parts (bitsandbytes), concatenate, one GEMM in the
+  activation dtype: what `bitsandbytes.matmul_4bit` computes, in one GEMM instead of one per part.
+- int8: `bitsandbytes.functional.int8_vectorwise_quant`, one absmax scale per output row (LLM.int8's
+  weight format). Forward is weight-only int8: activations stay bf16, y = x (W_int8 * scale)^T, by
+  torch's `_weight_int8pack_mm` CPU kernel when present, else by dequantizing.
+Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_quant.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.models.batch import ForwardBatch
+from loraplex.models.layers import Linear
+
+METHODS = ("nf4", "fp4", "int8")
+BLOCKSIZE = 64
+
+
+@functools.cache
+def _int8pack_mm_ok() -> bool:
+    """torch's weight-only int8 CPU kernel exists and agrees with dequantize-then-matmul on a probe."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False
+    try:
+        w = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+        s = torch.rand(16).to(torch.bfloat16)
+        x = torch.randn(3, 64).to(torch.bfloat16)
+        ref = F.linear(x.float(), w.float() * s.float()[:, None])
+        return bool(torch.allclose(torch._weight_int8pack_mm(x, w, s).float(), ref, rtol=2e-2, atol=2e-1))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, base: Linear, method: str, double_quant: bool = False) -> None:
+        super().__init__()
+        import bitsandbytes.functional as bnbf
+
+        if method not in METHODS:
+            raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
+        self.method = method
+        self.double_quant = double_quant and method in ("nf4", "fp4")
+        self.parts = base.parts
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        w = base.weight.detach()
+        self.dtype = w.dtype  # activations and outputs stay in the model dtype
+        self.bias = base.bias
+        self.states: list[object] = []  # 4-bit: bitsandbytes QuantState per part (scales, nested scales)
+        if method == "int8":
+            cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16 if w.device.type == "cuda" else w.dtype))
+            self.register_buffer("int8_weight", cb, persistent=False)  # [OUT, IN] int8
+            self.register_buffer("int8_scale", (scb.float() / 127.0).to(self.dtype), persistent=False)  # [OUT]
+        else:
+            start = 0
+            for _, size in self.parts:
+                codes, state = bnbf.quantize_4bit(w[start : start + size].contiguous(), blocksize=BLOCKSIZE,
+                                                  compress_statistics=self.double_quant, quant_type=method,
+                                                  quant_storage=torch.uint8)
+                self.register_buffer(f"codes_{len(self.states)}", codes, persistent=False)  # packed uint8
+                self.states.append(state)
+                start += size
+
+    @property
+    def codes(self) -> list[torch.Tensor]:
+        return [getattr(self, f"codes_{i}") for i in range(len(self.states))]
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [OUT, IN] in the model dtype, as the quantized codes represent it."""
+        if self.method == "int8":
+            return (self.int8_weight.to(torch.float32) * self.int8_scale.float()[:, None]).to(self.dtype)
+        import bitsandbytes.functional as bnbf
+
+        ws = []
+        for codes, state in zip(self.codes, self.states):
+            if state.absmax.device != codes.device:  # type: ignore[attr-defined]  # the module moved devices
+                state.to(codes.device)  # type: ignore[attr-defined]
+            ws.append(bnbf.dequantize_4bit(codes, state).to(self.dtype))
+        return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        if self.method == "int8" and x.device.type == "cpu" and x.dtype == self.dtype == torch.bfloat16 and _int8pack_mm_ok():
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.int8_weight, self.int8_scale)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantize(), self.bias)
+
+    def nbytes(self) -> int:
+        """Bytes held for the weight: codes, scales and nested scales (not the bias)."""
+        if self.method == "int8":
+            return self.int8_weight.nbytes + self.int8_scale.nbytes
+        total = 0
+        for codes, state in zip(self.codes, self.states):
+            total += codes.nbytes + state.absmax.nbytes + state.code.nbytes  # type: ignore[attr-defined]
+            if state.nested:  # type: ignore[attr-defined]
+                nested = state.state2  # type: ignore[attr-defined]
+                total += nested.absmax.nbytes + nested.code.nbytes + 4  # + the fp32 offset
+        return total
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def quantize_model(model: nn.Module, method: str, double_quant: bool = False) -> tuple[int, int]:
+    """Replace every decoder-layer Linear of `model` by a QuantLinear (embeddings and the LM head stay in the
+    model dtype, as in transformers' bitsandbytes loading). Returns (bytes before, bytes after) of those layers."""
+    before = after = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Linear) or _LAYER_RE.search(name + ".") is None:
+            continue
+        q = QuantLinear(module, method, double_quant)
+        before += module.weight.nbytes
+        after += q.nbytes()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return before, after
