@@ -7,7 +7,8 @@ Parts, in order, each its own process so none inherits another's threads or memo
 offline (loraplex 0/1/8/32 adapters + the 1..256 scaling sweep), peers_hf (transformers base, PEFT mixed
 batch, sequential PEFT, set_adapter), vllm (vLLM CPU 0.32.0 from .venv-vllm: 1/8/32 adapters, base with
 LoRA enabled (eager, as the mixed runs) and without (compiled)), lora_kernels (kernel profile, mapping
-cost), cold_load, serving (Poisson/Zipf over HTTP), roofline. Each writes results/<part>.json; the
+cost), cold_load, serving (Poisson/Zipf over HTTP), roofline, quantized (bf16 / NF4 / int8 base: memory
+and throughput). Each writes results/<part>.json; the
 report (benchmarks.report) turns them into REPORT.md and PNG plots.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, default_model_dir, make_adapters, workload_prompts
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
-PARTS = ["offline", "peers_hf", "vllm", "lora_kernels", "cold_load", "serving", "roofline"]
+PARTS = ["offline", "peers_hf", "vllm", "lora_kernels", "cold_load", "serving", "roofline", "quantized"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -82,6 +83,8 @@ def main() -> None:
         run([py, "-m", "benchmarks.serving"])
     if "roofline" not in args.skip:
         run([py, "-m", "benchmarks.roofline"])
+    if "quantized" not in args.skip:
+        run([py, "-m", "benchmarks.quantized", "--adapters", str(root)])
     print(f"\nsuite finished in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     run([py, "-m", "benchmarks.report", "--out", str(args.report_dir)])
 

@@ -49,7 +49,7 @@ def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappi
     if m.group_index is None:  # tokens are equal runs in slot order: views, no gather, no scatter
         xg = x.view(a_k.shape[0], -1, x.shape[-1])
         return torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k).view(x.shape[0], -1)
-    xg = x[m.group_index]  # [S_k, Tmax, IN]
+    xg = x.index_select(0, m.group_index.view(-1)).view(*m.group_index.shape, -1)  # [S_k, Tmax, IN]
     yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k)  # [S_k, Tmax, OUT]
     if m.group_mask is not None:
         yg = yg * m.group_mask

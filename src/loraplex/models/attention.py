@@ -40,13 +40,14 @@ class PagedAttention(nn.Module):
         if g.token_index is None:
             qg = q[g.start : g.start + b * ql].view(b, ql, self.num_heads, self.head_dim)
         else:
-            qg = q[g.token_index]  # [B, Q, H, D]
+            qg = q.index_select(0, g.token_index.view(-1)).view(b, ql, self.num_heads, self.head_dim)
         nb = g.block_tables.shape[1]
         kvh, grp, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         shape = (-1, self.block_size, kvh, d)
-        # [B, NB, BS, KVH, D] -> [B, KVH, K=NB*BS, D]
-        kg = self.k_cache.view(shape)[g.block_tables].view(b, nb * self.block_size, kvh, d).transpose(1, 2)
-        vg = self.v_cache.view(shape)[g.block_tables].view(b, nb * self.block_size, kvh, d).transpose(1, 2)
+        # [B*NB, BS, KVH, D] -> [B, KVH, K=NB*BS, D]; index_select, ~5x faster than advanced indexing on CPU
+        blocks = g.block_tables.view(-1)
+        kg = self.k_cache.view(shape).index_select(0, blocks).view(b, nb * self.block_size, kvh, d).transpose(1, 2)
+        vg = self.v_cache.view(shape).index_select(0, blocks).view(b, nb * self.block_size, kvh, d).transpose(1, 2)
         # Grouped-query attention as two batched matmuls: the G query heads that share a KV head are
         # stacked as rows, [B, KVH, G*Q, D]. On CPU this is ~10x faster than SDPA with a mask at decode
         # shapes (measured in benchmarks/README.md). Scores and softmax in fp32.

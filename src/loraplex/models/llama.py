@@ -82,7 +82,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, batch)
-        x = self.norm(x[batch.logits_index])
+        x = self.norm(x.index_select(0, batch.logits_index))
         if self.lm_head is not None:
             return self.lm_head(x).float()
         if self.head_packed is not None:
