@@ -233,6 +233,23 @@ def main() -> None:
                   "whose fixed cost does not shrink with this model's small hidden size (576). The weights stream "
                   "from memory well below the copy bandwidth, so the step is bound by per-op latency, not by FLOPs "
                   "or bytes."]
+    if roof and "lora_bytes_per_adapter" in roof:
+        per, base_b = roof["lora_bytes_per_adapter"], roof["base_weight_bytes"]
+        lines += ["", "## What the LoRA tax is made of", "",
+                  f"A decode step reads every active adapter's A and B in every layer: {per / 1e6:.1f} MB per rank-16 "
+                  f"q,k,v,o adapter here, against {base_b / 1e6:.0f} MB of base weights (linear layers and LM head). "
+                  f"With 8 distinct adapters in the batch that is {8 * per / 1e6:.0f} MB more per step "
+                  f"(+{100 * 8 * per / base_b:.0f}%); with 32, {32 * per / 1e6:.0f} MB (+{100 * 32 * per / base_b:.0f}%). "
+                  "The grouped kernel reads each adapter's weights once per step, with no copies (the active slots "
+                  "are a contiguous range and decode tokens are sorted by slot, see lora/mapping.py)."]
+        r0 = next((r for r in roof["decode"] if r["adapters"] == 0 and r["batch"] == 32), None)
+        r8 = next((r for r in roof["decode"] if r["adapters"] > 0 and r["batch"] == 32), None)
+        if r0 and r8:
+            extra_ms = r8["step_ms"] - r0["step_ms"]
+            lines += ["", f"Measured in the roofline run at batch 32: the base GEMMs stream their weights at "
+                      f"{base_b / r0['gemm_ms'] / 1e6:.1f} GB/s ({fmt(r0['gemm_ms'], 1)} ms per step); {r8['adapters']} adapters "
+                      f"add {extra_ms:.1f} ms per step for {r8['adapters'] * per / 1e6:.0f} MB, "
+                      f"{r8['adapters'] * per / max(extra_ms, 1e-9) / 1e6:.1f} GB/s. The tax follows the extra bytes."]
     if quant:
         bf16 = next((r for r in quant["rows"] if r["base"] == "bf16"), None)
         lines += ["", "## Quantized base: memory and throughput", "",

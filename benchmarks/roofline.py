@@ -53,6 +53,15 @@ def linear_params(c: ModelConfig) -> tuple[int, int]:
     return c.num_layers * (attn + mlp), c.hidden_size * c.vocab_size
 
 
+def lora_bytes_per_adapter(c: ModelConfig, rank: int = 16) -> int:
+    """Bytes of one rank-`rank` q,k,v,o adapter that a decode step reads (bf16 A and B, as held in the slots:
+    packed q/k/v share one B of the packed layer's full width)."""
+    qkv_out = c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
+    qkv = 3 * rank * (c.hidden_size + qkv_out)
+    o = rank * (c.num_heads * c.head_dim + c.hidden_size)
+    return 2 * c.num_layers * (qkv + o)
+
+
 def gemm_ms(llm: LLM, batch: int) -> float:
     """Milliseconds one decode step spends in the base model's GEMMs alone: every linear layer and the LM
     head run once on [batch, in] activations, outside the model (caches warm, as in a step)."""
@@ -135,7 +144,8 @@ def main() -> None:
                       f"{batch / sec:.0f} tok/s, {gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f}% of peak, "
                       f"{gbs:.1f} GB/s = {100 * gbs / bandwidth:.0f}% of copy bandwidth; base GEMMs alone "
                       f"{rows[-1]['gemm_ms']:.1f} ms", flush=True)
-    result = {"machine": machine(), "peak_gflops_bf16": peak, "copy_bandwidth_gbs": bandwidth, "decode": rows}
+    result = {"machine": machine(), "peak_gflops_bf16": peak, "copy_bandwidth_gbs": bandwidth, "decode": rows,
+              "base_weight_bytes": weight_bytes, "lora_bytes_per_adapter": lora_bytes_per_adapter(c)}
     print(f"written to {write_json('roofline', result)}")
 
 

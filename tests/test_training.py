@@ -126,6 +126,11 @@ def test_qlora_trains_on_a_4bit_base(tmp_path: Path) -> None:
     assert len(result.losses) == 2 and all(l == l for l in result.losses)  # finite, no NaN
     llm = LLM(dtype="float32", lora_modules={"q": str(result.output)})
     assert llm.generate(["SELECT"], SamplingParams(max_tokens=4), adapters="q")[0].outputs[0].token_ids
+    # ... and on the quantized base it was trained against (--quantize nf4 --double-quant: the same codes)
+    del llm
+    qllm = LLM(dtype="float32", quantization="nf4", double_quant=True, lora_modules={"q": str(result.output)})
+    assert qllm.engine.memory.quantization == "nf4+double-quant"
+    assert qllm.generate(["SELECT"], SamplingParams(max_tokens=4), adapters="q")[0].outputs[0].token_ids
 
 
 def test_loss_masks(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

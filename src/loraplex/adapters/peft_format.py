@@ -169,12 +169,23 @@ def load_peft_adapter(
             raise AdapterRankError(
                 f"adapter {name!r} has rank {r} > --max-lora-rank {max_rank}; restart with --max-lora-rank {r}"
             )
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            # A slot's weights may be read by a step that does not use it (see lora/mapping.py): 0 * inf
-            # would leak into other tenants' tokens, so non-finite adapters never reach a slot.
-            raise AdapterFormatError(f"adapter {path}: layer {layer} {part} has NaN or infinite weights")
         module_alpha = float(_pattern_value(alpha_pattern, f"layers.{layer}.{part}", alpha))
         scale = module_alpha / math.sqrt(r) if use_rslora else module_alpha / r
         weights.parts[(layer, part)] = PartWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=scale)
         weights.rank = max(weights.rank, r)
+    _check_finite(weights, path)
     return weights
+
+
+def _check_finite(weights: AdapterWeights, path: Path) -> None:
+    """Refuse NaN or infinite weights. A slot's weights may be read by a step that does not use it (see
+    lora/mapping.py): 0 * inf would leak into other tenants' tokens, so they never reach a slot.
+    One fused norm over every tensor (a NaN or inf makes its norm non-finite); per tensor only on failure."""
+    keys = list(weights.parts)
+    tensors = [t for k in keys for t in (weights.parts[k].a, weights.parts[k].b)]
+    norms = torch.stack(torch._foreach_norm(tensors))
+    if bool(torch.isfinite(norms).all()):
+        return
+    bad = int((~torch.isfinite(norms)).nonzero()[0]) // 2
+    layer, part = keys[bad]
+    raise AdapterFormatError(f"adapter {path}: layer {layer} {part} has NaN or infinite weights")

@@ -57,6 +57,8 @@ class LoRALinear(nn.Module):
 
     def set_slot(self, slot: int, weights: dict[str, PartWeights]) -> None:
         """Write one adapter's parts into `slot` (parts absent from `weights` stay zero)."""
+        if not weights and not self.slot_used[slot]:
+            return  # already all zero: e.g. an attention-only adapter at an MLP layer, ~half the copy work
         self.clear_slot(slot)
         out_start = 0
         for p, (name, size) in enumerate(self.parts):
