@@ -118,6 +118,20 @@ def test_grouped_runs_in_slot_order_need_no_index(dtype: torch.dtype) -> None:
         assert g is not None and g.group_index is not None
 
 
+@pytest.mark.parametrize("kernel", ["masked", "grouped"])
+@pytest.mark.parametrize("case", ["one", "uniform", "with_base"])
+def test_kernels_accumulate_into_out(kernel: str, case: str) -> None:
+    """With `out`, a kernel adds its result into the base layer's output in place (runs, gathered or masked)."""
+    for slots in (token_slots_for(case, 24), sorted(token_slots_for(case, 24))):
+        x, a, b = make_weights(torch.float32, len(slots))
+        m = build_mapping(slots, torch.float32, kernel=kernel)
+        assert m is not None
+        base = torch.randn(len(slots), OUT)
+        out = base.clone()
+        assert KERNELS[kernel](x, a, b, m, out) is out
+        torch.testing.assert_close(out, base + lora_reference(x, a, b, torch.tensor(slots)), rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_slots_use_a_range_view_when_it_pads_little() -> None:
     """Active slots that nearly fill a range are read as one view (no weight copy); sparse ones are gathered."""
     m = build_mapping([0, 1, 2, 4, 4], torch.float32, kernel="grouped")  # 4 active in a range of 5

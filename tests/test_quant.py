@@ -98,35 +98,65 @@ def peft_nf4(default_model_dir: Path, nf4_adapter: Path) -> Callable[[torch.dtyp
     return make
 
 
-@pytest.mark.parametrize(("dtype", "atol", "agree"), [("float32", 2e-3, 0.95), ("bfloat16", 4.0, 0.9)])
-def test_nf4_adapter_matches_peft_on_the_same_quantized_base(peft_nf4: Callable[[torch.dtype], torch.nn.Module],
-                                                             nf4_adapter: Path, dtype: str, atol: float, agree: float) -> None:
-    """PEFT over transformers' bitsandbytes NF4 (double-quant) base and loraplex with --quantize nf4
-    --double-quant hold the same codes; with an r=16 all-linear adapter:
-    - logits of the whole prompt + PEFT's greedy continuation agree within `atol` at most and `atol`/8 on
-      average. fp32, against bitsandbytes' general dequantize-then-matmul path: 2e-3 (measured: max ~2e-4).
-      bf16, against bitsandbytes' fused bf16 CPU kernel: 4.0 / 0.5 (measured: max 3.1, mean 0.32-0.38 on
-      logits of mean magnitude ~8), the rounding of two different bf16 kernels through 30 layers;
-    - greedy agreement: the fraction of continuation positions where our argmax is PEFT's greedy token,
-      teacher-forced on PEFT's tokens, is at least `agree` (fp32: 95%, a near-tie may flip; bf16: 90%)."""
-    torch_dtype = getattr(torch, dtype)
-    peft_model = peft_nf4(torch_dtype)
-    llm = LLM(dtype=dtype, quantization="nf4", double_quant=True, max_loras=1, lora_modules={"t": str(nf4_adapter)})
-    assert llm.engine.memory.quantization == "nf4+double-quant"
-    matched = total = 0
+def _continuations(peft_model: torch.nn.Module, llm: LLM) -> list[tuple[list[int], int]]:
+    """PEFT's greedy continuation (16 tokens) of each question: (prompt + continuation ids, prompt length)."""
+    out = []
     for q in QUESTIONS[:4]:
         prompt = llm.apply_chat_template([{"role": "user", "content": q}])
         with torch.inference_mode():
-            out = peft_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
-            theirs = peft_model(out).logits[0].float()
-        ours = llm.engine.prompt_logits(out[0].tolist(), adapter="t")
-        n = len(prompt)
-        diff = (ours - theirs).abs()
-        assert diff.max() <= atol and diff.mean() <= atol / 8, f"max {diff.max():.4g}, mean {diff.mean():.4g}"
-        cont = out[0, n:]
-        matched += int((ours[n - 1 : -1].argmax(-1) == cont).sum())
-        total += len(cont)
-    assert matched / total >= agree, f"greedy agreement {matched}/{total}"
+            ids = peft_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        out.append((ids[0].tolist(), len(prompt)))
+    return out
+
+
+def _greedy_agreement(ours: torch.Tensor, ids: list[int], n: int) -> tuple[int, int]:
+    cont = torch.tensor(ids[n:])
+    return int((ours[n - 1 : -1].argmax(-1) == cont).sum()), len(cont)
+
+
+def test_nf4_adapter_matches_peft_fp32(peft_nf4: Callable[[torch.dtype], torch.nn.Module], nf4_adapter: Path) -> None:
+    """fp32: PEFT over transformers' bitsandbytes NF4 (double-quant) base, through bitsandbytes' general
+    dequantize-then-matmul path, and loraplex with --quantize nf4 --double-quant hold the same codes. With an
+    r=16 all-linear adapter, logits of each prompt + PEFT's greedy continuation agree within 2e-3 (measured:
+    max ~2e-4), and our argmax, teacher-forced on PEFT's tokens, is PEFT's greedy token at >= 95% of the
+    continuation positions (a near-tie may flip)."""
+    peft_model = peft_nf4(torch.float32)
+    llm = LLM(dtype="float32", quantization="nf4", double_quant=True, max_loras=1, lora_modules={"t": str(nf4_adapter)})
+    assert llm.engine.memory.quantization == "nf4+double-quant"
+    matched = total = 0
+    for ids, n in _continuations(peft_model, llm):
+        with torch.inference_mode():
+            theirs = peft_model(torch.tensor([ids])).logits[0].float()
+        ours = llm.engine.prompt_logits(ids, adapter="t")
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)
+        m, t = _greedy_agreement(ours, ids, n)
+        matched, total = matched + m, total + t
+    assert matched / total >= 0.95, f"greedy agreement {matched}/{total}"
+
+
+def test_nf4_adapter_in_bf16_is_as_close_to_the_reference_as_peft(
+        peft_nf4: Callable[[torch.dtype], torch.nn.Module], nf4_adapter: Path) -> None:
+    """bf16 (the serving default): the reference is PEFT in fp32 on the same NF4 codes. loraplex in bf16 must be
+    about as close to it as PEFT in bf16 (bitsandbytes' fused bf16 CPU kernel) is: mean |logit error| within
+    1.5x of PEFT's, on logits of mean magnitude ~8). Greedy agreement with PEFT's fp32 greedy tokens,
+    teacher-forced: at least PEFT bf16's own, less 2 tokens of 64, and at least 80%."""
+    ref_model, bf16_model = peft_nf4(torch.float32), peft_nf4(torch.bfloat16)
+    llm = LLM(dtype="bfloat16", quantization="nf4", double_quant=True, max_loras=1, lora_modules={"t": str(nf4_adapter)})
+    ours_err = peft_err = 0.0
+    matched = peft_matched = total = 0
+    for ids, n in _continuations(ref_model, llm):
+        with torch.inference_mode():
+            ref = ref_model(torch.tensor([ids])).logits[0].float()
+            peft_bf16 = bf16_model(torch.tensor([ids])).logits[0].float()
+        ours = llm.engine.prompt_logits(ids, adapter="t")
+        ours_err += float((ours - ref).abs().mean())
+        peft_err += float((peft_bf16 - ref).abs().mean())
+        m, t = _greedy_agreement(ours, ids, n)
+        matched, total = matched + m, total + t
+        peft_matched += _greedy_agreement(peft_bf16, ids, n)[0]
+    assert ours_err <= 1.5 * peft_err, f"mean |error| ours {ours_err / 4:.3f}, PEFT bf16 {peft_err / 4:.3f}"
+    # bf16 flips near-ties of the fp32 greedy path: ours matched 55/64, PEFT bf16 51/64 when this was written
+    assert matched >= peft_matched - 2 and matched / total >= 0.8, f"agreement ours {matched}, PEFT bf16 {peft_matched} of {total}"
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])

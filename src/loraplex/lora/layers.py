@@ -47,7 +47,7 @@ class LoRALinear(nn.Module):
         y = self.base(x, batch)
         m = batch.lora if batch is not None else None
         if m is not None and any(self.slot_used[s] for s in m.active):
-            y += lora_apply(x, self.lora_a, self.lora_b, m)
+            lora_apply(x, self.lora_a, self.lora_b, m, out=y)  # added into the base output in place
         return y
 
     def clear_slot(self, slot: int) -> None:

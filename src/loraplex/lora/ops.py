@@ -31,33 +31,42 @@ def kernel_weights(a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> tuple[to
     return a.index_select(0, m.active_slots), b.index_select(0, m.active_slots)
 
 
-def lora_masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
+def lora_masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """One GEMM against the concatenated A of the kernel slots, zero the other slots' columns per token,
-    one GEMM against the stacked B. FLOPs grow with the number of kernel slots."""
+    one GEMM against the stacked B. FLOPs grow with the number of kernel slots.
+    With `out` ([T, OUT], contiguous), the result is added into it in place (the base layer's output)."""
     a_k, b_k = kernel_weights(a, b, m)
     sk, r = a_k.shape[0], a_k.shape[1]
     xa = x @ a_k.reshape(sk * r, -1).T  # [T, S_k*R]
     if m.token_mask is not None:
         xa = (xa.view(-1, sk, r) * m.token_mask).view(-1, sk * r)
-    return xa @ b_k.reshape(sk * r, -1)
+    b_flat = b_k.reshape(sk * r, -1)
+    return xa @ b_flat if out is None else out.addmm_(xa, b_flat)
 
 
-def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
+def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_k, Tmax], two bmm, scatter-add back.
-    FLOPs ~ S_k * Tmax * R * (IN + OUT)."""
+    FLOPs ~ S_k * Tmax * R * (IN + OUT). With `out`, the result is added into it in place."""
     a_k, b_k = kernel_weights(a, b, m)  # [S_k, R, IN], [S_k, R, OUT]
     if m.group_index is None:  # tokens are equal runs in slot order: views, no gather, no scatter
-        xg = x.view(a_k.shape[0], -1, x.shape[-1])
-        return torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k).view(x.shape[0], -1)
+        xa = torch.bmm(x.view(a_k.shape[0], -1, x.shape[-1]), a_k.transpose(1, 2))  # [S_k, Tmax, R]
+        if out is None:
+            return torch.bmm(xa, b_k).view(x.shape[0], -1)
+        out.view(a_k.shape[0], -1, out.shape[-1]).baddbmm_(xa, b_k)  # the expand accumulates into the base output
+        return out
     xg = x.index_select(0, m.group_index.view(-1)).view(*m.group_index.shape, -1)  # [S_k, Tmax, IN]
     yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k)  # [S_k, Tmax, OUT]
     if m.group_mask is not None:
         yg = yg * m.group_mask
-    y = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)
-    return y.index_add_(0, m.group_index.view(-1), yg.view(-1, yg.shape[-1]))
+    if out is None:
+        out = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)
+    return out.index_add_(0, m.group_index.view(-1), yg.view(-1, yg.shape[-1]))
 
 
-def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
+def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     if m.kernel == "masked":
-        return lora_masked(x, a, b, m)
-    return lora_grouped(x, a, b, m)
+        return lora_masked(x, a, b, m, out)
+    return lora_grouped(x, a, b, m, out)
