@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from loraplex.errors import InvalidRequestError
-from loraplex.models.layers import Linear
+from loraplex.models.layers import Linear, layer_index
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def parse_bytes(text: str | int) -> int:
@@ -68,7 +67,7 @@ def slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
     size = torch.finfo(dtype).bits // 8
     total = 0
     for name, m in model.named_modules():
-        if isinstance(m, (Linear, QuantLinear)) and _LAYER_RE.search(name + "."):
+        if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None:
             total += len(m.parts) * max_rank * (m.in_features + m.out_features) * size
     return total
 

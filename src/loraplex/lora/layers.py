@@ -8,7 +8,6 @@ and any rank up to max_rank; unused rows stay zero.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from loraplex.lora.ops import lora_apply
 from loraplex.models.batch import ForwardBatch
-from loraplex.models.layers import Linear
+from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
 
 
@@ -73,20 +72,17 @@ class LoRALinear(nn.Module):
             out_start += size
 
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:
     """Replace every per-layer Linear (plain or quantized) of `model` by a LoRALinear; return (layer index,
     part name) -> wrapper."""
     targets: dict[tuple[int, str], LoRALinear] = {}
     for name, module in list(model.named_modules()):
-        m = _LAYER_RE.search(name + ".")
-        if not isinstance(module, (Linear, QuantLinear)) or m is None:
+        layer = layer_index(name)
+        if not isinstance(module, (Linear, QuantLinear)) or layer is None:
             continue
         wrapper = LoRALinear(module, max_loras, max_rank, dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapper)
         for part, _ in module.parts:
-            targets[(int(m.group(1)), part)] = wrapper
+            targets[(layer, part)] = wrapper
     return targets

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraplex.models import cpu_gemm
 from loraplex.models.batch import ForwardBatch
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The decoder layer a module belongs to ("model.layers.3.mlp.down_proj" -> 3), None outside the layers
+    (embeddings, final norm, LM head). LoRA, quantization and memory accounting all act on these modules."""
+    m = _LAYER_RE.search(module_name + ".")
+    return None if m is None else int(m.group(1))
 
 
 class Linear(nn.Module):

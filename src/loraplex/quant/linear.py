@@ -17,14 +17,13 @@ Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_
 from __future__ import annotations
 
 import functools
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraplex.models.batch import ForwardBatch
-from loraplex.models.layers import Linear
+from loraplex.models.layers import Linear, layer_index
 
 METHODS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64
@@ -112,15 +111,12 @@ class QuantLinear(nn.Module):
         return total
 
 
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def quantize_model(model: nn.Module, method: str, double_quant: bool = False) -> tuple[int, int]:
     """Replace every decoder-layer Linear of `model` by a QuantLinear (embeddings and the LM head stay in the
     model dtype, as in transformers' bitsandbytes loading). Returns (bytes before, bytes after) of those layers."""
     before = after = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, Linear) or _LAYER_RE.search(name + ".") is None:
+        if not isinstance(module, Linear) or layer_index(name) is None:
             continue
         q = QuantLinear(module, method, double_quant)
         before += module.weight.nbytes
