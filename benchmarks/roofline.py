@@ -54,10 +54,10 @@ def linear_params(c: ModelConfig) -> tuple[int, int]:
 
 
 def lora_bytes_per_adapter(c: ModelConfig, rank: int = 16) -> int:
-    """Bytes of one rank-`rank` q,k,v,o adapter that a decode step reads (bf16 A and B, as held in the slots:
-    packed q/k/v share one B of the packed layer's full width)."""
+    """Bytes of one rank-`rank` q,k,v,o adapter that a decode step reads: bf16 A and B of each part, as the
+    fused CPU kernel reads them (B compact, no zero blocks of the packed q/k/v layer)."""
     qkv_out = c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
-    qkv = 3 * rank * (c.hidden_size + qkv_out)
+    qkv = rank * (3 * c.hidden_size + qkv_out)
     o = rank * (c.num_heads * c.head_dim + c.hidden_size)
     return 2 * c.num_layers * (qkv + o)
 

@@ -9,9 +9,22 @@ R is the slot's padded rank (packed layers stack their parts' ranks); the LoRA s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import LoRAMapping
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLayout:
+    """Where a layer's slots hold weights, so a kernel can skip the zeros: packed part p owns rows
+    [p*max_rank, p*max_rank + ranks[s, p]) of A and B, and B's columns [offsets[p], offsets[p+1])."""
+    ranks: torch.Tensor  # [S, P] int32, rows in use per slot and part (0: the adapter leaves the part alone)
+    offsets: torch.Tensor  # [P+1] long, the parts' output column bounds
+    max_rank: int
+    compact: bool  # B held as [S, max_rank*OUT] for the fused kernel, else block-diagonal [S, R, OUT]
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -65,8 +78,27 @@ def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappi
     return out.index_add_(0, m.group_index.view(-1), yg.view(-1, yg.shape[-1]))
 
 
-def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
+def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping, layout: SlotLayout,
                out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused C++ CPU kernel: per slot group, shrink and expand in one pass over that slot's A and
+    compact B ([S, max_rank*OUT], cpu_kernel.compact_b), fp32 accumulation, skipping unused ranks.
+    With `out`, added in place."""
+    assert m.order is not None and m.groups is not None
+    if out is None:
+        out = torch.zeros(x.shape[0], int(layout.offsets[-1]), dtype=x.dtype, device=x.device)
+    return cpu_kernel.lora_add(x.contiguous(), a, b, m.order, m.groups, layout.ranks, layout.offsets,
+                               layout.max_rank, out)
+
+
+def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
+               out: torch.Tensor | None = None, layout: SlotLayout | None = None) -> torch.Tensor:
+    """`layout` is needed by the fused kernel only (LoRALinear passes its own)."""
+    if m.kernel == "fused":
+        if layout is None or not layout.compact:
+            raise ValueError("the fused LoRA kernel reads B in the compact layout")
+        return lora_fused(x, a, b, m, layout, out)
+    if layout is not None and layout.compact:
+        raise ValueError(f"the {m.kernel} LoRA kernel reads B block-diagonal [S, R, OUT], not compact")
     if m.kernel == "masked":
         return lora_masked(x, a, b, m, out)
     return lora_grouped(x, a, b, m, out)

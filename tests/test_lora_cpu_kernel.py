@@ -1,0 +1,186 @@
+"""The fused C++ CPU kernel (lora/csrc/lora_cpu.cpp) equals `lora_reference`; the engine serves the same
+tokens through it as through the torch kernels; without a compiler the torch kernels take over."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ALL
+from loraplex import LLM, SamplingParams
+from loraplex.lora import cpu_kernel
+from loraplex.lora.mapping import build_mapping
+from loraplex.lora.ops import SlotLayout, lora_apply, lora_grouped, lora_reference
+
+pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C++ compiler to build the kernel")
+
+
+def packed_weights(parts: list[int], in_f: int, max_rank: int, ranks: list[list[int]], dtype: torch.dtype,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, SlotLayout]:
+    """Slots of a packed layer as LoRALinear holds them: A [S, P*max_rank, IN], block-diagonal B
+    [S, P*max_rank, OUT] with rows past each (slot, part) rank zero, and the layout with compact=False."""
+    g = torch.Generator().manual_seed(seed)
+    s, p = len(ranks), len(parts)
+    offsets = [0]
+    for size in parts:
+        offsets.append(offsets[-1] + size)
+    a = torch.zeros(s, p * max_rank, in_f)
+    b = torch.zeros(s, p * max_rank, offsets[-1])
+    for slot in range(s):
+        for part, r in enumerate(ranks[slot]):
+            rows = slice(part * max_rank, part * max_rank + r)
+            a[slot, rows] = torch.randn(r, in_f, generator=g) / in_f**0.5
+            b[slot, rows, offsets[part]:offsets[part + 1]] = torch.randn(r, parts[part], generator=g) / max(r, 1)**0.5
+    layout = SlotLayout(ranks=torch.tensor(ranks, dtype=torch.int32), offsets=torch.tensor(offsets),
+                        max_rank=max_rank, compact=True)
+    return a.to(dtype), b.to(dtype), layout
+
+
+def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: list[int],
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    m = build_mapping(slots, x.dtype, kernel="fused")
+    assert m is not None and m.kernel == "fused"
+    b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+    return lora_apply(x, a, b_compact, m, out=out, layout=layout)
+
+
+# Shapes that reach every tail: IN % 32, part widths % 64 and % 32, groups of 1..9 tokens (% 4).
+SHAPES = {
+    "qkv": dict(parts=[96, 32, 32], in_f=64, max_rank=8),
+    "odd": dict(parts=[70, 33, 5], in_f=45, max_rank=5),
+    "single": dict(parts=[130], in_f=96, max_rank=16),
+}
+
+
+def slot_mix(case: str, t: int, slots: int, seed: int) -> list[int]:
+    rng = random.Random(f"{case}-{t}-{seed}")
+    if case == "one":
+        return [1] * t
+    if case == "distinct":
+        return [i % slots for i in range(t)]
+    if case == "shuffled_with_base":  # unsorted, base tokens in between
+        return [rng.choice([-1, *range(slots)]) for _ in range(t)]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("case", ["one", "distinct", "shuffled_with_base"])
+@pytest.mark.parametrize("t", [1, 5, 9, 33])
+def test_fused_matches_reference(dtype: torch.dtype, shape: str, case: str, t: int) -> None:
+    """Every token gets (x @ A^T) @ B of its slot, base tokens exactly nothing; ranks below max_rank and a
+    part the adapter leaves alone (rank 0) included. fp32: to ~1e-5; bf16: no further from the fp32
+    reference than the torch bf16 kernel is."""
+    spec = SHAPES[shape]
+    parts, in_f, max_rank = spec["parts"], spec["in_f"], spec["max_rank"]
+    ranks = [[max_rank] * len(parts), [max(1, max_rank - 3)] * len(parts), [max_rank] + [0] * (len(parts) - 1)]
+    a, b, layout = packed_weights(parts, in_f, max_rank, ranks, dtype, seed=t)
+    slots = slot_mix(case, t, len(ranks), seed=1)
+    if all(s < 0 for s in slots):
+        slots[0] = 2
+    x = torch.randn(t, in_f, generator=torch.Generator().manual_seed(7)).to(dtype)
+    ref = lora_reference(x.float(), a.float(), b.float(), torch.tensor(slots)).float()
+    y = fused(x, a, b, layout, slots)
+    for i, s in enumerate(slots):
+        if s < 0:
+            assert torch.all(y[i] == 0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    else:
+        torch_y = lora_grouped(x, a, b, build_mapping(slots, dtype, kernel="grouped"))  # type: ignore[arg-type]
+        ours, theirs = (y.float() - ref).abs().max().item(), (torch_y.float() - ref).abs().max().item()
+        assert ours <= max(1.5 * theirs, 1e-2), (ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adds_into_the_base_output(dtype: torch.dtype) -> None:
+    """With `out` the LoRA term is added in place, rounded once (fp32 accumulation) for bf16."""
+    a, b, layout = packed_weights([64, 32], 64, 8, [[8, 8], [4, 8]], dtype, seed=3)
+    slots = [1, -1, 0, 1, 0]
+    x = torch.randn(5, 64).to(dtype)
+    base = torch.randn(5, 96).to(dtype)
+    out = base.clone()
+    assert fused(x, a, b, layout, slots, out=out) is out
+    ref = base.float() + lora_reference(x.float(), a.float(), b.float(), torch.tensor(slots)).float()
+    assert torch.equal(out[1], base[1])
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
+
+
+def test_fused_kernel_refuses_the_block_diagonal_layout() -> None:
+    """Layout and kernel must agree: the fused kernel never reads a block-diagonal B, nor torch a compact one."""
+    a, b, layout = packed_weights([32], 32, 4, [[4]], torch.float32, seed=0)
+    x = torch.randn(2, 32)
+    block_diagonal = SlotLayout(ranks=layout.ranks, offsets=layout.offsets, max_rank=4, compact=False)
+    with pytest.raises(ValueError, match="compact"):
+        lora_apply(x, a, b, build_mapping([0, 0], torch.float32, kernel="fused"), layout=block_diagonal)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="compact"):
+        lora_apply(x, a, b, build_mapping([0, 0], torch.float32, kernel="grouped"), layout=layout)  # type: ignore[arg-type]
+
+
+def test_default_kernel_on_cpu_is_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32/bfloat16 on CPU map to the fused kernel; without it, to the torch kernels."""
+    assert build_mapping([0, 1], torch.bfloat16).kernel == "fused"  # type: ignore[union-attr]
+    assert build_mapping([0, 1], torch.float16).kernel != "fused"  # type: ignore[union-attr]
+    monkeypatch.setattr(cpu_kernel, "supported", lambda dtype, device: False)
+    assert build_mapping([0, 1], torch.float32).kernel == "grouped"  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def no_cached_library() -> Iterator[None]:
+    cpu_kernel.library.cache_clear()
+    yield
+    cpu_kernel.library.cache_clear()
+
+
+def test_without_a_compiler_the_torch_kernels_serve(monkeypatch: pytest.MonkeyPatch, no_cached_library: None,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    assert cpu_kernel.library() is None and not cpu_kernel.supported(torch.float32, "cpu")
+    assert "no C++ compiler" in caplog.text
+
+
+def test_a_failed_build_is_reported_and_the_torch_kernels_serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 no_cached_library: None,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", broken)
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernel.library() is None
+    assert "failed to build broken.cpp" in caplog.text
+
+
+def test_the_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    cxx = cpu_kernel._compiler()
+    assert cxx is not None
+    path = cpu_kernel.build(cxx)
+    assert path.is_file() and path.parent == tmp_path / "kernels"
+    assert cpu_kernel.build(cxx) == path and path.stat().st_mtime == cpu_kernel.build(cxx).stat().st_mtime
+
+
+def test_engine_tokens_equal_with_fused_and_torch_kernels(adapter_factory: Callable[..., Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed batch (two all-linear adapters of ranks 8 and 16, and the base) decodes to the same greedy
+    tokens, with logits within fp32 tolerance, whichever kernel runs the LoRA layers."""
+    adapters = {"r8": str(adapter_factory("kern_r8", r=8, alpha=16, targets=ALL, seed=31)),
+                "r16": str(adapter_factory("kern_r16", r=16, alpha=16, targets=ALL, seed=32))}
+    prompts = ["Write a haiku about rivers.", "List three prime numbers.", "Say hello."]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    names: list[str | None] = ["r8", "r16", None]
+
+    def run() -> tuple[list[list[int]], torch.Tensor]:
+        llm = LLM(dtype="float32", max_loras=2, lora_modules=adapters)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, params, names)]
+        return tokens, llm.engine.prompt_logits(llm.tokenizer.encode(prompts[0]), adapter="r8")
+
+    fused_tokens, fused_logits = run()
+    monkeypatch.setattr(cpu_kernel, "supported", lambda dtype, device: False)
+    torch_tokens, torch_logits = run()
+    assert fused_tokens == torch_tokens
+    torch.testing.assert_close(fused_logits, torch_logits, atol=2e-4, rtol=1e-4)
