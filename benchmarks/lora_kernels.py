@@ -57,7 +57,7 @@ def kernel_profile(tokens: list[int], dtype: torch.dtype) -> list[dict[str, Any]
         for size in parts:
             offsets.append(offsets[-1] + size)
         layout = SlotLayout(ranks=torch.full((32, len(parts)), rank, dtype=torch.int32),
-                            offsets=torch.tensor(offsets), max_rank=rank, compact=True)
+                            offsets=torch.tensor(offsets), part_sizes=parts, max_rank=rank, compact=True)
         b_compact = cpu_kernel.compact_b(b, offsets, rank)
         for t in tokens:
             x = torch.randn(t, fin, generator=g).to(dtype)

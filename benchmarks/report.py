@@ -269,6 +269,25 @@ def main() -> None:
                          f"{fmt(r['tokens_per_s_base'])} | {fmt(r['tokens_per_s_8_adapters'])} |")
         lines += ["", "Weights include the embedding (tied with the LM head, which keeps a oneDNN-packed bf16 copy); "
                   "the embedding and head stay bf16 under every quantization, as in transformers' bitsandbytes loading."]
+    gpu = load("gpu")
+    lines += ["", "## On a GPU", ""]
+    if gpu and gpu["device"].startswith("cuda"):
+        o, n = gpu["loraplex"], str(gpu["adapters"])
+        lines += [f"Device: {gpu['machine'].get('gpu', gpu['device'])}. Model: Llama architecture, {gpu['shape']} shape "
+                  f"({gpu['shape_config']}), **random weights** ({gpu['weights']}): speed figures only. "
+                  f"{gpu['requests']} requests x {gpu['max_tokens']} tokens, rank-16 q,k,v,o adapters, Triton multi-LoRA "
+                  "kernels (`lora/triton_ops.py`).", "",
+                  "| system | tok/s |", "|---|---|",
+                  f"| loraplex, base only | {fmt(o['base']['tokens_per_s'])} |",
+                  f"| loraplex, {n} adapters | {fmt(o[n]['tokens_per_s'])} |"]
+        if "peft_mixed" in gpu:
+            lines.append(f"| PEFT mixed batch, {n} adapters | {fmt(gpu['peft_mixed']['tokens_per_s'])} |")
+        lines += ["", f"LoRA tax: {100 * gpu['lora_tax']:.1f}% (target <= 15% with 32 adapters in a batch of 64)"
+                  + (f"; {gpu['vs_peft']:.2f}x PEFT's mixed batch (target >= 5x)." if "vs_peft" in gpu else ".")]
+    else:
+        lines += ["No GPU was available to this run. `benchmarks/gpu.py` measures the GPU half (Llama 1B-8B shape, "
+                  "random weights, Triton kernels, against PEFT's mixed batch) where one is; the Triton kernels are "
+                  "tested here in Triton's CPU interpreter against the torch reference (tests/test_lora_triton.py)."]
     if offline:
         lines += ["", "## Offline detail", "", "```", json.dumps(offline["offline"], indent=1), "```"]
     plots = []
@@ -280,7 +299,8 @@ def main() -> None:
         plots.append(plot_kernels(out, kernels["kernels"]))
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
     if out.resolve() != RESULTS.resolve():
-        for name in ["offline", "peers_hf", "lora_kernels", "adapter_cold_load", "serving", "roofline", "quantized"] + [f"vllm_{k}" for k in vllm]:
+        for name in ["offline", "peers_hf", "lora_kernels", "adapter_cold_load", "serving", "roofline", "quantized",
+                     "gpu"] + [f"vllm_{k}" for k in vllm]:
             if (RESULTS / f"{name}.json").is_file():
                 shutil.copy(RESULTS / f"{name}.json", out / f"{name}.json")
     print(f"report: {out / 'REPORT.md'} ({len(plots)} plots)")

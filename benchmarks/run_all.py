@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, default_model_dir, make_adapters, workload_prompts
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
-PARTS = ["offline", "peers_hf", "vllm", "lora_kernels", "cold_load", "serving", "roofline", "quantized"]
+PARTS = ["offline", "peers_hf", "vllm", "lora_kernels", "cold_load", "serving", "roofline", "quantized", "gpu"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -85,6 +85,13 @@ def main() -> None:
         run([py, "-m", "benchmarks.roofline"])
     if "quantized" not in args.skip:
         run([py, "-m", "benchmarks.quantized", "--adapters", str(root)])
+    if "gpu" not in args.skip:
+        import torch
+
+        if torch.cuda.is_available():  # the GPU half (benchmarks/gpu.py); without a GPU the report says so
+            run([py, "-m", "benchmarks.gpu"])
+        else:
+            (RESULTS / "gpu.json").unlink(missing_ok=True)
     print(f"\nsuite finished in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     run([py, "-m", "benchmarks.report", "--out", str(args.report_dir)])
 

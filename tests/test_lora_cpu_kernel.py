@@ -3,41 +3,20 @@ tokens through it as through the torch kernels; without a compiler the torch ker
 
 from __future__ import annotations
 
-import random
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ALL
+from conftest import ALL, KERNEL_CASES, SHAPES, assert_like_reference, kernel_case, packed_weights
 from loraplex import LLM, SamplingParams
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
-from loraplex.lora.ops import SlotLayout, lora_apply, lora_grouped, lora_reference
+from loraplex.lora.ops import SlotLayout, lora_apply, lora_reference
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C++ compiler to build the kernel")
-
-
-def packed_weights(parts: list[int], in_f: int, max_rank: int, ranks: list[list[int]], dtype: torch.dtype,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor, SlotLayout]:
-    """Slots of a packed layer as LoRALinear holds them: A [S, P*max_rank, IN], block-diagonal B
-    [S, P*max_rank, OUT] with rows past each (slot, part) rank zero, and the layout with compact=False."""
-    g = torch.Generator().manual_seed(seed)
-    s, p = len(ranks), len(parts)
-    offsets = [0]
-    for size in parts:
-        offsets.append(offsets[-1] + size)
-    a = torch.zeros(s, p * max_rank, in_f)
-    b = torch.zeros(s, p * max_rank, offsets[-1])
-    for slot in range(s):
-        for part, r in enumerate(ranks[slot]):
-            rows = slice(part * max_rank, part * max_rank + r)
-            a[slot, rows] = torch.randn(r, in_f, generator=g) / in_f**0.5
-            b[slot, rows, offsets[part]:offsets[part + 1]] = torch.randn(r, parts[part], generator=g) / max(r, 1)**0.5
-    layout = SlotLayout(ranks=torch.tensor(ranks, dtype=torch.int32), offsets=torch.tensor(offsets),
-                        max_rank=max_rank, compact=True)
-    return a.to(dtype), b.to(dtype), layout
 
 
 def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: list[int],
@@ -48,52 +27,15 @@ def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: SlotLayout,
     return lora_apply(x, a, b_compact, m, out=out, layout=layout)
 
 
-# Shapes that reach every tail: IN % 32, part widths % 64 and % 32, groups of 1..9 tokens (% 4).
-SHAPES = {
-    "qkv": dict(parts=[96, 32, 32], in_f=64, max_rank=8),
-    "odd": dict(parts=[70, 33, 5], in_f=45, max_rank=5),
-    "single": dict(parts=[130], in_f=96, max_rank=16),
-}
-
-
-def slot_mix(case: str, t: int, slots: int, seed: int) -> list[int]:
-    rng = random.Random(f"{case}-{t}-{seed}")
-    if case == "one":
-        return [1] * t
-    if case == "distinct":
-        return [i % slots for i in range(t)]
-    if case == "shuffled_with_base":  # unsorted, base tokens in between
-        return [rng.choice([-1, *range(slots)]) for _ in range(t)]
-    raise AssertionError(case)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("case", ["one", "distinct", "shuffled_with_base"])
+@pytest.mark.parametrize("case", KERNEL_CASES)
 @pytest.mark.parametrize("t", [1, 5, 9, 33])
 def test_fused_matches_reference(dtype: torch.dtype, shape: str, case: str, t: int) -> None:
     """Every token gets (x @ A^T) @ B of its slot, base tokens exactly nothing; ranks below max_rank and a
-    part the adapter leaves alone (rank 0) included. fp32: to ~1e-5; bf16: no further from the fp32
-    reference than the torch bf16 kernel is."""
-    spec = SHAPES[shape]
-    parts, in_f, max_rank = spec["parts"], spec["in_f"], spec["max_rank"]
-    ranks = [[max_rank] * len(parts), [max(1, max_rank - 3)] * len(parts), [max_rank] + [0] * (len(parts) - 1)]
-    a, b, layout = packed_weights(parts, in_f, max_rank, ranks, dtype, seed=t)
-    slots = slot_mix(case, t, len(ranks), seed=1)
-    if all(s < 0 for s in slots):
-        slots[0] = 2
-    x = torch.randn(t, in_f, generator=torch.Generator().manual_seed(7)).to(dtype)
-    ref = lora_reference(x.float(), a.float(), b.float(), torch.tensor(slots)).float()
-    y = fused(x, a, b, layout, slots)
-    for i, s in enumerate(slots):
-        if s < 0:
-            assert torch.all(y[i] == 0)
-    if dtype == torch.float32:
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    else:
-        torch_y = lora_grouped(x, a, b, build_mapping(slots, dtype, kernel="grouped"))  # type: ignore[arg-type]
-        ours, theirs = (y.float() - ref).abs().max().item(), (torch_y.float() - ref).abs().max().item()
-        assert ours <= max(1.5 * theirs, 1e-2), (ours, theirs)
+    part the adapter leaves alone (rank 0) included (conftest.assert_like_reference for the tolerances)."""
+    x, a, b, layout, slots = kernel_case(shape, case, t, dtype)
+    assert_like_reference(fused(x, a, b, layout, slots), x, a, b, slots)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -115,7 +57,7 @@ def test_fused_kernel_refuses_the_block_diagonal_layout() -> None:
     """Layout and kernel must agree: the fused kernel never reads a block-diagonal B, nor torch a compact one."""
     a, b, layout = packed_weights([32], 32, 4, [[4]], torch.float32, seed=0)
     x = torch.randn(2, 32)
-    block_diagonal = SlotLayout(ranks=layout.ranks, offsets=layout.offsets, max_rank=4, compact=False)
+    block_diagonal = dataclasses.replace(layout, compact=False)
     with pytest.raises(ValueError, match="compact"):
         lora_apply(x, a, b, build_mapping([0, 0], torch.float32, kernel="fused"), layout=block_diagonal)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="compact"):

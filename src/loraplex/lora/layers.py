@@ -5,7 +5,7 @@ Part p of a packed layer (q/k/v, gate/up) uses rows [p*max_rank, p*max_rank + r)
 its own output columns in B, so one adapter may target any subset of parts and any rank up to
 max_rank; unused rows stay zero. B's layout follows the kernel that will read it:
 - torch kernels (ops.lora_masked / lora_grouped): block-diagonal [S, R, OUT];
-- the fused CPU kernel (float32/bfloat16 on CPU): compact [S, max_rank * OUT], part p's block
+- the fused kernel (lora/fused.py: C++ on CPU, Triton on CUDA): compact [S, max_rank * OUT], part p's block
   [max_rank, size_p] at max_rank * offset_p, so a slot's B is one contiguous read with no zero blocks.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.lora import cpu_kernel
+from loraplex.lora import fused
 from loraplex.lora.ops import SlotLayout, lora_apply
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear, layer_index
@@ -51,8 +51,9 @@ class LoRALinear(nn.Module):
         for _, size in self.parts:
             offsets.append(offsets[-1] + size)
         self.offsets = offsets
-        self.layout = SlotLayout(ranks=torch.zeros(max_loras, len(self.parts), dtype=torch.int32),
-                                 offsets=torch.tensor(offsets, dtype=torch.long), max_rank=max_rank,
+        self.layout = SlotLayout(ranks=torch.zeros(max_loras, len(self.parts), dtype=torch.int32, device=device),
+                                 offsets=torch.tensor(offsets, dtype=torch.long, device=device),
+                                 part_sizes=tuple(size for _, size in self.parts), max_rank=max_rank,
                                  compact=self.compact)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
@@ -90,9 +91,9 @@ class LoRALinear(nn.Module):
 
 
 def compact_b(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether slots of this dtype on this device hold B compact, for the fused CPU kernel. The model
-    runner's mapping picks that kernel by the same test (lora/mapping.py), so layout and kernel agree."""
-    return cpu_kernel.supported(dtype, device)
+    """Whether slots of this dtype on this device hold B compact, for the fused kernel. The model runner's
+    mapping picks that kernel by the same test (lora/fused.py), so layout and kernel agree."""
+    return fused.supported(dtype, device)
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:

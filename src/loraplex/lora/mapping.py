@@ -16,16 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.lora import cpu_kernel
+from loraplex.lora import fused
 
 # Kernel choice, from a profile of both paths on CPU (benchmarks/lora_kernels.py for the ops alone;
 # decode steps of the default model in bf16 for the end-to-end check): the masked GEMM costs
 # ~ T * S_k * R * (IN + OUT), the grouped path ~ S_k * Tmax * R * (IN + OUT) plus a gather and a
 # scatter, which vanish when decode tokens come sorted by slot (the model runner sorts them). In
 # decode steps grouped was faster from 2 adapters on; masked is kept for one adapter, where it is two
-# plain GEMMs with no mask. On CPU in float32/bfloat16 the fused C++ kernel (lora/csrc/lora_cpu.cpp)
-# serves every step instead: it reads each group's A and B once, skipping the zero blocks of packed
-# layers, and was 1.5-3x faster than either torch path at every batch the benchmark measures.
+# plain GEMMs with no mask. Where the fused kernel runs (lora/fused.py: C++ on CPU in float32/bfloat16,
+# Triton on CUDA) it serves every step instead: it reads each group's A and compact B once, and on CPU
+# was 1.5-3x faster than either torch path at every batch the benchmark measures.
 MASKED_MAX_ADAPTERS = 1
 KERNELS = ("fused", "masked", "grouped")
 
@@ -40,6 +40,7 @@ class LoRAMapping:
     # fused: token indices grouped by slot [N] long, and the groups [G, 3] long: (slot, start in order, count)
     order: torch.Tensor | None
     groups: torch.Tensor | None
+    max_group: int  # fused: the most tokens in one group (sizes the GPU kernels' grid); else 0
     # masked: [T, S_k, 1] 0/1 in model dtype; None when every token uses the single kernel slot
     token_mask: torch.Tensor | None
     # grouped: [S_k, Tmax] token indices per slot (padding -> 0), padding mask [S_k, Tmax, 1] or None.
@@ -68,11 +69,12 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
         return None
     slots, span = kernel_slots(active)
     if kernel is None:
-        if cpu_kernel.supported(dtype, device):
+        if fused.supported(dtype, device):
             kernel = "fused"
         else:
             kernel = "masked" if len(active) <= MASKED_MAX_ADAPTERS else "grouped"
     token_mask = group_index = group_mask = order = groups_t = None
+    max_group = 0
     if kernel == "fused":
         order_list = sorted((t for t, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__)
         runs: list[list[int]] = []  # [slot, start, count]
@@ -81,8 +83,9 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
                 runs[-1][2] += 1
             else:
                 runs.append([token_slots[t], k, 1])
-        order = torch.tensor(order_list, dtype=torch.long)
-        groups_t = torch.tensor(runs, dtype=torch.long)
+        order = torch.tensor(order_list, dtype=torch.long).to(device)
+        groups_t = torch.tensor(runs, dtype=torch.long).to(device)
+        max_group = max(run[2] for run in runs)
     elif kernel == "masked":
         if not (len(slots) == 1 and -1 not in token_slots):
             pos = {s: i for i, s in enumerate(slots)}
@@ -116,6 +119,7 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
         kernel=kernel,
         order=order,
         groups=groups_t,
+        max_group=max_group,
         token_mask=token_mask,
         group_index=group_index,
         group_mask=group_mask,

@@ -23,6 +23,7 @@ class SlotLayout:
     [p*max_rank, p*max_rank + ranks[s, p]) of A and B, and B's columns [offsets[p], offsets[p+1])."""
     ranks: torch.Tensor  # [S, P] int32, rows in use per slot and part (0: the adapter leaves the part alone)
     offsets: torch.Tensor  # [P+1] long, the parts' output column bounds
+    part_sizes: tuple[int, ...]  # the parts' output widths, on the host
     max_rank: int
     compact: bool  # B held as [S, max_rank*OUT] for the fused kernel, else block-diagonal [S, R, OUT]
 
@@ -80,14 +81,19 @@ def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappi
 
 def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping, layout: SlotLayout,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused C++ CPU kernel: per slot group, shrink and expand in one pass over that slot's A and
-    compact B ([S, max_rank*OUT], cpu_kernel.compact_b), fp32 accumulation, skipping unused ranks.
-    With `out`, added in place."""
+    """The fused kernel (C++ on CPU, Triton on CUDA): per slot group, shrink and expand in one pass over
+    that slot's A and compact B ([S, max_rank*OUT], cpu_kernel.compact_b), fp32 accumulation, skipping
+    unused ranks. With `out`, added in place."""
     assert m.order is not None and m.groups is not None
     if out is None:
-        out = torch.zeros(x.shape[0], int(layout.offsets[-1]), dtype=x.dtype, device=x.device)
-    return cpu_kernel.lora_add(x.contiguous(), a, b, m.order, m.groups, layout.ranks, layout.offsets,
-                               layout.max_rank, out)
+        out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=x.dtype, device=x.device)
+    if x.device.type == "cpu":
+        return cpu_kernel.lora_add(x.contiguous(), a, b, m.order, m.groups, layout.ranks, layout.offsets,
+                                   layout.max_rank, out)
+    from loraplex.lora import triton_ops  # Triton is imported only where a GPU step needs it
+
+    return triton_ops.lora_add(x.contiguous(), a, b, m.order, m.groups, layout.ranks, layout.offsets,
+                               layout.max_rank, out, m.max_group, max(layout.part_sizes))
 
 
 def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,

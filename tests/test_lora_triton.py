@@ -1,0 +1,48 @@
+"""The Triton multi-LoRA kernels (lora/triton_ops.py, the CUDA path) equal `lora_reference`, run on the CPU
+in Triton's interpreter: the same programs, grids, masks and index arithmetic as on a GPU. The interpreter
+cannot multiply bf16 in tl.dot, so there the kernels widen 16-bit operands to fp32 first (the same values;
+a GPU's bf16 dot also accumulates in fp32). GPU timings: benchmarks/gpu.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, i.e. when triton_ops is imported
+pytest.importorskip("triton")
+
+from conftest import KERNEL_CASES, SHAPES, assert_like_reference, kernel_case  # noqa: E402
+from loraplex.lora import cpu_kernel, triton_ops  # noqa: E402
+from loraplex.lora.mapping import build_mapping  # noqa: E402
+
+
+def triton_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout, slots: list[int],  # type: ignore[no-untyped-def]
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    m = build_mapping(slots, x.dtype, kernel="fused")
+    assert m is not None and m.order is not None and m.groups is not None
+    if out is None:
+        out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=x.dtype)
+    b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+    return triton_ops.lora_add(x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets, layout.max_rank,
+                               out, m.max_group, max(layout.part_sizes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.parametrize("t", [1, 9, 40])
+def test_triton_matches_reference(dtype: torch.dtype, shape: str, case: str, t: int) -> None:
+    """Groups of 1 to 40 tokens (more than one 16-token block), unsorted tokens with base tokens between,
+    ranks below max_rank and parts an adapter leaves alone, odd widths that mask every block edge."""
+    x, a, b, layout, slots = kernel_case(shape, case, t, dtype)
+    assert_like_reference(triton_lora(x, a, b, layout, slots), x, a, b, slots)
+
+
+def test_triton_adds_into_the_base_output() -> None:
+    x, a, b, layout, slots = kernel_case("qkv", "shuffled_with_base", 9, torch.float32)
+    base = torch.randn(9, sum(layout.part_sizes))
+    out = triton_lora(x, a, b, layout, slots, out=base.clone())
+    zero = triton_lora(x, a, b, layout, slots)
+    torch.testing.assert_close(out, base + zero, rtol=1e-6, atol=1e-6)
