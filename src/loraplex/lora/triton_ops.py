@@ -26,6 +26,17 @@ BLOCK_M = 16  # tokens per program (tl.dot needs >= 16; decode groups are padded
 
 
 @triton.jit
+def _token_block(order_ptr, start, count, mb, rank, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Block mb of a group's tokens: positions in the group's run of `order`, their mask, the token indices,
+    and the rank rows with theirs."""
+    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < count
+    tok = tl.load(order_ptr + start + m, mask=m_ok, other=0)
+    r = tl.arange(0, BLOCK_R)
+    return m, m_ok, tok, r, r < rank
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, xa_ptr, order_ptr, groups_ptr, ranks_ptr,
                    IN, R_TOTAL, N_PARTS, MAX_RANK,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -37,11 +48,7 @@ def _shrink_kernel(x_ptr, a_ptr, xa_ptr, order_ptr, groups_ptr, ranks_ptr,
     rank = tl.load(ranks_ptr + slot * N_PARTS + p)
     if mb * BLOCK_M >= count or rank == 0:
         return
-    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < count
-    tok = tl.load(order_ptr + start + m, mask=m_ok, other=0)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
+    m, m_ok, tok, r, r_ok = _token_block(order_ptr, start, count, mb, rank, BLOCK_M, BLOCK_R)
     row = p * MAX_RANK + r
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, IN, BLOCK_K):
@@ -72,11 +79,7 @@ def _expand_kernel(xa_ptr, b_ptr, out_ptr, order_ptr, groups_ptr, ranks_ptr, off
     size = tl.load(offs_ptr + p + 1) - lo
     if mb * BLOCK_M >= count or rank == 0 or nb * BLOCK_N >= size:
         return
-    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < count
-    tok = tl.load(order_ptr + start + m, mask=m_ok, other=0)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < rank
+    m, m_ok, tok, r, r_ok = _token_block(order_ptr, start, count, mb, rank, BLOCK_M, BLOCK_R)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < size
     xa = tl.load(xa_ptr + (start + m[:, None]) * R_TOTAL + p * MAX_RANK + r[None, :],
