@@ -5,6 +5,7 @@ Semantics (all paths):
 Shapes:
     x: [T, IN]    A: [S, R, IN]    B: [S, R, OUT]    token_slots s: [T]    y: [T, OUT]
 R is the slot's padded rank (packed layers stack their parts' ranks); the LoRA scaling is folded into B.
+The fused kernels (C++ on CPU, Triton on CUDA) read B compact instead: [S, max_rank*OUT], see SlotLayout.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Same contract as cpu_kernel.lora_add, the same slot layout (A [S, P*max_rank, IN
 [S, max_rank*OUT]) and the same step metadata (tokens grouped by slot: order [N], groups [G, 3]):
 
     shrink:  xa[k, p*max_rank + r] = x[order[k]] . A[slot, p*max_rank + r]       (fp32 accumulate)
-    expand:  out[order[k], off_p:off_p+1] += xa[k, p*max_rank : p*max_rank + rank] @ B_p[slot]
+    expand:  out[order[k], off_p : off_(p+1)] += xa[k, p*max_rank : p*max_rank + rank] @ B_p[slot]
 
 Each program takes one block of a group's tokens (BLOCK_M) and, for the shrink, one part's rank block,
 for the expand, one part's block of output columns; it reads the slot's weights once for the block.
