@@ -18,7 +18,8 @@ from typing import Any
 
 from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
 from loraplex import LLM, SamplingParams
-from loraplex.models.layers import Linear
+from loraplex.engine.memory import module_bytes
+from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
 
 CONFIGS: list[tuple[str, str | None, bool]] = [("bf16", None, False), ("nf4", "nf4", True), ("int8", "int8", False)]
@@ -26,15 +27,8 @@ CONFIGS: list[tuple[str, str | None, bool]] = [("bf16", None, False), ("nf4", "n
 
 def linear_bytes(llm: LLM) -> int:
     """Bytes of the decoder-layer linears as held (bf16 weights incl. their packed copies, or codes + scales)."""
-    total = 0
-    for m in llm.engine.runner.model.modules():
-        if isinstance(m, QuantLinear):
-            total += m.nbytes()
-        elif isinstance(m, Linear):
-            total += m.weight.numel() * m.weight.element_size()
-            if m.packed is not None:
-                total += m.packed.numel() * m.packed.element_size()
-    return total
+    return sum(module_bytes(m) for name, m in llm.engine.runner.model.named_modules()
+               if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None)
 
 
 def throughput(llm: LLM, prompts: list[str], adapters: list[str | None], max_tokens: int) -> float:

@@ -41,23 +41,26 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()  # also right for oneDNN-packed tensors, which have no plain storage
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights occupy as held: parameters, buffers, packed copies, quantized codes and scales.
-    LoRA slots are not weights (see `slot_bytes`)."""
+def module_bytes(m: nn.Module) -> int:
+    """Bytes one module holds itself, not its children: parameters, buffers, oneDNN-packed copies, or a
+    quantized linear's codes and scales."""
     from loraplex.quant.linear import QuantLinear
 
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            total += m.nbytes() + (0 if m.bias is None else _tensor_bytes(m.bias))
-            continue
-        total += sum(_tensor_bytes(t) for t in m.parameters(recurse=False))
-        total += sum(_tensor_bytes(t) for t in m.buffers(recurse=False))
-        for attr in ("packed", "head_packed"):
-            t = getattr(m, attr, None)
-            if isinstance(t, torch.Tensor):
-                total += _tensor_bytes(t)
+    if isinstance(m, QuantLinear):
+        return m.nbytes() + (0 if m.bias is None else _tensor_bytes(m.bias))
+    total = sum(_tensor_bytes(t) for t in m.parameters(recurse=False))
+    total += sum(_tensor_bytes(t) for t in m.buffers(recurse=False))
+    for attr in ("packed", "head_packed"):
+        t = getattr(m, attr, None)
+        if isinstance(t, torch.Tensor):
+            total += _tensor_bytes(t)
     return total
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy as held (every module's `module_bytes`). LoRA slots are not weights
+    (see `slot_bytes`): the LoRA wrappers hold them as plain tensors, not parameters or buffers."""
+    return sum(module_bytes(m) for m in model.modules())
 
 
 def slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
