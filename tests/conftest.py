@@ -98,6 +98,7 @@ SHAPES = {
     "qkv": dict(parts=[96, 32, 32], in_f=64, max_rank=8),
     "odd": dict(parts=[70, 33, 5], in_f=45, max_rank=5),
     "single": dict(parts=[130], in_f=96, max_rank=16),
+    "wide": dict(parts=[600, 70], in_f=40, max_rank=4),  # a part split into several column work items (> 256)
 }
 
 

@@ -97,13 +97,53 @@ def test_a_failed_build_is_reported_and_the_torch_kernels_serve(monkeypatch: pyt
     assert "failed to build broken.cpp" in caplog.text
 
 
-def test_the_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Built once into the cache, then reused; another source (or flags) is another build."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
     cxx = cpu_kernel._compiler()
     assert cxx is not None
     path = cpu_kernel.build(cxx)
-    assert path.is_file() and path.parent == tmp_path / "kernels"
-    assert cpu_kernel.build(cxx) == path and path.stat().st_mtime == cpu_kernel.build(cxx).stat().st_mtime
+    assert path.is_file() and path.parent == tmp_path / "kernels" and path.stat().st_mode & 0o044
+    mtime = path.stat().st_mtime_ns
+    assert cpu_kernel.build(cxx) == path and path.stat().st_mtime_ns == mtime
+    changed = tmp_path / "lora_cpu.cpp"
+    changed.write_text(cpu_kernel.SOURCE.read_text() + "\n// another source\n")
+    monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
+    assert cpu_kernel.build(cxx) != path
+
+
+def test_bf16_without_avx512_bf16_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bf16 path for CPUs without AVX512-BF16 (widening pairs, fp32 FMAs), built and checked here whatever
+    this CPU has; and a build for AVX2-only CPUs."""
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    cxx = cpu_kernel._compiler()
+    assert cxx is not None
+    for extra in (["-mno-avx512bf16"], ["-mno-avx512f"]):
+        lib = cpu_kernel.load(cpu_kernel.build(cxx, [*cpu_kernel.FLAGS, *extra]))
+        for shape in SHAPES:
+            for case in KERNEL_CASES:
+                x, a, b, layout, slots = kernel_case(shape, case, 9, torch.bfloat16)
+                m = build_mapping(slots, torch.bfloat16, kernel="fused")
+                assert m is not None and m.order is not None and m.groups is not None
+                out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=torch.bfloat16)
+                b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+                cpu_kernel.call(lib, x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets,
+                                layout.max_rank, out)
+                assert_like_reference(out, x, a, b, slots)
+
+
+def test_bad_arguments_raise_before_the_kernel_runs() -> None:
+    x, a, b, layout, slots = kernel_case("qkv", "distinct", 4, torch.float32)
+    m = build_mapping(slots, torch.float32, kernel="fused")
+    assert m is not None and m.order is not None and m.groups is not None
+    b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+    out = torch.zeros(4, sum(layout.part_sizes))
+    with pytest.raises(ValueError, match="B \\(3, 100\\)"):
+        cpu_kernel.lora_add(x, a, b_compact[:, :100].contiguous(), m.order, m.groups, layout.ranks, layout.offsets,
+                            layout.max_rank, out)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_kernel.lora_add(x.bfloat16(), a, b_compact, m.order, m.groups, layout.ranks, layout.offsets,
+                            layout.max_rank, out)
 
 
 def test_engine_tokens_equal_with_fused_and_torch_kernels(adapter_factory: Callable[..., Path],

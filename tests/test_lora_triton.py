@@ -6,16 +6,29 @@ a GPU's bf16 dot also accumulates in fp32). GPU timings: benchmarks/gpu.py."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, i.e. when triton_ops is imported
-pytest.importorskip("triton")
-
 from conftest import KERNEL_CASES, SHAPES, assert_like_reference, kernel_case  # noqa: E402
-from loraplex.lora import cpu_kernel, triton_ops  # noqa: E402
+from loraplex.lora import cpu_kernel  # noqa: E402
 from loraplex.lora.mapping import build_mapping  # noqa: E402
+
+# Triton reads TRITON_INTERPRET when it is imported, when the kernels are defined and when they run (the fixture
+# below): it is set for those moments only, so nothing else in this process runs Triton interpreted.
+assert "loraplex.lora.triton_ops" not in sys.modules, "triton_ops was imported before its interpreter was set"
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from loraplex.lora import triton_ops  # noqa: E402
+finally:
+    del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(autouse=True)
+def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def triton_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout, slots: list[int],  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,34 +37,48 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+def _compiler() -> list[str] | None:
+    """The C++ compiler command: $CXX (may carry arguments, e.g. "ccache g++"), else g++, c++ or clang++."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return [found] if found else None
 
 
-def library_path(cxx: str) -> Path:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
+def library_path(cxx: list[str], flags: list[str]) -> Path:
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_flags()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
     return root / "kernels" / f"lora_cpu-{key}.so"
 
 
-def build(cxx: str) -> Path:
+def build(cxx: list[str], flags: list[str] = FLAGS) -> Path:
     """Compile the kernel unless this machine's build is cached; return the library's path."""
-    path = library_path(cxx)
+    path = library_path(cxx, flags)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # concurrent builders each write their own
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
+        proc = subprocess.run([*cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False,
+                              timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(cxx)} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: a shared cache must be readable by every user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # loaded after torch: its OpenMP is torch's (same soname)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.loraplex_lora_add.argtypes = [ctypes.c_int, p, i64, p, p, i64, i64, p, p, i64, p, i64, i64, p, p, ctypes.c_int]
+    lib.loraplex_lora_add.restype = ctypes.c_int
+    return lib
 
 
 @functools.cache
@@ -76,15 +91,10 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C++ compiler found: multi-LoRA runs on the torch kernels (slower on CPU)")
         return None
     try:
-        lib = ctypes.CDLL(str(build(cxx)))  # loaded after torch: its OpenMP is torch's (same soname)
-    except (OSError, RuntimeError) as e:
+        return load(build(cxx))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("fused LoRA kernel unavailable, using the torch kernels: %s", e)
         return None
-    fn = lib.loraplex_lora_add
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ctypes.c_int, p, i64, p, p, i64, i64, p, p, i64, p, i64, i64, p, p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return lib
 
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -106,9 +116,33 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Ten
     x: [T, IN]  a: [S, R, IN]  b: [S, max_rank*OUT] (compact_b's layout)  order: [N] long  groups: [G, 3] long (slot, start, count)
     ranks: [S, P] int32  part_offsets: [P+1] long  out: [T, OUT], all contiguous, on the CPU, one dtype."""
     lib = library()
-    assert lib is not None and x.is_contiguous() and out.is_contiguous() and x.dtype == out.dtype == a.dtype
+    if lib is None:
+        raise RuntimeError("the fused LoRA kernel is not built (cpu_kernel.library() is None)")
+    return call(lib, x, a, b, order, groups, ranks, part_offsets, max_rank, out)
+
+
+def call(lib: ctypes.CDLL, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor,
+         groups: torch.Tensor, ranks: torch.Tensor, part_offsets: torch.Tensor, max_rank: int,
+         out: torch.Tensor) -> torch.Tensor:
+    """lora_add through a given build of the kernel. The checks stand between Python and raw pointers."""
+    t, in_f = x.shape
+    s, r_total = a.shape[0], a.shape[1]
+    out_f = out.shape[1]
+    ok = (x.dtype in DTYPES and x.dtype == a.dtype == b.dtype == out.dtype
+          and order.dtype == groups.dtype == part_offsets.dtype == torch.int64 and ranks.dtype == torch.int32
+          and x.is_contiguous() and out.is_contiguous() and a.is_contiguous() and b.is_contiguous()
+          and order.is_contiguous() and groups.is_contiguous() and ranks.is_contiguous()
+          and a.dim() == 3 and a.shape[2] == in_f and out.shape[0] == t and tuple(b.shape) == (s, max_rank * out_f)
+          and tuple(ranks.shape) == (s, part_offsets.shape[0] - 1) and r_total == ranks.shape[1] * max_rank
+          and groups.dim() == 2 and groups.shape[1] == 3 and x.device.type == "cpu")
+    if not ok:  # one boolean on the hot path; the message is built only when it fails
+        raise ValueError("fused LoRA kernel: x [T, IN], A [S, P*max_rank, IN], B [S, max_rank*OUT], out [T, OUT] "
+                         "contiguous on the CPU in one dtype (float32/bfloat16), order/groups/offsets int64, "
+                         f"ranks [S, P] int32; got x {tuple(x.shape)} {x.dtype}, A {tuple(a.shape)} {a.dtype}, "
+                         f"B {tuple(b.shape)} {b.dtype}, out {tuple(out.shape)} {out.dtype}, ranks "
+                         f"{tuple(ranks.shape)} {ranks.dtype}, offsets {tuple(part_offsets.shape)}, max_rank {max_rank}")
     rc = lib.loraplex_lora_add(
-        DTYPES[x.dtype], x.data_ptr(), x.shape[-1], a.data_ptr(), b.data_ptr(), a.shape[1], out.shape[1],
+        DTYPES[x.dtype], x.data_ptr(), in_f, a.data_ptr(), b.data_ptr(), r_total, out_f,
         order.data_ptr(), groups.data_ptr(), groups.shape[0], ranks.data_ptr(), ranks.shape[1], max_rank,
         part_offsets.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if rc != 0:

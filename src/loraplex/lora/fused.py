@@ -24,5 +24,7 @@ def triton_available() -> bool:
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     if torch.device(device).type == "cuda":
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+            return False  # Triton's bf16 dot needs sm80+; older GPUs take the torch kernels
         return dtype in GPU_DTYPES and triton_available()
     return cpu_kernel.supported(dtype, device)

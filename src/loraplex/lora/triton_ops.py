@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+# Triton decides at definition (this import) whether the kernels run interpreted on the CPU (the tests).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_M = 16  # tokens per program (tl.dot needs >= 16; decode groups are padded, masked)
 
 
@@ -122,7 +124,7 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Ten
     block_r = _pow2_at_least_16(max_rank)
     # fp32 data: exact fp32 dots, not TF32. Triton's CPU interpreter (the tests) multiplies bf16 wrongly,
     # so there the 16-bit operands are widened first: the same values, summed in fp32 like the GPU's dot.
-    dot_f32 = x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    dot_f32 = x.dtype == torch.float32 or INTERPRETED
     _shrink_kernel[(n_groups, m_blocks, n_parts)](
         x, a, xa, order, groups, ranks, in_f, r_total, n_parts, max_rank,
         BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=64, DOT_F32=dot_f32)

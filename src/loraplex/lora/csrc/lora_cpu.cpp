@@ -245,7 +245,8 @@ inline void expand_cols(const float* const* coef, int rank, const T* b, int64_t 
 }
 
 struct ShrinkItem { int64_t group, part, row0, rows; };
-struct ExpandItem { int64_t group, part, col0, cols; };
+// Ranks are read once, here: items carry them (slots are written only between steps, never during one).
+struct ExpandItem { int64_t group, part, col0, cols, rank; };
 
 template <typename T>
 void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, int64_t out_f,
@@ -259,7 +260,8 @@ void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, i
   thread_local std::vector<float> xf_buf, xa_buf;
   thread_local std::vector<ShrinkItem> shrink;
   thread_local std::vector<ExpandItem> expand;
-  if (xf_buf.size() < size_t(n * in)) xf_buf.resize(n * in);
+  constexpr bool kReadsX = kBf16Dot && std::is_same_v<T, uint16_t>;  // the bf16 dot reads x as it is
+  if (!kReadsX && xf_buf.size() < size_t(n * in)) xf_buf.resize(n * in);
   if (xa_buf.size() < size_t(n * r_total)) xa_buf.resize(n * r_total);
   float* const xf = xf_buf.data();  // [N, IN] x in fp32, group order, pair order
   float* const xa = xa_buf.data();  // [N, R] x @ A^T (only the rows in use are written and read)
@@ -272,7 +274,7 @@ void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, i
       if (rank == 0) continue;
       for (int64_t r0 = 0; r0 < rank; r0 += kRows) shrink.push_back({g, p, r0, rank - r0 < kRows ? rank - r0 : kRows});
       for (int64_t c0 = part_off[p]; c0 < part_off[p + 1]; c0 += kItemCols)
-        expand.push_back({g, p, c0, part_off[p + 1] - c0 < kItemCols ? part_off[p + 1] - c0 : kItemCols});
+        expand.push_back({g, p, c0, part_off[p + 1] - c0 < kItemCols ? part_off[p + 1] - c0 : kItemCols, rank});
     }
   }
   const int64_t n_shrink = int64_t(shrink.size()), n_expand = int64_t(expand.size());
@@ -282,7 +284,7 @@ void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, i
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
-    if (!(kBf16Dot && std::is_same_v<T, uint16_t>)) {  // the bf16 dot reads x as it is
+    if (!kReadsX) {
 #pragma omp for schedule(static)
       for (int64_t k = 0; k < n; ++k) convert_row(x + order[k] * in, xf + k * in, in);
     }
@@ -329,7 +331,7 @@ void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, i
     for (int64_t it = 0; it < n_expand; ++it) {
       const ExpandItem& e = expand_items[it];
       const int64_t slot = groups[3 * e.group], start = groups[3 * e.group + 1], count = groups[3 * e.group + 2];
-      const int rank = ranks[slot * n_parts + e.part];
+      const int rank = int(e.rank);
       const int64_t row0 = e.part * max_rank, size = part_off[e.part + 1] - part_off[e.part];
       // The part's compact block [max_rank, size], from column e.col0 on.
       const T* bp = b + slot * max_rank * out_f + max_rank * part_off[e.part] + (e.col0 - part_off[e.part]);
