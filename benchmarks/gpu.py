@@ -121,14 +121,11 @@ def loraplex_runs(model_dir: Path, root: Path, names: list[str], prompts: list[s
 def peft_mixed(model_dir: Path, root: Path, names: list[str], prompts: list[str], max_tokens: int,
                device: str) -> dict[str, float]:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from benchmarks.peers_hf import static_batch
+    from benchmarks.peers_hf import batch_tokenizer, static_batch
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = batch_tokenizer(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     model = PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
     for n in names[1:]:
@@ -136,16 +133,9 @@ def peft_mixed(model_dir: Path, root: Path, names: list[str], prompts: list[str]
     model.eval()
     adapters = round_robin(names, len(prompts))
 
-    class OnDevice:  # static_batch tokenizes on the CPU; move the batch to the model's device
-        def __call__(self, *a: Any, **k: Any) -> Any:
-            return tok(*a, **k).to(device)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(tok, name)
-
-    static_batch(model, OnDevice(), prompts[:4], 4, adapter_names=adapters[:4])  # warm-up
+    static_batch(model, tok, prompts[:4], 4, adapter_names=adapters[:4])  # warm-up
     sync(device)
-    r = static_batch(model, OnDevice(), prompts, max_tokens, adapter_names=adapters)
+    r = static_batch(model, tok, prompts, max_tokens, adapter_names=adapters)
     print(f"PEFT mixed batch, {len(names)} adapters: {r['tokens_per_s']:.1f} tok/s", flush=True)
     return r
 

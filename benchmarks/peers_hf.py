@@ -25,8 +25,19 @@ import torch
 from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
 
 
+def batch_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer set up for static batches of a decoder-only model: left padding, a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def static_batch(model: Any, tok: Any, prompts: list[str], max_tokens: int, **kw: Any) -> dict[str, float]:
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
@@ -68,13 +79,10 @@ def main() -> None:
     import peft
     import transformers
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = default_model_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"  # decoder-only batching
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = batch_tokenizer(model_dir)
     prompts = workload_prompts(tok, args.requests)
     result: dict[str, Any] = {"machine": machine(), "peft": peft.__version__, "transformers": transformers.__version__}
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loraplex.lora.mapping import LoRAMapping
 from loraplex.lora.ops import SlotLayout
 from loraplex.models.loader import resolve_model
 
@@ -148,3 +149,13 @@ def assert_like_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
     ours, theirs = (y.float() - ref).abs().max().item(), (torch_y.float() - ref).abs().max().item()
     rounding = 2 * torch.finfo(x.dtype).eps * ref.abs().max().item()  # two units of the output's rounding
     assert ours <= max(1.5 * theirs, rounding), (ours, theirs, rounding)
+
+
+def fused_inputs(x: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: list[int]) -> tuple[LoRAMapping, torch.Tensor]:
+    """What the fused kernels take beside x and A: the step's mapping (tokens grouped by slot) and B compact."""
+    from loraplex.lora import cpu_kernel
+    from loraplex.lora.mapping import build_mapping
+
+    m = build_mapping(slots, x.dtype, kernel="fused")
+    assert m is not None and m.kernel == "fused" and m.order is not None and m.groups is not None
+    return m, cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALL, KERNEL_CASES, SHAPES, assert_like_reference, kernel_case, packed_weights
+from conftest import ALL, KERNEL_CASES, SHAPES, assert_like_reference, fused_inputs, kernel_case, packed_weights
 from loraplex import LLM, SamplingParams
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C++ com
 
 def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: list[int],
           out: torch.Tensor | None = None) -> torch.Tensor:
-    m = build_mapping(slots, x.dtype, kernel="fused")
-    assert m is not None and m.kernel == "fused"
-    b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+    m, b_compact = fused_inputs(x, b, layout, slots)
     return lora_apply(x, a, b_compact, m, out=out, layout=layout)
 
 
@@ -123,10 +121,8 @@ def test_bf16_without_avx512_bf16_matches_reference(monkeypatch: pytest.MonkeyPa
         for shape in SHAPES:
             for case in KERNEL_CASES:
                 x, a, b, layout, slots = kernel_case(shape, case, 9, torch.bfloat16)
-                m = build_mapping(slots, torch.bfloat16, kernel="fused")
-                assert m is not None and m.order is not None and m.groups is not None
+                m, b_compact = fused_inputs(x, b, layout, slots)
                 out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=torch.bfloat16)
-                b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
                 cpu_kernel.call(lib, x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets,
                                 layout.max_rank, out)
                 assert_like_reference(out, x, a, b, slots)
@@ -134,9 +130,7 @@ def test_bf16_without_avx512_bf16_matches_reference(monkeypatch: pytest.MonkeyPa
 
 def test_bad_arguments_raise_before_the_kernel_runs() -> None:
     x, a, b, layout, slots = kernel_case("qkv", "distinct", 4, torch.float32)
-    m = build_mapping(slots, torch.float32, kernel="fused")
-    assert m is not None and m.order is not None and m.groups is not None
-    b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+    m, b_compact = fused_inputs(x, b, layout, slots)
     out = torch.zeros(4, sum(layout.part_sizes))
     with pytest.raises(ValueError, match="B \\(3, 100\\)"):
         cpu_kernel.lora_add(x, a, b_compact[:, :100].contiguous(), m.order, m.groups, layout.ranks, layout.offsets,

@@ -11,9 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import KERNEL_CASES, SHAPES, assert_like_reference, kernel_case  # noqa: E402
-from loraplex.lora import cpu_kernel  # noqa: E402
-from loraplex.lora.mapping import build_mapping  # noqa: E402
+from conftest import KERNEL_CASES, SHAPES, assert_like_reference, fused_inputs, kernel_case
 
 # Triton reads TRITON_INTERPRET when it is imported, when the kernels are defined and when they run (the fixture
 # below): it is set for those moments only, so nothing else in this process runs Triton interpreted.
@@ -33,11 +31,9 @@ def interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def triton_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout, slots: list[int],  # type: ignore[no-untyped-def]
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    m = build_mapping(slots, x.dtype, kernel="fused")
-    assert m is not None and m.order is not None and m.groups is not None
+    m, b_compact = fused_inputs(x, b, layout, slots)
     if out is None:
         out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=x.dtype)
-    b_compact = cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
     return triton_ops.lora_add(x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets, layout.max_rank,
                                out, m.max_group, max(layout.part_sizes))
 

@@ -65,13 +65,13 @@ def weight_bytes(model: nn.Module) -> int:
 
 def slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
     """Bytes of one adapter slot: A [parts*max_rank, IN] and B for every decoder-layer linear; B is
-    [parts*max_rank, OUT], or [max_rank*OUT] where slots hold it compact (lora/layers.py)."""
-    from loraplex.lora.layers import compact_b
+    [parts*max_rank, OUT], or [max_rank*OUT] where slots hold it compact for the fused kernel (lora/layers.py)."""
+    from loraplex.lora import fused
     from loraplex.quant.linear import QuantLinear
 
     size = torch.finfo(dtype).bits // 8
     device = next(iter([*model.parameters(), *model.buffers()])).device
-    compact = compact_b(dtype, device)
+    compact = fused.supported(dtype, device)
     total = 0
     for name, m in model.named_modules():
         if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None:

@@ -11,6 +11,7 @@ max_rank; unused rows stay zero. B's layout follows the kernel that will read it
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -40,21 +41,19 @@ class LoRALinear(nn.Module):
         self.max_rank = max_rank
         rows = len(self.parts) * max_rank
         device = next(iter([*base.parameters(), *base.buffers()])).device
-        self.compact = compact_b(dtype, device)
+        # B's layout follows the kernel: the model runner's mapping picks the fused kernel by the same test.
+        compact = fused.supported(dtype, device)
         self.lora_a = torch.zeros(max_loras, rows, self.in_features, dtype=dtype, device=device)
-        b_shape = (max_loras, max_rank * self.out_features) if self.compact else (max_loras, rows, self.out_features)
+        b_shape = (max_loras, max_rank * self.out_features) if compact else (max_loras, rows, self.out_features)
         self.lora_b = torch.zeros(b_shape, dtype=dtype, device=device)
         # Slots whose adapter has weights in this layer: a step whose adapters all skip the layer
         # (e.g. attention-only adapters at an MLP layer) pays nothing here.
         self.slot_used = [False] * max_loras
-        offsets = [0]
-        for _, size in self.parts:
-            offsets.append(offsets[-1] + size)
-        self.offsets = offsets
+        sizes = tuple(size for _, size in self.parts)
+        self.offsets = [0, *itertools.accumulate(sizes)]  # the parts' output column bounds, on the host
         self.layout = SlotLayout(ranks=torch.zeros(max_loras, len(self.parts), dtype=torch.int32, device=device),
-                                 offsets=torch.tensor(offsets, dtype=torch.long, device=device),
-                                 part_sizes=tuple(size for _, size in self.parts), max_rank=max_rank,
-                                 compact=self.compact)
+                                 offsets=torch.tensor(self.offsets, dtype=torch.long, device=device),
+                                 part_sizes=sizes, max_rank=max_rank, compact=compact)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         y = self.base(x, batch)
@@ -81,19 +80,13 @@ class LoRALinear(nn.Module):
                 self.lora_a[slot, p * self.max_rank : p * self.max_rank + r] = w.a.to(self.lora_a.dtype)
                 # Fold the scaling into B, stored transposed so the expand is x_a @ B: [r, size].
                 b = (w.b.float() * w.scale).T.to(self.lora_b.dtype)
-                if self.compact:
+                if self.layout.compact:
                     block = self.max_rank * start
                     self.lora_b[slot, block : block + self.max_rank * size].view(self.max_rank, size)[:r] = b
                 else:
                     self.lora_b[slot, p * self.max_rank : p * self.max_rank + r, start : start + size] = b
                 self.layout.ranks[slot, p] = r
                 self.slot_used[slot] = True
-
-
-def compact_b(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether slots of this dtype on this device hold B compact, for the fused kernel. The model runner's
-    mapping picks that kernel by the same test (lora/fused.py), so layout and kernel agree."""
-    return fused.supported(dtype, device)
 
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype) -> dict[tuple[int, str], LoRALinear]:

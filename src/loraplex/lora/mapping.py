@@ -27,7 +27,6 @@ from loraplex.lora import fused
 # Triton on CUDA) it serves every step instead: it reads each group's A and compact B once, and on CPU
 # was 1.5-3x faster than either torch path at every batch the benchmark measures.
 MASKED_MAX_ADAPTERS = 1
-KERNELS = ("fused", "masked", "grouped")
 
 
 @dataclass(slots=True)

@@ -14,7 +14,6 @@ interpreter (TRITON_INTERPRET=1) on the CPU against it, benchmarks/gpu.py times 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -103,14 +102,6 @@ def _expand_kernel(xa_ptr, b_ptr, out_ptr, order_ptr, groups_ptr, ranks_ptr, off
 
 
 
-@functools.cache
-def _pow2_at_least_16(n: int) -> int:
-    p = 16
-    while p < n:
-        p *= 2
-    return p
-
-
 def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, groups: torch.Tensor,
              ranks: torch.Tensor, part_offsets: torch.Tensor, max_rank: int, out: torch.Tensor,
              max_group: int, widest_part: int) -> torch.Tensor:
@@ -121,7 +112,7 @@ def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Ten
     r_total, in_f, out_f = a.shape[1], x.shape[1], out.shape[1]
     xa = torch.empty(order.shape[0], r_total, dtype=torch.float32, device=x.device)
     m_blocks = triton.cdiv(max_group, BLOCK_M)
-    block_r = _pow2_at_least_16(max_rank)
+    block_r = triton.next_power_of_2(max(16, max_rank))  # tl.dot needs >= 16
     # fp32 data: exact fp32 dots, not TF32. Triton's CPU interpreter (the tests) multiplies bf16 wrongly,
     # so there the 16-bit operands are widened first: the same values, summed in fp32 like the GPU's dot.
     dot_f32 = x.dtype == torch.float32 or INTERPRETED

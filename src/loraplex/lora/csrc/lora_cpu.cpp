@@ -244,6 +244,17 @@ inline void expand_cols(const float* const* coef, int rank, const T* b, int64_t 
     }
 }
 
+// f(std::integral_constant<int, nt>{}) for a token block of nt = 1..kTok: the kernels are templates on it.
+template <typename F>
+inline void by_tokens(int nt, F&& f) {
+  switch (nt) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 struct ShrinkItem { int64_t group, part, row0, rows; };
 // Ranks are read once, here: items carry them (slots are written only between steps, never during one).
 struct ExpandItem { int64_t group, part, col0, cols, rank; };
@@ -303,24 +314,13 @@ void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, i
         if constexpr (std::is_same_v<T, uint16_t>) {
           const uint16_t* xb[kTok];
           for (int t = 0; t < nt; ++t) xb[t] = x + order[k + t] * in;
-          switch (nt) {
-            case 4: shrink_rows_bf16<4>(xb, w, in, s.rows, res); break;
-            case 3: shrink_rows_bf16<3>(xb, w, in, s.rows, res); break;
-            case 2: shrink_rows_bf16<2>(xb, w, in, s.rows, res); break;
-            default: shrink_rows_bf16<1>(xb, w, in, s.rows, res); break;
-          }
-          for (int64_t i = 0; i < s.rows; ++i)
-            for (int t = 0; t < nt; ++t) xa[(k + t) * r_total + row0 + i] = res[i][t];
-          continue;
-        }
+          by_tokens(nt, [&](auto NT) { shrink_rows_bf16<decltype(NT)::value>(xb, w, in, s.rows, res); });
+        } else
 #endif
-        const float* xs[kTok];
-        for (int t = 0; t < nt; ++t) xs[t] = xf + (k + t) * in;
-        switch (nt) {
-          case 4: shrink_rows<4>(xs, w, in, s.rows, res); break;
-          case 3: shrink_rows<3>(xs, w, in, s.rows, res); break;
-          case 2: shrink_rows<2>(xs, w, in, s.rows, res); break;
-          default: shrink_rows<1>(xs, w, in, s.rows, res); break;
+        {
+          const float* xs[kTok];
+          for (int t = 0; t < nt; ++t) xs[t] = xf + (k + t) * in;
+          by_tokens(nt, [&](auto NT) { shrink_rows<decltype(NT)::value>(xs, w, in, s.rows, res); });
         }
         for (int64_t i = 0; i < s.rows; ++i)
           for (int t = 0; t < nt; ++t) xa[(k + t) * r_total + row0 + i] = res[i][t];
@@ -343,12 +343,7 @@ void lora_add(const T* x, int64_t in, const T* a, const T* b, int64_t r_total, i
           coef[t] = xa + (k + t) * r_total + row0;
           outs[t] = out + order[k + t] * out_f + e.col0;
         }
-        switch (nt) {
-          case 4: expand_cols<4>(coef, rank, bp, size, e.cols, outs); break;
-          case 3: expand_cols<3>(coef, rank, bp, size, e.cols, outs); break;
-          case 2: expand_cols<2>(coef, rank, bp, size, e.cols, outs); break;
-          default: expand_cols<1>(coef, rank, bp, size, e.cols, outs); break;
-        }
+        by_tokens(nt, [&](auto NT) { expand_cols<decltype(NT)::value>(coef, rank, bp, size, e.cols, outs); });
       }
     }
   }
