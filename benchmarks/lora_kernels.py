@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import machine, write_json
+from loraplex.hardware import resolve_dtype
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
 from loraplex.lora.ops import SlotLayout, lora_fused, lora_grouped, lora_masked
@@ -92,8 +93,9 @@ def mapping_cost(batch: int, dtype: torch.dtype) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[8, 32, 64, 256])
+    ap.add_argument("--dtype", default="auto", help="auto: what the engine resolves on this machine")
     args = ap.parse_args()
-    dtype = torch.bfloat16
+    dtype = resolve_dtype(args.dtype).dtype
     rows = kernel_profile(args.tokens, dtype)
     cost = mapping_cost(64, dtype)
     print("mapping build for a batch of 64 decode tokens (us, by distinct adapters):", {k: round(v, 1) for k, v in cost.items()})

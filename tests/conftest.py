@@ -14,6 +14,13 @@ from loraplex.lora.mapping import LoRAMapping
 from loraplex.lora.ops import SlotLayout
 from loraplex.models.loader import resolve_model
 
+def pytest_report_header() -> list[str]:
+    """The CPU class and what dtype auto resolves to: test times and bf16 paths depend on both."""
+    from loraplex import hardware
+
+    return [f"cpu: {hardware.cpu().describe()}; {hardware.resolve_dtype('auto').describe()}"]
+
+
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 ALL = ATTN + MLP

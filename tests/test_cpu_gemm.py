@@ -1,4 +1,5 @@
-"""The prepacked oneDNN linear (bf16, CPU) equals its reference F.linear, and a prepacked model equals an unpacked one."""
+"""The prepacked oneDNN linear (bf16 and fp32, CPU) equals its reference F.linear, and a prepacked model equals an
+unpacked one: bit for bit in bf16, to fp32 rounding in fp32 (oneDNN sums in another order than MKL)."""
 
 from __future__ import annotations
 
@@ -15,43 +16,53 @@ from loraplex.models.loader import load_model
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="torch built without oneDNN's prepacked linear")
 
 
+def assert_same(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    if ref.dtype == torch.bfloat16:
+        assert torch.equal(ours, ref)
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(rows: int, bias: bool) -> None:
-    """Bit-identical to F.linear for any number of rows (the packing hint is 64), with and without bias."""
+def test_packed_linear_equals_f_linear(rows: int, bias: bool, dtype: torch.dtype) -> None:
+    """F.linear's result for any number of rows (the packing hint is 64), with and without bias."""
     g = torch.Generator().manual_seed(rows)
-    layer = Linear(96, [("q", 64), ("k", 32)], bias=bias).to(torch.bfloat16)
+    layer = Linear(96, [("q", 64), ("k", 32)], bias=bias).to(dtype)
     layer.weight.data.copy_(torch.randn(96, 96, generator=g))
     if bias:
         assert layer.bias is not None
         layer.bias.data.copy_(torch.randn(96, generator=g))
     w = layer.weight.detach().clone()
-    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
     ref = F.linear(x, w, layer.bias)
     assert layer.prepack() and layer.packed is not None
     assert layer.weight.numel() == 0  # the plain copy is freed
-    assert torch.equal(layer(x), ref)
+    assert_same(layer(x), ref)
     assert not layer.prepack()  # once only
 
 
-def test_fp32_layers_are_not_packed() -> None:
-    layer = Linear(8, [("q", 8)])
+def test_fp16_layers_are_not_packed() -> None:
+    layer = Linear(8, [("q", 8)]).to(torch.float16)
     assert not layer.prepack() and layer.packed is None and layer.weight.shape == (8, 8)
 
 
-def test_prepacked_default_model_equals_unpacked(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every linear of the default model in bf16, and the tied LM head, give the same bits packed and plain."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prepacked_default_model_equals_unpacked(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  dtype: torch.dtype) -> None:
+    """Every linear of the default model, and the tied LM head, give the same result packed and plain."""
     from loraplex.models.llama import LlamaForCausalLM
 
-    packed, cfg = load_model(default_model_dir, torch.bfloat16, 64)
+    packed, cfg = load_model(default_model_dir, dtype, 64)
     monkeypatch.setattr(LlamaForCausalLM, "prepack", lambda self: 0)
-    plain, _ = load_model(default_model_dir, torch.bfloat16, 64)
+    plain, _ = load_model(default_model_dir, dtype, 64)
     assert cfg.tie_word_embeddings and packed.head_packed is not None and plain.head_packed is None
     g = torch.Generator().manual_seed(0)
     pairs = [(a, b) for a, b in zip(packed.modules(), plain.modules()) if isinstance(a, Linear)]
     assert len(pairs) == 4 * cfg.num_layers and all(a.packed is not None and b.packed is None for a, b in pairs)
     for a, b in pairs:
-        x = torch.randn(5, a.in_features, generator=g).to(torch.bfloat16)
-        assert torch.equal(a(x), b(x))
-    h = torch.randn(4, cfg.hidden_size, generator=g).to(torch.bfloat16)
-    assert torch.equal(cpu_gemm.linear(h, packed.head_packed, None), F.linear(h, plain.embed_tokens.weight))
+        x = torch.randn(5, a.in_features, generator=g).to(dtype)
+        assert_same(a(x), b(x))
+    h = torch.randn(4, cfg.hidden_size, generator=g).to(dtype)
+    assert_same(cpu_gemm.linear(h, packed.head_packed, None), F.linear(h, plain.embed_tokens.weight))

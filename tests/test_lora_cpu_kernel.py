@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ALL, KERNEL_CASES, SHAPES, assert_like_reference, fused_inputs, kernel_case, packed_weights
-from loraplex import LLM, SamplingParams
+from loraplex import LLM, SamplingParams, native
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
 from loraplex.lora.ops import SlotLayout, lora_apply, lora_reference
@@ -79,7 +79,7 @@ def no_cached_library() -> Iterator[None]:
 
 def test_without_a_compiler_the_torch_kernels_serve(monkeypatch: pytest.MonkeyPatch, no_cached_library: None,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     assert cpu_kernel.library() is None and not cpu_kernel.supported(torch.float32, "cpu")
     assert "no C++ compiler" in caplog.text
 
@@ -98,31 +98,32 @@ def test_a_failed_build_is_reported_and_the_torch_kernels_serve(monkeypatch: pyt
 def test_the_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Built once into the cache, then reused; another source (or flags) is another build."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    cxx = cpu_kernel._compiler()
+    cxx = native.compiler()
     assert cxx is not None
-    path = cpu_kernel.build(cxx)
+    path = native.build(cpu_kernel.SOURCE, cxx)
     assert path.is_file() and path.parent == tmp_path / "kernels" and path.stat().st_mode & 0o044
     mtime = path.stat().st_mtime_ns
-    assert cpu_kernel.build(cxx) == path and path.stat().st_mtime_ns == mtime
+    assert native.build(cpu_kernel.SOURCE, cxx) == path and path.stat().st_mtime_ns == mtime
     changed = tmp_path / "lora_cpu.cpp"
     changed.write_text(cpu_kernel.SOURCE.read_text() + "\n// another source\n")
-    monkeypatch.setattr(cpu_kernel, "SOURCE", changed)
-    assert cpu_kernel.build(cxx) != path
+    assert native.build(changed, cxx) != path
+    assert native.build(cpu_kernel.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]) != path
 
 
-def test_bf16_without_avx512_bf16_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The bf16 path for CPUs without AVX512-BF16 (widening pairs, fp32 FMAs), built and checked here whatever
-    this CPU has; and a build for AVX2-only CPUs."""
+@pytest.mark.parametrize("extra", [["-mno-avx512bf16"], ["-mno-avx512f"]], ids=["avx512-no-bf16", "avx2"])
+def test_builds_for_other_cpus_match_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, extra: list[str]) -> None:
+    """The kernel as built for CPUs without AVX512-BF16 (bf16 by widening pairs, fp32 FMAs) and for AVX2-only
+    CPUs (8-lane vectors), built and checked here whatever this CPU has, in both dtypes."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    cxx = cpu_kernel._compiler()
+    cxx = native.compiler()
     assert cxx is not None
-    for extra in (["-mno-avx512bf16"], ["-mno-avx512f"]):
-        lib = cpu_kernel.load(cpu_kernel.build(cxx, [*cpu_kernel.FLAGS, *extra]))
+    lib = cpu_kernel.load(native.build(cpu_kernel.SOURCE, cxx, [*native.FLAGS, *extra]))
+    for dtype in (torch.bfloat16, torch.float32):
         for shape in SHAPES:
             for case in KERNEL_CASES:
-                x, a, b, layout, slots = kernel_case(shape, case, 9, torch.bfloat16)
+                x, a, b, layout, slots = kernel_case(shape, case, 9, dtype)
                 m, b_compact = fused_inputs(x, b, layout, slots)
-                out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=torch.bfloat16)
+                out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=dtype)
                 cpu_kernel.call(lib, x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets,
                                 layout.max_rank, out)
                 assert_like_reference(out, x, a, b, slots)

@@ -60,7 +60,8 @@ def test_quantized_linears_take_less_memory(default_model_dir: Path, method: str
     """The default model's decoder linears: bf16 bytes / quantized bytes (codes, scales, nested scales, code
     tables, all counted from the tensors) is at least 3.5 for 4-bit and 1.9 for int8."""
     plain, _ = load_model(default_model_dir, torch.float32, 64)
-    bf16_bytes = sum(m.weight.numel() * 2 for n, m in plain.named_modules() if isinstance(m, Linear) and ".layers." in f".{n}")
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for n, m in plain.named_modules()
+                     if isinstance(m, Linear) and ".layers." in f".{n}")
     quant, _ = load_model(default_model_dir, torch.bfloat16, 64, method, double_quant)
     layers = [m for m in quant.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 4 * len(quant.layers)
@@ -191,7 +192,8 @@ def test_memory_budgets_fail_clearly() -> None:
 
 
 def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
-    """/v1/models names the quantization and the memory split; /metrics has the memory gauges and capacity."""
+    """/v1/models names the quantization, the dtype (and why) and the memory split; /metrics has the memory gauges,
+    capacity, and the quantization, dtype and CPU class as labels."""
     from server_util import metric, running
 
     from loraplex.config import EngineConfig
@@ -211,6 +213,9 @@ def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
             assert metric(url, "loraplex_memory_bytes", 'component="weights"') == mem.weights
             assert metric(url, "loraplex_kv_cache_capacity_sequences") == mem.kv_sequences_at_max_len > 0
             assert metric(url, "loraplex_adapter_slots") == 2
-            assert metric(url, "loraplex_base_model_info", 'quantization="nf4+double-quant"') == 1
+            choice = engine.engine.dtype_choice
+            assert base["dtype"] == choice.name and base["dtype_reason"] == choice.describe()
+            labels = f'device="{engine.engine.device_description}",dtype="{choice.name}",quantization="nf4+double-quant"'
+            assert metric(url, "loraplex_base_model_info", labels) == 1
     finally:
         engine.shutdown()

@@ -1,4 +1,4 @@
-"""Command line: `loraplex generate | demo`."""
+"""Command line: `loraplex serve | generate | train | merge | demo | info`."""
 
 from __future__ import annotations
 
@@ -116,6 +116,24 @@ def cmd_train(args: argparse.Namespace) -> None:
           + (f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else ""))
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    """What this machine runs: the CPU class, what dtype auto resolves to, and the C++ kernels (built now if
+    they are not cached, so `make setup` runs this and the first request does not wait for a compiler)."""
+    import torch
+
+    from loraplex import hardware
+    from loraplex.lora import cpu_kernel
+    from loraplex.models import cpu_attention
+
+    info = hardware.cpu()
+    print(f"cpu: {info.describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"ATen capability {info.capability}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{device}: {hardware.resolve_dtype('auto', device).describe()}")
+    for name, ready in (("fused LoRA kernel", cpu_kernel.library()), ("paged decode attention", cpu_attention.library())):
+        print(f"{name}: {'ready' if ready is not None else 'unavailable, torch serves'}")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from loraplex.training.merge import merge
 
@@ -174,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     mg.add_argument("--base", default=None)
     mg.add_argument("--overwrite", action="store_true")
     mg.set_defaults(fn=cmd_merge)
+
+    info = sub.add_parser("info", help="this machine's CPU class, the dtype auto resolves to, the C++ kernels")
+    info.set_defaults(fn=cmd_info)
 
     args = parser.parse_args(argv)
     verbose = args.verbose or args.command == "serve"

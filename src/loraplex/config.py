@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from loraplex.errors import InvalidRequestError
 
-_DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # None = the embedded default model
-    dtype: str = "auto"  # auto = bfloat16 on CPU
+    dtype: str = "auto"  # auto: resolved from the hardware (hardware.resolve_dtype)
     device: str = "cpu"
     max_model_len: int | None = None  # None = min(model's max_position_embeddings, 4096)
     max_num_seqs: int = 64
@@ -35,7 +35,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.dtype in _DTYPES, f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}"),
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.block_size >= 1, "block_size must be >= 1"),

@@ -29,6 +29,7 @@ from loraplex.engine.outputs import CompletionOutput, RequestOutput
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
+from loraplex.hardware import cpu, resolve_dtype, warn_if_emulated
 from loraplex.lora.layers import attach_lora
 from loraplex.models.loader import load_model, resolve_model
 from loraplex.sampling import SamplingParams
@@ -36,17 +37,15 @@ from loraplex.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16  # bf16 on CPU (AVX-512 bf16) and on GPUs alike
-    return getattr(torch, name)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.dtype = resolve_dtype(config.dtype, config.device)
+        self.dtype_choice = resolve_dtype(config.dtype, config.device)
+        self.device_description = cpu().describe() if self.device.type == "cpu" else str(self.device)
+        log.info("%s on %s", self.dtype_choice.describe(), self.device_description)
+        warn_if_emulated(self.dtype_choice)
+        self.dtype = self.dtype_choice.dtype
         self.model_dir = resolve_model(config.model)
         from loraplex.models.config import load_model_config
 

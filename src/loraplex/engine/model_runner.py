@@ -37,8 +37,10 @@ class ModelRunner:
         shape = (cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)  # allocated once, never resized
         for i, attn in enumerate(model.attention_modules()):
-            attn.k_cache, attn.v_cache, attn.block_size = self.kv_cache[i, 0], self.kv_cache[i, 1], block_size
+            attn.bind_cache(self.kv_cache[i, 0], self.kv_cache[i, 1], block_size)
         self.windows = {attn.sliding_window for attn in model.attention_modules()}
+        # Decode groups need masks only where some layer attends them through torch (no C++ kernel).
+        self.decode_masks = not all(attn.decode_kernel for attn in model.attention_modules())
         self.generators: dict[str, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(seed)
 
@@ -95,19 +97,25 @@ class ModelRunner:
         batch = ForwardBatch(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode=self._group(decodes, 0) if decodes else None,
+            decode=self._group(decodes, 0, masks=self.decode_masks) if decodes else None,
             prefill=self._group(prefills, len(decodes)) if prefills else None,
             logits_index=torch.arange(len(ids), device=dev) if all_logits else torch.tensor(sample_at, dtype=torch.long, device=dev),
             lora=build_mapping(lora_slots, self.dtype, dev),
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), batch, sampled_reqs
 
-    def _group(self, seqs: list[ScheduledSeq], start: int) -> AttentionGroup:
+    def _group(self, seqs: list[ScheduledSeq], start: int, masks: bool = True) -> AttentionGroup:
         bs = self.block_size
         b = len(seqs)
         q_lens = [s.num_tokens for s in seqs]
         q = max(q_lens)
         nb = max(len(s.request.block_ids) for s in seqs)
+        context_lens = torch.tensor([s.request.num_computed_tokens + s.num_tokens for s in seqs], dtype=torch.long)
+        if not masks:  # a decode group for the C++ kernel: block tables and lengths are all it reads
+            table_rows = [s.request.block_ids + [0] * (nb - len(s.request.block_ids)) for s in seqs]
+            return AttentionGroup(token_index=None, start=start, num_seqs=b, q_len=1,
+                                  block_tables=torch.tensor(table_rows, dtype=torch.long).to(self.device), masks={},
+                                  valid=None, context_lens=context_lens.to(self.device))
         tables = torch.zeros(b, nb, dtype=torch.long)
         qpos = torch.zeros(b, q, dtype=torch.long)
         token_index = torch.zeros(b, q, dtype=torch.long)
@@ -121,22 +129,23 @@ class ModelRunner:
         uniform = all(n == q for n in q_lens)
         valid = torch.arange(q)[None, :] < torch.tensor(q_lens)[:, None]  # [B, Q]
         kpos = torch.arange(nb * bs)
-        masks: dict[int | None, torch.Tensor] = {}
+        mask_bias: dict[int | None, torch.Tensor] = {}
         for w in self.windows:
             m = kpos[None, None, :] <= qpos[:, :, None]  # causal over absolute positions: [B, Q, K]
             if w is not None:
                 m &= kpos[None, None, :] > qpos[:, :, None] - w
             # additive fp32 bias, 0 where a query may attend a key (each query sees at least itself)
             bias = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, torch.finfo(torch.float32).min)
-            masks[w] = bias[:, None, None].to(self.device)  # [B, 1, 1, Q, K]
+            mask_bias[w] = bias[:, None, None].to(self.device)  # [B, 1, 1, Q, K]
         return AttentionGroup(
             token_index=None if uniform else token_index.to(self.device),
             start=start,
             num_seqs=b,
             q_len=q,
             block_tables=tables.to(self.device),
-            masks=masks,
+            masks=mask_bias,
             valid=None if uniform else valid.to(self.device),
+            context_lens=context_lens.to(self.device),
         )
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:

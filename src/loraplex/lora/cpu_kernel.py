@@ -1,9 +1,5 @@
-"""The fused multi-LoRA CPU kernel (csrc/lora_cpu.cpp): compiled once per machine, called through ctypes.
-
-The source uses no torch headers, so the build is one compiler call of about a second, made on first use
-(and by `make setup`), cached under ~/.cache/loraplex (LORAPLEX_CACHE) by a hash of the source, the flags,
-the compiler and the CPU's feature flags: a cached build never runs on a CPU it was not made for.
-Without a C++ compiler, or with LORAPLEX_LORA_KERNEL=torch, the torch kernels in ops.py serve instead.
+"""The fused multi-LoRA CPU kernel (csrc/lora_cpu.cpp): compiled once per machine (loraplex.native), called
+through ctypes. Without a C++ compiler, or with LORAPLEX_LORA_KERNEL=torch, the torch kernels in ops.py serve.
 The reference is ops.lora_reference; tests/test_lora_cpu_kernel.py holds the two equal.
 """
 
@@ -11,66 +7,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from loraplex import native
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
-def _compiler() -> list[str] | None:
-    """The C++ compiler command: $CXX (may carry arguments, e.g. "ccache g++"), else g++, c++ or clang++."""
-    if os.environ.get("CXX"):
-        return shlex.split(os.environ["CXX"])
-    found = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    return [found] if found else None
-
-
-def library_path(cxx: list[str], flags: list[str]) -> Path:
-    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
-    return root / "kernels" / f"lora_cpu-{key}.so"
-
-
-def build(cxx: list[str], flags: list[str] = FLAGS) -> Path:
-    """Compile the kernel unless this machine's build is cached; return the library's path."""
-    path = library_path(cxx, flags)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # concurrent builders each write their own
-    os.close(fd)
-    try:
-        proc = subprocess.run([*cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cxx)} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
-        os.chmod(tmp, 0o755)  # mkstemp made it 0600: a shared cache must be readable by every user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -86,15 +34,7 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (the torch kernels serve) with the reason logged once."""
     if os.environ.get("LORAPLEX_LORA_KERNEL", "").lower() == "torch":
         return None
-    cxx = _compiler()
-    if cxx is None:
-        log.warning("no C++ compiler found: multi-LoRA runs on the torch kernels (slower on CPU)")
-        return None
-    try:
-        return load(build(cxx))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("fused LoRA kernel unavailable, using the torch kernels: %s", e)
-        return None
+    return native.load_or_none(SOURCE, load, "the fused LoRA kernel", "the torch LoRA kernels")
 
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -148,9 +88,3 @@ def call(lib: ctypes.CDLL, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, or
     if rc != 0:
         raise ValueError(f"fused LoRA kernel: unsupported dtype {x.dtype}")
     return out
-
-
-def main() -> None:
-    """Build now and say whether the kernel is ready (make setup runs this, so the first request does not)."""
-    logging.basicConfig(level=logging.INFO)
-    print(f"fused LoRA CPU kernel: {'ready' if library() is not None else 'unavailable, the torch kernels serve'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.models import cpu_attention
 from loraplex.models.batch import AttentionGroup, ForwardBatch
 
 
@@ -24,15 +25,29 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         self.block_size = 0
+        self.decode_kernel = False  # decode groups by cpu_attention.paged_decode (set with the caches)
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int) -> None:
+        """Attend over these caches ([S, KVH, D] each); decode through the C++ kernel where it serves."""
+        self.k_cache, self.v_cache, self.block_size = k_cache, v_cache, block_size
+        self.decode_kernel = (cpu_attention.supported(k_cache.dtype, k_cache.device)
+                              and cpu_attention.handles(self.num_heads, self.num_kv_heads, self.head_dim))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> out [T, H*D]
         self.k_cache.index_copy_(0, batch.slot_mapping, k)
         self.v_cache.index_copy_(0, batch.slot_mapping, v)
         out = torch.empty_like(q)
-        for group in (batch.decode, batch.prefill):
-            if group is not None:
-                self._attend_group(q, out, group)
+        d = batch.decode
+        if d is not None:
+            if self.decode_kernel:  # one query per sequence, rows [start, start + B) of q
+                rows = slice(d.start, d.start + d.num_seqs)
+                cpu_attention.paged_decode(q[rows], self.k_cache, self.v_cache, d.block_tables, d.context_lens,
+                                           self.block_size, self.sliding_window, self.scale, out[rows])
+            else:
+                self._attend_group(q, out, d)
+        if batch.prefill is not None:
+            self._attend_group(q, out, batch.prefill)
         return out.view(q.shape[0], -1)
 
     def _attend_group(self, q: torch.Tensor, out: torch.Tensor, g: AttentionGroup) -> None:

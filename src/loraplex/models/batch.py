@@ -19,6 +19,8 @@ class AttentionGroup:
     token_index: [B, Q] index of each query in the flat token axis (padding points at a valid token)
     block_tables: [B, NB] KV block ids of each sequence (padding repeats block 0; masked out)
     masks: window -> [B, 1, 1, Q, K] fp32 additive bias, 0 where a query may attend a key, else -max
+           (empty for a decode group that the paged decode kernel attends: it needs only context_lens)
+    context_lens: [B] long, keys each sequence attends (its last query's position + 1)
     """
 
     token_index: torch.Tensor | None  # None when the group's tokens are already contiguous [start, start+B)
@@ -28,6 +30,7 @@ class AttentionGroup:
     block_tables: torch.Tensor
     masks: dict[int | None, torch.Tensor]
     valid: torch.Tensor | None  # [B, Q] bool; None when every query is real
+    context_lens: torch.Tensor
 
 
 @dataclass(slots=True)

@@ -1,9 +1,13 @@
-"""bf16 linear layers on CPU through oneDNN with the weight re-laid once at load ("prepacked").
+"""bf16 and fp32 linear layers on CPU through oneDNN with the weight re-laid once at load ("prepacked").
 
-F.linear re-lays the weight for oneDNN on every call; packing once makes the decode-shaped GEMMs of
-the default model 1.5-1.9x faster on an AVX-512 bf16 CPU (benchmarks/README.md), with bit-identical
-outputs. This is what torch.compile's CPU weight prepacking does, without compiling the model.
-The reference is `F.linear(x, weight, bias)`; tests/test_cpu_gemm.py holds the two equal.
+bf16: F.linear re-lays the weight for oneDNN on every call; packing once makes the decode-shaped GEMMs of
+the default model 1.5-1.9x faster on an AVX-512 bf16 CPU, with bit-identical outputs.
+fp32: F.linear calls MKL's sgemm; oneDNN's packed fp32 GEMM ran the default model's decode-shaped linears
+(32 rows) 1.3-2x faster and its LM head 2.6x faster, with AVX2 kernels as with AVX-512
+(benchmarks/lora_kernels.py measures both). The sums run in another order, so fp32 outputs match F.linear
+to rounding, not bit for bit.
+This is what torch.compile's CPU weight prepacking does, without compiling the model. The reference is
+`F.linear(x, weight, bias)`; tests/test_cpu_gemm.py holds the two equal.
 """
 
 from __future__ import annotations
@@ -16,27 +20,30 @@ import torch.nn.functional as F
 _BATCH_HINT = 64  # oneDNN picks the blocked layout for this many rows; any row count works
 
 
+DTYPES = (torch.bfloat16, torch.float32)
+
+
 @functools.cache
-def available() -> bool:
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """oneDNN's prepacked linear exists in this torch build and gives F.linear's result on a probe."""
     ops = torch.ops.mkldnn
-    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise")):
+    if dtype not in DTYPES or not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+                                   and hasattr(ops, "_linear_pointwise")):
         return False
     try:
-        w = torch.randn(24, 40).to(torch.bfloat16)
-        x = torch.randn(3, 40).to(torch.bfloat16)
-        return bool(torch.equal(linear(x, pack(w), None), F.linear(x, w)))
+        w = torch.randn(24, 40).to(dtype)
+        x = torch.randn(3, 40).to(dtype)
+        return bool(torch.allclose(linear(x, pack(w), None), F.linear(x, w), rtol=1e-5, atol=1e-5))
     except (RuntimeError, NotImplementedError):
         return False
 
 
 def supported(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2 and available()
+    return weight.device.type == "cpu" and weight.dim() == 2 and available(weight.dtype)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[OUT, IN] bf16 -> an opaque oneDNN tensor of the same shape, for `linear` only."""
+    """[OUT, IN] bf16 or fp32 -> an opaque oneDNN tensor of the same shape, for `linear` only."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
 
 

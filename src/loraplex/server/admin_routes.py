@@ -38,7 +38,8 @@ async def list_models(request: Request) -> dict[str, Any]:
     engine = st.engine.engine
     base = {"id": st.served_name, "object": "model", "created": st.created, "owned_by": "loraplex",
             "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len,
-            "dtype": str(engine.dtype).removeprefix("torch."), "quantization": engine.memory.quantization,
+            "dtype": engine.dtype_choice.name, "dtype_reason": engine.dtype_choice.describe(),
+            "device": engine.device_description, "quantization": engine.memory.quantization,
             "memory": {"weights_bytes": engine.memory.weights, "kv_cache_bytes": engine.memory.kv_cache,
                        "adapter_slots_bytes": engine.memory.adapters, "adapter_slots": engine.memory.adapter_slots}}
     data = [base] if scope.may_use(None) else []

@@ -29,8 +29,10 @@ class EngineSnapshot:
 
 
 class ServerMetrics:
-    def __init__(self, memory: MemoryPlan) -> None:
+    def __init__(self, memory: MemoryPlan, dtype: str, device: str) -> None:
         self.memory = memory
+        self.dtype = dtype  # what --dtype resolved to (hardware.resolve_dtype)
+        self.device = device  # e.g. "AMD EPYC (AVX2)": the CPU class the dtype was resolved for
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("loraplex_requests", "Requests finished, by model/adapter and outcome",
@@ -76,8 +78,9 @@ class _EngineCollector:
         for component, value in (("weights", mem.weights), ("kv_cache", mem.kv_cache), ("adapter_slots", mem.adapters)):
             fam.add_metric([component], value)
         yield fam
-        info = GaugeMetricFamily("loraplex_base_model_info", "The base model's quantization (value 1)", labels=["quantization"])
-        info.add_metric([mem.quantization], 1)
+        info = GaugeMetricFamily("loraplex_base_model_info", "The base model's quantization, dtype and device (value 1)",
+                                 labels=["quantization", "dtype", "device"])
+        info.add_metric([mem.quantization, self.metrics.dtype, self.metrics.device], 1)
         yield info
         yield GaugeMetricFamily("loraplex_kv_cache_capacity_tokens", "Tokens the KV cache holds", value=mem.kv_tokens)
         yield GaugeMetricFamily("loraplex_kv_cache_capacity_sequences",

@@ -18,15 +18,16 @@
 // base layer's FLOPs). One pass per slot with fp32 register accumulators reads each weight once, skips
 // unused ranks, and reads B as one contiguous block per slot.
 //
-// bf16 pairs: 32 bf16 values loaded as 16 uint32 give the even elements by a shift and the odd ones by
-// a mask, two instructions for 32 values instead of a widening convert per 16. Dot products therefore
-// run over (even, odd) halves: x is stored in that order per block of 32 (float32 data keeps its order).
+// Vectors (simd.h): kL fp32 lanes, 16 with AVX-512 and 8 with AVX2.
+//
+// bf16 pairs: 2*kL bf16 values loaded as kL uint32 give the even elements by a shift and the odd ones by
+// a mask, two instructions for 2*kL values instead of a widening convert per kL. Dot products therefore
+// run over (even, odd) halves: x is stored in that order per block of 2*kL (float32 data keeps its order).
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
-
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -35,106 +36,78 @@
 #include <immintrin.h>
 #endif
 
+#include "simd.h"
+
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+using namespace loraplex;
 
+#if defined(__AVX512F__)
+constexpr int kNP = 2;  // pairs of vectors per output chunk: 2 x kTok x 2 = 16 of the 32 zmm accumulators
+#else
+constexpr int kNP = 1;  // 1 x kTok x 2 = 8 of the 16 ymm registers, the rest for B and the coefficient
+#endif
+
+constexpr int kB = 2 * kL;   // elements per (even, odd) block
 constexpr int kTok = 4;      // tokens computed together against one pass over weights
 constexpr int kRows = 8;     // A rows per shrink work item
-constexpr int kChunk = 64;   // output columns in registers: 2 pairs x kTok tokens = 16 vector accumulators
 constexpr int kItemCols = 256;  // output columns per expand work item at most
 
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+// kB values -> two fp32 vectors: (even, odd) elements for bf16, (first kL, last kL) for float32.
+inline void load_pair(const float* p, fvec& lo, fvec& hi) {
+  lo = loadv(p);
+  hi = loadv(p + kL);
 }
-
-inline void store1(float* p, float v) { *p = v; }
-inline void store1(uint16_t* p, float v) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    *p = uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *p = uint16_t(u >> 16);
-}
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// 32 values -> two fp32 vectors: (even, odd) elements for bf16, (first 16, last 16) for float32.
-inline void load_pair(const float* p, f32x16& lo, f32x16& hi) {
-  lo = load16(p);
-  hi = load16(p + 16);
-}
-inline void load_pair(const uint16_t* p, f32x16& lo, f32x16& hi) {
-  u32x16 w;
+inline void load_pair(const uint16_t* p, fvec& lo, fvec& hi) {
+  uvec w;
   std::memcpy(&w, p, sizeof w);
-  u32x16 e = w << 16, o = w & 0xffff0000u;
+  uvec e = w << 16, o = w & 0xffff0000u;
   std::memcpy(&lo, &e, sizeof lo);
   std::memcpy(&hi, &o, sizeof hi);
 }
 
-// The inverse for stores: (lo, hi) of load_pair's order back to 32 values in memory order.
-inline void unpair(const float*, f32x16 lo, f32x16 hi, f32x16& first, f32x16& second) {
+// The inverse for stores: (lo, hi) of load_pair's order back to kB values in memory order.
+inline void unpair(const float*, fvec lo, fvec hi, fvec& first, fvec& second) {
   first = lo;
   second = hi;
 }
-inline void unpair(const uint16_t*, f32x16 e, f32x16 o, f32x16& first, f32x16& second) {
+inline void unpair(const uint16_t*, fvec e, fvec o, fvec& first, fvec& second) {
+#if defined(__AVX512F__)
   first = __builtin_shufflevector(e, o, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   second = __builtin_shufflevector(e, o, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+  first = __builtin_shufflevector(e, o, 0, 8, 1, 9, 2, 10, 3, 11);
+  second = __builtin_shufflevector(e, o, 4, 12, 5, 13, 6, 14, 7, 15);
+#endif
 }
 
-// x row -> fp32 in load_pair's order per block of 32 (a tail of IN % 32 in memory order).
+// x row -> fp32 in load_pair's order per block of kB (a tail of IN % kB in memory order).
 inline void convert_row(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void convert_row(const uint16_t* src, float* dst, int64_t n) {
   int64_t j = 0;
-  for (; j + 32 <= n; j += 32)
-    for (int i = 0; i < 16; ++i) {
+  for (; j + kB <= n; j += kB)
+    for (int i = 0; i < kL; ++i) {
       dst[j + i] = to_f32(src[j + 2 * i]);
-      dst[j + 16 + i] = to_f32(src[j + 2 * i + 1]);
+      dst[j + kL + i] = to_f32(src[j + 2 * i + 1]);
     }
   for (; j < n; ++j) dst[j] = to_f32(src[j]);
-}
-
-inline float hsum(f32x16 v) {  // a tree, not a chain of 16 dependent adds
-  f32x8 lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  f32x8 s8 = lo + hi;
-  f32x4 l4, h4;
-  std::memcpy(&l4, &s8, 16);
-  std::memcpy(&h4, reinterpret_cast<const char*>(&s8) + 16, 16);
-  f32x4 s4 = l4 + h4;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // res[r][t] = dot(x[t], w[r]) for NR rows of A and NT tokens (xs: fp32 in pair order), each weight read
 // once; two accumulators per (row, token) so the FMAs do not form one dependent chain.
 template <int NR, int NT, typename T>
 inline void dot_block(const float* const* xs, const T* w, int64_t n, float (*res)[kTok]) {
-  f32x16 acc[NR][NT][2] = {};
+  fvec acc[NR][NT][2] = {};
   int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
+  for (; j + kB <= n; j += kB) {
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      f32x16 lo, hi;
+      fvec lo, hi;
       load_pair(w + r * n + j, lo, hi);
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) {
-        acc[r][t][0] += load16(xs[t] + j) * lo;
-        acc[r][t][1] += load16(xs[t] + j + 16) * hi;
+        acc[r][t][0] += loadv(xs[t] + j) * lo;
+        acc[r][t][1] += loadv(xs[t] + j + kL) * hi;
       }
     }
   }
@@ -195,17 +168,17 @@ inline void shrink_rows_bf16(const uint16_t* const* xs, const uint16_t* w, int64
 constexpr bool kBf16Dot = false;
 #endif
 
-// outs[t][0 : 32*NP] += sum_i coef[t][i] * b[i*ld + 0 : 32*NP] for NT tokens, in registers.
+// outs[t][0 : kB*NP] += sum_i coef[t][i] * b[i*ld + 0 : kB*NP] for NT tokens, in registers.
 template <int NT, int NP, typename T>
 inline void expand_chunk(const float* const* coef, int rank, const T* b, int64_t ld, T* const* outs) {
-  f32x16 acc[NT][NP][2] = {};
+  fvec acc[NT][NP][2] = {};
   for (int i = 0; i < rank; ++i) {
-    f32x16 w[NP][2];
+    fvec w[NP][2];
 #pragma GCC unroll 2
-    for (int q = 0; q < NP; ++q) load_pair(b + i * ld + 32 * q, w[q][0], w[q][1]);
+    for (int q = 0; q < NP; ++q) load_pair(b + i * ld + kB * q, w[q][0], w[q][1]);
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-      f32x16 c = f32x16{} + coef[t][i];
+      fvec c = fvec{} + coef[t][i];
 #pragma GCC unroll 2
       for (int q = 0; q < NP; ++q) {
         acc[t][q][0] += c * w[q][0];
@@ -215,11 +188,11 @@ inline void expand_chunk(const float* const* coef, int rank, const T* b, int64_t
   }
   for (int t = 0; t < NT; ++t)
     for (int q = 0; q < NP; ++q) {
-      f32x16 first, second;
+      fvec first, second;
       unpair(b, acc[t][q][0], acc[t][q][1], first, second);
-      T* o = outs[t] + 32 * q;
-      for (int i = 0; i < 16; ++i) store1(o + i, to_f32(o[i]) + first[i]);
-      for (int i = 0; i < 16; ++i) store1(o + 16 + i, to_f32(o[16 + i]) + second[i]);
+      T* o = outs[t] + kB * q;
+      for (int i = 0; i < kL; ++i) store1(o + i, to_f32(o[i]) + first[i]);
+      for (int i = 0; i < kL; ++i) store1(o + kL + i, to_f32(o[kL + i]) + second[i]);
     }
 }
 
@@ -227,16 +200,16 @@ template <int NT, typename T>
 inline void expand_cols(const float* const* coef, int rank, const T* b, int64_t ld, int64_t cols, T* const* outs) {
   int64_t c = 0;
   T* o[kTok];
-  for (; c + 64 <= cols; c += 64) {
+  for (; c + kNP * kB <= cols; c += kNP * kB) {
     for (int t = 0; t < NT; ++t) o[t] = outs[t] + c;
-    expand_chunk<NT, 2>(coef, rank, b + c, ld, o);
+    expand_chunk<NT, kNP>(coef, rank, b + c, ld, o);
   }
-  if (c + 32 <= cols) {
+  if (kNP > 1 && c + kB <= cols) {
     for (int t = 0; t < NT; ++t) o[t] = outs[t] + c;
     expand_chunk<NT, 1>(coef, rank, b + c, ld, o);
-    c += 32;
+    c += kB;
   }
-  for (; c < cols; ++c)  // a tail of cols % 32, one scalar at a time
+  for (; c < cols; ++c)  // a tail of cols % kB, one scalar at a time
     for (int t = 0; t < NT; ++t) {
       float s = 0.f;
       for (int i = 0; i < rank; ++i) s += coef[t][i] * to_f32(b[i * ld + c]);
