@@ -13,7 +13,9 @@ from loraplex.models import cpu_gemm
 from loraplex.models.layers import Linear
 from loraplex.models.loader import load_model
 
-pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="torch built without oneDNN's prepacked linear")
+DTYPES = [pytest.param(dt, marks=pytest.mark.skipif(not cpu_gemm.available(dt), reason=f"no oneDNN prepacked {dt} linear "
+                                                     "in this torch build or on this CPU class"))
+          for dt in (torch.bfloat16, torch.float32)]
 
 
 def assert_same(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -23,7 +25,7 @@ def assert_same(ours: torch.Tensor, ref: torch.Tensor) -> None:
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear(rows: int, bias: bool, dtype: torch.dtype) -> None:
@@ -48,7 +50,7 @@ def test_fp16_layers_are_not_packed() -> None:
     assert not layer.prepack() and layer.packed is None and layer.weight.shape == (8, 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_prepacked_default_model_equals_unpacked(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                   dtype: torch.dtype) -> None:
     """Every linear of the default model, and the tied LM head, give the same result packed and plain."""

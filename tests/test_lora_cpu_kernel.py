@@ -107,7 +107,7 @@ def test_the_build_is_cached(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     changed = tmp_path / "lora_cpu.cpp"
     changed.write_text(cpu_kernel.SOURCE.read_text() + "\n// another source\n")
     assert native.build(changed, cxx) != path
-    assert native.build(cpu_kernel.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]) != path
+    assert native.build(cpu_kernel.SOURCE, cxx, [*native.machine_flags(), "-DLORAPLEX_OTHER_FLAGS"]) != path
 
 
 @pytest.mark.parametrize("extra", [["-mno-avx512bf16"], ["-mno-avx512f"]], ids=["avx512-no-bf16", "avx2"])

@@ -107,7 +107,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from loraplex.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, output=args.output, base=args.base, rank=args.rank, alpha=args.alpha,
-                      dropout=args.dropout, targets=tuple(args.targets), qlora=args.qlora, epochs=args.epochs,
+                      dropout=args.dropout, targets=tuple(args.targets),
+                      layers=tuple(args.layers) if args.layers else None, qlora=args.qlora, epochs=args.epochs,
                       lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                       eval_data=args.eval_data, overwrite=args.overwrite)
     result = train(cfg)
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--alpha", type=float, default=32.0)
     tr.add_argument("--dropout", type=float, default=0.05)
     tr.add_argument("--targets", nargs="+", default=list(TARGETS), metavar="MODULE")
+    tr.add_argument("--layers", type=int, nargs="+", default=None, metavar="N",
+                    help="LoRA on these decoder layers only (PEFT's layers_to_transform); default: every layer")
     tr.add_argument("--qlora", action="store_true", help="train on a 4-bit NF4 base (bitsandbytes)")
     tr.add_argument("--epochs", type=int, default=3)
     tr.add_argument("--lr", type=float, default=1e-3)

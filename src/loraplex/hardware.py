@@ -40,6 +40,7 @@ class CpuInfo:
     capability: str  # ATen's dispatch level ("AVX512", "AVX2", "DEFAULT", ...); honours ATEN_CPU_CAPABILITY
     flags: frozenset[str]  # /proc/cpuinfo flags
     onednn_max_isa: str | None  # ONEDNN_MAX_CPU_ISA, if set
+    caps: tuple[str, ...] = ()  # the environment settings that cap torch below the CPU ("ATEN_CPU_CAPABILITY=avx2")
 
     @property
     def avx512(self) -> bool:
@@ -74,8 +75,7 @@ class CpuInfo:
         return self.capability  # AVX2, DEFAULT
 
     def describe(self) -> str:
-        capped = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
-        return f"{self.model} ({self.cpu_class}{', capped by ' + ' '.join(capped) if capped else ''})"
+        return f"{self.model} ({self.cpu_class}{', capped by ' + ' '.join(self.caps) if self.caps else ''})"
 
 
 @functools.cache
@@ -98,8 +98,10 @@ def cpu() -> CpuInfo:
         pass
     model = fields.get("model name") or platform.processor() or platform.machine()
     flags = fields.get("flags") or fields.get("Features") or ""
+    caps = tuple(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k))
     return CpuInfo(model=model, arch=platform.machine(), capability=torch.backends.cpu.get_cpu_capability(),
-                   flags=frozenset(flags.split()), onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None)
+                   flags=frozenset(flags.split()), onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
+                   caps=caps)
 
 
 @dataclass(frozen=True, slots=True)

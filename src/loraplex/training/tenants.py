@@ -13,8 +13,20 @@ from loraplex.training.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-# Small and quick: about 20-30 optimizer steps per tenant on 2 CPU cores.
-DEMO_TRAINING = dict(rank=16, alpha=32.0, dropout=0.0, epochs=3, lr=2e-3, batch_size=8, max_length=256, seed=0)
+# Small and quick, on any 2-core x86-64: 12-14 optimizer steps per tenant, LoRA on the upper half of the decoder
+# layers (backpropagation stops there: a step is ~35% cheaper than with every layer). The four tenants trained in
+# 109 s in fp32 on a 2-core EPYC capped to AVX2 (about twice that on a real AVX2 EPYC) and in ~70 s in bf16 on
+# an AVX512-BF16 one; their teacher-forced token accuracy on their own data is 0.89-0.99, the base model's
+# 0.26-0.72 (tests/test_training.py holds the recipe to the training tests' bars).
+DEMO_TRAINING = dict(rank=16, alpha=32.0, dropout=0.0, epochs=2, lr=3e-3, batch_size=8, max_length=256, seed=0)
+
+
+def demo_recipe(base: Path) -> dict[str, object]:
+    """DEMO_TRAINING plus the layers it trains: the upper half of the base model's decoder layers."""
+    from loraplex.models.config import load_model_config
+
+    n = load_model_config(base).num_layers
+    return {**DEMO_TRAINING, "layers": tuple(range(n // 2, n))}
 
 
 def write_datasets(root: Path) -> dict[str, Path]:
@@ -32,16 +44,17 @@ def write_datasets(root: Path) -> dict[str, Path]:
 def ensure_demo_tenants(progress: bool = True) -> dict[str, Path]:
     """Train every demo tenant not yet cached for this dataset, recipe and base model; return name -> adapter dir."""
     base = resolve_model(None)
+    recipe = demo_recipe(base)
     root = cache_dir() / "tenants"
     data = write_datasets(root / "data")
     adapters = {}
     for name, path in data.items():
-        key = hashlib.sha256(path.read_bytes() + json.dumps(DEMO_TRAINING, sort_keys=True).encode()
+        key = hashlib.sha256(path.read_bytes() + json.dumps(recipe, sort_keys=True).encode()
                              + str(base.name).encode()).hexdigest()[:12]
         out = root / f"{name}-{key}"
         if not (out / "adapter_model.safetensors").is_file():
             if progress:
                 print(f"training demo tenant '{name}' on {path.name} (first run only)", flush=True)
-            train(TrainConfig(data=path, output=out, overwrite=True, progress=progress, **DEMO_TRAINING))  # type: ignore[arg-type]
+            train(TrainConfig(data=path, output=out, overwrite=True, progress=progress, **recipe))  # type: ignore[arg-type]
         adapters[name] = out
     return adapters

@@ -39,6 +39,7 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: tuple[str, ...] = TARGETS
+    layers: tuple[int, ...] | None = None  # PEFT's layers_to_transform: LoRA on these decoder layers only
     qlora: bool = False
     epochs: int = 3
     lr: float = 1e-3
@@ -56,7 +57,9 @@ class TrainConfig:
             raise InvalidRequestError(f"unknown target module(s) {', '.join(bad)}; valid: {', '.join(TARGETS)}")
         checks = [(self.rank >= 1, "--rank must be >= 1"), (self.epochs >= 1, "--epochs must be >= 1"),
                   (self.batch_size >= 1, "--batch-size must be >= 1"), (self.max_length >= 2, "--max-length must be >= 2"),
-                  (0 <= self.dropout < 1, "--dropout must be in [0, 1)"), (self.lr > 0, "--lr must be > 0")]
+                  (0 <= self.dropout < 1, "--dropout must be in [0, 1)"), (self.lr > 0, "--lr must be > 0"),
+                  (self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 0),
+                   "--layers must list decoder layer indices >= 0")]
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)
@@ -114,6 +117,18 @@ def _autocast(device: torch.device, compute: torch.dtype) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=compute)
 
 
+def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the labelled (completion) tokens: transformers' causal-LM loss, with the LM head run
+    only at the positions that carry a label. The head is a fifth of the default model's FLOPs and half or more
+    of the positions are prompt, so a step is ~10-20% cheaper for the same loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [N, V]
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, pad_id: int, device: torch.device,
              compute: torch.dtype = torch.float32) -> float:
@@ -123,12 +138,8 @@ def evaluate(model: torch.nn.Module, examples: list[Example], batch_size: int, p
     for i in range(0, len(examples), batch_size):
         b = {k: v.to(device) for k, v in _collate(examples[i : i + batch_size], pad_id).items()}
         with _autocast(device, compute):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        shift = b["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), shift.flatten(), ignore_index=IGNORE,
-                                                 reduction="sum")
-        total += float(loss)
-        count += int((shift != IGNORE).sum())
+            total += float(completion_loss(model, b, reduction="sum"))
+        count += int((b["labels"][:, 1:] != IGNORE).sum())
     model.train()
     return total / max(count, 1)
 
@@ -155,8 +166,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     compute = choice.dtype
     log.info("training in %s (%s)", choice.name, choice.reason)
     model = _load_base(model_dir, cfg.qlora, device, compute)
+    num_layers = model.config.num_hidden_layers
+    if cfg.layers is not None and max(cfg.layers) >= num_layers:
+        raise InvalidRequestError(f"--layers {max(cfg.layers)} is out of range: the model has {num_layers} layers "
+                                  f"(0..{num_layers - 1})")
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
-                      task_type="CAUSAL_LM")
+                      layers_to_transform=list(cfg.layers) if cfg.layers is not None else None, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,7 +192,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(device, compute):
-                loss = model(**batch).loss
+                loss = completion_loss(model, batch)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
