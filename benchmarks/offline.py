@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
 from loraplex import LLM, SamplingParams
+from loraplex.hardware import resolve_dtype
 
 
 def timed_generate(llm: LLM, prompts: list[str], adapters: list[str | None], max_tokens: int) -> dict[str, float]:
@@ -76,7 +77,7 @@ def main() -> None:
         names = make_adapters(default_model_dir(), root, max(max(args.points), max(args.counts)))
         result = {
             "machine": machine(),
-            "workload": {"requests": args.requests, "max_tokens": args.max_tokens, "dtype": "bfloat16",
+            "workload": {"requests": args.requests, "max_tokens": args.max_tokens, "dtype": resolve_dtype().name,
                          "adapters": "PEFT r=16 on q,k,v,o", "decoding": "greedy, EOS ignored"},
             "offline": offline(root, names, args.counts, args.requests, args.max_tokens),
             "scaling": {"stream": args.stream, "max_tokens": args.stream_tokens, "max_loras": 32,

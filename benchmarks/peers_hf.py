@@ -7,7 +7,8 @@
 
     .venv/bin/python -m benchmarks.peers_hf [--requests 32 --max-tokens 64 --sequential 8]
 
-Same prompts (benchmarks.common.workload_prompts), adapters (round-robin), bf16 weights, greedy, and
+Same prompts (benchmarks.common.workload_prompts), adapters (round-robin), the dtype loraplex resolves here
+(bf16 where the CPU multiplies it natively, else fp32), greedy, and
 EOS ignored (min_new_tokens = max_new_tokens) as the loraplex figures. The sequential pattern is timed
 on the first `--sequential` requests only (it is ~30x slower); its figure is tokens/s all the same.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
+from loraplex.hardware import resolve_dtype
 
 
 def batch_tokenizer(model_dir: Path) -> Any:
@@ -88,7 +90,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.adapters or Path(tmp)
         names = make_adapters(model_dir, root, max(args.counts))
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        dtype = resolve_dtype().dtype
+        result["dtype"] = str(dtype).removeprefix("torch.")
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         static_batch(base, tok, prompts[:4], 4)  # warm-up
         result["transformers_base"] = static_batch(base, tok, prompts, args.max_tokens)
         print(f"transformers base, static batch: {result['transformers_base']['tokens_per_s']:.1f} tok/s", flush=True)

@@ -1,4 +1,5 @@
-"""Memory and throughput of the base in bf16, NF4 (double-quant) and int8, with 8 adapters on top.
+"""Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant) and int8, with
+8 adapters on top.
 
     .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32]
 
@@ -22,11 +23,11 @@ from loraplex.engine.memory import module_bytes
 from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
 
-CONFIGS: list[tuple[str, str | None, bool]] = [("bf16", None, False), ("nf4", "nf4", True), ("int8", "int8", False)]
+CONFIGS: list[tuple[str, str | None, bool]] = [("model dtype", None, False), ("nf4", "nf4", True), ("int8", "int8", False)]
 
 
 def linear_bytes(llm: LLM) -> int:
-    """Bytes of the decoder-layer linears as held (bf16 weights incl. their packed copies, or codes + scales)."""
+    """Bytes of the decoder-layer linears as held (weights incl. their packed copies, or codes + scales)."""
     return sum(module_bytes(m) for name, m in llm.engine.runner.model.named_modules()
                if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None)
 

@@ -1,8 +1,10 @@
-"""Turn the suite's results/*.json into REPORT.md and PNG plots: every figure with its ratio to ours.
+"""Turn the suite's results/<cpu class>/*.json into REPORT.md and PNG plots: a section per CPU class measured, every
+figure with its ratio to ours, and the targets per class side by side.
 
-    .venv/bin/python -m benchmarks.report [--out results]
+    .venv/bin/python -m benchmarks.report [--results results] [--out results]
 
-Parts that were skipped are left out of the report and said to be missing; nothing is filled in.
+Each class's figures come from one run of `make bench` on one machine (ratios are only taken within a run). Parts
+that were skipped are left out and said to be missing; nothing is filled in.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS
-
-
-def load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+PARTS = ["offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load", "serving", "roofline",
+         "quantized", "gpu"]
+VLLM_RUNS = ("1", "8", "32", "8_all_cores", "base_lora_enabled", "base")
+# Sections in this order; classes not listed come after, by name.
+CLASS_ORDER = ["avx512-bf16", "amx-bf16", "avx512", "avx2"]
 
 
 def tps(d: dict[str, Any] | None) -> float | None:
@@ -29,8 +31,12 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def ratio(ours: float | None, theirs: float | None) -> str:
-    return "—" if ours is None or theirs is None or theirs == 0 else f"{ours / theirs:.2f}×"
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    return None if ours is None or not theirs else ours / theirs
+
+
+def times(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
 
 
 def verdict(value: float | None, target: float, higher: bool = True) -> str:
@@ -39,54 +45,141 @@ def verdict(value: float | None, target: float, higher: bool = True) -> str:
     return "met" if (value >= target if higher else value <= target) else "**not met**"
 
 
-def plot_offline(out: Path, rows: dict[str, dict[str, float | None]]) -> str:
+@dataclass
+class Run:
+    """One CPU class's results: one run of the suite on one machine."""
+
+    slug: str
+    parts: dict[str, dict[str, Any]]
+    vllm: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, folder: Path) -> Run:
+        def read(name: str) -> dict[str, Any] | None:
+            path = folder / f"{name}.json"
+            return json.loads(path.read_text()) if path.is_file() else None
+
+        parts = {p: d for p in PARTS if (d := read(p)) is not None}
+        vllm = {k: d for k in VLLM_RUNS if (d := read(f"vllm_{k}")) is not None}
+        return cls(folder.name, parts, vllm)
+
+    @property
+    def machine(self) -> dict[str, Any]:
+        return next(d["machine"] for d in self.parts.values() if "machine" in d)
+
+    @property
+    def label(self) -> str:
+        m = self.machine
+        return f"{m.get('cpu_class', self.slug)}, {m.get('dtype', '?')}"
+
+    def ours(self, k: str) -> float | None:
+        off = self.parts.get("offline")
+        return tps(off["offline"].get(k)) if off else None
+
+    def peft(self, k: str) -> float | None:
+        p = self.parts.get("peers_hf")
+        return tps(p["peft_mixed"].get(k)) if p else None
+
+    def vllm8(self) -> float | None:
+        """vLLM CPU's better 8-adapter figure: its default threading or both cores bound."""
+        vals = [tps(self.vllm.get(k)) for k in ("8", "8_all_cores")]
+        return max((v for v in vals if v is not None), default=None)
+
+    def http(self, system: str) -> float | None:
+        h = self.parts.get("http_peers")
+        if h is None:
+            return None
+        if system == "vllm":
+            vals = [tps(h.get(k)) for k in ("vllm", "vllm_all_cores")]
+            return max((v for v in vals if v is not None), default=None)
+        return tps(h.get(system))
+
+    def llama(self, k: str) -> float | None:
+        lc = self.parts.get("llama_cpp")
+        return tps(lc.get(k)) if lc else None
+
+    def roof_base32(self) -> float | None:
+        roof = self.parts.get("roofline")
+        row = next((r for r in roof["decode"] if r["adapters"] == 0 and r["batch"] == 32), None) if roof else None
+        return row["fraction_of_peak"] if row else None
+
+    def targets(self) -> list[tuple[str, float | None, str, str]]:
+        """(target, measured, wanted, verdict) for this class."""
+        base, a8, a32 = self.ours("base"), self.ours("8"), self.ours("32")
+        transformers = tps(self.parts["peers_hf"]["transformers_base"]) if "peers_hf" in self.parts else None
+        off = self.parts.get("offline")
+        sc = off["scaling"]["points"] if off else {}
+        scale = ratio(tps(sc.get("256")), tps(sc.get("8")))
+        kernels, cold = self.parts.get("lora_kernels"), self.parts.get("adapter_cold_load")
+        mapping_ms = kernels["mapping_us_batch64"]["64"] / 1e3 if kernels else None
+        rows = [
+            ("8 mixed adapters vs vLLM CPU, offline", ratio(a8, self.vllm8()), "≥ 3×", 3.0, True),
+            ("8 mixed adapters vs vLLM CPU, over HTTP (64 streams)", ratio(self.http("loraplex"), self.http("vllm")),
+             "≥ 3×", 3.0, True),
+            ("8 mixed adapters vs PEFT mixed batch", ratio(a8, self.peft("8")), "≥ 1.8×", 1.8, True),
+            ("8 mixed adapters vs llama.cpp", ratio(a8, self.llama("8")), "≥ 3×", 3.0, True),
+            ("base only vs llama.cpp (same weight precision)", ratio(base, self.llama("base")), "≥ 1.0×", 1.0, True),
+            ("base only vs transformers", ratio(base, transformers), "≥ 1.2×", 1.2, True),
+            ("LoRA tax: 8 mixed / base", ratio(a8, base), "≥ 0.90", 0.9, True),
+            ("LoRA tax: 32 distinct / base", ratio(a32, base), "≥ 0.80", 0.8, True),
+            ("256 / 8 distinct adapters in the stream", scale, "≥ 0.70", 0.7, True),
+            ("base decode at batch 32, fraction of GEMM peak", self.roof_base32(), "≥ 0.40", 0.4, True),
+            ("adapter mapping per step, batch 64 (ms)", mapping_ms, "≤ 0.1", 0.1, False),
+            ("cold load p50 (ms)", cold["cold_load_ms"]["p50"] if cold else None, "≤ 20", 20.0, False),
+            ("decode during a cold-load burst / none", cold["ratio"] if cold else None, "≥ 0.90", 0.9, True),
+        ]
+        return [(name, value, wanted, verdict(value, target, higher)) for name, value, wanted, target, higher in rows]
+
+
+def plot_offline(out: Path, run: Run, rows: dict[str, dict[str, float | None]]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(rows)
-    systems = sorted({s for r in rows.values() for s, v in r.items() if v is not None}, key=list(next(iter(rows.values()))).index)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    systems = [s for s in next(iter(rows.values())) if any(r.get(s) for r in rows.values())]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
         vals = [rows[label].get(system) or 0.0 for label in labels]
         ax.bar([j + i * width for j in range(len(labels))], vals, width, label=system)
     ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(labels))], labels)
     ax.set_ylabel("tokens/s")
-    ax.set_title("Offline throughput, 32 requests x 64 tokens, bf16, greedy")
+    ax.set_title(f"Offline throughput, 32 requests x 64 tokens, greedy ({run.label})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "offline_throughput.png", dpi=120)
+    name = f"{run.slug}/offline_throughput.png"
+    fig.savefig(out / name, dpi=120)
     plt.close(fig)
-    return "offline_throughput.png"
+    return name
 
 
-def plot_scaling(out: Path, points: dict[str, dict[str, float]]) -> str:
+def plot_scaling(out: Path, run: Run, points: dict[str, dict[str, float]]) -> str:
     import matplotlib.pyplot as plt
 
     ks = sorted(int(k) for k in points)
-    vals = [points[str(k)]["tokens_per_s"] for k in ks]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(ks, vals, marker="o", label="loraplex")
+    ax.plot(ks, [points[str(k)]["tokens_per_s"] for k in ks], marker="o", label="loraplex")
     if "8" in points:
         ax.axhline(0.7 * points["8"]["tokens_per_s"], ls="--", c="gray", label="0.7 x the 8-adapter figure")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("distinct adapters in the request stream")
     ax.set_ylabel("tokens/s")
     ax.set_ylim(bottom=0)
-    ax.set_title("Scaling: 256 requests x 32 tokens, 32 device slots")
+    ax.set_title(f"Scaling: 256 requests x 32 tokens, 32 device slots ({run.label})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
+    name = f"{run.slug}/scaling.png"
+    fig.savefig(out / name, dpi=120)
     plt.close(fig)
-    return "scaling.png"
+    return name
 
 
-def plot_kernels(out: Path, rows: list[dict[str, Any]]) -> str:
+def plot_kernels(out: Path, run: Run, rows: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
 
-    shown = [(layer, t) for layer in ("qkv_proj",) for t in sorted({r["tokens"] for r in rows})]
+    shown = [("qkv_proj", t) for t in sorted({r["tokens"] for r in rows})]
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.6), squeeze=False)
     for ax, (layer, t) in zip(axes[0], shown):
         sel = [r for r in rows if r["layer"] == layer and r["tokens"] == t]
@@ -99,211 +192,236 @@ def plot_kernels(out: Path, rows: list[dict[str, Any]]) -> str:
         ax.set_xscale("log", base=2)
         ax.set_title(f"{layer}, T={t}")
         ax.set_xlabel("distinct adapters")
-    axes[0][0].set_ylabel("us per call")
+    axes[0][0].set_ylabel(f"us per call ({run.label})")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "lora_kernels.png", dpi=120)
+    name = f"{run.slug}/lora_kernels.png"
+    fig.savefig(out / name, dpi=120)
     plt.close(fig)
-    return "lora_kernels.png"
+    return name
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    offline, peers, kernels = load("offline"), load("peers_hf"), load("lora_kernels")
-    cold, serving, roof = load("adapter_cold_load"), load("serving"), load("roofline")
-    quant = load("quantized")
-    vllm = {k: load(f"vllm_{k}") for k in ("1", "8", "32", "8_all_cores", "base_lora_enabled", "base")}
-    missing = [n for n, d in [("offline", offline), ("peers_hf", peers), ("vllm", vllm["8"]), ("lora_kernels", kernels),
-                              ("adapter_cold_load", cold), ("serving", serving), ("roofline", roof)] if d is None]
-    any_machine = next(d for d in (offline, peers, kernels, cold, serving, roof) if d is not None)["machine"]
-    vllm_version = next((d["version"] for d in vllm.values() if d), None)
-
-    ours = {k: tps(offline["offline"].get(k)) if offline else None for k in ("base", "1", "8", "32")}
-    pm = peers["peft_mixed"] if peers else {}
-    vllm8 = max((v for v in (tps(vllm["8"]), tps(vllm["8_all_cores"])) if v is not None), default=None)
-    rows: dict[str, dict[str, float | None]] = {
-        "base only": {"loraplex": ours["base"], "vLLM CPU": tps(vllm["base_lora_enabled"]),
-                      "vLLM CPU (no LoRA, compiled)": tps(vllm["base"]),
-                      "transformers / PEFT batch": tps(peers["transformers_base"]) if peers else None,
-                      "sequential PEFT": None},
+def offline_rows(run: Run) -> dict[str, dict[str, float | None]]:
+    p = run.parts.get("peers_hf")
+    return {
+        "base only": {"loraplex": run.ours("base"), "vLLM CPU": tps(run.vllm.get("base_lora_enabled")),
+                      "vLLM CPU (no LoRA, compiled)": tps(run.vllm.get("base")), "llama.cpp": run.llama("base"),
+                      "transformers / PEFT batch": tps(p["transformers_base"]) if p else None, "sequential PEFT": None},
         **{f"{k} adapter{'s' if k != '1' else ''}": {
-            "loraplex": ours[k], "vLLM CPU": tps(vllm[k]), "vLLM CPU (no LoRA, compiled)": None,
-            "transformers / PEFT batch": tps(pm.get(k)),
-            "sequential PEFT": tps(peers["peft_sequential"]) if peers and k == "8" else None} for k in ("1", "8", "32")},
+            "loraplex": run.ours(k), "vLLM CPU": tps(run.vllm.get(k)), "vLLM CPU (no LoRA, compiled)": None,
+            "llama.cpp": run.llama(k), "transformers / PEFT batch": run.peft(k),
+            "sequential PEFT": tps(p["peft_sequential"]) if p and k == "8" else None} for k in ("1", "8", "32")},
     }
-    lines = ["# loraplex benchmark report", "",
-             f"Machine: {any_machine['cpu']}, {any_machine['cores']} cores, torch {any_machine['torch']} "
-             f"({any_machine['torch_threads']} threads), transformers {any_machine['transformers']}, "
-             f"Python {any_machine['python']}" + (f"; PEFT {peers['peft']}" if peers else "")
-             + (f"; vLLM CPU {vllm_version}" if vllm_version else "") + ".",
-             "All figures from one run of `make bench` on this machine. Model: the embedded SmolLM2-135M-Instruct "
-             "in bf16; adapters made by PEFT, rank 16 on q, k, v, o; greedy decoding, EOS ignored. No GPU was used.", ""]
-    if missing:
-        lines += [f"Parts not run: {', '.join(missing)}.", ""]
 
-    lines += ["## Offline throughput (tokens/s, 32 requests x 64 new tokens)", "",
-              "| workload | " + " | ".join(next(iter(rows.values()))) + " |",
-              "|---|" + "---|" * len(next(iter(rows.values())))]
+
+def class_section(run: Run, out: Path) -> list[str]:
+    m, P = run.machine, run.parts
+    vllm_version = next((d["version"] for d in run.vllm.values()), None)
+    lc = P.get("llama_cpp")
+    lines = [f"## {run.label}", "",
+             f"Machine: {m.get('cpu_description', m['cpu'])}, {m['cores']} cores; ISA flags {', '.join(m.get('isa_flags', []))}; "
+             f"dtype `auto` -> {m.get('dtype', '?')}; torch {m['torch']} ({m['torch_threads']} threads), transformers "
+             f"{m['transformers']}, Python {m['python']}" + (f"; PEFT {P['peers_hf']['peft']}" if "peers_hf" in P else "")
+             + (f"; vLLM CPU {vllm_version}" if vllm_version else "") + (f"; llama.cpp {lc['version']}" if lc else "") + ".",
+             "Every system in this section ran in the dtype above (llama.cpp: GGUF weights and KV cache at that "
+             "precision), from one run of `make bench` on this machine."]
+    missing = [p for p in ("offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load",
+                           "serving", "roofline") if p not in P] + ([] if run.vllm else ["vllm"])
+    if missing:
+        lines += ["", f"Parts not run: {', '.join(missing)}."]
+    if "capped by" in m.get("cpu_description", ""):
+        lines += ["", "This class was measured on an AVX-512 machine with torch, oneDNN and MKL capped to AVX2 "
+                  "(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`); loraplex's C++ "
+                  "kernels and llama.cpp were built for AVX2 (`-mno-avx512f`, `GGML_AVX512=OFF`). vLLM CPU's own "
+                  "compiled kernels are not capped by these settings. A real AVX2-only CPU (Zen 2/3) has lower "
+                  "clocks and memory bandwidth: its absolute figures are lower, the ratios are what this section "
+                  "is for."]
+    rows = offline_rows(run)
+    systems = list(next(iter(rows.values())))
+    lines += ["", "### Offline throughput (tokens/s, 32 requests x 64 new tokens)", "",
+              "| workload | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
     for label, r in rows.items():
-        cells = [fmt(r["loraplex"])] + [f"{fmt(v)} ({ratio(r['loraplex'], v)})" if v is not None else "—"
+        cells = [fmt(r["loraplex"])] + [f"{fmt(v)} ({times(ratio(r['loraplex'], v))})" if v is not None else "—"
                                         for s, v in r.items() if s != "loraplex"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "In parentheses: loraplex's figure divided by the peer's. vLLM CPU with LoRA enabled runs eager; "
-              "without LoRA it runs torch.compiled (its start-up compiles for ~50 s), a separate column. "
-              "The sequential PEFT figure is one request at a time, `set_adapter` then `generate`, over 8 adapters."]
-    if vllm["8"] and vllm["8_all_cores"]:
+              "without LoRA it runs torch.compiled (a separate column). llama.cpp: `llama-server`, one slot per "
+              "request, continuous batching, each request's adapter in its `lora` field. The sequential PEFT "
+              "figure is one request at a time, `set_adapter` then `generate`, over 8 adapters."]
+    if "8" in run.vllm and "8_all_cores" in run.vllm:
         lines += [f"vLLM CPU binds one OpenMP thread on this 2-core machine by default (a core is reserved); with both "
-                  f"cores bound (`VLLM_CPU_OMP_THREADS_BIND=0-1`, no reserved core) its 8-adapter figure was "
-                  f"{fmt(tps(vllm['8_all_cores']))} tok/s against {fmt(tps(vllm['8']))} by default; the target ratio "
-                  f"below uses the better of the two."]
-    lines += ["", "![offline](offline_throughput.png)", ""]
+                  f"cores bound its 8-adapter figure was {fmt(tps(run.vllm['8_all_cores']))} tok/s against "
+                  f"{fmt(tps(run.vllm['8']))}; the ratios in the targets use the better of the two."]
+    if lc:
+        lines += [f"llama.cpp does not batch requests whose LoRA settings differ (its server's documentation says "
+                  f"so): with 8 adapters mixed it made {fmt(run.llama('8'))} tok/s against {fmt(run.llama('base'))} "
+                  f"for the base model alone ({times(ratio(run.llama('8'), run.llama('base')))}); loraplex kept "
+                  f"{times(ratio(run.ours('8'), run.ours('base')))} of its base figure."
+                  + ("" if lc.get("adapter_changes_output", True) else " (Its adapters did not change the output: "
+                     "the figure is suspect.)")]
+    h = P.get("http_peers")
+    if h:
+        lines += ["", f"### Over HTTP: {h['streams']} concurrent streams over 8 adapters", "",
+                  f"{h['streams']} streaming completions sent at once (one per client), request i on adapter i % 8, "
+                  f"{h['max_tokens']} tokens each, greedy, EOS ignored; each system as its own OpenAI-compatible "
+                  "server on this machine.", "",
+                  "| server | tok/s | loraplex / it | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | errors |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, name in (("loraplex", "loraplex"), ("vllm", "vLLM CPU (default threads)"),
+                          ("vllm_all_cores", "vLLM CPU (both cores bound)"), ("llama_cpp", "llama.cpp")):
+            if key in h:
+                r = h[key]
+                lines.append(f"| {name} | {fmt(r['tokens_per_s'])} | {times(ratio(tps(h['loraplex']), tps(r)))} | "
+                             f"{fmt(r['ttft_ms']['p50'])} | {fmt(r['ttft_ms']['p99'])} | {fmt(r['tpot_ms']['p50'], 1)} "
+                             f"| {r['errors']} |")
+    plots = []
+    if any(v is not None for r in rows.values() for v in r.values()):
+        plots.append(plot_offline(out, run, rows))
+        lines += ["", f"![offline]({plots[-1]})"]
 
-    tax8 = ours["8"] / ours["base"] if ours["8"] and ours["base"] else None
-    tax32 = ours["32"] / ours["base"] if ours["32"] and ours["base"] else None
-    sc = offline["scaling"]["points"] if offline else {}
-    scale = sc["256"]["tokens_per_s"] / sc["8"]["tokens_per_s"] if "256" in sc and "8" in sc else None
-    mapping_ms = kernels["mapping_us_batch64"]["64"] / 1e3 if kernels else None
-    roof_frac = max((r["fraction_of_peak"] for r in roof["decode"]), default=None) if roof else None
-    targets = [
-        ("8 mixed adapters vs vLLM CPU mixed", ratio(ours["8"], vllm8), "≥ 3×", verdict(ours["8"] / vllm8 if ours["8"] and vllm8 else None, 3)),
-        ("8 mixed adapters vs PEFT mixed batch", ratio(ours["8"], tps(pm.get("8"))), "≥ 1.8×",
-         verdict(ours["8"] / tps(pm.get("8")) if ours["8"] and pm.get("8") else None, 1.8)),  # type: ignore[operator]
-        ("LoRA tax, 8 mixed / base", fmt(tax8, 2), "≥ 0.90", verdict(tax8, 0.9)),
-        ("LoRA tax, 32 distinct / base", fmt(tax32, 2), "≥ 0.80", verdict(tax32, 0.8)),
-        ("256 / 8 distinct adapters in the stream", fmt(scale, 2), "≥ 0.70", verdict(scale, 0.7)),
-        ("adapter mapping per step, batch 64 (ms)", fmt(mapping_ms, 3), "≤ 0.1", verdict(mapping_ms, 0.1, higher=False)),
-        ("cold load p50 (ms)", fmt(cold["cold_load_ms"]["p50"], 1) if cold else "—", "≤ 20",
-         verdict(cold["cold_load_ms"]["p50"] if cold else None, 20, higher=False)),
-        ("decode during a cold-load burst / none", fmt(cold["ratio"], 2) if cold else "—", "≥ 0.90", verdict(cold["ratio"] if cold else None, 0.9)),
-        ("roofline fraction (best decode batch)", fmt(roof_frac, 2) if roof_frac is not None else "—", "≥ 0.50 or explained",
-         verdict(roof_frac, 0.5) + (" (explained below)" if roof_frac is not None and roof_frac < 0.5 else "")),
-    ]
-    lines += ["## Targets", "", "| target | measured | wanted | |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets]
-
-    if serving:
-        s = serving
-        lines += ["", "## Serving over HTTP (Poisson arrivals, Zipf popularity over 64 adapters)", "",
-                  f"{s.get('requests', '?')} streaming completions at {s.get('rate', '?')} req/s, {s.get('max_tokens', '?')} "
-                  f"tokens each, {s.get('distinct_adapters', '?')} distinct adapters used, {s.get('errors', '?')} errors.", "",
+    if "serving" in P:
+        s = P["serving"]
+        lines += ["", "### Serving over HTTP (Poisson arrivals, Zipf popularity over 64 adapters)", "",
+                  f"{s['requests']} streaming completions at {s['rate']} req/s, {s['max_tokens']} tokens each, "
+                  f"{s['distinct_adapters']} distinct adapters used, {s['errors']} errors.", "",
                   "| | p50 | p99 | mean |", "|---|---|---|---|",
                   f"| time to first token (ms) | {fmt(s['ttft_ms']['p50'], 1)} | {fmt(s['ttft_ms']['p99'], 1)} | {fmt(s['ttft_ms']['mean'], 1)} |",
                   f"| time per output token (ms) | {fmt(s['tpot_ms']['p50'], 1)} | {fmt(s['tpot_ms']['p99'], 1)} | {fmt(s['tpot_ms']['mean'], 1)} |",
                   "", f"Throughput: {fmt(s['tokens_per_s'])} tokens/s, {fmt(s['requests_per_s'], 2)} requests/s."]
-    if cold:
-        lines += ["", "## Cold adapter loads", "",
-                  f"A {cold['adapter_mb']} MB adapter from disk (page cache warm) into a device slot: p50 "
-                  f"{fmt(cold['cold_load_ms']['p50'], 1)} ms, p99 {fmt(cold['cold_load_ms']['p99'], 1)} ms over "
-                  f"{cold['cold_load_ms']['n']} loads. Decode throughput with a burst of {cold['burst']} cold loads: "
-                  f"{fmt(cold['tokens_per_s_with_cold_loads'])} tok/s against {fmt(cold['tokens_per_s_no_loads'])} with the "
-                  f"burst's adapters resident ({fmt(cold['ratio'], 2)})."]
-    if kernels:
-        mp = kernels["mapping_us_batch64"]
-        lines += ["", "## Switching cost and the LoRA kernels", "",
+    if "adapter_cold_load" in P:
+        c = P["adapter_cold_load"]
+        lines += ["", "### Cold adapter loads", "",
+                  f"A {c['adapter_mb']} MB adapter from disk (page cache warm) into a device slot: p50 "
+                  f"{fmt(c['cold_load_ms']['p50'], 1)} ms, p99 {fmt(c['cold_load_ms']['p99'], 1)} ms over "
+                  f"{c['cold_load_ms']['n']} loads. Decode throughput with a burst of {c['burst']} cold loads: "
+                  f"{fmt(c['tokens_per_s_with_cold_loads'])} tok/s against {fmt(c['tokens_per_s_no_loads'])} with the "
+                  f"burst's adapters resident ({fmt(c['ratio'], 2)})."]
+    if "lora_kernels" in P:
+        k = P["lora_kernels"]
+        mp = k["mapping_us_batch64"]
+        pe = P.get("peers_hf")
+        plots.append(plot_kernels(out, run, k["kernels"]))
+        lines += ["", "### Switching cost and the LoRA kernels", "",
                   "Building a step's adapter mapping for a batch of 64 decode tokens: " +
-                  ", ".join(f"{fmt(v, 1)} µs with {k} distinct adapter{'s' if k != '1' else ''}" for k, v in mp.items()) + "."
-                  + (f" PEFT's `set_adapter`, measured in the same run: {peers['peft_set_adapter_ms']:.3f} ms per call "
-                     "(the issue's anchor: 0.08 ms); the sequential pattern pays it per request, loraplex pays the "
-                     "mapping once per step for every adapter in it." if peers else ""),
-                  "", "Kernel profile (µs per call, bf16): the fused C++ kernel (`lora/csrc/lora_cpu.cpp`, per slot "
-                  "group one pass over A and compact B with fp32 accumulators), against the torch kernels, a masked "
-                  "GEMM and a grouped (SGMV-style) bmm. On CPU the engine uses the fused kernel; the torch kernels "
-                  "serve where it cannot be built or for other dtypes (`lora/mapping.py`):", "",
-                  "![kernels](lora_kernels.png)"]
+                  ", ".join(f"{fmt(v, 1)} µs with {n} distinct adapter{'s' if n != '1' else ''}" for n, v in mp.items()) + "."
+                  + (f" PEFT's `set_adapter`, measured in the same run: {pe['peft_set_adapter_ms']:.3f} ms per call; the "
+                     "sequential pattern pays it per request, loraplex pays the mapping once per step for every "
+                     "adapter in it." if pe else ""),
+                  "", f"Kernel profile (µs per call, {k.get('dtype', '?')}): the fused C++ kernel (`lora/csrc/lora_cpu.cpp`) "
+                  "against the torch kernels, a masked GEMM and a grouped (SGMV-style) bmm; the base layer's own "
+                  "GEMM for scale.", "", f"![kernels]({plots[-1]})"]
+    sc = P["offline"]["scaling"]["points"] if "offline" in P else {}
     if sc:
-        lines += ["", "## Scaling with distinct adapters", "",
-                  "| distinct adapters | " + " | ".join(sorted(sc, key=int)) + " |",
-                  "|---|" + "---|" * len(sc),
-                  "| tokens/s | " + " | ".join(fmt(sc[k]["tokens_per_s"]) for k in sorted(sc, key=int)) + " |",
-                  "", "![scaling](scaling.png)"]
-    if roof:
-        lines += ["", "## Roofline", "",
-                  f"Measured peaks: bf16 GEMM {fmt(roof['peak_gflops_bf16'])} GFLOP/s (2048³), copy bandwidth "
-                  f"{fmt(roof['copy_bandwidth_gbs'], 1)} GB/s.", "",
-                  "| adapters | batch | ms/step | tok/s | GFLOP/s | of peak | GB/s (weights + KV) | of bandwidth |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['adapters']} | {r['batch']} | {fmt(r['step_ms'], 1)} ({fmt(r['gemm_ms'], 1)} in base GEMMs) | {fmt(r['tokens_per_s'])} | {fmt(r['gflops'])} | "
-                  f"{100 * r['fraction_of_peak']:.0f}% | {fmt(r['gb_per_s'], 1)} | {100 * r['fraction_of_bandwidth']:.0f}% |"
-                  for r in roof["decode"]]
-        share = ", ".join(f"{100 * r['gemm_ms'] / r['step_ms']:.0f}% at batch {r['batch']}" for r in roof["decode"] if r["adapters"] == 0)
-        lines += ["", "What bounds it: the base model's GEMMs alone (every linear layer and the LM head timed on their own "
-                  f"at the step's shape) take this share of a base decode step: {share}. They run near the GEMM peak "
-                  "only for large row counts; the rest of the step is many small ops per layer (norms, RoPE, the "
-                  "KV-cache gather and attention in fp32, activations, the LoRA kernels), each a few to tens of µs, "
-                  "whose fixed cost does not shrink with this model's small hidden size (576). The weights stream "
-                  "from memory well below the copy bandwidth, so the step is bound by per-op latency, not by FLOPs "
-                  "or bytes."]
-    if roof and "lora_bytes_per_adapter" in roof:
-        per, base_b = roof["lora_bytes_per_adapter"], roof["base_weight_bytes"]
-        lines += ["", "## What the LoRA tax is made of", "",
-                  f"A decode step reads every active adapter's A and B in every layer: {per / 1e6:.1f} MB per rank-16 "
-                  f"q,k,v,o adapter here, against {base_b / 1e6:.0f} MB of base weights (linear layers and LM head). "
-                  f"With 8 distinct adapters in the batch that is {8 * per / 1e6:.0f} MB more per step "
-                  f"(+{100 * 8 * per / base_b:.0f}%); with 32, {32 * per / 1e6:.0f} MB (+{100 * 32 * per / base_b:.0f}%). "
-                  "The fused kernel reads each adapter's A and compact B once per step, skipping unused ranks and "
-                  "the zero blocks of the packed q/k/v layer's B, with no copies."]
-        r0 = next((r for r in roof["decode"] if r["adapters"] == 0 and r["batch"] == 32), None)
-        r8 = next((r for r in roof["decode"] if r["adapters"] > 0 and r["batch"] == 32), None)
-        if r0 and r8:
-            extra_ms = r8["step_ms"] - r0["step_ms"]
-            lines += ["", f"Measured in the roofline run at batch 32: the base GEMMs stream their weights at "
-                      f"{base_b / r0['gemm_ms'] / 1e6:.1f} GB/s ({fmt(r0['gemm_ms'], 1)} ms per step); {r8['adapters']} adapters "
-                      f"add {extra_ms:.1f} ms per step for {r8['adapters'] * per / 1e6:.0f} MB, "
-                      f"{r8['adapters'] * per / max(extra_ms, 1e-9) / 1e6:.1f} GB/s. The tax is these bytes (the "
-                      "LoRA FLOPs are ~3% of the base's), read a few tokens per adapter at a time."]
-    if quant:
-        bf16 = next((r for r in quant["rows"] if r["base"] == "bf16"), None)
-        lines += ["", "## Quantized base: memory and throughput", "",
-                  f"{quant['requests']} requests x {quant['max_tokens']} tokens; memory from the engine's accounting "
-                  "(tensors as held: codes, scales, packed copies). LoRA runs in bf16 on top of every base.", "",
-                  "| base | weights (MiB) | decoder linears (MiB) | vs bf16 | KV cache (MiB) | adapter slots (MiB) | "
+        plots.append(plot_scaling(out, run, sc))
+        ks = sorted(sc, key=int)
+        lines += ["", "### Scaling with distinct adapters", "", "| distinct adapters | " + " | ".join(ks) + " |",
+                  "|---|" + "---|" * len(ks), "| tokens/s | " + " | ".join(fmt(sc[x]["tokens_per_s"]) for x in ks) + " |",
+                  "", f"![scaling]({plots[-1]})"]
+    if "roofline" in P:
+        lines += roofline_lines(P["roofline"])
+    if "quantized" in P:
+        q = P["quantized"]
+        plain = next((r for r in q["rows"] if r["quantization"] == "none"), None)
+        lines += ["", "### Quantized base: memory and throughput", "",
+                  f"{q['requests']} requests x {q['max_tokens']} tokens; memory from the engine's accounting (tensors "
+                  f"as held: codes, scales, packed copies). LoRA runs in the model dtype ({m.get('dtype', '?')}) on top "
+                  "of every base.", "",
+                  "| base | weights (MiB) | decoder linears (MiB) | vs unquantized | KV cache (MiB) | adapter slots (MiB) | "
                   "tok/s base | tok/s 8 adapters |", "|---|---|---|---|---|---|---|---|"]
-        for r in quant["rows"]:
-            shrink = f"{bf16['linear_bytes'] / r['linear_bytes']:.2f}x smaller" if bf16 and r is not bf16 else "—"
+        for r in q["rows"]:
+            shrink = f"{plain['linear_bytes'] / r['linear_bytes']:.2f}x smaller" if plain and r is not plain else "—"
             lines.append(f"| {r['quantization']} | {r['weights_bytes'] / 2**20:.1f} | {r['linear_bytes'] / 2**20:.1f} | "
                          f"{shrink} | {r['kv_cache_bytes'] / 2**20:.0f} | {r['adapter_slots_bytes'] / 2**20:.1f} | "
                          f"{fmt(r['tokens_per_s_base'])} | {fmt(r['tokens_per_s_8_adapters'])} |")
-        lines += ["", "Weights include the embedding (tied with the LM head, which keeps a oneDNN-packed bf16 copy); "
-                  "the embedding and head stay bf16 under every quantization, as in transformers' bitsandbytes loading."]
-    gpu = load("gpu")
-    lines += ["", "## On a GPU", ""]
-    if gpu and gpu["device"].startswith("cuda"):
-        o, n = gpu["loraplex"], str(gpu["adapters"])
-        lines += [f"Device: {gpu['machine'].get('gpu', gpu['device'])}. Model: Llama architecture, {gpu['shape']} shape "
-                  f"({gpu['shape_config']}), **random weights** ({gpu['weights']}): speed figures only. "
-                  f"{gpu['requests']} requests x {gpu['max_tokens']} tokens, rank-16 q,k,v,o adapters, Triton multi-LoRA "
-                  "kernels (`lora/triton_ops.py`).", "",
-                  "| system | tok/s |", "|---|---|",
-                  f"| loraplex, base only | {fmt(o['base']['tokens_per_s'])} |",
-                  f"| loraplex, {n} adapters | {fmt(o[n]['tokens_per_s'])} |"]
-        if "peft_mixed" in gpu:
-            lines.append(f"| PEFT mixed batch, {n} adapters | {fmt(gpu['peft_mixed']['tokens_per_s'])} |")
-        lines += ["", f"LoRA tax: {100 * gpu['lora_tax']:.1f}% (target <= 15% with 32 adapters in a batch of 64)"
-                  + (f"; {gpu['vs_peft']:.2f}x PEFT's mixed batch (target >= 5x)." if "vs_peft" in gpu else ".")]
-    else:
-        lines += ["No GPU was available to this run. `benchmarks/gpu.py` measures the GPU half (Llama 1B-8B shape, "
-                  "random weights, Triton kernels, against PEFT's mixed batch) where one is; the Triton kernels are "
-                  "tested here in Triton's CPU interpreter against the torch reference (tests/test_lora_triton.py)."]
-    if offline:
-        lines += ["", "## Offline detail", "", "```", json.dumps(offline["offline"], indent=1), "```"]
-    plots = []
-    if offline and any(v is not None for r in rows.values() for v in r.values()):
-        plots.append(plot_offline(out, rows))
-    if sc:
-        plots.append(plot_scaling(out, sc))
-    if kernels:
-        plots.append(plot_kernels(out, kernels["kernels"]))
+    lines += ["", "### Targets", "", "| target | measured | wanted | |", "|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(v, 2)} | {wanted} | {verdict_} |" for name, v, wanted, verdict_ in run.targets()]
+    return lines
+
+
+def roofline_lines(roof: dict[str, Any]) -> list[str]:
+    dtype = roof.get("dtype", "bfloat16")
+    peak = roof.get("peak_gflops", roof.get("peak_gflops_bf16"))
+    lines = ["", "### Roofline", "",
+             f"Measured peaks: {dtype} GEMM {fmt(peak)} GFLOP/s (2048³, the better of MKL and oneDNN's prepacked "
+             f"GEMM), copy bandwidth {fmt(roof['copy_bandwidth_gbs'], 1)} GB/s.", "",
+             "| adapters | batch | ms/step | tok/s | GFLOP/s | of peak | GB/s (weights + KV) | of bandwidth |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['adapters']} | {r['batch']} | {fmt(r['step_ms'], 1)} ({fmt(r['gemm_ms'], 1)} in base GEMMs) | "
+              f"{fmt(r['tokens_per_s'])} | {fmt(r['gflops'])} | {100 * r['fraction_of_peak']:.0f}% | {fmt(r['gb_per_s'], 1)} | "
+              f"{100 * r['fraction_of_bandwidth']:.0f}% |" for r in roof["decode"]]
+    share = ", ".join(f"{100 * r['gemm_ms'] / r['step_ms']:.0f}% at batch {r['batch']}" for r in roof["decode"]
+                      if r["adapters"] == 0)
+    lines += ["", "The base model's GEMMs alone (every linear layer and the LM head timed on their own at the step's "
+              f"shape) take this share of a base decode step: {share}. The rest is attention over the paged KV cache "
+              "(a C++ kernel for decode), norms, RoPE, activations, sampling and the LoRA kernels."]
+    per, base_b = roof["lora_bytes_per_adapter"], roof["base_weight_bytes"]
+    r0 = next((r for r in roof["decode"] if r["adapters"] == 0 and r["batch"] == 32), None)
+    r8 = next((r for r in roof["decode"] if r["adapters"] > 0 and r["batch"] == 32), None)
+    lines += ["", "What the LoRA tax is made of: a decode step reads every active adapter's A and B in every layer, "
+              f"{per / 1e6:.1f} MB per rank-16 q,k,v,o adapter in {dtype}, against {base_b / 1e6:.0f} MB of base weights: "
+              f"+{100 * 8 * per / base_b:.0f}% bytes with 8 distinct adapters, +{100 * 32 * per / base_b:.0f}% with 32."]
+    if r0 and r8:
+        lines += [f"At batch 32, {r8['adapters']} adapters added {r8['step_ms'] - r0['step_ms']:.1f} ms to a "
+                  f"{r0['step_ms']:.1f} ms step."]
+    return lines
+
+
+def gpu_lines(runs: list[Run]) -> list[str]:
+    gpu = next((r.parts["gpu"] for r in runs if "gpu" in r.parts and r.parts["gpu"]["device"].startswith("cuda")), None)
+    lines = ["", "## On a GPU", ""]
+    if gpu is None:
+        return lines + ["No GPU was available to these runs. `benchmarks/gpu.py` measures the GPU half (Llama 1B-8B "
+                        "shape, random weights, Triton kernels, against PEFT's mixed batch) where one is; the Triton "
+                        "kernels are tested on the CPU in Triton's interpreter against the torch reference "
+                        "(tests/test_lora_triton.py)."]
+    o, n = gpu["loraplex"], str(gpu["adapters"])
+    lines += [f"Device: {gpu['machine'].get('gpu', gpu['device'])}. Model: Llama architecture, {gpu['shape']} shape "
+              f"({gpu['shape_config']}), **random weights** ({gpu['weights']}): speed figures only. {gpu['requests']} "
+              f"requests x {gpu['max_tokens']} tokens, rank-16 q,k,v,o adapters, Triton multi-LoRA kernels.", "",
+              "| system | tok/s |", "|---|---|", f"| loraplex, base only | {fmt(o['base']['tokens_per_s'])} |",
+              f"| loraplex, {n} adapters | {fmt(o[n]['tokens_per_s'])} |"]
+    if "peft_mixed" in gpu:
+        lines.append(f"| PEFT mixed batch, {n} adapters | {fmt(gpu['peft_mixed']['tokens_per_s'])} |")
+    lines += ["", f"LoRA tax: {100 * gpu['lora_tax']:.1f}% (target <= 15% with 32 adapters in a batch of 64)"
+              + (f"; {gpu['vs_peft']:.2f}x PEFT's mixed batch (target >= 5x)." if "vs_peft" in gpu else ".")]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", type=Path, default=Path("results"), help="holds one folder per CPU class")
+    ap.add_argument("--out", type=Path, default=None, help="where REPORT.md, the plots and the JSON go (default: --results)")
+    args = ap.parse_args()
+    out: Path = args.out or args.results
+    folders = [f for f in args.results.iterdir() if f.is_dir() and any(f.glob("*.json"))]
+    folders.sort(key=lambda f: (CLASS_ORDER.index(f.name) if f.name in CLASS_ORDER else len(CLASS_ORDER), f.name))
+    runs = [r for r in (Run.load(f) for f in folders) if r.parts]
+    if not runs:
+        raise SystemExit(f"no results under {args.results}/<cpu class>: run `make bench` first")
+    for run in runs:
+        (out / run.slug).mkdir(parents=True, exist_ok=True)
+    lines = ["# loraplex benchmark report", "",
+             "One section per CPU class the suite has run on; within a section every figure comes from one run of "
+             "`make bench` on one machine, loraplex and its peers on the same model (the embedded SmolLM2-135M-Instruct), "
+             "prompts and PEFT-made adapters (rank 16 on q, k, v, o), greedy, EOS ignored, in the dtype loraplex "
+             "resolves there (`loraplex.hardware`: bf16 where the CPU multiplies it natively, else fp32). Compare "
+             "ratios within a section, not absolute figures across sections.", "",
+             "## Targets by CPU class", "", "| target | wanted | " + " | ".join(r.label for r in runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
+    per_class = [r.targets() for r in runs]
+    for i, (name, _, wanted, _) in enumerate(per_class[0]):
+        cells = [f"{fmt(t[i][1], 2)} ({t[i][3]})" for t in per_class]
+        lines.append(f"| {name} | {wanted} | " + " | ".join(cells) + " |")
+    for run in runs:
+        lines += [""] + class_section(run, out)
+    lines += gpu_lines(runs)
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
-    if out.resolve() != RESULTS.resolve():
-        for name in ["offline", "peers_hf", "lora_kernels", "adapter_cold_load", "serving", "roofline", "quantized",
-                     "gpu"] + [f"vllm_{k}" for k in vllm]:
-            if (RESULTS / f"{name}.json").is_file():
-                shutil.copy(RESULTS / f"{name}.json", out / f"{name}.json")
-    print(f"report: {out / 'REPORT.md'} ({len(plots)} plots)")
+    if out.resolve() != args.results.resolve():
+        for run in runs:
+            for f in (args.results / run.slug).glob("*.json"):
+                if f.name != "prompts.json":
+                    shutil.copy(f, out / run.slug / f.name)
+    print(f"report: {out / 'REPORT.md'} ({len(runs)} CPU class{'es' if len(runs) > 1 else ''})")
 
 
 if __name__ == "__main__":

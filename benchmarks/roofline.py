@@ -2,10 +2,12 @@
 
     .venv/bin/python -m benchmarks.roofline [--batches 32 64 128] [--adapters 8]
 
-Peaks: the best of a few large bf16 GEMMs (2048^3) and a large bf16 copy (GB/s moved). Achieved: the
+Peaks, in the dtype the engine resolves here (bf16 or fp32): the best of a few large GEMMs (2048^3) through
+both of torch's CPU GEMM libraries (MKL's matmul and oneDNN's prepacked linear, the engine's), and a large copy
+(GB/s moved). Achieved: the
 engine's decode steps alone (prefill finished, every sequence decoding), FLOPs counted from the model
 shape (2 per multiply-add in every linear layer, the LM head and attention over the current context),
-bytes as the weights every step reads once (bf16) plus the KV cache it attends over.
+bytes as the weights every step reads once (in that dtype) plus the KV cache it attends over.
 """
 
 from __future__ import annotations
@@ -21,21 +23,31 @@ import torch
 
 from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
 from loraplex import LLM, SamplingParams
+from loraplex.hardware import resolve_dtype
 from loraplex.models.config import ModelConfig
 
 
-def gemm_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.bfloat16) -> float:
+def gemm_peak_gflops(dtype: torch.dtype, n: int = 2048) -> float:
+    """The best GFLOP/s of an n^3 GEMM by MKL (a @ b) or oneDNN's prepacked linear, whichever is faster here."""
+    from loraplex.models import cpu_gemm
+
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    calls = [lambda: a @ b]
+    if cpu_gemm.available(dtype):
+        packed = cpu_gemm.pack(b)
+        calls.append(lambda: cpu_gemm.linear(a, packed, None))
     best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    for call in calls:
+        call()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
 
 def copy_bandwidth_gbs(mib: int = 512) -> float:
-    src = torch.empty(mib * 2**20 // 2, dtype=torch.bfloat16).normal_()
+    src = torch.empty(mib * 2**20 // 2, dtype=torch.bfloat16).normal_()  # bytes moved: the dtype does not matter
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(5):
@@ -53,13 +65,13 @@ def linear_params(c: ModelConfig) -> tuple[int, int]:
     return c.num_layers * (attn + mlp), c.hidden_size * c.vocab_size
 
 
-def lora_bytes_per_adapter(c: ModelConfig, rank: int = 16) -> int:
-    """Bytes of one rank-`rank` q,k,v,o adapter that a decode step reads: bf16 A and B of each part, as the
-    fused CPU kernel reads them (B compact, no zero blocks of the packed q/k/v layer)."""
+def lora_bytes_per_adapter(c: ModelConfig, size: int, rank: int = 16) -> int:
+    """Bytes of one rank-`rank` q,k,v,o adapter that a decode step reads: A and B of each part (`size` bytes per
+    element), as the fused CPU kernel reads them (B compact, no zero blocks of the packed q/k/v layer)."""
     qkv_out = c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
     qkv = rank * (3 * c.hidden_size + qkv_out)
     o = rank * (c.num_heads * c.head_dim + c.hidden_size)
-    return 2 * c.num_layers * (qkv + o)
+    return size * c.num_layers * (qkv + o)
 
 
 def gemm_ms(llm: LLM, batch: int) -> float:
@@ -117,8 +129,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    peak, bandwidth = gemm_peak_gflops(), copy_bandwidth_gbs()
-    print(f"measured peaks: bf16 GEMM {peak:.0f} GFLOP/s, copy bandwidth {bandwidth:.1f} GB/s", flush=True)
+    choice = resolve_dtype()
+    size = torch.finfo(choice.dtype).bits // 8
+    peak, bandwidth = gemm_peak_gflops(choice.dtype), copy_bandwidth_gbs()
+    print(f"measured peaks: {choice.name} GEMM {peak:.0f} GFLOP/s, copy bandwidth {bandwidth:.1f} GB/s", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(default_model_dir(), Path(tmp), args.adapters)
@@ -126,14 +140,14 @@ def main() -> None:
                   max_num_batched_tokens=2048)
         c = llm.engine.model_config
         layer_macs, head_macs = linear_params(c)
-        weight_bytes = 2 * (layer_macs + head_macs)
+        weight_bytes = size * (layer_macs + head_macs)
         for k in (0, args.adapters):
             for batch in args.batches:
                 adapters: list[str | None] = [None] * batch if k == 0 else list(round_robin(names, batch))
                 sec, ctx = decode_steps(llm, batch, adapters, args.steps)
                 attn_macs = 2 * c.num_layers * c.num_heads * c.head_dim * ctx  # q.k and p.v over the context
                 flops = 2 * batch * (layer_macs + head_macs + attn_macs)
-                kv_bytes = batch * ctx * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+                kv_bytes = batch * ctx * c.num_layers * 2 * c.num_kv_heads * c.head_dim * size
                 gflops = flops / sec / 1e9
                 gbs = (weight_bytes + kv_bytes) / sec / 1e9
                 rows.append({"adapters": k, "batch": batch, "step_ms": 1e3 * sec, "gemm_ms": gemm_ms(llm, batch),
@@ -144,8 +158,8 @@ def main() -> None:
                       f"{batch / sec:.0f} tok/s, {gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f}% of peak, "
                       f"{gbs:.1f} GB/s = {100 * gbs / bandwidth:.0f}% of copy bandwidth; base GEMMs alone "
                       f"{rows[-1]['gemm_ms']:.1f} ms", flush=True)
-    result = {"machine": machine(), "peak_gflops_bf16": peak, "copy_bandwidth_gbs": bandwidth, "decode": rows,
-              "base_weight_bytes": weight_bytes, "lora_bytes_per_adapter": lora_bytes_per_adapter(c)}
+    result = {"machine": machine(), "dtype": choice.name, "peak_gflops": peak, "copy_bandwidth_gbs": bandwidth,
+              "decode": rows, "base_weight_bytes": weight_bytes, "lora_bytes_per_adapter": lora_bytes_per_adapter(c, size)}
     print(f"written to {write_json('roofline', result)}")
 
 

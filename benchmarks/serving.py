@@ -96,10 +96,12 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
-async def one(client: httpx.AsyncClient, url: str, adapter: str, prompt: str, max_tokens: int) -> Result:
-    """One streaming completion; a token time is taken as each SSE chunk with text arrives."""
+async def one(client: httpx.AsyncClient, url: str, adapter: str, prompt: str, max_tokens: int,
+              extra: dict[str, Any] | None = None) -> Result:
+    """One streaming completion; a token time is taken as each SSE chunk with text arrives. `extra` adds to
+    (or overrides) the body: how a peer that does not choose adapters by `model` is told which to use."""
     body = {"model": adapter, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     res = Result(adapter, time.perf_counter())
     usage = 0
     try:

@@ -95,13 +95,12 @@ def test_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, int, int
         assert_close(out, reference(q, k, v, tables, ctx, window), torch_path(q, k, v, tables, ctx, window))
 
 
-@pytest.mark.parametrize("extra", [["-mno-avx512bf16"], ["-mno-avx512f"]], ids=["avx512-no-bf16", "avx2"])
-def test_builds_for_other_cpus_match_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, extra: list[str]) -> None:
+def test_the_avx2_build_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The kernel as built for AVX2-only CPUs (8-lane vectors), checked here whatever this CPU has."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
     cxx = native.compiler()
     assert cxx is not None
-    lib = cpu_attention.load(native.build(cpu_attention.SOURCE, cxx, [*native.FLAGS, *extra]))
+    lib = cpu_attention.load(native.build(cpu_attention.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]))
     for dtype in (torch.float32, torch.bfloat16):
         for heads, kv_heads, d in SHAPES:
             q, k, v, tables, ctx = case(heads, kv_heads, d, LENS[2], dtype, seed=d)

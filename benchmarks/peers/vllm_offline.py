@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-lora-rank", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", help="the weights' dtype: the one loraplex resolves on this machine")
     p.add_argument("--warmup-tokens", type=int, default=4)
     p.add_argument("--enable-lora", action="store_true",
                    help="start the engine with LoRA support even with no --adapters. vLLM CPU runs the model eager "
@@ -65,7 +66,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     enable_lora = bool(adapters) or args.enable_lora
-    llm = LLM(model=args.model, dtype="bfloat16", enable_lora=enable_lora, max_loras=args.max_loras,
+    llm = LLM(model=args.model, dtype=args.dtype, enable_lora=enable_lora, max_loras=args.max_loras,
               max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len, seed=0)
     startup_s = time.perf_counter() - t0
 
@@ -97,6 +98,7 @@ def main() -> None:
         "seconds": round(seconds, 4),
         "tokens_per_s": round(tokens / seconds, 2),
         "adapters": len(adapters),
+        "dtype": args.dtype,
         "enable_lora": enable_lora,
         "startup_s": round(startup_s, 2),
         "warmup_s": round(warmup_s, 2),
