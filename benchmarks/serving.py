@@ -61,10 +61,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(root: Path, port: int, max_loras: int, log: Path) -> subprocess.Popen[bytes]:
+def start_server(root: Path, port: int, max_loras: int, log: Path, extra: list[str] = ()) -> subprocess.Popen[bytes]:  # type: ignore[assignment]
     # The server's output goes to a file, not a pipe: an undrained pipe fills and blocks the server mid-run.
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--adapter-dir", str(root), "--port", str(port),
-           "--max-loras", str(max_loras), "--max-cpu-loras", "32"]
+           "--max-loras", str(max_loras), "--max-cpu-loras", "32", *extra]
     with open(log, "wb") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
@@ -163,13 +163,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--adapter-root", type=Path, default=None, help="a dir of PEFT adapters a0..aN (made if absent)")
+    ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more `loraplex serve` flags (last)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root, log = args.adapter_root or Path(tmp), Path(tmp) / "server.log"
         names = make_adapters(default_model_dir(), root, args.adapters)  # finds the model without loading an engine
         port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_server(root, port, args.max_loras, log)
+        proc = start_server(root, port, args.max_loras, log, args.server_args)
         try:
             wait_healthy(url, proc, log)
             for n in names[:2]:  # warm-up: first-call costs (allocator, first adapter loads) stay out of the figures

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import ALL, ATTN
 from loraplex import LLM, SamplingParams
-from loraplex.engine.memory import parse_bytes
+from loraplex.units import parse_bytes
 from loraplex.errors import InvalidRequestError
 from loraplex.models.layers import Linear
 from loraplex.models.loader import load_model

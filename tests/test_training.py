@@ -18,7 +18,8 @@ from loraplex.training.data import IGNORE, DatasetError, load_dataset, read_json
 from loraplex.training.demo_data import poetry, sql
 from loraplex.training.merge import merge
 from loraplex.training.tenants import demo_recipe
-from loraplex.training.trainer import TrainConfig, train
+from loraplex.training.config import TrainConfig
+from loraplex.training.trainer import train
 
 TINY = dict(rank=8, alpha=16.0, dropout=0.0, epochs=4, lr=3e-3, batch_size=8, max_length=96, seed=0, progress=False)
 

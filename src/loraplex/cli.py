@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from pathlib import Path
+import os
 
-from loraplex.engine.memory import parse_bytes
+# libgomp reads this once, when torch loads it: OpenMP threads spin this many iterations after a parallel
+# region, then sleep. The default (300k) keeps both cores of a 2-core machine spinning between decode steps,
+# starving the HTTP event loop; 10k keeps a step as fast (ops follow each other within microseconds) and frees
+# the cores between steps. Set before anything imports torch; a value in the environment wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from loraplex.units import parse_bytes
 from loraplex.errors import LoraplexError
 
 
@@ -104,7 +112,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from loraplex.training.trainer import TrainConfig, train
+    from loraplex.training.config import TrainConfig
+    from loraplex.training.trainer import train
 
     cfg = TrainConfig(data=args.data, output=args.output, base=args.base, rank=args.rank, alpha=args.alpha,
                       dropout=args.dropout, targets=tuple(args.targets),
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.set_defaults(fn=cmd_demo)
 
-    from loraplex.training.trainer import TARGETS
+    from loraplex.training.config import TARGETS
 
     tr = sub.add_parser("train", help="train a LoRA (or QLoRA) adapter with PEFT")
     tr.add_argument("--data", type=Path, required=True, help="JSONL: messages, prompt+completion, or text")

@@ -13,9 +13,6 @@ from typing import Any
 import uvicorn
 
 from loraplex.config import EngineConfig
-from loraplex.engine.async_engine import AsyncLLMEngine
-from loraplex.server.app import build_app
-from loraplex.server.auth import load_keys
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +59,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
     p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU threads for the model (default: all cores but one, which the HTTP event loop keeps)")
+                   help="CPU threads for the model (default: every core; OpenMP threads sleep between steps)")
 
 
 def torch_threads(requested: int | None) -> int:
-    """The engine's torch threads on CPU. An OpenMP team that spans every core stalls whenever the asyncio
-    thread streaming tokens takes one of them: on 2 cores, time per output token under load was 2.6x
-    longer with 2 threads than with 1 (benchmarks/serving.py). Like vLLM CPU, keep one core free."""
+    """The engine's torch threads on CPU: every core. The HTTP event loop needs a core only between steps,
+    and gets one because OpenMP's threads stop spinning soon after a step (GOMP_SPINCOUNT, set by the CLI
+    before torch loads). On 2 cores, 64 streams over 8 adapters made 340 tok/s so against 271 with one
+    core left to the event loop, with the same time per output token at 4 req/s (benchmarks/serving.py)."""
     if requested is not None:
         if requested < 1:
             raise SystemExit("--torch-threads must be >= 1")
         return requested
-    return max(1, (os.cpu_count() or 1) - 1)
+    return os.cpu_count() or 1
 
 
 def serve(args: argparse.Namespace, lora_modules: dict[str, str]) -> None:
@@ -86,9 +84,14 @@ def serve(args: argparse.Namespace, lora_modules: dict[str, str]) -> None:
     )
     import torch
 
+    from loraplex.engine.async_engine import AsyncLLMEngine  # torch and the model: not needed for --help
+    from loraplex.server.app import build_app
+    from loraplex.server.auth import load_keys
+
     if config.device == "cpu":
         torch.set_num_threads(torch_threads(args.torch_threads))
-        log.info("torch uses %d CPU threads; the HTTP event loop keeps the remaining core(s)", torch.get_num_threads())
+        log.info("torch uses %d CPU threads (OpenMP spin count %s)", torch.get_num_threads(),
+                 os.environ.get("GOMP_SPINCOUNT", "default"))
     keys = load_keys(args.api_keys) if args.api_keys else None
     if keys is None and not is_loopback(args.host):
         log.warning("no --api-keys file: the server on %s is open to anyone who can reach it", args.host)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from loraplex.models.loader import cache_dir, resolve_model
 from loraplex.training.demo_data import TENANTS
-from loraplex.training.trainer import TrainConfig, train
+from loraplex.training.config import TrainConfig
+from loraplex.training.trainer import train
 
 log = logging.getLogger(__name__)
 
