@@ -76,9 +76,13 @@ def build(source: Path, cxx: list[str], flags: list[str] | None = None) -> Path:
     return path
 
 
-def load_or_none(source: Path, declare: Callable[[Path], ctypes.CDLL], what: str, fallback: str) -> ctypes.CDLL | None:
-    """Build (or reuse) and load `source` with `declare` (which sets the functions' argtypes); None, with
-    the reason logged, where there is no compiler or the build fails ("`what` unavailable, `fallback` serve")."""
+def load_or_none(source: Path, declare: Callable[[Path], ctypes.CDLL], what: str, fallback: str,
+                 switch: str) -> ctypes.CDLL | None:
+    """Build (or reuse) and load `source` with `declare` (which sets the functions' argtypes); None where the
+    environment variable `switch` is "torch", or, with the reason logged, where there is no compiler or the
+    build fails ("`what` unavailable, `fallback` serve")."""
+    if os.environ.get(switch, "").lower() == "torch":
+        return None
     cxx = compiler()
     if cxx is None:
         log.warning("no C++ compiler found: %s unavailable, %s serve (slower on CPU)", what, fallback)

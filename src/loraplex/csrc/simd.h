@@ -62,6 +62,57 @@ inline fvec loadv(const uint16_t* p) {
   return v;
 }
 
+// fp32 -> the nearest-even bf16 -> fp32, kL at a time (what storing to and loading from a bf16 tensor does);
+// NaN stays a quiet NaN, as in store1.
+inline fvec round_bf16(fvec v) {
+  uvec u;
+  std::memcpy(&u, &v, sizeof u);
+  const uvec nan = (uvec)((u & 0x7fffffffu) > 0x7f800000u);
+  uvec r = ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u & ~nan) | ((u | 0x400000u) & 0xffff0000u & nan);
+  fvec out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+}
+
+// Rounding to the dtype of `p`'s tensor (identity for fp32), and kL-wide stores that round like store1.
+inline fvec roundv(fvec v, const float*) { return v; }
+inline fvec roundv(fvec v, const uint16_t*) { return round_bf16(v); }
+inline void storev(float* p, fvec v) { std::memcpy(p, &v, sizeof v); }
+inline void storev(uint16_t* p, fvec v) {
+  fvec r = round_bf16(v);
+  uvec u;
+  std::memcpy(&u, &r, sizeof u);
+  hvec h = __builtin_convertvector(u >> 16, hvec);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// exp(x), kL at a time: Cephes' expf, x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for exp(r), then 2^n
+// in the exponent bits. About 1 ulp over [-87.3, 88.3]; x is clamped to that range (below it the result is
+// ~1e-38 where libm gives a denormal or 0; above it, the largest finite values).
+inline fvec vexp(fvec x) {
+  const fvec lo = fvec{} - 87.3f, hi = fvec{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  fvec fx = x * 1.44269504088896341f + 0.5f;
+  ivec n = __builtin_convertvector(fx, ivec);  // truncation; floor below
+  fvec fn = __builtin_convertvector(n, fvec);
+  n += (ivec)(fn > fx);  // -1 where truncation rounded a negative value up
+  fn = __builtin_convertvector(n, fvec);
+  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  const fvec z = x * x;
+  fvec y = fvec{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.f;
+  ivec bits = (n + 127) << 23;
+  fvec pow2n;
+  std::memcpy(&pow2n, &bits, sizeof pow2n);
+  return y * pow2n;
+}
+
 inline float hsum(fvec v) {  // a tree of shuffles: log2(kL) dependent adds, not kL
 #if defined(__AVX512F__)
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);

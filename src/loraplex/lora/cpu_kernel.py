@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -32,9 +31,7 @@ def load(path: Path) -> ctypes.CDLL:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (the torch kernels serve) with the reason logged once."""
-    if os.environ.get("LORAPLEX_LORA_KERNEL", "").lower() == "torch":
-        return None
-    return native.load_or_none(SOURCE, load, "the fused LoRA kernel", "the torch LoRA kernels")
+    return native.load_or_none(SOURCE, load, "the fused LoRA kernel", "the torch LoRA kernels", "LORAPLEX_LORA_KERNEL")
 
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
@@ -32,9 +31,8 @@ def load(path: Path) -> ctypes.CDLL:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (the torch path serves) with the reason logged once."""
-    if os.environ.get("LORAPLEX_ATTENTION_KERNEL", "").lower() == "torch":
-        return None
-    return native.load_or_none(SOURCE, load, "the paged attention kernel", "torch's matmuls")
+    return native.load_or_none(SOURCE, load, "the paged attention kernel", "torch's matmuls",
+                               "LORAPLEX_ATTENTION_KERNEL")
 
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.models import cpu_gemm
+from loraplex.models import cpu_fused, cpu_gemm
 from loraplex.models.batch import ForwardBatch
 
 
@@ -66,8 +66,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (as transformers does), scale in the model dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); without a residual, (norm(x), x). x: [T, D].
+
+        The sum is the decoder's residual stream; on CPU one fused call does both (cpu_fused), adding into
+        `residual` in place."""
+        if cpu_fused.supported(x) and x.dim() == 2:
+            if residual is None:
+                return cpu_fused.add_rmsnorm(x, x, self.weight, self.eps, add=False), x
+            return cpu_fused.add_rmsnorm(x, residual, self.weight, self.eps, add=True), residual
+        h = x if residual is None else x + residual
+        return self.reference(h), h

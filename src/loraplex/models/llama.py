@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.models import cpu_gemm
+from loraplex.models import cpu_fused, cpu_gemm
 from loraplex.models.attention import PagedAttention
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.config import ModelConfig
@@ -32,11 +32,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         cfg = self.cfg
         qkv = self.qkv_proj(x, batch)  # [T, q + 2kv]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        q, k = self.rotary(batch.positions, q, k)
+        q, k, v = self.rotary(batch.positions, qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         return self.o_proj(self.attn(q, k, v, batch), batch)
 
 
@@ -48,7 +44,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, [("down_proj", cfg.hidden_size)])
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, batch).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x, batch)  # [T, 2I]
+        if cpu_fused.supported(gate_up):
+            return self.down_proj(cpu_fused.silu_mul(gate_up), batch)
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up, batch)
 
 
@@ -60,9 +59,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: this layer's input, residual: the stream so far (None at the first layer); returns the same pair
+        for the next layer. The pair sums to what `x + attn(norm(x))`, then `+ mlp(norm(.))`, gives."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, batch), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -80,9 +84,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # input_ids: [T] -> logits [N, V] (fp32) for the tokens in batch.logits_index
         x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, batch)
-        x = self.norm(x.index_select(0, batch.logits_index))
+            x, residual = layer(x, residual, batch)
+        assert residual is not None
+        rows = batch.logits_index
+        x, _ = self.norm(x.index_select(0, rows), residual.index_select(0, rows))
         if self.lm_head is not None:
             return self.lm_head(x).float()
         if self.head_packed is not None:

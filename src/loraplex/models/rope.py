@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from loraplex.models import cpu_fused
 from loraplex.models.config import RopeConfig
 
 
@@ -40,11 +41,24 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, H, D]; k: [T, KVH, D]
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, heads: int, kv_heads: int,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the packed qkv [T, (H + 2 KVH) D] and rotate: q [T, H, D], k [T, KVH, D] (both contiguous), v."""
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        v = qkv[:, q_size + kv_size : q_size + 2 * kv_size].view(-1, kv_heads, head_dim)
+        if cpu_fused.supported(qkv):  # one call instead of ~12 small ops (on CPU)
+            q, k = cpu_fused.rope(qkv, heads, kv_heads, head_dim, positions, self.cos, self.sin)
+            return q, k, v
+        q = qkv[:, :q_size].view(-1, heads, head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(-1, kv_heads, head_dim)
+        q, k = self.reference(positions, q, k)
+        return q, k, v
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

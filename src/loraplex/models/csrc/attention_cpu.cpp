@@ -35,33 +35,6 @@ using namespace loraplex;
 constexpr int kMaxGroup = 16;  // query heads per KV head handled in registers
 constexpr int kMaxChunks = 32;  // head_dim up to kMaxChunks * kL: 512 with AVX-512, 256 with AVX2
 
-// exp(x) for x <= 0 (softmax inputs after the max is subtracted), Cephes' expf: x = n ln2 + r, |r| <= ln2/2,
-// a degree-6 polynomial for exp(r), then 2^n in the exponent bits. About 1 ulp; below -87.3 it returns
-// exp(-87.3) ~ 1e-38 where libm would give a denormal or 0, the same to fp32 softmax.
-inline fvec vexp(fvec x) {
-  const fvec lo = fvec{} - 87.3f;
-  x = x < lo ? lo : x;
-  fvec fx = x * 1.44269504088896341f + 0.5f;
-  ivec n = __builtin_convertvector(fx, ivec);  // truncation; floor below
-  fvec fn = __builtin_convertvector(n, fvec);
-  ivec gt = fn > fx;  // -1 where truncation rounded up (negative fx)
-  n += gt;
-  fn = __builtin_convertvector(n, fvec);
-  x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  const fvec z = x * x;
-  fvec y = fvec{} + 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.f;
-  ivec bits = (n + 127) << 23;
-  fvec pow2n;
-  std::memcpy(&pow2n, &bits, sizeof pow2n);
-  return y * pow2n;
-}
-
 // The sums of 4 vectors, one per key, in out[0..3]: a transposing tree of shuffles (8 shuffles and 5 adds for the
 // 4, against 4 separate horizontal sums' 16 and 16).
 inline void reduce4(fvec a0, fvec a1, fvec a2, fvec a3, float* out) {
