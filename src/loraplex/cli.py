@@ -133,14 +133,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from loraplex import hardware
     from loraplex.lora import cpu_kernel
-    from loraplex.models import cpu_attention
+    from loraplex.models import cpu_attention, cpu_fused
 
     info = hardware.cpu()
     print(f"cpu: {info.describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"ATen capability {info.capability}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{device}: {hardware.resolve_dtype('auto', device).describe()}")
-    for name, ready in (("fused LoRA kernel", cpu_kernel.library()), ("paged decode attention", cpu_attention.library())):
+    kernels = (("fused LoRA kernel", cpu_kernel.library()), ("paged decode attention", cpu_attention.library()),
+               ("fused norm/rope/activation", cpu_fused.library()))
+    for name, ready in kernels:
         print(f"{name}: {'ready' if ready is not None else 'unavailable, torch serves'}")
 
 
