@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmarks.common import machine, make_adapters, percentile, write_json
 from loraplex import LLM, SamplingParams
+from loraplex.adapters.key import AdapterSpec
 from loraplex.engine.llm_engine import LLMEngine
 
 
@@ -25,16 +26,16 @@ def cold_latency(engine: LLMEngine, names: list[str]) -> list[float]:
     """Seconds from a request for a cold adapter to its weights in a device slot (disk -> host -> slot)."""
     latencies = []
     for name in names:
-        key = engine.adapters.resolve(name)
+        key = engine.adapters.resolve(AdapterSpec(name))
         t0 = time.perf_counter()
-        engine.adapters.prefetch(name)
+        engine.adapters.prefetch(AdapterSpec(name))
         engine.adapters.wait([key])
         engine.step()  # collects the load
-        grant = engine.slots.acquire(key)
+        grant = engine.adapters.take_slot(key)
         assert grant is not None and grant.needs_load
         engine.runner.load_adapter(grant.slot, engine.adapters.weights(key))
         latencies.append(time.perf_counter() - t0)
-        engine.slots.release(key)
+        engine.adapters.release_slot(key)
     return latencies
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -44,21 +43,14 @@ def make_adapters(model_dir: Path, root: Path, count: int, r: int = 16,
     names = [f"a{i}" for i in range(count)]
     if all((root / n / "adapter_config.json").is_file() for n in names):
         return names
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from loraplex.training.synthetic import random_adapter
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     seeds = min(count, 8)  # 8 distinct weight sets, copied to reach `count` names
     for i in range(seeds):
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_A" in name or "lora_B" in name:
-                    std = (1.0 if "lora_A" in name else 0.3) / math.sqrt(p.shape[1])
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        model.save_pretrained(root / names[i])
-        base = model.unload()
+        random_adapter(base, root / names[i], r=r, alpha=2 * r, targets=targets, seed=i, strength=0.3)
     for i in range(seeds, count):
         shutil.copytree(root / names[i % seeds], root / names[i], dirs_exist_ok=True)
     return names

@@ -6,8 +6,8 @@ on a Llama-architecture model of 1B-8B shape with random weights, in one run.
                                                                      # the script, its figures mean nothing
 
 The weights are random (seeded, transformers' initialisation) in bf16: the figures are about speed only,
-and the report says so. The tokenizer and vocabulary are the default model's. Adapters: PEFT-format,
-rank 16 on q,k,v,o, random, written directly as safetensors. Workload: `--requests` prompts (the shared
+and the report says so. The tokenizer and vocabulary are the default model's. Adapters: made by PEFT on that
+model, rank 16 on q,k,v,o, random (loraplex.training.synthetic). Workload: `--requests` prompts (the shared
 offline prompts), `--max-tokens` new tokens each, greedy, EOS ignored, adapters round-robin.
 
 Figures (results/gpu.json): loraplex base only; loraplex with `--adapters` distinct adapters in the batch
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shutil
 import tempfile
 import time
@@ -42,8 +41,9 @@ SHAPES: dict[str, dict[str, int]] = {
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def random_model(out: Path, shape: str, seed: int = 0) -> Path:
-    """A Llama model directory of `shape` with random bf16 weights and the default model's tokenizer."""
+def random_model(out: Path, shape: str, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """A Llama model directory of `shape` with random bf16 weights and the default model's tokenizer; and the
+    model itself (on the CPU), to make adapters on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = default_model_dir()
@@ -57,35 +57,16 @@ def random_model(out: Path, shape: str, seed: int = 0) -> Path:
     for f in src.iterdir():  # tokenizer files
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")) or f.name == "generation_config.json":
             shutil.copy(f, out / f.name)
-    return out
+    return out, model
 
 
-def random_adapters(model_dir: Path, root: Path, count: int, rank: int = 16, seed: int = 0) -> list[str]:
-    """`count` PEFT-format LoRA adapters for the model in `model_dir`, random A and B (B non-zero)."""
-    from safetensors.torch import save_file
+def random_adapters(model: torch.nn.Module, root: Path, count: int, rank: int = 16) -> list[str]:
+    """`count` distinct random rank-`rank` q,k,v,o adapters made by PEFT on `model` (loraplex.training.synthetic)."""
+    from loraplex.training.synthetic import random_adapter
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
-    outs = {"q_proj": heads * head_dim, "k_proj": kv * head_dim, "v_proj": kv * head_dim, "o_proj": hidden}
-    ins = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": heads * head_dim}
-    g = torch.Generator().manual_seed(seed)
-    names = []
-    for i in range(count):
-        tensors = {}
-        for layer in range(cfg["num_hidden_layers"]):
-            for t in TARGETS:
-                key = f"base_model.model.model.layers.{layer}.self_attn.{t}"
-                tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, ins[t], generator=g) / ins[t] ** 0.5).to(torch.bfloat16)
-                tensors[f"{key}.lora_B.weight"] = (torch.randn(outs[t], rank, generator=g) * 0.3 / rank ** 0.5).to(torch.bfloat16)
-        d = root / f"g{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(d / "adapter_model.safetensors"))
-        (d / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": list(TARGETS), "lora_dropout": 0.0, "bias": "none",
-            "base_model_name_or_path": str(model_dir)}))
-        names.append(d.name)
+    names = [f"g{i}" for i in range(count)]
+    for i, name in enumerate(names):
+        random_adapter(model, root / name, r=rank, alpha=2 * rank, targets=TARGETS, seed=i, strength=0.3)
     return names
 
 
@@ -155,8 +136,10 @@ def main() -> None:
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = random_model(Path(tmp) / f"llama-{args.shape}-random", args.shape)
-        names = random_adapters(model_dir, Path(tmp) / "adapters", args.adapters)
+        model_dir, model = random_model(Path(tmp) / f"llama-{args.shape}-random", args.shape)
+        names = random_adapters(model, Path(tmp) / "adapters", args.adapters)
+        del model
+        gc.collect()
         prompts = workload_prompts(AutoTokenizer.from_pretrained(model_dir), args.requests)
         ours = loraplex_runs(model_dir, Path(tmp) / "adapters", names, prompts, args.max_tokens, args.device)
         result: dict[str, Any] = {

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.lora_kernels
 
 For each layer shape (packed q/k/v, o) and batch (decode T tokens, prefill chunks), times the fused C++
-kernel and the torch kernels (masked and grouped) for 1..32 distinct adapters against the base layer's
+kernel and the torch fallback (grouped, SGMV-style) for 1..32 distinct adapters against the base layer's
 own matmul, and the time to build the step's adapter mapping for a batch of 64. This is the profile
 behind the kernel choice in `loraplex.lora.mapping`.
 """
@@ -20,8 +20,10 @@ import torch
 from benchmarks.common import machine, write_json
 from loraplex.hardware import resolve_dtype
 from loraplex.lora import cpu_kernel
+from loraplex.models import cpu_gemm
 from loraplex.lora.mapping import build_mapping
-from loraplex.lora.ops import SlotLayout, lora_fused, lora_grouped, lora_masked
+from loraplex.lora.ops import SlotLayout, lora_fused, lora_grouped
+from loraplex.lora.slot_layout import SlotShape
 
 # (name, IN, part widths, rank): the default model (hidden 576, 9 heads of 64, 3 KV heads), rank 16 q/k/v/o.
 SHAPES = [("qkv_proj", 576, (576, 192, 192), 16), ("o_proj", 576, (576,), 16)]
@@ -54,31 +56,29 @@ def kernel_profile(tokens: list[int], dtype: torch.dtype) -> list[dict[str, Any]
         a = torch.randn(32, r, fin, generator=g).to(dtype) * 0.02
         b = torch.randn(32, r, fout, generator=g).to(dtype) * 0.02
         w = torch.randn(fout, fin, generator=g).to(dtype)
-        offsets = [0]
-        for size in parts:
-            offsets.append(offsets[-1] + size)
-        layout = SlotLayout(ranks=torch.full((32, len(parts)), rank, dtype=torch.int32),
-                            offsets=torch.tensor(offsets), part_sizes=parts, max_rank=rank, compact=True)
-        b_compact = cpu_kernel.compact_b(b, offsets, rank)
+        packed = cpu_gemm.pack(w) if cpu_gemm.supported(w) else None  # the base GEMM as the engine runs it
+        layout = SlotLayout.on(SlotShape(parts, fin, rank, compact=True), 32, "cpu",
+                               torch.full((32, len(parts)), rank, dtype=torch.int32))
+        b_compact = layout.shape.to_compact(b)
         for t in tokens:
             x = torch.randn(t, fin, generator=g).to(dtype)
-            base = timeit(lambda: torch.nn.functional.linear(x, w))
+            base = timeit(lambda: cpu_gemm.linear(x, packed, None) if packed is not None
+                          else torch.nn.functional.linear(x, w))
             for k in ADAPTERS:
                 if k > t:
                     continue
                 slots = token_slots(t, k)
                 row = {"layer": name, "tokens": t, "adapters": k, "base_us": 1e6 * base}
-                for kernel, fn in (("masked", lora_masked), ("grouped", lora_grouped)):
-                    m = build_mapping(slots, dtype, kernel=kernel)
-                    assert m is not None
-                    row[f"{kernel}_us"] = 1e6 * timeit(lambda: fn(x, a, b, m))
+                m = build_mapping(slots, dtype, kernel="grouped")
+                assert m is not None
+                row["grouped_us"] = 1e6 * timeit(lambda: lora_grouped(x, a, b, m))
                 if cpu_kernel.supported(dtype, x.device):
                     m = build_mapping(slots, dtype, kernel="fused")
                     row["fused_us"] = 1e6 * timeit(lambda: lora_fused(x, a, b_compact, m, layout))  # type: ignore[arg-type]
                 rows.append(row)
                 fused = f"  fused {row['fused_us']:7.1f} us" if "fused_us" in row else ""
-                print(f"{name:8s} T={t:4d} adapters={k:2d}  base {row['base_us']:7.1f} us  masked "
-                      f"{row['masked_us']:7.1f} us  grouped {row['grouped_us']:7.1f} us{fused}", flush=True)
+                print(f"{name:8s} T={t:4d} adapters={k:2d}  base {row['base_us']:7.1f} us  "
+                      f"grouped {row['grouped_us']:7.1f} us{fused}", flush=True)
     return rows
 
 

@@ -59,19 +59,14 @@ def copy_bandwidth_gbs(mib: int = 512) -> float:
 
 def linear_params(c: ModelConfig) -> tuple[int, int]:
     """(multiply-adds per token in the decoder layers' linears, in the LM head)."""
-    d = c.head_dim
-    attn = c.hidden_size * (c.num_heads * d + 2 * c.num_kv_heads * d) + c.num_heads * d * c.hidden_size
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    return c.num_layers * (attn + mlp), c.hidden_size * c.vocab_size
+    return c.num_layers * sum(i * o for i, o in c.linear_parts().values()), c.hidden_size * c.vocab_size
 
 
 def lora_bytes_per_adapter(c: ModelConfig, size: int, rank: int = 16) -> int:
     """Bytes of one rank-`rank` q,k,v,o adapter that a decode step reads: A and B of each part (`size` bytes per
     element), as the fused CPU kernel reads them (B compact, no zero blocks of the packed q/k/v layer)."""
-    qkv_out = c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
-    qkv = rank * (3 * c.hidden_size + qkv_out)
-    o = rank * (c.num_heads * c.head_dim + c.hidden_size)
-    return size * c.num_layers * (qkv + o)
+    parts = c.linear_parts()
+    return size * c.num_layers * sum(rank * (parts[p][0] + parts[p][1]) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
 def gemm_ms(llm: LLM, batch: int) -> float:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,9 @@ import torch
 
 from loraplex.lora.mapping import LoRAMapping
 from loraplex.lora.ops import SlotLayout
+from loraplex.lora.slot_layout import SlotShape
 from loraplex.models.loader import resolve_model
+from loraplex.training.synthetic import random_adapter
 
 def pytest_report_header() -> list[str]:
     """The CPU class and what dtype auto resolves to: test times and bf16 paths depend on both."""
@@ -38,32 +40,6 @@ def hf_base(default_model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
 
 
-def randomize_lora(model: torch.nn.Module, seed: int, strength: float = 0.5) -> None:
-    """Give every lora_A/lora_B random non-zero weights (PEFT initialises B to zero, a no-op adapter)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            elif "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * strength / math.sqrt(p.shape[1]))
-
-
-def make_peft_adapter(base: torch.nn.Module, out: Path, *, r: int = 8, alpha: float = 16, targets: list[str] | None = None,
-                      seed: int = 0, strength: float = 0.5, **lora_kwargs: object) -> Path:
-    """Build a PEFT LoRA adapter on `base` with random weights and save it (safetensors) to `out`."""
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or ATTN, task_type="CAUSAL_LM", **lora_kwargs)
-    peft_model = get_peft_model(base, cfg)
-    try:
-        randomize_lora(peft_model, seed, strength)
-        peft_model.save_pretrained(out)
-    finally:
-        peft_model.unload()  # restore the shared base model in place
-    return out
-
-
 @pytest.fixture(scope="session")
 def adapter_factory(hf_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     root = tmp_path_factory.mktemp("adapters")
@@ -71,7 +47,7 @@ def adapter_factory(hf_base: torch.nn.Module, tmp_path_factory: pytest.TempPathF
     def make(name: str, **kwargs: object) -> Path:
         path = root / name
         if not path.exists():
-            make_peft_adapter(hf_base, path, **kwargs)  # type: ignore[arg-type]
+            random_adapter(hf_base, path, **kwargs)  # type: ignore[arg-type]
         return path
 
     return make
@@ -82,22 +58,16 @@ def adapter_factory(hf_base: torch.nn.Module, tmp_path_factory: pytest.TempPathF
 def packed_weights(parts: list[int], in_f: int, max_rank: int, ranks: list[list[int]], dtype: torch.dtype,
                    seed: int) -> tuple[torch.Tensor, torch.Tensor, SlotLayout]:
     """Slots of a packed layer: A [S, P*max_rank, IN] and block-diagonal B [S, P*max_rank, OUT] (the torch
-    kernels' layout; cpu_kernel.compact_b gives the fused kernels'), rows past each (slot, part) rank zero,
+    kernels' layout; SlotShape.to_compact gives the fused kernels'), rows past each (slot, part) rank zero,
     and the slot layout the fused kernels read (compact=True)."""
     g = torch.Generator().manual_seed(seed)
-    s, p = len(ranks), len(parts)
-    offsets = [0]
-    for size in parts:
-        offsets.append(offsets[-1] + size)
-    a = torch.zeros(s, p * max_rank, in_f)
-    b = torch.zeros(s, p * max_rank, offsets[-1])
-    for slot in range(s):
-        for part, r in enumerate(ranks[slot]):
-            rows = slice(part * max_rank, part * max_rank + r)
-            a[slot, rows] = torch.randn(r, in_f, generator=g) / in_f**0.5
-            b[slot, rows, offsets[part]:offsets[part + 1]] = torch.randn(r, parts[part], generator=g) / max(r, 1)**0.5
-    layout = SlotLayout(ranks=torch.tensor(ranks, dtype=torch.int32), offsets=torch.tensor(offsets),
-                        part_sizes=tuple(parts), max_rank=max_rank, compact=True)
+    shape = SlotShape(tuple(parts), in_f, max_rank, compact=False)
+    a, b = torch.zeros(shape.a_shape(len(ranks))), torch.zeros(shape.b_shape(len(ranks)))
+    for slot, slot_ranks in enumerate(ranks):
+        for part, r in enumerate(slot_ranks):
+            shape.a_part(a[slot], part)[:r] = torch.randn(r, in_f, generator=g) / in_f**0.5
+            shape.b_part(b[slot], part)[:r] = torch.randn(r, parts[part], generator=g) / max(r, 1)**0.5
+    layout = SlotLayout.on(replace(shape, compact=True), len(ranks), "cpu", torch.tensor(ranks))
     return a.to(dtype), b.to(dtype), layout
 
 
@@ -118,25 +88,38 @@ def kernel_case(shape: str, case: str, t: int, dtype: torch.dtype
     parts, in_f, max_rank = spec["parts"], spec["in_f"], spec["max_rank"]
     ranks = [[max_rank] * len(parts), [max(1, max_rank - 3)] * len(parts), [max_rank] + [0] * (len(parts) - 1)]
     a, b, layout = packed_weights(parts, in_f, max_rank, ranks, dtype, seed=t)
-    slots = slot_mix(case, t, len(ranks), seed=1)
-    if all(s < 0 for s in slots):
-        slots[0] = 2
+    slots = popularity(case, t, len(ranks), seed=1)
     x = torch.randn(t, in_f, generator=torch.Generator().manual_seed(7)).to(dtype)
     return x, a, b, layout, slots
 
 
-KERNEL_CASES = ["one", "distinct", "shuffled_with_base"]
+# Adapter popularity in a step (Punica's cases, plus base-model tokens and a subset of the slots): every LoRA
+# kernel is tested over all of them.
+POPULARITY = ["identical", "distinct", "uniform", "zipf", "skewed", "with_base", "subset"]
 
 
-def slot_mix(case: str, t: int, slots: int, seed: int) -> list[int]:
+def popularity(case: str, t: int, slots: int, seed: int = 0) -> list[int]:
+    """The slot of each of t tokens (-1: the base model), over `slots` slots, unsorted; at least one adapter token."""
     rng = random.Random(f"{case}-{t}-{seed}")
-    if case == "one":
-        return [1] * t
-    if case == "distinct":
-        return [i % slots for i in range(t)]
-    if case == "shuffled_with_base":  # unsorted, base tokens in between
-        return [rng.choice([-1, *range(slots)]) for _ in range(t)]
-    raise AssertionError(case)
+    if case == "identical":  # every token on one adapter
+        out = [slots // 2] * t
+    elif case == "distinct":  # every token its own adapter (round-robin once t > slots)
+        out = [(i + 1) % slots for i in range(t)]
+    elif case == "uniform":
+        out = [rng.randrange(slots) for _ in range(t)]
+    elif case == "zipf":
+        out = rng.choices(range(slots), weights=[1 / (k + 1) ** 1.5 for k in range(slots)], k=t)
+    elif case == "skewed":  # one hot tenant, a few tokens elsewhere
+        out = [0 if rng.random() < 0.9 else rng.randrange(1, slots) for _ in range(t)]
+    elif case == "with_base":
+        out = [rng.choice([-1, -1, *range(slots)]) for _ in range(t)]
+    elif case == "subset":  # two slots in use (the first and the last), some base tokens
+        out = [rng.choice([0, slots - 1, -1]) for _ in range(t)]
+    else:
+        raise AssertionError(case)
+    if all(s < 0 for s in out):
+        out[t // 2] = slots - 1
+    return out
 
 
 def assert_like_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: list[int]) -> None:
@@ -160,9 +143,8 @@ def assert_like_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
 
 def fused_inputs(x: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: list[int]) -> tuple[LoRAMapping, torch.Tensor]:
     """What the fused kernels take beside x and A: the step's mapping (tokens grouped by slot) and B compact."""
-    from loraplex.lora import cpu_kernel
     from loraplex.lora.mapping import build_mapping
 
     m = build_mapping(slots, x.dtype, kernel="fused")
-    assert m is not None and m.kernel == "fused" and m.order is not None and m.groups is not None
-    return m, cpu_kernel.compact_b(b, layout.offsets.tolist(), layout.max_rank)
+    assert m is not None and m.fused is not None
+    return m, layout.shape.to_compact(b)

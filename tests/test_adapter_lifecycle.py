@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ALL, ATTN, MLP
 from loraplex import LLM, SamplingParams
+from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.errors import AdapterFormatError, AdapterNotFoundError, InvalidAdapterNameError, InvalidRequestError
 
@@ -93,7 +94,8 @@ def test_failed_load_reaches_every_waiter_and_is_retried(root: Path, solo: dict[
     assert isinstance(done["b1"], AdapterFormatError) and isinstance(done["b2"], AdapterFormatError)
     assert "corrupt safetensors" in str(done["b1"])
     assert done["ok"] == solo["g0"]
-    assert "broken@1" not in e.slots.slot_of and not e.adapters.ready("broken@1")  # nothing half-loaded
+    broken = AdapterKey("broken", "1")
+    assert broken not in e.adapters.slots.slot_of and not e.adapters.ready(broken)  # nothing half-loaded
     shutil.copy(local / "g1" / "adapter_model.safetensors", local / "broken" / "adapter_model.safetensors")
     shutil.copy(local / "g1" / "adapter_config.json", local / "broken" / "adapter_config.json")
     assert run(e, {"b3": (prompt(e), "broken")})["b3"] == solo["g1"]
@@ -106,8 +108,8 @@ def test_three_times_more_adapters_than_slots(root: Path, solo: dict[str, list[i
     jobs = {f"r{i}": (prompt(e), f"g{i % 6}") for i in range(18)}
     done = run(e, jobs)
     assert {rid: done[rid] for rid in jobs} == {rid: solo[a] for rid, (_, a) in jobs.items()}  # type: ignore[misc]
-    assert e.slots.evictions > 0 and e.adapters.metrics.evictions["host"] > 0
-    assert not e.slots.refs and not e.adapters.users  # every reference returned
+    assert e.adapters.slots.evictions > 0 and e.adapters.metrics.evictions["host"] > 0
+    assert not e.adapters.slots.refs and not e.adapters.users  # every reference returned
 
 
 def test_lru_order_in_both_tiers(root: Path) -> None:
@@ -115,27 +117,28 @@ def test_lru_order_in_both_tiers(root: Path) -> None:
     e = engine(root, max_loras=2, max_cpu_loras=2)
     for name in ["g0", "g1", "g0", "g2"]:
         run(e, {name + str(len(e.adapters.host)): (prompt(e), name)})
-    assert sorted(e.slots.slot_of) == ["g0@1", "g2@1"]
-    assert sorted(e.adapters.host.keys()) == ["g0@1", "g2@1"]
-    assert e.slots.evictions == 1 and e.adapters.metrics.evictions["host"] == 1
+    kept = [AdapterKey("g0", "1"), AdapterKey("g2", "1")]
+    assert sorted(e.adapters.slots.slot_of) == kept and sorted(e.adapters.host.keys()) == kept
+    assert e.adapters.slots.evictions == 1 and e.adapters.metrics.evictions["host"] == 1
 
 
 def test_version_promoted_mid_flight(root: Path, solo: dict[str, list[int]], tmp_path: Path) -> None:
     """A request running on v1 finishes on v1 after v2 is registered and promoted; new requests get v2;
     v1's weights are freed once its last request finishes."""
     e = engine(tmp_path, registry_file=str(tmp_path / "reg.json"))
-    assert e.register_adapter("tenant", root / "versioned" / "1") == "tenant@1"
+    assert e.register_adapter("tenant", root / "versioned" / "1") == AdapterKey("tenant", "1")
     e.add_request(prompt(e), PARAMS, "tenant", request_id="old")
     e.step()
     e.step()
-    assert e.register_adapter("tenant", root / "versioned" / "2") == "tenant@2"  # promoted at once
+    assert str(e.register_adapter("tenant", root / "versioned" / "2")) == "tenant@2"  # promoted at once
     e.add_request(prompt(e), PARAMS, "tenant", request_id="new")
     done = {}
     while e.has_unfinished_requests():
         done.update({o.request_id: o.outputs[0].token_ids for o in e.step() if o.finished})
     assert done["old"] == solo["versioned@1"] and done["new"] == solo["versioned@2"]
     assert solo["versioned@1"] != solo["versioned@2"]
-    assert "tenant@1" not in e.adapters.host and "tenant@1" not in e.slots.slot_of
+    old = AdapterKey("tenant", "1")
+    assert old not in e.adapters.host and old not in e.adapters.slots.slot_of
 
 
 def test_registry_persists_across_restart(root: Path, solo: dict[str, list[int]], tmp_path: Path) -> None:
@@ -144,7 +147,7 @@ def test_registry_persists_across_restart(root: Path, solo: dict[str, list[int]]
     e1 = engine(tmp_path, registry_file=reg)
     e1.register_adapter("rt", root / "g4")
     e1.register_adapter("rt", root / "g5", promote=False)
-    e1.adapters.promote("rt", "2")
+    e1.promote_adapter("rt", "2")
     e2 = engine(tmp_path, registry_file=reg)
     done = run(e2, {"cur": (prompt(e2), "rt"), "old": (prompt(e2), "rt@1")})
     assert done == {"cur": solo["g5"], "old": solo["g4"]}
@@ -153,14 +156,14 @@ def test_registry_persists_across_restart(root: Path, solo: dict[str, list[int]]
 def test_pinned_adapter_stays_in_a_slot(root: Path, solo: dict[str, list[int]]) -> None:
     """A pinned adapter is placed in a device slot and survives traffic that cycles others through the rest."""
     e = engine(root, max_loras=2)
-    e.adapters.pin("g0")
+    e.pin_adapter("g0")
     e.adapters.wait()
     for i in range(1, 6):
         assert run(e, {f"r{i}": (prompt(e), f"g{i}")})[f"r{i}"] == solo[f"g{i}"]
-        assert "g0@1" in e.slots.slot_of
-    assert e.slots.evictions >= 3  # the other slot was reused, never the pinned one
+        assert AdapterKey("g0", "1") in e.adapters.slots.slot_of
+    assert e.adapters.slots.evictions >= 3  # the other slot was reused, never the pinned one
     with pytest.raises(InvalidRequestError, match="at most 1 adapters may be pinned"):
-        e.adapters.pin("g1")
+        e.pin_adapter("g1")
 
 
 def test_rare_adapter_is_not_starved(root: Path) -> None:
@@ -186,7 +189,7 @@ def test_rare_adapter_is_not_starved(root: Path) -> None:
 def test_stats_count_tiers_and_requests(root: Path) -> None:
     """adapter_stats reports loads, hits, misses, evictions, residency per tier and per-adapter queues."""
     e = engine(root, max_loras=1, max_cpu_loras=1)
-    e.adapters.prefetch("g0")
+    e.adapters.prefetch(AdapterSpec("g0"))
     e.adapters.wait()
     e.step()  # collects the finished background load
     for i in range(3):
@@ -203,3 +206,65 @@ def test_stats_count_tiers_and_requests(root: Path) -> None:
     assert s.hits["host"] == 3 and s.misses["host"] == 1 and s.evictions["host"] == 1
     assert s.resident == {"host": 1, "device": 1} and s.queued == {} and s.running == {}
     assert s.load_latency["host"].n == 2 and s.load_latency["device"].n == 2
+
+
+def test_registration_racing_decoding_is_safe(root: Path, solo: dict[str, list[int]]) -> None:
+    """A thread registers, promotes, pins, unpins and unregisters versions of an adapter as fast as it can while
+    the engine thread decodes requests on it: every request either is refused at admission (unregistered at that
+    moment) or returns exactly the solo tokens of the version it was admitted under, nothing raises, and every
+    slot and reference comes back."""
+    import threading
+    import time
+
+    e = engine(root, max_loras=2, max_cpu_loras=3)
+    # Versions count up, never reused (not even after an unregistration): version v has g{v % 2}'s weights.
+    weights = {0: root / "g0", 1: root / "g1"}
+    assert e.register_adapter("hot", weights[1]).version == "1"
+    stop, failures, changes = threading.Event(), [], [0]
+
+    def admin() -> None:
+        while not stop.is_set():
+            try:
+                n = changes[0]
+                key = e.register_adapter("hot", weights[n % 2], promote=n % 3 != 0)  # version n + 2
+                if n % 4 == 1:
+                    e.promote_adapter("hot", key.version)
+                if n % 5 == 2:
+                    e.pin_adapter("hot", True)
+                if n % 5 == 3:
+                    e.pin_adapter("hot", False)
+                if n % 7 == 6:
+                    e.unregister_adapter("hot")
+            except AdapterNotFoundError:
+                pass  # pinned or promoted between an unregistration and the next registration
+            except Exception as ex:  # noqa: BLE001 - any other error is the test's failure
+                failures.append(ex)
+                return
+            changes[0] += 1
+            time.sleep(0.01)  # a change every few engine steps, not a loader hogging the cores
+
+    thread = threading.Thread(target=admin)
+    thread.start()
+    admitted: dict[str, str] = {}
+    done: dict[str, object] = {}
+    try:
+        for i in range(40):
+            try:
+                e.add_request(prompt(e), PARAMS, "hot", request_id=f"r{i}")
+                admitted[f"r{i}"] = e.requests[f"r{i}"].adapter.version  # type: ignore[union-attr]
+            except AdapterNotFoundError:
+                pass
+            for out in e.step():
+                if out.finished:
+                    done[out.request_id] = out.error or out.outputs[0].token_ids
+        while e.has_unfinished_requests():
+            for out in e.step():
+                if out.finished:
+                    done[out.request_id] = out.error or out.outputs[0].token_ids
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures
+    assert changes[0] > 10 and len(admitted) > 10  # both sides really ran concurrently
+    assert {rid: done[rid] for rid in admitted} == {rid: solo[f"g{int(v) % 2}"] for rid, v in admitted.items()}
+    assert not e.adapters.slots.refs and not e.adapters.users and e.blocks.num_free == e.blocks.num_blocks

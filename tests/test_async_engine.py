@@ -77,7 +77,7 @@ def test_abort_on_early_exit_frees_capacity(engine: AsyncLLMEngine) -> None:
     asyncio.run(read_two())
     assert engine.num_unfinished == 0
     assert engine.engine.blocks.num_free == free_before
-    assert "a" not in engine.engine.slots.refs
+    assert not engine.engine.adapters.slots.refs
 
 
 def test_errors_reach_only_their_request(engine: AsyncLLMEngine) -> None:

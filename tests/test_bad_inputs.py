@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ATTN, make_peft_adapter
+from conftest import ATTN
+from loraplex.training.synthetic import random_adapter
 from loraplex import LLM, SamplingParams
 from loraplex.errors import (
     AdapterFormatError,
@@ -71,8 +72,8 @@ def bad_adapters(good: Path, hf_base: torch.nn.Module, tmp_path_factory: pytest.
     save_file(tensors, str(nan / "adapter_model.safetensors"))
     return {
         "corrupt": corrupt,
-        "other_base": make_peft_adapter(tiny, root / "other_base", r=4, targets=ATTN),
-        "rank16": make_peft_adapter(hf_base, root / "rank16", r=16, targets=ATTN),
+        "other_base": random_adapter(tiny, root / "other_base", r=4, targets=ATTN),
+        "rank16": random_adapter(hf_base, root / "rank16", r=16, targets=ATTN),
         "dora": _peft(hf_base, root / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)),
         "modules_to_save": _peft(hf_base, root / "mts", LoraConfig(r=4, target_modules=["q_proj"],
                                                                     modules_to_save=["lm_head"])),

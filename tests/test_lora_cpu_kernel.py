@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALL, KERNEL_CASES, SHAPES, assert_like_reference, fused_inputs, kernel_case, packed_weights
+from conftest import ALL, POPULARITY, SHAPES, assert_like_reference, fused_inputs, kernel_case, packed_weights
 from loraplex import LLM, SamplingParams, native
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
@@ -27,7 +27,7 @@ def fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout: SlotLayout,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.parametrize("case", POPULARITY)
 @pytest.mark.parametrize("t", [1, 5, 9, 33])
 def test_fused_matches_reference(dtype: torch.dtype, shape: str, case: str, t: int) -> None:
     """Every token gets (x @ A^T) @ B of its slot, base tokens exactly nothing; ranks below max_rank and a
@@ -55,7 +55,7 @@ def test_fused_kernel_refuses_the_block_diagonal_layout() -> None:
     """Layout and kernel must agree: the fused kernel never reads a block-diagonal B, nor torch a compact one."""
     a, b, layout = packed_weights([32], 32, 4, [[4]], torch.float32, seed=0)
     x = torch.randn(2, 32)
-    block_diagonal = dataclasses.replace(layout, compact=False)
+    block_diagonal = dataclasses.replace(layout, shape=dataclasses.replace(layout.shape, compact=False))
     with pytest.raises(ValueError, match="compact"):
         lora_apply(x, a, b, build_mapping([0, 0], torch.float32, kernel="fused"), layout=block_diagonal)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="compact"):
@@ -120,11 +120,11 @@ def test_builds_for_other_cpus_match_reference(monkeypatch: pytest.MonkeyPatch, 
     lib = cpu_kernel.load(native.build(cpu_kernel.SOURCE, cxx, [*native.FLAGS, *extra]))
     for dtype in (torch.bfloat16, torch.float32):
         for shape in SHAPES:
-            for case in KERNEL_CASES:
+            for case in POPULARITY:
                 x, a, b, layout, slots = kernel_case(shape, case, 9, dtype)
                 m, b_compact = fused_inputs(x, b, layout, slots)
                 out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=dtype)
-                cpu_kernel.call(lib, x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets,
+                cpu_kernel.call(lib, x, a, b_compact, m.fused.order, m.fused.groups, layout.ranks, layout.offsets,
                                 layout.max_rank, out)
                 assert_like_reference(out, x, a, b, slots)
 
@@ -134,10 +134,10 @@ def test_bad_arguments_raise_before_the_kernel_runs() -> None:
     m, b_compact = fused_inputs(x, b, layout, slots)
     out = torch.zeros(4, sum(layout.part_sizes))
     with pytest.raises(ValueError, match="B \\(3, 100\\)"):
-        cpu_kernel.lora_add(x, a, b_compact[:, :100].contiguous(), m.order, m.groups, layout.ranks, layout.offsets,
+        cpu_kernel.lora_add(x, a, b_compact[:, :100].contiguous(), m.fused.order, m.fused.groups, layout.ranks, layout.offsets,
                             layout.max_rank, out)
     with pytest.raises(ValueError, match="one dtype"):
-        cpu_kernel.lora_add(x.bfloat16(), a, b_compact, m.order, m.groups, layout.ranks, layout.offsets,
+        cpu_kernel.lora_add(x.bfloat16(), a, b_compact, m.fused.order, m.fused.groups, layout.ranks, layout.offsets,
                             layout.max_rank, out)
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import KERNEL_CASES, SHAPES, assert_like_reference, fused_inputs, kernel_case
+from conftest import POPULARITY, SHAPES, assert_like_reference, fused_inputs, kernel_case
 
 # Triton reads TRITON_INTERPRET when it is imported, when the kernels are defined and when they run (the fixture
 # below): it is set for those moments only, so nothing else in this process runs Triton interpreted.
@@ -34,13 +34,13 @@ def triton_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layout, slots
     m, b_compact = fused_inputs(x, b, layout, slots)
     if out is None:
         out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=x.dtype)
-    return triton_ops.lora_add(x, a, b_compact, m.order, m.groups, layout.ranks, layout.offsets, layout.max_rank,
-                               out, m.max_group, max(layout.part_sizes))
+    return triton_ops.lora_add(x, a, b_compact, m.fused.order, m.fused.groups, layout.ranks, layout.offsets, layout.max_rank,
+                               out, m.fused.max_group, max(layout.part_sizes))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.parametrize("case", POPULARITY)
 @pytest.mark.parametrize("t", [1, 9, 40])
 def test_triton_matches_reference(dtype: torch.dtype, shape: str, case: str, t: int) -> None:
     """Groups of 1 to 40 tokens (more than one 16-token block), unsorted tokens with base tokens between,
@@ -50,7 +50,7 @@ def test_triton_matches_reference(dtype: torch.dtype, shape: str, case: str, t: 
 
 
 def test_triton_adds_into_the_base_output() -> None:
-    x, a, b, layout, slots = kernel_case("qkv", "shuffled_with_base", 9, torch.float32)
+    x, a, b, layout, slots = kernel_case("qkv", "with_base", 9, torch.float32)
     base = torch.randn(9, sum(layout.part_sizes))
     out = triton_lora(x, a, b, layout, slots, out=base.clone())
     zero = triton_lora(x, a, b, layout, slots)

@@ -109,4 +109,4 @@ def test_fewer_slots_than_adapters(solo: tuple[LLM, list, list[list[int]]], tena
     llm = make_llm(tenants, max_loras=3)
     outs = llm.generate([p for p, _, _ in jobs], [s for _, _, s in jobs], adapters=[a for _, a, _ in jobs])
     assert [tokens(o) for o in outs] == alone
-    assert llm.engine.slots.evictions > 0
+    assert llm.engine.adapters.slots.evictions > 0

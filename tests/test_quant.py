@@ -18,7 +18,7 @@ from loraplex.units import parse_bytes
 from loraplex.errors import InvalidRequestError
 from loraplex.models.layers import Linear
 from loraplex.models.loader import load_model
-from loraplex.quant.linear import QuantLinear
+from loraplex.quant.linear import QuantLinear, quantize_model
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write one sentence about cats.",
              "Who wrote Hamlet?", "Describe the sea in five words.", "What is 2 + 2?"]
@@ -59,10 +59,11 @@ def test_quant_linear_equals_its_dequantized_reference(method: str, dtype: torch
 def test_quantized_linears_take_less_memory(default_model_dir: Path, method: str, double_quant: bool, least: float) -> None:
     """The default model's decoder linears: bf16 bytes / quantized bytes (codes, scales, nested scales, code
     tables, all counted from the tensors) is at least 3.5 for 4-bit and 1.9 for int8."""
-    plain, _ = load_model(default_model_dir, torch.float32, 64)
+    plain = load_model(default_model_dir, torch.float32, 64)
     bf16_bytes = sum(m.in_features * m.out_features * 2 for n, m in plain.named_modules()
                      if isinstance(m, Linear) and ".layers." in f".{n}")
-    quant, _ = load_model(default_model_dir, torch.bfloat16, 64, method, double_quant)
+    quant = load_model(default_model_dir, torch.bfloat16, 64)
+    quantize_model(quant, method, double_quant)
     layers = [m for m in quant.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 4 * len(quant.layers)
     held = sum(m.nbytes() for m in layers)

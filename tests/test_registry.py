@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters.host_cache import HostCache
-from loraplex.adapters.registry import AdapterRegistry, parse_spec
+from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.adapters.registry import AdapterRegistry
 from loraplex.errors import AdapterNotFoundError, InvalidAdapterNameError
 
 
@@ -23,7 +24,17 @@ def _peft_dir(path: Path) -> Path:
 def test_names_that_could_leave_the_root_are_refused(bad: str) -> None:
     """Path separators, '..', absolute paths and empty names are InvalidAdapterNameError."""
     with pytest.raises(InvalidAdapterNameError, match="invalid adapter"):
-        parse_spec(bad)
+        AdapterSpec.parse(bad)
+
+
+def test_specs_and_keys() -> None:
+    """A spec is parsed once into (name, version or None); keys print as name@version."""
+    assert AdapterSpec.parse("legal") == AdapterSpec("legal") and AdapterSpec.parse("legal@2") == ("legal", "2")
+    assert str(AdapterSpec("legal")) == "legal" and str(AdapterKey("legal", "2")) == "legal@2"
+
+
+def spec(text: str) -> AdapterSpec:
+    return AdapterSpec.parse(text)
 
 
 def test_root_layouts_and_versions(tmp_path: Path) -> None:
@@ -33,20 +44,20 @@ def test_root_layouts_and_versions(tmp_path: Path) -> None:
     _peft_dir(tmp_path / "multi" / "2")
     _peft_dir(tmp_path / "multi" / "10")
     reg = AdapterRegistry(root=tmp_path)
-    assert reg.resolve("flat")[1:] == ("1", tmp_path / "flat")
-    assert reg.resolve("multi")[1] == "10"  # numeric, not lexical, order
-    assert reg.resolve("multi@2")[2] == tmp_path / "multi" / "2"
+    assert reg.resolve(spec("flat")) == (AdapterKey("flat", "1"), tmp_path / "flat")
+    assert reg.resolve(spec("multi"))[0].version == "10"  # numeric, not lexical, order
+    assert reg.resolve(spec("multi@2"))[1] == tmp_path / "multi" / "2"
     assert reg.names() == ["flat", "multi"]
     with pytest.raises(AdapterNotFoundError, match="no version '7'"):
-        reg.resolve("multi@7")
+        reg.resolve(spec("multi@7"))
 
 
 def test_not_found_says_where_it_looked(tmp_path: Path) -> None:
     """The error names the directory that was searched, or says no root is set."""
     with pytest.raises(AdapterNotFoundError, match=f"no directory {tmp_path / 'ghost'}"):
-        AdapterRegistry(root=tmp_path).resolve("ghost")
+        AdapterRegistry(root=tmp_path).resolve(spec("ghost"))
     with pytest.raises(AdapterNotFoundError, match="no --adapter-dir is set"):
-        AdapterRegistry().resolve("ghost")
+        AdapterRegistry().resolve(spec("ghost"))
 
 
 def test_symlink_out_of_root_is_not_followed(tmp_path: Path) -> None:
@@ -56,7 +67,7 @@ def test_symlink_out_of_root_is_not_followed(tmp_path: Path) -> None:
     root.mkdir()
     os.symlink(outside, root / "escape")
     with pytest.raises(AdapterNotFoundError):
-        AdapterRegistry(root=root).resolve("escape")
+        AdapterRegistry(root=root).resolve(spec("escape"))
 
 
 def test_registry_survives_restart(tmp_path: Path) -> None:
@@ -64,18 +75,18 @@ def test_registry_survives_restart(tmp_path: Path) -> None:
     state = tmp_path / "state" / "registry.json"
     a1, a2 = _peft_dir(tmp_path / "a1"), _peft_dir(tmp_path / "a2")
     reg = AdapterRegistry(state_file=state)
-    assert reg.register("legal", a1) == "1"
-    assert reg.register("legal", a2, promote=False) == "2"
-    assert reg.resolve("legal")[1] == "1"
+    assert reg.register(spec("legal"), a1) == AdapterKey("legal", "1")
+    assert reg.register(spec("legal"), a2, promote=False) == AdapterKey("legal", "2")
+    assert reg.resolve(spec("legal"))[0].version == "1"
     reg.promote("legal", "2")
     reg.set_pinned("legal", True)
-    reg.register("static", a1, persistent=False)
+    reg.register(spec("static"), a1, persistent=False)
     assert json.loads(state.read_text())["adapters"]["legal"]["current"] == "2"
     assert [p.name for p in state.parent.iterdir()] == ["registry.json"]  # no temp file left behind
 
     again = AdapterRegistry(state_file=state)
-    assert again.resolve("legal")[1:] == ("2", a2)
-    assert again.resolve("legal@1")[2] == a1
+    assert again.resolve(spec("legal")) == (AdapterKey("legal", "2"), a2)
+    assert again.resolve(spec("legal@1"))[1] == a1
     assert again.entries["legal"].pinned
     assert "static" not in again.entries  # start-up modules are not persisted
 
@@ -89,7 +100,7 @@ def test_unreadable_registry_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_host_cache_lru_refs_and_pins() -> None:
     """Capacity holds; LRU goes first; referenced and pinned entries are never evicted."""
-    cache: HostCache[int] = HostCache(capacity=2)
+    cache: HostCache[str, int] = HostCache(capacity=2)
     assert cache.put("a", 1) == [] and cache.put("b", 2) == []
     cache.get("a")  # a is now most recently used
     assert cache.put("c", 3) == ["b"]

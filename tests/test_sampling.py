@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from loraplex.engine.sampler import apply_top_k_top_p, sample
 from loraplex.errors import InvalidRequestError
-from loraplex.sampling import SamplingParams, apply_top_k_top_p, sample
+from loraplex.sampling import SamplingParams
 
 # ---- SamplingParams validation ----------------------------------------------------------------------
 

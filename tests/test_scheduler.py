@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from loraplex.adapters.slots import SlotTable
+from collections.abc import Callable, Hashable
+
+from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.request import Request, RequestStatus
 from loraplex.engine.scheduler import Scheduler, SchedulerOutput
@@ -15,13 +17,34 @@ from loraplex.sampling import SamplingParams
 FAKE_TOKEN = 7
 
 
+class Slots:
+    """The scheduler's view of adapters (scheduler.AdapterSlots; the AdapterManager in the engine): a slot table,
+    every adapter loaded unless `ready` says otherwise."""
+
+    def __init__(self, num_slots: int, ready: Callable[[Hashable], bool] = lambda key: True) -> None:
+        self.table: SlotTable[Hashable] = SlotTable(num_slots)
+        self._ready = ready
+
+    def ready(self, key: Hashable) -> bool:
+        return self._ready(key)
+
+    def can_take_slot(self, key: Hashable) -> bool:
+        return self.table.can_acquire(key)
+
+    def take_slot(self, key: Hashable) -> SlotGrant | None:
+        return self.table.acquire(key)
+
+    def release_slot(self, key: Hashable) -> None:
+        self.table.release(key)
+
+
 def make_req(rid: str, prompt_len: int, max_tokens: int = 4, adapter: str | None = None) -> Request:
     return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), adapter, arrival=0.0)
 
 
 def make_sched(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
                max_loras: int = 2, max_skips: int = 2) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), SlotTable(max_loras), max_num_seqs,
+    return Scheduler(BlockManager(num_blocks, block_size), Slots(max_loras), max_num_seqs,
                      max_num_batched_tokens, max_skips)
 
 
@@ -36,12 +59,12 @@ def check_invariants(s: Scheduler) -> None:
         assert r.status is RequestStatus.RUNNING
         assert len(r.block_ids) >= s.blocks.blocks_for(r.num_computed_tokens)
         if r.adapter is not None:
-            assert r.lora_slot == s.slots.slot_of[r.adapter]
+            assert r.lora_slot == s.adapters.table.slot_of[r.adapter]
     for r in s.waiting:
         assert r.status is RequestStatus.WAITING and r.block_ids == [] and r.lora_slot == -1
     adapters = [r.adapter for r in s.running if r.adapter is not None]
-    assert len(set(adapters)) <= s.slots.num_slots
-    assert s.slots.refs == {a: adapters.count(a) for a in set(adapters)}
+    assert len(set(adapters)) <= s.adapters.table.num_slots
+    assert s.adapters.table.refs == {a: adapters.count(a) for a in set(adapters)}
 
 
 def step(s: Scheduler) -> SchedulerOutput:
@@ -261,7 +284,7 @@ def test_at_most_max_loras_distinct_adapters_run_at_once() -> None:
     step(s)  # a, b, a2 finish
     out = step(s)
     assert sched_map(out) == {"c": 2}
-    assert out.slot_loads == [(c.lora_slot, "C")] and s.slots.evictions == 1
+    assert out.slot_loads == [(c.lora_slot, "C")] and s.adapters.table.evictions == 1
 
 
 def test_resident_idle_adapter_is_reused_without_a_load() -> None:
@@ -270,9 +293,9 @@ def test_resident_idle_adapter_is_reused_without_a_load() -> None:
     first = make_req("first", 2, 1, "A")
     s.add(first)
     out = step(s)
-    slot = s.slots.slot_of["A"]
+    slot = s.adapters.table.slot_of["A"]
     assert out.slot_loads == [(slot, "A")] and first.finished and first.lora_slot == -1
-    assert s.slots.refs == {} and s.slots.resident() == ["A"]
+    assert s.adapters.table.refs == {} and s.adapters.table.resident() == ["A"]
     again = make_req("again", 2, 1, "A")
     s.add(again)
     out = s.schedule()
@@ -285,7 +308,7 @@ def test_base_model_requests_need_no_adapter_slot() -> None:
     s.add(make_req("a", 2, 5, "A"))
     s.add(make_req("base", 2, 5, None))
     assert sched_map(step(s)) == {"a": 2, "base": 2}
-    assert s.slots.refs == {"A": 1}
+    assert s.adapters.table.refs == {"A": 1}
 
 
 # ---- fairness bound ----------------------------------------------------------------------------------
@@ -322,7 +345,7 @@ def test_fairness_bound_when_later_requests_arrive_together(max_skips: int) -> N
     assert order[: order.index("x") + 1] == ["holder"] + [f"l{i}" for i in range(max_skips)] + ["x"]
     assert x.times_passed_over == max_skips
     assert holder.finished  # x got in only because holder's slot became free
-    assert s.slots.slot_of == {"B": x.lora_slot}
+    assert s.adapters.table.slot_of == {"B": x.lora_slot}
 
 
 def test_fairness_bound_when_later_requests_arrive_one_per_step() -> None:
@@ -367,12 +390,12 @@ def test_finish_waiting_and_running_requests_releases_everything() -> None:
     s.add(run)
     s.add(wait)
     step(s)
-    assert run.block_ids and s.slots.refs == {"A": 1} and list(s.waiting) == [wait]
+    assert run.block_ids and s.adapters.table.refs == {"A": 1} and list(s.waiting) == [wait]
     s.finish(wait, "abort")
     assert not s.waiting and wait.finished and wait.finish_reason == "abort"
     s.finish(run, "abort")
-    assert not s.running and run.block_ids == [] and run.lora_slot == -1 and s.slots.refs == {}
-    assert s.blocks.num_free == s.blocks.num_blocks and s.slots.resident() == ["A"]  # kept for reuse
+    assert not s.running and run.block_ids == [] and run.lora_slot == -1 and s.adapters.table.refs == {}
+    assert s.blocks.num_free == s.blocks.num_blocks and s.adapters.table.resident() == ["A"]  # kept for reuse
     assert not s.has_unfinished() and s.schedule().seqs == []
 
 
@@ -409,20 +432,20 @@ def test_random_workload_completes_with_invariants(seed: int) -> None:
         pytest.fail("workload did not finish")
     for r in all_reqs:
         assert r.finished and len(r.output_token_ids) == r.sampling.max_tokens
-    assert s.blocks.num_free == s.blocks.num_blocks and s.slots.refs == {}
+    assert s.blocks.num_free == s.blocks.num_blocks and s.adapters.table.refs == {}
     assert max(r.times_passed_over for r in all_reqs) <= 3
 
 
 def test_request_whose_adapter_is_still_loading_waits_without_blocking_others() -> None:
-    """adapter_ready=False: the request stays waiting (no slot, no skip counted) while later ones run; then it runs."""
+    """An adapter not ready yet: the request stays waiting (no slot, no skip counted) while later ones run; then it runs."""
     ready: set[str] = set()
-    s = Scheduler(BlockManager(64, 4), SlotTable(2), 8, 64, max_skips=0, adapter_ready=lambda k: k in ready)
+    s = Scheduler(BlockManager(64, 4), Slots(2, ready=lambda k: k in ready), 8, 64, max_skips=0)
     loading, other = make_req("loading", 2, 2, "A"), make_req("other", 2, 2, None)
     s.add(loading)
     s.add(other)
     out = step(s)
     assert sched_map(out) == {"other": 2} and out.slot_loads == []
-    assert list(s.waiting) == [loading] and loading.times_passed_over == 0 and s.slots.resident() == []
+    assert list(s.waiting) == [loading] and loading.times_passed_over == 0 and s.adapters.table.resident() == []
     ready.add("A")
     out = step(s)
     assert sched_map(out) == {"other": 1, "loading": 2} and out.slot_loads == [(loading.lora_slot, "A")]

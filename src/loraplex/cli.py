@@ -94,7 +94,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="HF model directory or .gguf file (default: the embedded model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-keys", type=Path, default=None, help="JSON file mapping API keys to their adapters")
+    p.add_argument("--adapter-dir", default=None)
+    p.add_argument("--registry-file", default=None, help="where run-time adapter registrations persist")
+    p.add_argument("--max-cpu-loras", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
+    p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for the model (default: every core; OpenMP threads sleep between steps)")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    from loraplex.config import EngineConfig, ServerConfig
     from loraplex.server.serve import serve
 
     modules = _parse_modules(args.lora_modules)
@@ -102,7 +120,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from loraplex.demo import demo_adapters
 
         modules = {**demo_adapters(), **modules}
-    serve(args, modules)
+    engine_config = EngineConfig(
+        model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(modules.items()), adapter_dir=args.adapter_dir,
+        registry_file=args.registry_file, **engine_kwargs(args),  # type: ignore[arg-type]
+    )
+    server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                          api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                          torch_threads=args.torch_threads)
+    serve(engine_config, server)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -166,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.set_defaults(fn=cmd_generate)
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
-    from loraplex.server.serve import add_serve_args
-
-    add_serve_args(srv)
+    _serve_args(srv)
     _engine_args(srv, with_model=False)
     srv.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
     srv.set_defaults(fn=cmd_serve)

@@ -1,8 +1,10 @@
-"""EngineConfig: frozen, validated on creation."""
+"""EngineConfig and ServerConfig: what the engine and the HTTP server run with, as frozen data validated on
+creation (the CLI builds them from flags; Python users build them directly). No torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loraplex.errors import InvalidRequestError
 
@@ -50,6 +52,28 @@ class EngineConfig:
             (not self.double_quant or self.quantization in ("nf4", "fp4"),
              "double_quant applies to 4-bit quantization only: use it with quantization nf4 (or fp4)"),
             (self.adapter_memory is None or self.adapter_memory > 0, "adapter_memory must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequestError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None = the model's own name
+    api_keys: Path | None = None  # JSON file mapping API keys to their adapters; None = an open server
+    max_queue: int = 256  # waiting requests beyond the engine's max_num_seqs before 503
+    drain_timeout: int = 30  # seconds to finish requests in flight on SIGTERM
+    torch_threads: int | None = None  # CPU threads for the model; None = every core
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
+            (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.drain_timeout >= 0, "drain_timeout must be >= 0"),
+            (self.torch_threads is None or self.torch_threads >= 1, "torch_threads must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -35,6 +35,10 @@ class InvalidAdapterNameError(AdapterError):
     """An adapter name that could escape the adapter root or is otherwise malformed."""
 
 
+class AdapterVersionExistsError(AdapterError):
+    """A registration names a version the adapter has (or had): versions are immutable, never reused."""
+
+
 class AdapterFormatError(AdapterError):
     """The adapter files are missing, corrupt, or not in PEFT's format."""
 

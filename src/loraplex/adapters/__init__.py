@@ -1,1 +1,2 @@
-"""Adapters: PEFT-format loading and validation, device-slot bookkeeping."""
+"""Adapters: names and versions (key, registry), PEFT-format loading and validation, the host tier and the
+device slots, all owned by manager.AdapterManager."""

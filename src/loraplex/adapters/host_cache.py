@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
+K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
-class HostCache(Generic[V]):
+class HostCache(Generic[K, V]):
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[str, V] = OrderedDict()  # least recently used first
-        self.refs: dict[str, int] = {}
-        self.pinned: set[str] = set()
+        self._entries: OrderedDict[K, V] = OrderedDict()  # least recently used first
+        self.refs: dict[K, int] = {}
+        self.pinned: set[K] = set()
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: K) -> bool:
         return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def keys(self) -> list[str]:
+    def keys(self) -> list[K]:
         return list(self._entries)
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: K) -> V | None:
         value = self._entries.get(key)
         if value is not None:
             self._entries.move_to_end(key)
         return value
 
-    def put(self, key: str, value: V) -> list[str]:
+    def put(self, key: K, value: V) -> list[K]:
         """Insert as most recently used; evict LRU entries no one holds until within capacity. Returns evicted keys.
 
         When every entry is held the cache exceeds its capacity rather than evict an adapter in use."""
@@ -38,7 +40,7 @@ class HostCache(Generic[V]):
         self._entries.move_to_end(key)
         return self.shrink(keep=key)
 
-    def shrink(self, keep: str | None = None) -> list[str]:
+    def shrink(self, keep: K | None = None) -> list[K]:
         """Evict least recently used entries that nobody holds until within capacity; returns their keys."""
         evicted = []
         for k in list(self._entries):
@@ -49,10 +51,10 @@ class HostCache(Generic[V]):
                 evicted.append(k)
         return evicted
 
-    def ref(self, key: str) -> None:
+    def ref(self, key: K) -> None:
         self.refs[key] = self.refs.get(key, 0) + 1
 
-    def unref(self, key: str) -> int:
+    def unref(self, key: K) -> int:
         n = self.refs.get(key, 0) - 1
         if n <= 0:
             self.refs.pop(key, None)
@@ -60,5 +62,5 @@ class HostCache(Generic[V]):
         self.refs[key] = n
         return n
 
-    def drop(self, key: str) -> None:
+    def drop(self, key: K) -> None:
         self._entries.pop(key, None)

@@ -1,9 +1,12 @@
-"""AdapterManager: the adapter lifecycle across tiers — disk -> host (LRU) -> device slots.
+"""AdapterManager: the one owner of adapter state — names and versions (the registry), the host tier (LRU),
+the device slots and their reference counts — and the only API the engine uses for adapters.
 
-Disk reads and validation run on a loader thread, never on the engine's step loop; the engine
-calls `poll()` between steps to collect finished loads, and copies host weights into device slots
-between steps. Reference counts (requests queued or running) protect adapters from eviction; a
-version superseded by a promotion is freed once its last request finishes.
+Disk reads and validation run on a loader thread (or, for a registration, on the caller's thread), never on
+the engine's step loop; the engine calls `poll()` between steps to collect finished loads, and copies host
+weights into the device slots it is granted between steps. Every change to the tiers, the slot table and the
+reference counts happens under one lock, so a registration from a worker thread and the engine thread's
+scheduling never interleave. Reference counts (requests queued or running) protect adapters from eviction;
+a version superseded by a promotion is freed once its last request finishes.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters.host_cache import HostCache
+from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
-from loraplex.adapters.registry import AdapterRegistry, adapter_key, parse_spec
-from loraplex.adapters.slots import SlotTable
+from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.errors import AdapterError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -27,88 +32,116 @@ log = logging.getLogger(__name__)
 Loader = Callable[[str, Path], AdapterWeights]
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A registered adapter as /v1/models lists it."""
+
+    name: str
+    current: str
+    versions: tuple[str, ...]
+    pinned: bool
+    path: Path  # the current version's directory
+
+
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, slots: SlotTable, host_capacity: int, loader: Loader) -> None:
+    def __init__(self, registry: AdapterRegistry, num_slots: int, host_capacity: int, loader: Loader) -> None:
         self.registry = registry
-        self.slots = slots
-        self.host: HostCache[AdapterWeights] = HostCache(host_capacity)
+        self.slots: SlotTable[AdapterKey] = SlotTable(num_slots)  # read-only outside this class
+        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(host_capacity)
         self.metrics = AdapterMetrics()
         self._load = loader
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-loader")
-        self._loading: dict[str, tuple[Future[AdapterWeights], float]] = {}
-        self._paths: dict[str, Path] = {}
-        self.users: dict[str, int] = {}  # key -> requests queued or running on it
+        self._loading: dict[AdapterKey, tuple[Future[AdapterWeights], float]] = {}
+        self._paths: dict[AdapterKey, Path] = {}
+        self.users: dict[AdapterKey, int] = {}  # requests queued or running on each version
+        self._pins: dict[str, AdapterKey] = {}  # pinned name -> the version its pin holds: always the current one
         for name, entry in registry.entries.items():
             if entry.pinned:
-                self._pin_key(adapter_key(name, entry.current))
+                self._set_pin(name, AdapterKey(name, entry.current))
 
     # ---- names and versions ---------------------------------------------------------------------
-    def resolve(self, spec: str) -> str:
-        """'name' or 'name@version' -> key 'name@version' of the version a new request uses."""
-        name, version, path = self.registry.resolve(spec)
-        key = adapter_key(name, version)
+    def resolve(self, spec: AdapterSpec) -> AdapterKey:
+        """The version a new request for `spec` runs on (the current one unless the spec names a version)."""
+        key, path = self.registry.resolve(spec)
         with self._lock:
             self._paths[key] = path
         return key
 
-    def register(self, name: str, path: Path, version: str | None = None, promote: bool = True,
-                 persistent: bool = True) -> str:
-        """Load and validate now (in the caller's thread), then register; the previous version is freed
-        once its requests finish. Returns the new key."""
-        parse_spec(name)
+    def register(self, spec: AdapterSpec, path: Path, promote: bool = True, persistent: bool = True) -> AdapterKey:
+        """Load and validate now (in the caller's thread, outside the lock: decoding goes on), then register;
+        the previous version is freed once its requests finish. Returns the new version's key."""
         t0 = time.perf_counter()
-        weights = self._load(name, Path(path))  # raises a named AdapterError; nothing registered then
-        version = self.registry.register(name, Path(path), version, promote, persistent)
-        key = adapter_key(name, version)
+        weights = self._load(spec.name, Path(path))  # raises a named AdapterError; nothing registered then
         with self._lock:
+            key = self.registry.register(spec, Path(path), promote, persistent)
             self.metrics.load("host", time.perf_counter() - t0)
             self._paths[key] = Path(path)
-            self.slots.invalidate_if_idle(key)  # an older copy of this key may sit in a device slot
-            self._put_host(key, weights)
+            self._put_host(key, weights)  # a fresh key: versions are never reused, so no slot holds it
             if promote:
-                self._collect_stale(name)
+                self._follow_current(spec.name)
+                self._collect_stale(spec.name)
         return key
 
     def promote(self, name: str, version: str) -> None:
-        self.registry.promote(name, version)
         with self._lock:
+            self.registry.promote(name, version)
+            self._follow_current(name)
             self._collect_stale(name)
 
+    def catalog(self) -> list[AdapterInfo]:
+        """Every adapter registered or found under the adapter root (a directory scan: not on the event loop)."""
+        out = []
+        for name in self.registry.names():
+            entry = self.registry.entries.get(name)
+            if entry is not None:
+                out.append(AdapterInfo(name, entry.current, tuple(sorted(entry.versions)), entry.pinned,
+                                       entry.versions.get(entry.current, Path())))
+        return out
+
     def unregister(self, name: str) -> None:
-        entry = self.registry.unregister(name)
         with self._lock:
+            entry = self.registry.unregister(name)
+            self._set_pin(name, None)
             for version in entry.versions:
-                key = adapter_key(name, version)
-                self.host.pinned.discard(key)
-                self.slots.pinned.discard(key)
+                key = AdapterKey(name, version)
                 if not self.users.get(key):
                     self._free(key)
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        """Keep `name`'s current version in a device slot (loaded in the background if needed)."""
-        key = self.resolve(name)
+        """Keep `name`'s current version in a device slot (loaded in the background if needed); the pin follows
+        later promotions. One slot always stays unpinned, for everyone else."""
+        key = self.resolve(AdapterSpec(name))
         with self._lock:
-            if pinned and len(self.slots.pinned | {key}) >= self.slots.num_slots:
+            if pinned and len(set(self._pins) | {name}) >= self.slots.num_slots:
                 raise InvalidRequestError(
                     f"cannot pin {name!r}: at most {self.slots.num_slots - 1} adapters may be pinned with "
                     f"--max-loras {self.slots.num_slots}; raise --max-loras"
                 )
             self.registry.set_pinned(name, pinned)
-            if pinned:
-                self._pin_key(key)
-            else:
-                self.host.pinned.discard(key)
-                self.slots.pinned.discard(key)
+            self._set_pin(name, key if pinned else None)
 
-    def _pin_key(self, key: str) -> None:
-        self.host.pinned.add(key)
-        self.slots.pinned.add(key)
-        if key not in self.host:
-            self._start_load(key)
+    def _set_pin(self, name: str, key: AdapterKey | None) -> None:
+        """Move `name`'s pin to `key` (None: unpin it): the tiers hold the pinned version, and only that one."""
+        old = self._pins.pop(name, None)
+        if old is not None:
+            self.host.pinned.discard(old)
+            self.slots.pinned.discard(old)
+        if key is not None:
+            self._pins[name] = key
+            self.host.pinned.add(key)
+            self.slots.pinned.add(key)
+            if key not in self.host:
+                self._start_load(key)
+
+    def _follow_current(self, name: str) -> None:
+        """After a promotion: a pinned name's pin moves to its new current version."""
+        if name in self._pins:
+            current = self.registry.current(name)
+            self._set_pin(name, None if current is None else AdapterKey(name, current))
 
     # ---- request references ---------------------------------------------------------------------
-    def acquire(self, key: str) -> None:
+    def acquire(self, key: AdapterKey) -> None:
         """A request now needs `key`: count it and start loading it from disk if it is cold."""
         with self._lock:
             self.users[key] = self.users.get(key, 0) + 1
@@ -120,7 +153,7 @@ class AdapterManager:
                 self.metrics.miss("host")
                 self._start_load(key)
 
-    def release(self, key: str) -> None:
+    def release(self, key: AdapterKey) -> None:
         with self._lock:
             n = self.users.get(key, 0) - 1
             if n > 0:
@@ -128,20 +161,50 @@ class AdapterManager:
                 return
             self.users.pop(key, None)
             self.host.unref(key)
-            name, _, version = key.partition("@")
-            entry = self.registry.entries.get(name)
-            if entry is None or entry.current != version:
+            if self.registry.current(key.name) != key.version:
                 self._free(key)  # superseded or unregistered: free once unused
             for _ in self.host.shrink():  # a burst of in-use adapters may have overfilled the tier
                 self.metrics.evict("host")
 
-    def prefetch(self, spec: str) -> str:
+    def prefetch(self, spec: AdapterSpec) -> AdapterKey:
         """Start loading `spec` into host memory in the background (warming a tenant before traffic)."""
         key = self.resolve(spec)
         with self._lock:
             if key not in self.host:
                 self._start_load(key)
         return key
+
+    # ---- device slots (the scheduler's and the engine's only way to them) --------------------------
+    def ready(self, key: AdapterKey) -> bool:
+        """The adapter's weights are in host memory: a slot can be filled from them."""
+        with self._lock:
+            return key in self.host
+
+    def can_take_slot(self, key: AdapterKey) -> bool:
+        with self._lock:
+            return self.slots.can_acquire(key)
+
+    def take_slot(self, key: AdapterKey) -> SlotGrant | None:
+        """Reference `key`'s device slot (assigning one, LRU, if needed); None when every slot is busy. A grant
+        with needs_load must be filled (`weights(key)` copied in) before the next step reads it."""
+        with self._lock:
+            return self.slots.acquire(key)
+
+    def release_slot(self, key: AdapterKey) -> None:
+        with self._lock:
+            self.slots.release(key)
+
+    def place_pinned(self) -> list[tuple[int, AdapterKey]]:
+        """Give every pinned, loaded adapter that is not resident a slot; returns (slot, key) to fill now."""
+        fills = []
+        with self._lock:
+            for key in sorted(self.slots.pinned):
+                if key in self.host and key not in self.slots.slot_of:
+                    grant = self.slots.acquire(key)
+                    if grant is not None:
+                        self.slots.release(key)
+                        fills.append((grant.slot, key))
+        return fills
 
     def stats(self, queued: dict[str, int], running: dict[str, int]) -> AdapterStats:
         m = self.metrics
@@ -159,32 +222,26 @@ class AdapterManager:
                 running=running,
             )
 
-    def ready(self, key: str) -> bool:
-        return key in self.host
-
-    def weights(self, key: str) -> AdapterWeights:
-        w = self.host.get(key)
+    def weights(self, key: AdapterKey) -> AdapterWeights:
+        with self._lock:
+            w = self.host.get(key)
         if w is None:
             raise KeyError(key)
         return w
 
-    def pinned_keys(self) -> list[str]:
-        return sorted(self.slots.pinned)
-
     # ---- loading --------------------------------------------------------------------------------
-    def _start_load(self, key: str) -> None:
+    def _start_load(self, key: AdapterKey) -> None:
         if key in self._loading:
             return
-        name = key.partition("@")[0]
         path = self._paths.get(key)
         if path is None:
-            path = self.registry.resolve(key)[2]
+            path = self.registry.resolve(key)[1]
             self._paths[key] = path
-        self._loading[key] = (self._executor.submit(self._load, name, path), time.perf_counter())
+        self._loading[key] = (self._executor.submit(self._load, key.name, path), time.perf_counter())
 
-    def poll(self) -> dict[str, AdapterError]:
+    def poll(self) -> dict[AdapterKey, AdapterError]:
         """Collect finished background loads; return the keys whose load failed, with their errors."""
-        failed: dict[str, AdapterError] = {}
+        failed: dict[AdapterKey, AdapterError] = {}
         with self._lock:
             for key, (fut, t0) in list(self._loading.items()):
                 if not fut.done():
@@ -200,7 +257,7 @@ class AdapterManager:
                     failed[key] = err if isinstance(err, AdapterError) else AdapterError(f"adapter {key}: {err}")
         return failed
 
-    def wait(self, keys: list[str] | None = None, timeout: float = 60.0) -> None:
+    def wait(self, keys: list[AdapterKey] | None = None, timeout: float = 60.0) -> None:
         """Block until the loads of `keys` (default: all) have finished; `poll()` then collects them."""
         with self._lock:
             futures = [f for k, (f, _) in self._loading.items() if keys is None or k in keys]
@@ -212,10 +269,11 @@ class AdapterManager:
                 return
 
     @property
-    def loading(self) -> list[str]:
-        return list(self._loading)
+    def loading(self) -> list[AdapterKey]:
+        with self._lock:
+            return list(self._loading)
 
-    def _put_host(self, key: str, weights: AdapterWeights) -> None:
+    def _put_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
         for evicted in self.host.put(key, weights):
             self.metrics.evict("host")
             log.debug("evicted adapter %s from host memory", evicted)
@@ -223,11 +281,11 @@ class AdapterManager:
     def _collect_stale(self, name: str) -> None:
         entry = self.registry.entries.get(name)
         for version in (entry.versions if entry else {}):
-            key = adapter_key(name, version)
+            key = AdapterKey(name, version)
             if entry is not None and version != entry.current and not self.users.get(key):
                 self._free(key)
 
-    def _free(self, key: str) -> None:
+    def _free(self, key: AdapterKey) -> None:
         self.host.drop(key)
         self.slots.invalidate_if_idle(key)
 

@@ -11,42 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.errors import AdapterNotFoundError, InvalidAdapterNameError
+from loraplex.adapters.key import NAME_RE, AdapterKey, AdapterSpec, validate_name
+from loraplex.errors import AdapterNotFoundError, AdapterVersionExistsError
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_VERSION = "1"
-
-
-def validate_name(name: str, what: str = "adapter name") -> str:
-    """Names are single path components: no separators, no '..', not absolute, no control characters."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        raise InvalidAdapterNameError(
-            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
-            "digit, without '..' or path separators"
-        )
-    return name
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """'name' -> (name, None); 'name@version' -> (name, version). Both parts validated."""
-    name, sep, version = spec.partition("@")
-    validate_name(name)
-    if sep:
-        validate_name(version, "adapter version")
-        return name, version
-    return name, None
-
-
-def adapter_key(name: str, version: str) -> str:
-    return f"{name}@{version}"
 
 
 def _version_sort_key(v: str) -> tuple[int, int | str]:
@@ -71,14 +46,19 @@ class AdapterRegistry:
         self.root = root.resolve() if root is not None else None
         self.state_file = state_file
         self.entries: dict[str, AdapterEntry] = {}
+        # Every version each name has had in this process, unregistered ones included: a key (name, version) always
+        # means the same weights, so requests still running on an unloaded version never share a slot or a cache
+        # entry with a later registration under the same name.
+        self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # registrations may come from the HTTP thread and the engine thread
         if state_file is not None and state_file.is_file():
             self._load_state(state_file)
 
     # ---- lookup ---------------------------------------------------------------------------------
-    def resolve(self, spec: str) -> tuple[str, str, Path]:
-        """'name' or 'name@version' -> (name, version, directory). Raises AdapterNotFoundError naming where it looked."""
-        name, version = parse_spec(spec)
+    def resolve(self, spec: AdapterSpec | AdapterKey) -> tuple[AdapterKey, Path]:
+        """A spec (the current version if none is named) -> the version's key and directory. Raises
+        AdapterNotFoundError naming where it looked."""
+        name, version = spec
         with self._lock:
             entry = self.entries.get(name) or self._discover(name)
             if entry is None:
@@ -91,7 +71,7 @@ class AdapterRegistry:
                 raise AdapterNotFoundError(
                     f"adapter {name!r} has no version {version!r} (versions: {', '.join(sorted(entry.versions))})"
                 )
-            return name, version, path
+            return AdapterKey(name, version), path
 
     def _inside_root(self, path: Path) -> bool:
         assert self.root is not None
@@ -111,7 +91,7 @@ class AdapterRegistry:
         if (d / "adapter_config.json").is_file():
             entry.versions[DEFAULT_VERSION] = d
         for sub in d.iterdir():
-            if sub.is_dir() and (sub / "adapter_config.json").is_file() and _NAME_RE.match(sub.name) and self._inside_root(sub):
+            if sub.is_dir() and (sub / "adapter_config.json").is_file() and NAME_RE.match(sub.name) and self._inside_root(sub):
                 entry.versions[sub.name] = sub
         if not entry.versions:
             return None
@@ -131,28 +111,40 @@ class AdapterRegistry:
         with self._lock:
             if self.root is not None and self.root.is_dir():
                 for d in self.root.iterdir():
-                    if d.is_dir() and d.name not in self.entries and _NAME_RE.match(d.name):
+                    if d.is_dir() and d.name not in self.entries and NAME_RE.match(d.name):
                         self._discover(d.name)
             return sorted(self.entries)
 
     # ---- changes --------------------------------------------------------------------------------
-    def register(self, name: str, path: Path, version: str | None = None, promote: bool = True,
-                 persistent: bool = True) -> str:
-        """Add a version (default: the next integer); make it current when `promote`. Returns the version."""
-        validate_name(name)
+    def register(self, spec: AdapterSpec, path: Path, promote: bool = True, persistent: bool = True) -> AdapterKey:
+        """Add a version of spec.name (spec.version, or the next integer); make it current when `promote`.
+        A version the name has or had is refused (AdapterVersionExistsError): versions are immutable."""
+        name, version = spec
         with self._lock:
             entry = self.entries.get(name) or self._discover(name) or AdapterEntry(name)
+            seen = self._seen.setdefault(name, set())
+            seen.update(entry.versions)
             if version is None:
-                numeric = [int(v) for v in entry.versions if v.isdigit()]
+                numeric = [int(v) for v in seen if v.isdigit()]
                 version = str(max(numeric, default=0) + 1)
-            validate_name(version, "adapter version")
+            elif version in seen:
+                raise AdapterVersionExistsError(
+                    f"adapter {name!r} already has (or had) version {version!r}; versions are immutable: register "
+                    "the new weights as another version (or leave the version out for the next number)")
+            seen.add(version)
             entry.versions[version] = Path(path)
             if promote or len(entry.versions) == 1:
                 entry.current = version
             entry.persistent |= persistent
             self.entries[name] = entry
             self._save()
-            return version
+            return AdapterKey(name, version)
+
+    def current(self, name: str) -> str | None:
+        """The version new requests for `name` get, None if it is not registered."""
+        with self._lock:
+            entry = self.entries.get(name)
+            return None if entry is None else entry.current
 
     def promote(self, name: str, version: str) -> None:
         with self._lock:
@@ -168,6 +160,7 @@ class AdapterRegistry:
             entry = self.entries.pop(name, None)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+            self._seen.setdefault(name, set()).update(entry.versions)
             self._save()
             return entry
 

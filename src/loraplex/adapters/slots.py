@@ -8,7 +8,11 @@ needed for another adapter.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)  # the adapter key (adapters.key.AdapterKey); any hashable in tests
 
 
 @dataclass(slots=True)
@@ -17,22 +21,24 @@ class SlotGrant:
     needs_load: bool  # True when the adapter's weights must be copied into the slot before the next step
 
 
-class SlotTable:
+class SlotTable(Generic[K]):
+    """Not thread-safe by itself: its owner (adapters.manager.AdapterManager) serialises every call."""
+
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self.slot_of: dict[str, int] = {}
-        self.refs: dict[str, int] = {}
-        self.pinned: set[str] = set()
+        self.slot_of: dict[K, int] = {}
+        self.refs: dict[K, int] = {}
+        self.pinned: set[K] = set()
         self._free = list(range(num_slots - 1, -1, -1))
-        self._idle: OrderedDict[str, None] = OrderedDict()  # resident, unreferenced, LRU first
+        self._idle: OrderedDict[K, None] = OrderedDict()  # resident, unreferenced, LRU first
         self.evictions = 0
         self.hits = 0  # acquire found the adapter already in a slot
         self.misses = 0  # acquire had to copy it in
 
-    def can_acquire(self, key: str) -> bool:
+    def can_acquire(self, key: K) -> bool:
         return key in self.slot_of or bool(self._free) or any(k not in self.pinned for k in self._idle)
 
-    def acquire(self, key: str) -> SlotGrant | None:
+    def acquire(self, key: K) -> SlotGrant | None:
         """Reference `key`'s slot, assigning one (LRU eviction of an idle adapter) if needed; None if all are busy."""
         if key in self.slot_of:
             self._idle.pop(key, None)
@@ -53,13 +59,13 @@ class SlotTable:
         self.misses += 1
         return SlotGrant(slot, needs_load=True)
 
-    def release(self, key: str) -> None:
+    def release(self, key: K) -> None:
         self.refs[key] -= 1
         if self.refs[key] == 0:
             del self.refs[key]
             self._idle[key] = None  # most recently used at the end
 
-    def invalidate(self, key: str) -> None:
+    def invalidate(self, key: K) -> None:
         """Forget a resident adapter (failed load or unload); only allowed when unreferenced."""
         if key in self.refs:
             raise RuntimeError(f"adapter {key!r} is in use")
@@ -68,12 +74,12 @@ class SlotTable:
         if slot is not None:
             self._free.append(slot)
 
-    def invalidate_if_idle(self, key: str) -> bool:
+    def invalidate_if_idle(self, key: K) -> bool:
         """Free `key`'s slot unless a request holds it; True if it is no longer resident."""
         if key in self.refs:
             return False
         self.invalidate(key)
         return True
 
-    def resident(self) -> list[str]:
+    def resident(self) -> list[K]:
         return list(self.slot_of)

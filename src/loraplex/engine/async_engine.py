@@ -1,8 +1,10 @@
-"""AsyncLLMEngine: runs LLMEngine's step loop on one background thread and streams outputs to asyncio.
+"""AsyncLLMEngine: runs LLMEngine's step loop on one background thread and streams outputs to asyncio; the
+whole API the HTTP server uses (requests, adapter administration, the model's facts, snapshots for metrics).
 
-Every engine mutation (add, abort, adapter registration) runs on the engine thread between steps,
-submitted through `_call`; errors come back to the awaiting coroutine. The event loop never runs
-model work, so one process serves many concurrent clients.
+Requests (add, abort) and adapter changes run on the engine thread between steps, submitted through `call`;
+errors come back to the awaiting coroutine. An adapter registration reads and validates the files on a
+worker thread so decoding goes on meanwhile; the AdapterManager's lock orders its bookkeeping against the
+engine thread's. The event loop never runs model work, so one process serves many concurrent clients.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.outputs import RequestOutput
+from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.outputs import EngineSnapshot, RequestOutput
+from loraplex.hardware import DtypeChoice
 from loraplex.errors import LoraplexError
 from loraplex.sampling import SamplingParams
 
@@ -111,6 +118,68 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         await self.call(lambda: self.engine.abort_request(request_id))
+
+    # ---- adapters --------------------------------------------------------------------------------
+    @staticmethod
+    def adapter_spec(model: str) -> AdapterSpec:
+        """A request's `model` as an adapter spec ('name' or 'name@version'); InvalidAdapterNameError if malformed."""
+        return AdapterSpec.parse(model)
+
+    async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
+                               promote: bool = True) -> AdapterKey:
+        """Load, validate and register a version (promoted by default); returns its key once it is servable."""
+        return await asyncio.to_thread(self.engine.register_adapter, name, Path(path), version, promote)
+
+    async def unregister_adapter(self, name: str) -> None:
+        await self.call(lambda: self.engine.unregister_adapter(name))
+
+    async def promote_adapter(self, name: str, version: str) -> None:
+        await self.call(lambda: self.engine.promote_adapter(name, version))
+
+    async def pin_adapter(self, name: str, pinned: bool) -> None:
+        await self.call(lambda: self.engine.pin_adapter(name, pinned))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        """Every adapter registered or under the adapter root (a directory scan, off the event loop)."""
+        return await asyncio.to_thread(self.engine.list_adapters)
+
+    async def snapshot(self) -> EngineSnapshot:
+        """Queue, batch, KV and adapter-cache state, read on the engine thread between steps."""
+        return await self.call(self.engine.snapshot)
+
+    # ---- the model's facts (fixed at start; safe to read from any thread) ------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def model_dir(self) -> Path:
+        return self.engine.model_dir
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    @property
+    def dtype(self) -> DtypeChoice:
+        return self.engine.dtype_choice
+
+    @property
+    def device(self) -> str:
+        """What the dtype was resolved for: the CPU and its class, or the GPU."""
+        return self.engine.device_description
+
+    @property
+    def memory(self) -> MemoryPlan:
+        return self.engine.memory
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps; its result or exception comes back here."""

@@ -1,8 +1,10 @@
 """LLMEngine: the synchronous engine. add_request / abort_request / step, nothing else drives the model.
 
 Where a request goes: add_request validates and tokenizes -> Scheduler.waiting -> Scheduler.schedule
-picks the step's tokens -> ModelRunner.execute runs the forward pass and samples -> _process appends
-tokens, detokenizes, checks stop conditions -> RequestOutput.
+picks the step's tokens (KV blocks, and adapter slots through the AdapterManager) -> ModelRunner.execute
+runs the forward pass and samples -> _process appends tokens, detokenizes, checks stop conditions ->
+RequestOutput. Adapter names are parsed once, here; every registration, slot and reference then goes
+through `self.adapters` (adapters.manager.AdapterManager), the one owner of adapter state.
 """
 
 from __future__ import annotations
@@ -15,23 +17,20 @@ from typing import Any
 
 import torch
 
-from loraplex.adapters.manager import AdapterManager
+from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
+from loraplex.adapters.manager import AdapterInfo, AdapterManager
 from loraplex.adapters.metrics import AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights, load_peft_adapter
 from loraplex.adapters.registry import AdapterRegistry
-from loraplex.adapters.slots import SlotTable
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
 from loraplex.engine.block_manager import BlockManager
-from loraplex.engine.memory import MemoryPlan, available_memory, check_budgets, slot_bytes, weight_bytes
+from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.outputs import CompletionOutput, RequestOutput
-from loraplex.engine.request import Request, RequestStatus
+from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, RequestOutput
+from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
-from loraplex.hardware import cpu, resolve_dtype, warn_if_emulated
-from loraplex.lora.layers import attach_lora
-from loraplex.models.loader import load_model, resolve_model
 from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -40,37 +39,22 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        self.dtype_choice = resolve_dtype(config.dtype, config.device)
-        self.device_description = cpu().describe() if self.device.type == "cpu" else str(self.device)
-        log.info("%s on %s", self.dtype_choice.describe(), self.device_description)
-        warn_if_emulated(self.dtype_choice)
-        self.dtype = self.dtype_choice.dtype
-        self.model_dir = resolve_model(config.model)
-        from loraplex.models.config import load_model_config
-
-        mcfg = load_model_config(self.model_dir)
-        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
-        t0 = time.perf_counter()
-        model, self.model_config = load_model(self.model_dir, self.dtype, self.max_model_len, config.quantization,
-                                              config.double_quant)
-        model.to(self.device)
-        self.model_name = self.model_config.name
-        self.memory = self._plan_memory(model)  # raises before allocating if a budget does not fit
-        targets = attach_lora(model, config.max_loras, config.max_lora_rank, self.dtype) if config.enable_lora else {}
-        # (layer, part) -> (in_features, out_features of that part): what an adapter must match.
-        self.lora_shapes = {key: (w.in_features, dict(w.parts)[key[1]]) for key, w in targets.items()}
-        num_blocks = self.memory.kv_blocks
-        self.runner = ModelRunner(model, targets, num_blocks, config.block_size, self.dtype, self.device, config.seed)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.slots = SlotTable(config.max_loras)
+        built = build_model(config)  # dtype -> weights -> quantize -> prepack -> device -> memory plan -> LoRA
+        self.model_dir, self.model_config, self.model_name = built.model_dir, built.config, built.config.name
+        self.dtype_choice, self.dtype = built.dtype, built.dtype.dtype
+        self.device, self.device_description = built.device, built.device_description
+        self.max_model_len, self.memory = built.max_model_len, built.memory
+        self.lora_shapes = built.lora_shapes
+        self.runner = ModelRunner(built.model, built.lora_targets, self.memory.kv_blocks, config.block_size,
+                                  self.dtype, self.device, config.seed)
+        self.blocks = BlockManager(self.memory.kv_blocks, config.block_size)
         registry = AdapterRegistry(
             Path(config.adapter_dir) if config.adapter_dir else None,
             Path(config.registry_file) if config.registry_file else None,
         )
-        self.adapters = AdapterManager(registry, self.slots, config.max_cpu_loras, self._load_adapter)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_skips, adapter_ready=self.adapters.ready)
+        self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, self._load_adapter)
+        self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_skips)
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
@@ -80,28 +64,12 @@ class LLMEngine:
         self._ids = itertools.count()
         for name, path in config.lora_modules:
             self.register_adapter(name, path, persistent=False)
-        log.info("loaded %s (%s, %s) in %.1fs: %d KV blocks of %d tokens, %d adapter slots of rank %d",
-                 self.model_name, self.model_config.architecture, self.dtype, time.perf_counter() - t0,
-                 num_blocks, config.block_size, config.max_loras, config.max_lora_rank)
+        log.info("%d KV blocks of %d tokens, %d adapter slots of rank %d", self.memory.kv_blocks, config.block_size,
+                 config.max_loras, config.max_lora_rank)
 
-    def _plan_memory(self, model: torch.nn.Module) -> MemoryPlan:
-        c, m = self.config, self.model_config
-        kv_block = m.num_layers * 2 * c.block_size * m.num_kv_heads * m.head_dim * torch.finfo(self.dtype).bits // 8
-        one_slot = slot_bytes(model, c.max_lora_rank, self.dtype) if c.enable_lora else 0
-        slots = c.max_loras if c.enable_lora else 0
-        blocks = check_budgets(kv_budget=c.kv_cache_memory, kv_block_bytes=kv_block, block_size=c.block_size,
-                               max_model_len=self.max_model_len, max_loras=slots, one_slot=one_slot,
-                               adapter_budget=c.adapter_memory, free=available_memory(self.device))
-        quant = c.quantization or "none"
-        plan = MemoryPlan(quantization=quant + ("+double-quant" if c.double_quant else ""), weights=weight_bytes(model),
-                          kv_cache=blocks * kv_block, kv_blocks=blocks, block_size=c.block_size,
-                          max_model_len=self.max_model_len, adapter_slot=one_slot, adapter_slots=slots)
-        log.info(plan.describe())
-        return plan
-
-    # ---- adapters -------------------------------------------------------------------------------
+    # ---- adapters: names validated here, state owned by self.adapters -----------------------------
     def _load_adapter(self, name: str, path: Path) -> AdapterWeights:
-        """Read + validate one adapter from disk (runs on the manager's loader thread)."""
+        """Read + validate one adapter from disk (runs on the manager's loader thread, or a registering one)."""
         if not self.config.enable_lora:
             raise InvalidRequestError("LoRA is disabled (enable_lora=False)")
         weights = load_peft_adapter(name, path, self.lora_shapes, self.config.max_lora_rank,
@@ -111,11 +79,25 @@ class LLMEngine:
         return weights
 
     def register_adapter(self, name: str, path: str | Path, version: str | None = None, promote: bool = True,
-                         persistent: bool = True) -> str:
-        """Load, validate and register a version of `name`; returns its key 'name@version'.
+                         persistent: bool = True) -> AdapterKey:
+        """Load, validate and register a version of `name` (the next integer if none is given). Requests already
+        running keep the version they started with; new ones get the promoted one. Safe from any thread: the
+        disk read runs in the caller's thread, the bookkeeping under the manager's lock."""
+        spec = AdapterSpec(validate_name(name), None if version is None else validate_name(version, "adapter version"))
+        return self.adapters.register(spec, Path(path), promote, persistent)
 
-        Requests already running keep the version they started with; new ones get the promoted one."""
-        return self.adapters.register(name, Path(path), version, promote, persistent)
+    def unregister_adapter(self, name: str) -> None:
+        """New requests for `name` get 404; running ones finish; its weights are freed once unused."""
+        self.adapters.unregister(validate_name(name))
+
+    def promote_adapter(self, name: str, version: str) -> None:
+        self.adapters.promote(validate_name(name), validate_name(version, "adapter version"))
+
+    def pin_adapter(self, name: str, pinned: bool = True) -> None:
+        self.adapters.pin(validate_name(name), pinned)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.catalog()
 
     def _is_our_base(self, base: str) -> bool:
         """Whether an adapter's base_model_name_or_path names this model (a path to it, its name, or a hub id ending in it)."""
@@ -124,13 +106,10 @@ class LLMEngine:
         return tail in names or Path(base).resolve() == self.model_dir.resolve()
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                    adapter: str | None = None, request_id: str | None = None) -> str:
-        """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then."""
-        sampling = sampling or SamplingParams()
+    def _tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             text: str | None = prompt
-            token_ids = self.tokenizer.encode(prompt)
+            token_ids = list(self.tokenizer.encode(prompt))
         else:
             text, token_ids = None, list(prompt)
         if not token_ids:
@@ -138,14 +117,28 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if any(t >= vocab for t in sampling.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(token_ids)} tokens; the context (max_model_len) is {self.max_model_len} tokens, "
                 "which must also leave room for at least one generated token"
             )
-        key = self.adapters.resolve(adapter) if adapter is not None else None
+        return text, token_ids
+
+    def _adapter(self, adapter: str | AdapterSpec | None) -> AdapterKey | None:
+        """'name' or 'name@version' (or a parsed spec) -> the version the request runs on; None = the base model."""
+        if adapter is None:
+            return None
+        return self.adapters.resolve(AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter)
+
+    def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                    adapter: str | AdapterSpec | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then."""
+        sampling = sampling or SamplingParams()
+        text, token_ids = self._tokens(prompt)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in sampling.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
+        key = self._adapter(adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -189,7 +182,7 @@ class LLMEngine:
             s.request.num_computed_tokens += s.num_tokens
         return outputs + [self._process(req, token) for req, token in sampled]
 
-    def _collect_loads(self) -> dict[str, LoraplexError]:
+    def _collect_loads(self) -> dict[AdapterKey, LoraplexError]:
         """Take in finished adapter loads; fail the requests waiting on one that failed (the next request retries)."""
         failures = self.adapters.poll()
         for key, error in failures.items():
@@ -204,12 +197,8 @@ class LLMEngine:
         """Collect finished adapter loads and failed requests; place pinned adapters in device slots."""
         self._collect_loads()
         outputs, self._errors = self._errors, []
-        for key in self.adapters.pinned_keys():
-            if self.adapters.ready(key) and key not in self.slots.slot_of:
-                grant = self.slots.acquire(key)
-                if grant is not None:
-                    self.runner.load_adapter(grant.slot, self.adapters.weights(key))
-                    self.slots.release(key)
+        for slot, key in self.adapters.place_pinned():
+            self.runner.load_adapter(slot, self.adapters.weights(key))
         return outputs
 
     def _process(self, req: Request, token: int) -> RequestOutput:
@@ -246,43 +235,47 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished)
 
     def prompt_logits(self, prompt: str | list[int], adapter: str | None = None) -> torch.Tensor:
-        """Logits [len(prompt), V] (fp32) of every prompt position under `adapter`, as one full prefill.
-
-        Runs between steps on blocks and an adapter slot borrowed like any request's, then returns them."""
-        rid = self.add_request(prompt, SamplingParams(max_tokens=1), adapter, request_id=f"logits-{next(self._ids)}")
-        req = self.requests[rid]
-        self.scheduler.finish(req, "abort")  # taken out of the queue: run here, outside the step loop
-        self.requests.pop(rid)
-        key = req.adapter
-        try:
-            return self._prompt_logits(req, key)
-        finally:
-            if key is not None:
-                self.adapters.release(key)
-
-    def _prompt_logits(self, req: Request, adapter: str | None) -> torch.Tensor:
-        if adapter is not None:
-            self.adapters.wait([adapter])
-            failure = self._collect_loads().get(adapter)
-            if failure is not None:
-                raise failure
-        n = len(req.prompt_token_ids)
+        """Logits [len(prompt), V] (fp32) at every prompt position under `adapter`: one prefill outside the step
+        loop (tests, evaluation), on KV blocks and an adapter slot borrowed as a request's would be."""
+        _, token_ids = self._tokens(prompt)
+        key = self._adapter(adapter)
+        req = Request(f"logits-{next(self._ids)}", token_ids, SamplingParams(max_tokens=1), key, time.monotonic())
+        n = len(token_ids)
         if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):
             raise InvalidRequestError("the KV cache is busy; call prompt_logits when no requests are running")
-        grant = self.slots.acquire(adapter) if adapter is not None else None
-        if adapter is not None and grant is None:
-            raise InvalidRequestError("every adapter slot is busy; call prompt_logits when no requests are running")
+        if key is None:
+            return self._logits(req, n)
+        self.adapters.acquire(key)  # starts its load if it is cold
         try:
-            if grant is not None:
-                req.lora_slot = grant.slot
+            self.adapters.wait([key])
+            failure = self._collect_loads().get(key)
+            if failure is not None:
+                raise failure
+            grant = self.adapters.take_slot(key)
+            if grant is None:
+                raise InvalidRequestError("every adapter slot is busy; call prompt_logits when no requests are running")
+            try:
                 if grant.needs_load:
-                    self.runner.load_adapter(grant.slot, self.adapters.weights(adapter))
-            self.blocks.allocate(req, n)
+                    self.runner.load_adapter(grant.slot, self.adapters.weights(key))
+                req.lora_slot = grant.slot
+                return self._logits(req, n)
+            finally:
+                self.adapters.release_slot(key)
+        finally:
+            self.adapters.release(key)
+
+    def _logits(self, req: Request, n: int) -> torch.Tensor:
+        self.blocks.allocate(req, n)
+        try:
             return self.runner.logits(ScheduledSeq(req, n))
         finally:
             self.blocks.free(req)
-            if grant is not None:
-                self.slots.release(adapter)  # type: ignore[arg-type]
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state between two steps (call it on the thread that steps)."""
+        return EngineSnapshot(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
+                              last_step_tokens=self.last_step_tokens, kv_blocks_free=self.blocks.num_free,
+                              kv_blocks_total=self.blocks.num_blocks, adapters=self.adapter_stats())
 
     def adapter_stats(self) -> AdapterStats:
         """Adapter-cache counters plus queued and running requests per adapter (by name, all versions)."""
@@ -291,10 +284,5 @@ class LLMEngine:
         for reqs, counts in ((self.scheduler.waiting, queued), (self.scheduler.running, running)):
             for r in reqs:
                 if r.adapter is not None:
-                    name = r.adapter.partition("@")[0]
-                    counts[name] = counts.get(name, 0) + 1
+                    counts[r.adapter.name] = counts.get(r.adapter.name, 0) + 1
         return self.adapters.stats(queued, running)
-
-    def request_status(self, request_id: str) -> RequestStatus | None:
-        req = self.requests.get(request_id)
-        return None if req is None else req.status

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loraplex.config import EngineConfig
 from loraplex.errors import InvalidRequestError
+from loraplex.models.config import ModelConfig
 from loraplex.models.layers import Linear, layer_index
 from loraplex.units import human
+
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()  # also right for oneDNN-packed tensors, which have no plain storage
@@ -43,19 +46,17 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
-    """Bytes of one adapter slot: A [parts*max_rank, IN] and B for every decoder-layer linear; B is
-    [parts*max_rank, OUT], or [max_rank*OUT] where slots hold it compact for the fused kernel (lora/layers.py)."""
-    from loraplex.lora import fused
+    """Bytes of one adapter slot: A and B of every decoder-layer linear, as the LoRA layers will hold them
+    (lora.layers.slot_layout: B compact for the fused kernel, block-diagonal for the torch one)."""
+    from loraplex.lora.layers import slot_layout
     from loraplex.quant.linear import QuantLinear
 
     size = torch.finfo(dtype).bits // 8
     device = next(iter([*model.parameters(), *model.buffers()])).device
-    compact = fused.supported(dtype, device)
     total = 0
     for name, m in model.named_modules():
         if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None:
-            b_rows = max_rank if compact else len(m.parts) * max_rank
-            total += (len(m.parts) * max_rank * m.in_features + b_rows * m.out_features) * size
+            total += slot_layout(m.parts, m.in_features, max_rank, dtype, device).slot_elements * size
     return total
 
 
@@ -102,6 +103,22 @@ class MemoryPlan:
                 f"{self.kv_tokens} tokens, {self.kv_sequences_at_max_len} concurrent sequences at the full "
                 f"{self.max_model_len}-token context; adapters {human(self.adapters)} = {self.adapter_slots} device "
                 f"slots of {human(self.adapter_slot)}")
+
+
+def plan(model: nn.Module, cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+         max_model_len: int) -> MemoryPlan:
+    """The memory plan for a loaded (quantized, prepacked) model, before the KV cache and slots exist: raises
+    naming the figures if a budget does not fit."""
+    kv_block = cfg.num_layers * 2 * config.block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    one_slot = slot_bytes(model, config.max_lora_rank, dtype) if config.enable_lora else 0
+    slots = config.max_loras if config.enable_lora else 0
+    blocks = check_budgets(kv_budget=config.kv_cache_memory, kv_block_bytes=kv_block, block_size=config.block_size,
+                           max_model_len=max_model_len, max_loras=slots, one_slot=one_slot,
+                           adapter_budget=config.adapter_memory, free=available_memory(device))
+    quant = (config.quantization or "none") + ("+double-quant" if config.double_quant else "")
+    return MemoryPlan(quantization=quant, weights=weight_bytes(model), kv_cache=blocks * kv_block, kv_blocks=blocks,
+                      block_size=config.block_size, max_model_len=max_model_len, adapter_slot=one_slot,
+                      adapter_slots=slots)
 
 
 def check_budgets(*, kv_budget: int, kv_block_bytes: int, block_size: int, max_model_len: int, max_loras: int,

@@ -18,7 +18,7 @@ from loraplex.lora.layers import LoRALinear, PartWeights
 from loraplex.lora.mapping import build_mapping
 from loraplex.models.batch import AttentionGroup, ForwardBatch
 from loraplex.models.llama import LlamaForCausalLM
-from loraplex.sampling import sample
+from loraplex.engine.sampler import sample
 
 log = logging.getLogger(__name__)
 

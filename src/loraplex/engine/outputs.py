@@ -1,8 +1,12 @@
-"""What the engine returns: vLLM-shaped RequestOutput / CompletionOutput, with streaming deltas."""
+"""What the engine returns: vLLM-shaped RequestOutput / CompletionOutput, with streaming deltas; and
+EngineSnapshot, its state between two steps (for /metrics)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from loraplex.adapters.key import AdapterKey
+from loraplex.adapters.metrics import AdapterStats
 
 
 @dataclass(slots=True)
@@ -21,7 +25,17 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    adapter: str | None
+    adapter: AdapterKey | None  # the adapter version it ran on (str() gives "name@version"), None = base model
     outputs: list[CompletionOutput]
     finished: bool
     error: Exception | None = None  # set when the request failed (e.g. its adapter failed to load)
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    waiting: int
+    running: int
+    last_step_tokens: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    adapters: AdapterStats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from loraplex.adapters.key import AdapterKey
 from loraplex.sampling import SamplingParams
 
 
@@ -19,7 +20,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    adapter: str | None  # adapter key, None = base model
+    adapter: AdapterKey | None  # the adapter version it runs on, None = base model
     arrival: float
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)

@@ -12,12 +12,26 @@ adapter is still being read from disk simply waits: it holds nobody up and loses
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from loraplex.adapters.slots import SlotTable
+from loraplex.adapters.slots import SlotGrant
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.request import Request, RequestStatus
+
+
+class AdapterSlots(Protocol):
+    """What the scheduler needs of adapters (adapters.manager.AdapterManager implements it): whether an
+    adapter's weights are loaded, and a reference to its device slot."""
+
+    def ready(self, key: Hashable) -> bool: ...
+
+    def can_take_slot(self, key: Hashable) -> bool: ...
+
+    def take_slot(self, key: Hashable) -> SlotGrant | None: ...
+
+    def release_slot(self, key: Hashable) -> None: ...
 
 
 @dataclass(slots=True)
@@ -29,20 +43,18 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
-    slot_loads: list[tuple[int, str]] = field(default_factory=list)  # (slot, adapter key) to copy before the step
+    slot_loads: list[tuple[int, Hashable]] = field(default_factory=list)  # (slot, adapter key) to fill before the step
     preempted: list[Request] = field(default_factory=list)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: SlotTable, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_skips: int,
-                 adapter_ready: Callable[[str], bool] = lambda key: True) -> None:
+    def __init__(self, blocks: BlockManager, adapters: AdapterSlots, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_skips: int) -> None:
         self.blocks = blocks
-        self.slots = slots
+        self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_skips = max_skips
-        self.adapter_ready = adapter_ready  # False while an adapter is still loading from disk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -64,7 +76,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.blocks.free(req)
         if req.adapter is not None and req.lora_slot >= 0:
-            self.slots.release(req.adapter)
+            self.adapters.release_slot(req.adapter)
         req.lora_slot = -1
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
@@ -101,9 +113,9 @@ class Scheduler:
         for req in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if req.adapter is not None and not self.adapter_ready(req.adapter):
+            if req.adapter is not None and not self.adapters.ready(req.adapter):
                 continue  # still loading on the loader thread: wait without holding anyone up
-            if req.adapter is not None and not self.slots.can_acquire(req.adapter):
+            if req.adapter is not None and not self.adapters.can_take_slot(req.adapter):
                 passed.append(req)
                 if req.times_passed_over >= self.max_skips:
                     break  # fairness bound reached: nobody overtakes it any more
@@ -112,7 +124,7 @@ class Scheduler:
             if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):
                 break  # KV cache full: wait for running requests to free blocks
             if req.adapter is not None:
-                grant = self.slots.acquire(req.adapter)
+                grant = self.adapters.take_slot(req.adapter)
                 assert grant is not None
                 req.lora_slot = grant.slot
                 if grant.needs_load:

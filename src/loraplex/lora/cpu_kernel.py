@@ -38,19 +38,11 @@ def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and dtype in DTYPES and library() is not None
 
 
-def compact_b(b: torch.Tensor, offsets: list[int], max_rank: int) -> torch.Tensor:
-    """[S, P*max_rank, OUT] block-diagonal B (the torch kernels' layout) -> [S, max_rank*OUT], the fused
-    kernel's: part p's block b[:, p*max_rank:(p+1)*max_rank, offsets[p]:offsets[p+1]] at max_rank*offsets[p]."""
-    blocks = [b[:, p * max_rank:(p + 1) * max_rank, lo:hi].reshape(b.shape[0], -1)
-              for p, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:]))]
-    return torch.cat(blocks, dim=1).contiguous()
-
-
 def lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor, groups: torch.Tensor,
              ranks: torch.Tensor, part_offsets: torch.Tensor, max_rank: int, out: torch.Tensor) -> torch.Tensor:
     """out[t] += (x[t] @ A[s]^T) @ B[s] for the tokens of each group; see csrc/lora_cpu.cpp for the layout.
 
-    x: [T, IN]  a: [S, R, IN]  b: [S, max_rank*OUT] (compact_b's layout)  order: [N] long  groups: [G, 3] long (slot, start, count)
+    x: [T, IN]  a: [S, R, IN]  b: [S, max_rank*OUT] (compact: lora/slot_layout.py)  order: [N] long  groups: [G, 3] long (slot, start, count)
     ranks: [S, P] int32  part_offsets: [P+1] long  out: [T, OUT], all contiguous, on the CPU, one dtype."""
     lib = library()
     if lib is None:

@@ -1,17 +1,12 @@
 """LoRA layer wrappers, swapped in for the model's Linear layers by module replacement.
 
-Each wrapper owns the device slots of one linear layer: A [S, R, IN] with R = parts * max_rank, and B.
-Part p of a packed layer (q/k/v, gate/up) uses rows [p*max_rank, p*max_rank + r) of A and B, and only
-its own output columns in B, so one adapter may target any subset of parts and any rank up to
-max_rank; unused rows stay zero. B's layout follows the kernel that will read it:
-- torch kernels (ops.lora_masked / lora_grouped): block-diagonal [S, R, OUT];
-- the fused kernel (lora/fused.py: C++ on CPU, Triton on CUDA): compact [S, max_rank * OUT], part p's block
-  [max_rank, size_p] at max_rank * offset_p, so a slot's B is one contiguous read with no zero blocks.
+Each wrapper owns the device slots of one linear layer, laid out as lora/slot_layout.py describes: one adapter
+may target any subset of a packed layer's parts (q/k/v, gate/up) at any rank up to max_rank, and B's layout
+follows the kernel that will read it (compact for the fused kernels, block-diagonal for the torch one).
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +14,7 @@ from torch import nn
 
 from loraplex.lora import fused
 from loraplex.lora.ops import SlotLayout, lora_apply
+from loraplex.lora.slot_layout import SlotShape
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
@@ -31,6 +27,13 @@ class PartWeights:
     scale: float
 
 
+def slot_layout(parts: tuple[tuple[str, int], ...], in_features: int, max_rank: int, dtype: torch.dtype,
+                device: torch.device) -> SlotShape:
+    """A layer's slot layout: B compact where the fused kernel serves this dtype and device (the model runner's
+    mapping picks the kernel by the same test), else block-diagonal."""
+    return SlotShape(tuple(size for _, size in parts), in_features, max_rank, fused.supported(dtype, device))
+
+
 class LoRALinear(nn.Module):
     def __init__(self, base: Linear | QuantLinear, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -39,21 +42,14 @@ class LoRALinear(nn.Module):
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
         self.max_rank = max_rank
-        rows = len(self.parts) * max_rank
         device = next(iter([*base.parameters(), *base.buffers()])).device
-        # B's layout follows the kernel: the model runner's mapping picks the fused kernel by the same test.
-        compact = fused.supported(dtype, device)
-        self.lora_a = torch.zeros(max_loras, rows, self.in_features, dtype=dtype, device=device)
-        b_shape = (max_loras, max_rank * self.out_features) if compact else (max_loras, rows, self.out_features)
-        self.lora_b = torch.zeros(b_shape, dtype=dtype, device=device)
+        self.shape = slot_layout(self.parts, self.in_features, max_rank, dtype, device)
+        self.lora_a = torch.zeros(self.shape.a_shape(max_loras), dtype=dtype, device=device)
+        self.lora_b = torch.zeros(self.shape.b_shape(max_loras), dtype=dtype, device=device)
         # Slots whose adapter has weights in this layer: a step whose adapters all skip the layer
         # (e.g. attention-only adapters at an MLP layer) pays nothing here.
         self.slot_used = [False] * max_loras
-        sizes = tuple(size for _, size in self.parts)
-        self.offsets = [0, *itertools.accumulate(sizes)]  # the parts' output column bounds, on the host
-        self.layout = SlotLayout(ranks=torch.zeros(max_loras, len(self.parts), dtype=torch.int32, device=device),
-                                 offsets=torch.tensor(self.offsets, dtype=torch.long, device=device),
-                                 part_sizes=sizes, max_rank=max_rank, compact=compact)
+        self.layout = SlotLayout.on(self.shape, max_loras, device)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         y = self.base(x, batch)
@@ -73,18 +69,13 @@ class LoRALinear(nn.Module):
         if not weights and not self.slot_used[slot]:
             return  # already all zero: e.g. an attention-only adapter at an MLP layer, ~half the copy work
         self.clear_slot(slot)
-        for p, (name, size) in enumerate(self.parts):
+        for p, (name, _) in enumerate(self.parts):
             w = weights.get(name)
             if w is not None:
-                r, start = w.a.shape[0], self.offsets[p]
-                self.lora_a[slot, p * self.max_rank : p * self.max_rank + r] = w.a.to(self.lora_a.dtype)
+                r = w.a.shape[0]
+                self.shape.a_part(self.lora_a[slot], p)[:r] = w.a.to(self.lora_a.dtype)
                 # Fold the scaling into B, stored transposed so the expand is x_a @ B: [r, size].
-                b = (w.b.float() * w.scale).T.to(self.lora_b.dtype)
-                if self.layout.compact:
-                    block = self.max_rank * start
-                    self.lora_b[slot, block : block + self.max_rank * size].view(self.max_rank, size)[:r] = b
-                else:
-                    self.lora_b[slot, p * self.max_rank : p * self.max_rank + r, start : start + size] = b
+                self.shape.b_part(self.lora_b[slot], p)[:r] = (w.b.float() * w.scale).T.to(self.lora_b.dtype)
                 self.layout.ranks[slot, p] = r
                 self.slot_used[slot] = True
 

@@ -16,17 +16,34 @@ import torch
 
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import LoRAMapping
+from loraplex.lora.slot_layout import SlotShape
 
 
 @dataclass(frozen=True, slots=True)
 class SlotLayout:
-    """Where a layer's slots hold weights, so a kernel can skip the zeros: packed part p owns rows
-    [p*max_rank, p*max_rank + ranks[s, p]) of A and B, and B's columns [offsets[p], offsets[p+1])."""
+    """A layer's slot layout (lora/slot_layout.py) with what the kernels read on the device to skip the zeros:
+    part p of slot s uses ranks[s, p] of its max_rank rows, and B's columns [offsets[p], offsets[p+1])."""
+    shape: SlotShape
     ranks: torch.Tensor  # [S, P] int32, rows in use per slot and part (0: the adapter leaves the part alone)
     offsets: torch.Tensor  # [P+1] long, the parts' output column bounds
-    part_sizes: tuple[int, ...]  # the parts' output widths, on the host
-    max_rank: int
-    compact: bool  # B held as [S, max_rank*OUT] for the fused kernel, else block-diagonal [S, R, OUT]
+
+    @classmethod
+    def on(cls, shape: SlotShape, slots: int, device: torch.device | str, ranks: torch.Tensor | None = None) -> SlotLayout:
+        zeros = torch.zeros(slots, len(shape.part_sizes), dtype=torch.int32)
+        return cls(shape, (zeros if ranks is None else ranks.to(torch.int32)).to(device),
+                   torch.tensor(shape.offsets, dtype=torch.long, device=device))
+
+    @property
+    def part_sizes(self) -> tuple[int, ...]:
+        return self.shape.part_sizes
+
+    @property
+    def max_rank(self) -> int:
+        return self.shape.max_rank
+
+    @property
+    def compact(self) -> bool:
+        return self.shape.compact
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
@@ -46,55 +63,44 @@ def kernel_weights(a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> tuple[to
     return a.index_select(0, m.active_slots), b.index_select(0, m.active_slots)
 
 
-def lora_masked(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """One GEMM against the concatenated A of the kernel slots, zero the other slots' columns per token,
-    one GEMM against the stacked B. FLOPs grow with the number of kernel slots.
-    With `out` ([T, OUT], contiguous), the result is added into it in place (the base layer's output)."""
-    a_k, b_k = kernel_weights(a, b, m)
-    sk, r = a_k.shape[0], a_k.shape[1]
-    xa = x @ a_k.reshape(sk * r, -1).T  # [T, S_k*R]
-    if m.token_mask is not None:
-        xa = (xa.view(-1, sk, r) * m.token_mask).view(-1, sk * r)
-    b_flat = b_k.reshape(sk * r, -1)
-    return xa @ b_flat if out is None else out.addmm_(xa, b_flat)
-
-
 def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_k, Tmax], two bmm, scatter-add back.
     FLOPs ~ S_k * Tmax * R * (IN + OUT). With `out`, the result is added into it in place."""
     a_k, b_k = kernel_weights(a, b, m)  # [S_k, R, IN], [S_k, R, OUT]
-    if m.group_index is None:  # tokens are equal runs in slot order: views, no gather, no scatter
+    g = m.grouped
+    assert g is not None
+    if g.index is None:  # tokens are equal runs in slot order: views, no gather, no scatter
         xa = torch.bmm(x.view(a_k.shape[0], -1, x.shape[-1]), a_k.transpose(1, 2))  # [S_k, Tmax, R]
         if out is None:
             return torch.bmm(xa, b_k).view(x.shape[0], -1)
         out.view(a_k.shape[0], -1, out.shape[-1]).baddbmm_(xa, b_k)  # the expand accumulates into the base output
         return out
-    xg = x.index_select(0, m.group_index.view(-1)).view(*m.group_index.shape, -1)  # [S_k, Tmax, IN]
+    xg = x.index_select(0, g.index.view(-1)).view(*g.index.shape, -1)  # [S_k, Tmax, IN]
     yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k)  # [S_k, Tmax, OUT]
-    if m.group_mask is not None:
-        yg = yg * m.group_mask
+    if g.mask is not None:
+        yg = yg * g.mask
     if out is None:
         out = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)
-    return out.index_add_(0, m.group_index.view(-1), yg.view(-1, yg.shape[-1]))
+    return out.index_add_(0, g.index.view(-1), yg.view(-1, yg.shape[-1]))
 
 
 def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping, layout: SlotLayout,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernel (C++ on CPU, Triton on CUDA): per slot group, shrink and expand in one pass over
-    that slot's A and compact B ([S, max_rank*OUT], cpu_kernel.compact_b), fp32 accumulation, skipping
+    that slot's A and compact B ([S, max_rank*OUT], lora/slot_layout.py), fp32 accumulation, skipping
     unused ranks. With `out`, added in place."""
-    assert m.order is not None and m.groups is not None
+    f = m.fused
+    assert f is not None
     if out is None:
         out = torch.zeros(x.shape[0], sum(layout.part_sizes), dtype=x.dtype, device=x.device)
     if x.device.type == "cpu":
-        return cpu_kernel.lora_add(x.contiguous(), a, b, m.order, m.groups, layout.ranks, layout.offsets,
+        return cpu_kernel.lora_add(x.contiguous(), a, b, f.order, f.groups, layout.ranks, layout.offsets,
                                    layout.max_rank, out)
     from loraplex.lora import triton_ops  # Triton is imported only where a GPU step needs it
 
-    return triton_ops.lora_add(x.contiguous(), a, b, m.order, m.groups, layout.ranks, layout.offsets,
-                               layout.max_rank, out, m.max_group, max(layout.part_sizes))
+    return triton_ops.lora_add(x.contiguous(), a, b, f.order, f.groups, layout.ranks, layout.offsets,
+                               layout.max_rank, out, f.max_group, max(layout.part_sizes))
 
 
 def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
@@ -106,6 +112,4 @@ def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping
         return lora_fused(x, a, b, m, layout, out)
     if layout is not None and layout.compact:
         raise ValueError(f"the {m.kernel} LoRA kernel reads B block-diagonal [S, R, OUT], not compact")
-    if m.kernel == "masked":
-        return lora_masked(x, a, b, m, out)
     return lora_grouped(x, a, b, m, out)

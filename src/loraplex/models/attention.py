@@ -1,4 +1,7 @@
-"""Paged attention in plain torch: write new K/V into the block cache, gather each sequence's blocks, attend.
+"""Paged attention: write new K/V into the block cache, then attend. Decode groups (one query per sequence) go
+through the C++ kernel (cpu_attention) where it is built, reading each sequence's keys in place; prefill
+groups, and every group without the kernel, through torch: gather each sequence's blocks, two matmuls. The
+torch path is the kernel's reference.
 
 Cache layout per layer: k_cache, v_cache: [num_blocks * block_size, KVH, D]; a token's slot is
 block_id * block_size + offset. Gathering by block table gives every sequence its keys in order.
@@ -64,8 +67,8 @@ class PagedAttention(nn.Module):
         kg = self.k_cache.view(shape).index_select(0, blocks).view(b, nb * self.block_size, kvh, d).transpose(1, 2)
         vg = self.v_cache.view(shape).index_select(0, blocks).view(b, nb * self.block_size, kvh, d).transpose(1, 2)
         # Grouped-query attention as two batched matmuls: the G query heads that share a KV head are
-        # stacked as rows, [B, KVH, G*Q, D]. On CPU this is ~10x faster than SDPA with a mask at decode
-        # shapes (measured in benchmarks/README.md). Scores and softmax in fp32.
+        # stacked as rows, [B, KVH, G*Q, D]. On CPU this was ~10x faster than SDPA with a mask at decode
+        # shapes (the decode group now takes the C++ kernel where it is built). Scores and softmax in fp32.
         qh = qg.permute(0, 2, 1, 3).reshape(b, kvh, grp * ql, d)
         scores = torch.matmul(qh.float(), kg.float().transpose(-1, -2)).view(b, kvh, grp, ql, -1)
         scores = scores.mul_(self.scale).add_(g.masks[self.sliding_window])  # bias [B, 1, 1, Q, K]

@@ -55,6 +55,13 @@ class ModelConfig:
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 
+    def linear_parts(self) -> dict[str, tuple[int, int]]:
+        """Every decoder layer's linear parts, named as checkpoints and PEFT name them -> (in, out features).
+        The one statement of these shapes: the model's packed layers, LoRA validation, merge and benchmarks."""
+        h, q, kv, i = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     # transformers 5 writes `rope_parameters`; older configs write `rope_theta` + `rope_scaling`.

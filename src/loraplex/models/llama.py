@@ -22,10 +22,9 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = Linear(
-            cfg.hidden_size, [("q_proj", cfg.q_size), ("k_proj", cfg.kv_size), ("v_proj", cfg.kv_size)], cfg.qkv_bias
-        )
-        self.o_proj = Linear(cfg.q_size, [("o_proj", cfg.hidden_size)], cfg.o_bias)
+        parts = cfg.linear_parts()
+        self.qkv_proj = Linear(cfg.hidden_size, [(p, parts[p][1]) for p in ("q_proj", "k_proj", "v_proj")], cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, [("o_proj", parts["o_proj"][1])], cfg.o_bias)
         self.rotary = rotary
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_windows[layer])
 
@@ -39,9 +38,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        parts = cfg.linear_parts()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, [("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)])
-        self.down_proj = Linear(cfg.intermediate_size, [("down_proj", cfg.hidden_size)])
+        self.gate_up_proj = Linear(cfg.hidden_size, [(p, parts[p][1]) for p in ("gate_proj", "up_proj")])
+        self.down_proj = Linear(cfg.intermediate_size, [("down_proj", parts["down_proj"][1])])
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, batch)  # [T, 2I]

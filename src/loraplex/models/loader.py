@@ -168,9 +168,11 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[str, torch.Tensor, slic
         raise ModelLoadError(f"checkpoint tensor {name} has no counterpart in a {model.cfg.architecture}") from None
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, quantization: str | None = None,
-               double_quant: bool = False) -> tuple[LlamaForCausalLM, ModelConfig]:
-    cfg = load_model_config(model_dir)
+def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int,
+               cfg: ModelConfig | None = None) -> LlamaForCausalLM:
+    """The checkpoint's weights in our model, in `dtype`, on the CPU, in eval mode. Quantizing and prepacking
+    are the build pipeline's later steps (engine/build.py)."""
+    cfg = cfg or load_model_config(model_dir)
     model = LlamaForCausalLM(cfg, max_positions)
     loaded: set[str] = set()
     for file in _safetensors_files(model_dir):
@@ -197,11 +199,4 @@ def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int, quantiza
         raise ModelLoadError(f"{model_dir}: the checkpoint lacks {len(missing)} tensor(s) the config requires: {shown}")
     model.to(dtype)
     model.eval()
-    if quantization is not None:  # decoder-layer linears -> bitsandbytes codes; LoRA later goes on top in `dtype`
-        from loraplex.quant.linear import quantize_model
-
-        before, after = quantize_model(model, quantization, double_quant)
-        log.info("quantized the decoder linears to %s%s: %.1f MiB -> %.1f MiB (%.2fx smaller)", quantization,
-                 " with double quantization" if double_quant else "", before / 2**20, after / 2**20, before / after)
-    model.prepack()  # bf16 on CPU: oneDNN layout for every remaining linear (a no-op elsewhere)
-    return model, cfg
+    return model

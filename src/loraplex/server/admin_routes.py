@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loraplex.adapters.registry import validate_name
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.protocol import LoadLoRARequest, PinLoRARequest, PromoteLoRARequest, UnloadLoRARequest
 from loraplex.server.state import ServerState
@@ -22,11 +19,10 @@ def _state(request: Request) -> ServerState:
     return request.app.state.loraplex  # type: ignore[no-any-return]
 
 
-def _admin(request: Request, lora_name: str) -> ServerState:
-    """The state, once the caller's key has the admin scope and the adapter name is valid."""
+def _admin(request: Request) -> ServerState:
+    """The state, once the caller's key has the admin scope (the engine validates the names it is given)."""
     st = _state(request)
     st.auth.check_admin(st.auth.scope(request))
-    validate_name(lora_name)
     return st
 
 
@@ -35,33 +31,29 @@ async def list_models(request: Request) -> dict[str, Any]:
     """The base model and every adapter the caller's key may use, each adapter with its parent (as vLLM lists them)."""
     st = _state(request)
     scope = st.auth.scope(request)
-    engine = st.engine.engine
+    engine, mem = st.engine, st.engine.memory
     base = {"id": st.served_name, "object": "model", "created": st.created, "owned_by": "loraplex",
             "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len,
-            "dtype": engine.dtype_choice.name, "dtype_reason": engine.dtype_choice.describe(),
-            "device": engine.device_description, "quantization": engine.memory.quantization,
-            "memory": {"weights_bytes": engine.memory.weights, "kv_cache_bytes": engine.memory.kv_cache,
-                       "adapter_slots_bytes": engine.memory.adapters, "adapter_slots": engine.memory.adapter_slots}}
+            "dtype": engine.dtype.name, "dtype_reason": engine.dtype.describe(), "device": engine.device,
+            "quantization": mem.quantization,
+            "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache,
+                       "adapter_slots_bytes": mem.adapters, "adapter_slots": mem.adapter_slots}}
     data = [base] if scope.may_use(None) else []
-    registry = engine.adapters.registry
-    for name in await asyncio.to_thread(registry.names):
-        entry = registry.entries.get(name)
-        if entry is None or not scope.may_use(name):
-            continue
-        data.append({"id": name, "object": "model", "created": st.created, "owned_by": "loraplex",
-                     "root": str(entry.versions.get(entry.current, "")), "parent": st.served_name,
-                     "version": entry.current, "versions": sorted(entry.versions), "pinned": entry.pinned})
+    for a in await engine.list_adapters():
+        if scope.may_use(a.name):
+            data.append({"id": a.name, "object": "model", "created": st.created, "owned_by": "loraplex",
+                         "root": str(a.path), "parent": st.served_name, "version": a.current,
+                         "versions": list(a.versions), "pinned": a.pinned})
     return {"object": "list", "data": data}
 
 
 @router.post("/v1/load_lora_adapter", responses=ERRORS)
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResponse:
     """Register (and by default promote) a version of an adapter; it is loaded and validated before this returns."""
-    st = _admin(request, body.lora_name)
-    engine = st.engine.engine
+    st = _admin(request)
     # Loading reads and validates off the event loop and off the engine thread: decoding goes on meanwhile.
-    key = await asyncio.to_thread(engine.register_adapter, body.lora_name, Path(body.lora_path), body.version, body.promote)
-    version = key.partition("@")[2]
+    key = await st.engine.register_adapter(body.lora_name, body.lora_path, body.version, body.promote)
+    version = key.version
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "version": version, "promoted": body.promote,
                          "message": f"Success: LoRA adapter '{body.lora_name}' version {version} added successfully."})
 
@@ -69,23 +61,23 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResp
 @router.post("/v1/unload_lora_adapter", responses=ERRORS)
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSONResponse:
     """Remove an adapter: new requests get 404, running ones finish; its weights are freed when unused."""
-    st = _admin(request, body.lora_name)
-    await st.engine.call(lambda: st.engine.engine.adapters.unregister(body.lora_name))
+    st = _admin(request)
+    await st.engine.unregister_adapter(body.lora_name)
     return JSONResponse({"status": "ok", "lora_name": body.lora_name,
                          "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})
 
 
 @router.post("/v1/promote_lora_adapter", responses=ERRORS)
 async def promote_lora_adapter(body: PromoteLoRARequest, request: Request) -> JSONResponse:
-    st = _admin(request, body.lora_name)
-    await st.engine.call(lambda: st.engine.engine.adapters.promote(body.lora_name, body.version))
+    st = _admin(request)
+    await st.engine.promote_adapter(body.lora_name, body.version)
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "version": body.version})
 
 
 @router.post("/v1/pin_lora_adapter", responses=ERRORS)
 async def pin_lora_adapter(body: PinLoRARequest, request: Request) -> JSONResponse:
-    st = _admin(request, body.lora_name)
-    await st.engine.call(lambda: st.engine.engine.adapters.pin(body.lora_name, body.pinned))
+    st = _admin(request)
+    await st.engine.pin_adapter(body.lora_name, body.pinned)
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "pinned": body.pinned})
 
 
@@ -100,4 +92,4 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     st = _state(request)
-    return Response(st.metrics.render(await st.snapshot()), media_type=CONTENT_TYPE_LATEST)
+    return Response(st.metrics.render(await st.engine.snapshot()), media_type=CONTENT_TYPE_LATEST)

@@ -31,9 +31,9 @@ def build_app(engine: AsyncLLMEngine, served_name: str | None = None, keys: dict
     state = ServerState(
         engine=engine,
         auth=Authenticator(keys),
-        metrics=ServerMetrics(engine.engine.memory, engine.engine.dtype_choice.name, engine.engine.device_description),
-        served_name=served_name or engine.engine.model_name,
-        max_in_flight=engine.engine.config.max_num_seqs + max_queue,
+        metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device),
+        served_name=served_name or engine.model_name,
+        max_in_flight=engine.max_num_seqs + max_queue,
     )
     app.state.loraplex = state
     errors.install(app)

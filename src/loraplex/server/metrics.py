@@ -4,28 +4,18 @@ batch size and KV blocks; the adapter cache. Engine state is read on the engine 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from loraplex.adapters.metrics import AdapterStats, Histogram as StatsHistogram
 from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.outputs import EngineSnapshot
 
 disable_created_metrics()  # the *_created series only add noise here
 
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-
-
-@dataclass(slots=True)
-class EngineSnapshot:
-    waiting: int
-    running: int
-    last_step_tokens: int
-    kv_blocks_free: int
-    kv_blocks_total: int
-    adapters: AdapterStats
 
 
 class ServerMetrics:
@@ -53,7 +43,8 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-def _histogram(name: str, doc: str, label: str, hists: dict[str, StatsHistogram]) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, label: str, hists: dict[str, Any]) -> HistogramMetricFamily:
+    """hists: label value -> adapters.metrics.Histogram (buckets, counts, n, total)."""
     fam = HistogramMetricFamily(name, doc, labels=[label])
     for value, h in hists.items():
         cumulative, buckets = 0, []

@@ -72,8 +72,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     adapter = st.resolve_model(body.model, scope)
     if body.tools or body.response_format not in (None, {"type": "text"}):
         raise APIError(400, "tools and response_format are not supported by this server", "BadRequestError")
-    prompt = render_chat(st.engine.engine.tokenizer, body.messages)
-    room = st.engine.engine.max_model_len - len(prompt)
+    prompt = render_chat(st.engine.tokenizer, body.messages)
+    room = st.engine.max_model_len - len(prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
     params = choice_params(sampling_params(body, max_tokens), body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -150,7 +150,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     adapter = st.resolve_model(body.model, scope)
     if body.suffix or body.echo or (body.best_of not in (None, 1, body.n)):
         raise APIError(400, "suffix, echo and best_of are not supported by this server", "BadRequestError")
-    prompts = _prompts(body, st.engine.engine.tokenizer)
+    prompts = _prompts(body, st.engine.tokenizer)
     if len(prompts) > 64:
         raise InvalidRequestError(f"at most 64 prompts per request, got {len(prompts)}")
     params = choice_params(sampling_params(body, body.max_tokens or 16), body.n)
@@ -227,7 +227,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     scope = st.auth.scope(request)
     model = body.tenant_id or st.served_name
     adapter = st.resolve_model(model, scope)
-    tok = st.engine.engine.tokenizer
+    tok = st.engine.tokenizer
     prompt = render_chat(tok, [ChatMessage(role="user", content=body.prompt)]) if body.chat else list(tok.encode(body.prompt))
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
     st.admit()

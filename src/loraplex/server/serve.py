@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from loraplex.config import EngineConfig
+from loraplex.config import EngineConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,60 +43,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="HF model directory or .gguf file (default: the embedded model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--api-keys", type=Path, default=None, help="JSON file mapping API keys to their adapters")
-    p.add_argument("--adapter-dir", default=None)
-    p.add_argument("--registry-file", default=None, help="where run-time adapter registrations persist")
-    p.add_argument("--max-cpu-loras", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
-    p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU threads for the model (default: every core; OpenMP threads sleep between steps)")
-
-
 def torch_threads(requested: int | None) -> int:
     """The engine's torch threads on CPU: every core. The HTTP event loop needs a core only between steps,
     and gets one because OpenMP's threads stop spinning soon after a step (GOMP_SPINCOUNT, set by the CLI
     before torch loads). On 2 cores, 64 streams over 8 adapters made 340 tok/s so against 271 with one
     core left to the event loop, with the same time per output token at 4 req/s (benchmarks/serving.py)."""
-    if requested is not None:
-        if requested < 1:
-            raise SystemExit("--torch-threads must be >= 1")
-        return requested
-    return os.cpu_count() or 1
+    return requested if requested is not None else os.cpu_count() or 1
 
 
-def serve(args: argparse.Namespace, lora_modules: dict[str, str]) -> None:
-    from loraplex.cli import engine_kwargs
-
-    config = EngineConfig(
-        model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(lora_modules.items()), adapter_dir=args.adapter_dir,
-        registry_file=args.registry_file, **engine_kwargs(args),  # type: ignore[arg-type]
-    )
+def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
+    """Build the engine, then serve it over HTTP until SIGTERM (drained) or SIGINT."""
     import torch
 
     from loraplex.engine.async_engine import AsyncLLMEngine  # torch and the model: not needed for --help
     from loraplex.server.app import build_app
     from loraplex.server.auth import load_keys
 
-    if config.device == "cpu":
-        torch.set_num_threads(torch_threads(args.torch_threads))
+    if engine_config.device == "cpu":
+        torch.set_num_threads(torch_threads(server.torch_threads))
         log.info("torch uses %d CPU threads (OpenMP spin count %s)", torch.get_num_threads(),
                  os.environ.get("GOMP_SPINCOUNT", "default"))
-    keys = load_keys(args.api_keys) if args.api_keys else None
-    if keys is None and not is_loopback(args.host):
-        log.warning("no --api-keys file: the server on %s is open to anyone who can reach it", args.host)
-    engine = AsyncLLMEngine(config)
-    app = build_app(engine, args.served_model_name, keys, args.max_queue)
-    log.info("serving %s with %d adapters registered on http://%s:%d", app.state.loraplex.served_name,
-             len(engine.engine.adapters.registry.entries), args.host, args.port)
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=args.drain_timeout), app)
-    server.run()
+    keys = load_keys(server.api_keys) if server.api_keys else None
+    if keys is None and not is_loopback(server.host):
+        log.warning("no --api-keys file: the server on %s is open to anyone who can reach it", server.host)
+    engine = AsyncLLMEngine(engine_config)
+    app = build_app(engine, server.served_model_name, keys, server.max_queue)
+    log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)
+    uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
+                                                   timeout_graceful_shutdown=server.drain_timeout), app)
+    uvicorn_server.run()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from loraplex.adapters.registry import parse_spec
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.errors import APIError
-from loraplex.server.metrics import EngineSnapshot, ServerMetrics
+from loraplex.server.metrics import ServerMetrics
 
 
 @dataclass(slots=True)
@@ -25,11 +24,11 @@ class ServerState:
 
     def resolve_model(self, model: str, scope: KeyScope) -> str | None:
         """The adapter spec a `model` field names (None = base), after the key's permission check."""
-        if model in (self.served_name, self.engine.engine.model_name):
+        if model in (self.served_name, self.engine.model_name):
             self.auth.check_model(scope, None, model)
             return None
-        name, _ = parse_spec(model)  # InvalidAdapterNameError -> 400
-        self.auth.check_model(scope, name, model)
+        spec = self.engine.adapter_spec(model)  # InvalidAdapterNameError -> 400
+        self.auth.check_model(scope, spec.name, model)
         return model
 
     def admit(self, n: int = 1) -> None:
@@ -43,13 +42,3 @@ class ServerState:
 
     def leave(self, n: int = 1) -> None:
         self.in_flight -= n
-
-    async def snapshot(self) -> EngineSnapshot:
-        def take() -> EngineSnapshot:  # on the engine thread: a consistent view between steps
-            e = self.engine.engine
-            return EngineSnapshot(
-                waiting=len(e.scheduler.waiting), running=len(e.scheduler.running),
-                last_step_tokens=e.last_step_tokens, kv_blocks_free=e.blocks.num_free,
-                kv_blocks_total=e.blocks.num_blocks, adapters=e.adapter_stats())
-
-        return await self.engine.call(take)

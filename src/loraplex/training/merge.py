@@ -20,11 +20,7 @@ log = logging.getLogger(__name__)
 
 def _target_shapes(model_dir: Path) -> dict[tuple[int, str], tuple[int, int]]:
     c = load_model_config(model_dir)
-    shapes = {"q_proj": (c.hidden_size, c.q_size), "k_proj": (c.hidden_size, c.kv_size),
-              "v_proj": (c.hidden_size, c.kv_size), "o_proj": (c.q_size, c.hidden_size),
-              "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
-              "down_proj": (c.intermediate_size, c.hidden_size)}
-    return {(layer, part): shape for layer in range(c.num_layers) for part, shape in shapes.items()}
+    return {(layer, part): shape for layer in range(c.num_layers) for part, shape in c.linear_parts().items()}
 
 
 def merge(adapter: Path, output: Path, base: str | None = None, overwrite: bool = False) -> Path:

@@ -1,0 +1,69 @@
+"""The engine's model, built in one pipeline: resolve the dtype -> load the weights -> quantize -> prepack ->
+move to the device -> plan the memory -> attach the LoRA wrappers. Each step is its package's own function;
+this is the one place that says in which order they run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex.config import EngineConfig
+from loraplex.engine.memory import MemoryPlan, plan
+from loraplex.hardware import DtypeChoice, cpu, resolve_dtype, warn_if_emulated
+from loraplex.lora.layers import LoRALinear, attach_lora
+from loraplex.models.config import ModelConfig, load_model_config
+from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.loader import load_model, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BuiltModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    model_dir: Path
+    dtype: DtypeChoice
+    device: torch.device
+    device_description: str  # "AMD EPYC (AVX2)" or "cuda:0": what the dtype was resolved for
+    max_model_len: int
+    memory: MemoryPlan
+    lora_targets: dict[tuple[int, str], LoRALinear]  # (layer, part) -> the wrapper holding that part's slots
+
+    @property
+    def lora_shapes(self) -> dict[tuple[int, str], tuple[int, int]]:
+        """(layer, part) -> (in_features, out_features of that part): what an adapter must match."""
+        return {key: (w.in_features, dict(w.parts)[key[1]]) for key, w in self.lora_targets.items()}
+
+
+def build_model(config: EngineConfig) -> BuiltModel:
+    """Everything the engine runs, before the KV cache exists; raises naming the figures if a budget does not fit."""
+    t0 = time.perf_counter()
+    dtype = resolve_dtype(config.dtype, config.device)
+    device = torch.device(config.device)
+    where = cpu().describe() if device.type == "cpu" else str(device)
+    log.info("%s on %s", dtype.describe(), where)
+    warn_if_emulated(dtype)
+    model_dir = resolve_model(config.model)
+    mcfg = load_model_config(model_dir)
+    max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
+    model = load_model(model_dir, dtype.dtype, max_model_len, mcfg)
+    if config.quantization is not None:  # decoder-layer linears -> bitsandbytes codes; LoRA goes on top in `dtype`
+        from loraplex.quant.linear import quantize_model
+
+        before, after = quantize_model(model, config.quantization, config.double_quant)
+        log.info("quantized the decoder linears to %s%s: %.1f MiB -> %.1f MiB (%.2fx smaller)", config.quantization,
+                 " with double quantization" if config.double_quant else "", before / 2**20, after / 2**20,
+                 before / after)
+    model.prepack()  # on CPU: oneDNN's layout for every remaining linear (a no-op elsewhere)
+    model.to(device)
+    memory = plan(model, mcfg, config, dtype.dtype, device, max_model_len)
+    log.info("%s", memory.describe())
+    targets = attach_lora(model, config.max_loras, config.max_lora_rank, dtype.dtype) if config.enable_lora else {}
+    log.info("built %s (%s, %s) in %.1fs", mcfg.name, mcfg.architecture, dtype.name, time.perf_counter() - t0)
+    return BuiltModel(model, mcfg, model_dir, dtype, device, where, max_model_len, memory, targets)

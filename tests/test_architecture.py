@@ -1,0 +1,91 @@
+"""The layering the README promises, read from the source: dependencies point one way (server -> engine ->
+models, lora, adapters, quant), no import cycle between modules, the server reaches adapters only through the
+engine, models/ knows nothing of LoRA or adapters, and the modules that must load without torch do."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import loraplex
+
+SRC = Path(loraplex.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    """loraplex modules `path` imports (at module level only, or anywhere, functions included)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.If) and top_level_only:  # `if TYPE_CHECKING:` imports never run
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("loraplex"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraplex"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from loraplex.lora import fused`
+    return found
+
+
+MODULES = {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def resolved(names: set[str]) -> set[str]:
+    return {n for n in names if n in MODULES}
+
+
+def test_no_import_cycles() -> None:
+    graph = {m: resolved(imports(p, top_level_only=True)) - {m} for m, p in MODULES.items()}
+    # A package's __init__ importing its own submodules is not a cycle through the package.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_layers_point_one_way() -> None:
+    """server/ talks to the engine, never to adapters/ directly; models/ never imports lora, adapters, quant,
+    engine or server; nothing below the server imports it or the CLI."""
+    for m, p in MODULES.items():
+        used = imports(p, top_level_only=False)
+        if m.startswith("loraplex.server"):
+            assert not {u for u in used if u.startswith("loraplex.adapters")}, m
+        if m.startswith("loraplex.models"):
+            banned = ("loraplex.lora", "loraplex.adapters", "loraplex.quant", "loraplex.engine", "loraplex.server")
+            assert not {u for u in used if u.startswith(banned)}, m
+        if not m.startswith(("loraplex.server", "loraplex.cli")):
+            assert not {u for u in used if u.startswith(("loraplex.server", "loraplex.cli"))}, m
+
+
+def test_scheduler_and_flags_load_without_torch() -> None:
+    """The scheduler and block manager (unit-tested in milliseconds), the adapter bookkeeping, the configs and
+    `loraplex --help` import no torch."""
+    code = ("import sys, loraplex, loraplex.config, loraplex.units, loraplex.engine.scheduler, "
+            "loraplex.engine.block_manager, loraplex.adapters.slots, loraplex.adapters.registry, "
+            "loraplex.adapters.host_cache, loraplex.adapters.key, loraplex.training.config, loraplex.cli\n"
+            "try:\n    loraplex.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('loraplex'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
