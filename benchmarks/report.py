@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ["offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load", "serving", "roofline",
-         "quantized", "gpu"]
+         "quantized", "prefix_cache", "gpu"]
 VLLM_RUNS = ("1", "8", "32", "8_all_cores", "base_lora_enabled", "base")
 # Sections in this order; classes not listed come after, by name.
 CLASS_ORDER = ["avx512-bf16", "amx-bf16", "avx512", "avx2"]
@@ -128,6 +128,12 @@ class Run:
             ("cold load p50 (ms)", cold["cold_load_ms"]["p50"] if cold else None, "≤ 20", 20.0, False),
             ("decode during a cold-load burst / none", cold["ratio"] if cold else None, "≥ 0.90", 0.9, True),
         ]
+        pc = self.parts.get("prefix_cache")
+        if pc:
+            for w, label in (("system_prompts", "shared system prompts"), ("chat", "5-turn chats")):
+                v = pc["loraplex_vs_no_cache"][w]
+                rows += [(f"prefix cache, {label}: TTFT p50 without / with", v["ttft_p50_speedup"], "≥ 5×", 5.0, True),
+                         (f"prefix cache, {label}: throughput with / without", v["throughput_ratio"], "≥ 2×", 2.0, True)]
         return [(name, value, wanted, verdict(value, target, higher)) for name, value, wanted, target, higher in rows]
 
 
@@ -333,8 +339,47 @@ def class_section(run: Run, out: Path) -> list[str]:
             lines.append(f"| {r['quantization']} | {r['weights_bytes'] / 2**20:.1f} | {r['linear_bytes'] / 2**20:.1f} | "
                          f"{shrink} | {r['kv_cache_bytes'] / 2**20:.0f} | {r['adapter_slots_bytes'] / 2**20:.1f} | "
                          f"{fmt(r['tokens_per_s_base'])} | {fmt(r['tokens_per_s_8_adapters'])} |")
+    if "prefix_cache" in P:
+        lines += prefix_cache_lines(P["prefix_cache"])
     lines += ["", "### Targets", "", "| target | measured | wanted | |", "|---|---|---|---|"]
     lines += [f"| {name} | {fmt(v, 2)} | {wanted} | {verdict_} |" for name, v, wanted, verdict_ in run.targets()]
+    return lines
+
+
+def prefix_cache_lines(pc: dict[str, Any]) -> list[str]:
+    """benchmarks/prefix_cache.py: each server with its prefix cache and without, two workloads."""
+    sys_tokens = pc["system_prompt_tokens"]
+    lines = ["", "### Prefix caching: shared system prompts and multi-turn chats", "",
+             f"{pc['tenants']} tenants, one adapter each. *System prompts*: each tenant's own system prompt of "
+             f"{min(sys_tokens)}-{max(sys_tokens)} tokens, 64 requests (8 per tenant, one client per tenant sending "
+             "them one after another), 32 tokens each. *Chat*: a 5-turn conversation per tenant (8 at once) under another "
+             "system prompt of the same length, each turn resending the conversation with the model's earlier "
+             "answers, 48 tokens per turn. Greedy; every server "
+             "got the same text. *Cached tokens*: prompt tokens the server reported as served from its cache. "
+             "*Same answers*: answers with the cache equal to the same server's answers without it.", "",
+             "| server | workload | tok/s | TTFT p50 (ms) | TTFT p99 (ms) | cached tokens | with / without: TTFT p50 | "
+             "throughput | same answers |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, name in (("loraplex", "loraplex"), ("vllm", "vLLM CPU")):
+        r, base = pc.get(key), pc.get(f"{key}_no_cache")
+        if r is None or base is None:
+            continue
+        if "failed" in r or "failed" in base:
+            lines.append(f"| {name} | — | did not run: {(r.get('failed') or base.get('failed', ''))[-200:]!r} | | | | | | |")
+            continue
+        vs = pc[f"{key}_vs_no_cache"]
+        for w in ("system_prompts", "chat"):
+            c, u = r[w], base[w]
+            lines.append(f"| {name} | {w.replace('_', ' ')} | {fmt(c['tokens_per_s'])} (without: {fmt(u['tokens_per_s'])}) | "
+                         f"{fmt(c['ttft_ms']['p50'])} (without: {fmt(u['ttft_ms']['p50'])}) | {fmt(c['ttft_ms']['p99'])} | "
+                         f"{c['cached_prompt_tokens'] if c['cached_prompt_tokens'] is not None else '—'} | "
+                         f"{times(vs[w]['ttft_p50_speedup'])} | {times(vs[w]['throughput_ratio'])} | "
+                         f"{vs[w]['answers_equal']}/{vs[w]['answers']} |")
+    lv = pc.get("loraplex_vs_vllm")
+    if lv:
+        lines += ["", "loraplex with its cache against vLLM CPU with its cache: " + "; ".join(
+            f"{w.replace('_', ' ')}: {times(v['throughput_ratio'])} the throughput, TTFT p50 {times(v['ttft_p50_ratio'])} "
+            f"lower, {v['answers_equal_to_loraplex']} of vLLM's answers equal to loraplex's uncached ones"
+            for w, v in lv.items()) + "."]
     return lines
 
 

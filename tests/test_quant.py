@@ -208,8 +208,10 @@ def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
             base = httpx.get(url + "/v1/models").json()["data"][0]
             assert base["quantization"] == "nf4+double-quant"
             mem = engine.engine.memory
+            prefix = base["memory"].pop("prefix_cache")
             assert base["memory"] == {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache,
                                       "adapter_slots_bytes": mem.adapters, "adapter_slots": 2}
+            assert prefix["enabled"] and prefix["block_size"] == 16
             assert metric(url, "loraplex_memory_bytes", 'component="kv_cache"') == mem.kv_cache <= 64 << 20
             assert metric(url, "loraplex_memory_bytes", 'component="weights"') == mem.weights
             assert metric(url, "loraplex_kv_cache_capacity_sequences") == mem.kv_sequences_at_max_len > 0

@@ -246,3 +246,32 @@ def test_metrics_per_adapter(server: str) -> None:
                    'loraplex_time_per_output_token_seconds_count{model="t6"}', 'loraplex_adapter_loads_total{tier="device"}',
                    "loraplex_adapter_load_seconds_bucket", "loraplex_queue_depth", "loraplex_batch_tokens"]:
         assert needle in text, needle
+
+
+def test_prefix_cache_over_http(server: str) -> None:
+    """A repeated prompt reports its cached tokens in usage; a cache salt gets a namespace of its own; the hits
+    show per model on /metrics and in /v1/models; the admin-only reset empties the cache."""
+    long_q = [{"role": "user", "content": "Tell me about the prefix cache test, " + "again and again, " * 30}]
+    c = client(server)
+
+    def cached(model: str, **kw: object) -> int:
+        r = c.chat.completions.create(model=model, messages=long_q, max_tokens=2, temperature=0, **kw)
+        assert r.usage.prompt_tokens > 100
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    first, second = cached("t2"), cached("t2")
+    assert second >= 96 and second > first  # the whole prompt but its last partial block
+    assert cached("t3") < 96, "another adapter found t2's blocks"
+    assert cached("t2", extra_body={"cache_salt": "user-1"}) < 96 and cached("t2", extra_body={"cache_salt": "user-1"}) >= 96
+    assert metric(server, "loraplex_prefix_cache_hits_total", 'model="t2"') >= 2 * 96
+    assert 0 < metric(server, "loraplex_prefix_cache_hit_rate") <= 1
+    pc = next(m for m in httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
+              if m["parent"] is None)["memory"]["prefix_cache"]
+    assert pc["enabled"] and pc["cached_blocks"] > 0 and pc["hits_tokens"] > 0
+    assert _post(server, "/reset_prefix_cache", {}, key=LEGAL).status_code == 403
+    r = _post(server, "/reset_prefix_cache", {})
+    assert r.status_code == 200 and r.json()["cached_blocks_dropped"] > 0
+    assert cached("t2") == 0
+    bad = httpx.post(server + "/v1/chat/completions", json={"model": "t2", "messages": Q, "cache_salt": ""},
+                     headers={"Authorization": f"Bearer {ADMIN}"})
+    assert bad.status_code in (400, 422) and "cache_salt" in bad.text

@@ -41,6 +41,8 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache budget, e.g. 1GiB (default)")
     p.add_argument("--adapter-memory", type=_size, default=None,
                    help="budget for the device adapter slots, e.g. 256MiB; start-up fails if --max-loras does not fit")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the K/V of prompt prefixes, never across adapters, versions or cache salts (default: on)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -48,7 +50,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "dtype": args.dtype,
             "max_model_len": args.max_model_len, "allow_pickle_adapters": args.allow_pickle_adapters,
             "quantization": args.quantize, "double_quant": args.double_quant, "kv_cache_memory": args.kv_cache_memory,
-            "adapter_memory": args.adapter_memory}
+            "adapter_memory": args.adapter_memory, "enable_prefix_caching": args.enable_prefix_caching}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
+    enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks, per adapter version (block_manager.py)
     quantization: str | None = None  # None (model dtype), "nf4", "fp4" or "int8": the base linears, by bitsandbytes
     double_quant: bool = False  # 4-bit only: quantize the block scales too (~0.4 bit/weight saved)
     adapter_memory: int | None = None  # bytes allowed for the device adapter slots; None = what max_loras needs

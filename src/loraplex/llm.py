@@ -31,10 +31,12 @@ class LLM:
         prompts: str | Sequence[str | list[int]],
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: str | None | Sequence[str | None] = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt, all requests batched together; outputs come back in prompt order.
 
-        All requests are validated before any runs: a bad one raises its error and none is queued."""
+        All requests are validated before any runs: a bad one raises its error and none is queued. Prompt
+        blocks cached by earlier requests of the same adapter version (and `cache_salt`) are reused."""
         if isinstance(prompts, str):
             prompts = [prompts]
         n = len(prompts)
@@ -45,7 +47,7 @@ class LLM:
         ids: list[str] = []
         try:
             for p, s, a in zip(prompts, samplings, names):
-                ids.append(self.engine.add_request(p, s, a))
+                ids.append(self.engine.add_request(p, s, a, cache_salt=cache_salt))
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -69,6 +71,10 @@ class LLM:
         """Like generate, with each conversation rendered through the model's chat template."""
         prompts = [self.apply_chat_template(c) for c in conversations]
         return self.generate(prompts, sampling, adapters)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prompt block; returns how many were cached."""
+        return self.engine.reset_prefix_cache()
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

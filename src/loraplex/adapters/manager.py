@@ -222,6 +222,10 @@ class AdapterManager:
                 running=running,
             )
 
+    def digest(self, key: AdapterKey) -> bytes:
+        """The loaded weights' digest (peft_format): with the key, the prefix cache's namespace for the adapter."""
+        return self.weights(key).digest
+
     def weights(self, key: AdapterKey) -> AdapterWeights:
         with self._lock:
             w = self.host.get(key)

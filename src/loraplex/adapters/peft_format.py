@@ -6,6 +6,8 @@ explicit opt-in, loaded with weights_only=True). Every unsupported feature is an
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -41,6 +43,7 @@ class AdapterWeights:
     rank: int
     parts: dict[tuple[int, str], PartWeights] = field(default_factory=dict)
     base_model_name: str | None = None
+    digest: bytes = b""  # sha256 of adapter_config.json and the weights file as read: the weights' identity
 
     @property
     def nbytes(self) -> int:
@@ -82,14 +85,17 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, allow_pickle: bool, digest: Any) -> dict[str, torch.Tensor]:
+    """The weight file's tensors; its bytes, as read, go into `digest` (a hashlib object)."""
     st = path / "adapter_model.safetensors"
     if st.is_file():
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            return load_file(str(st))
+            data = st.read_bytes()
+            digest.update(data)  # hashlib releases the GIL here: the engine thread keeps stepping
+            return load(data)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise AdapterFormatError(f"adapter {path}: corrupt safetensors file {st.name}: {e}") from e
     binary = path / "adapter_model.bin"
@@ -100,7 +106,9 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 "pickled adapters are allowed (--allow-pickle-adapters)"
             )
         try:
-            return torch.load(binary, map_location="cpu", weights_only=True)
+            data = binary.read_bytes()
+            digest.update(data)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # any unpickling failure is a format error of this file
             raise AdapterFormatError(f"adapter {path}: cannot read adapter_model.bin: {e}") from e
     raise AdapterFormatError(f"adapter {path}: no adapter_model.safetensors found")
@@ -119,14 +127,17 @@ def load_peft_adapter(
     cfg_path = path / "adapter_config.json"
     if not cfg_path.is_file():
         raise AdapterFormatError(f"adapter {path}: adapter_config.json is missing")
+    digest = hashlib.sha256()
     try:
-        cfg = json.loads(cfg_path.read_text())
+        raw = cfg_path.read_bytes()
+        digest.update(raw)
+        cfg = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"adapter {path}: adapter_config.json is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"adapter {path}: adapter_config.json must hold a JSON object")
     _check_config(cfg, path)
-    tensors = _read_tensors(path, allow_pickle)
+    tensors = _read_tensors(path, allow_pickle, digest)
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -153,7 +164,8 @@ def load_peft_adapter(
     alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
     alpha_pattern = cfg.get("alpha_pattern") or {}
     use_rslora = bool(cfg.get("use_rslora", False))
-    weights = AdapterWeights(name=name, path=path, rank=0, base_model_name=cfg.get("base_model_name_or_path"))
+    weights = AdapterWeights(name=name, path=path, rank=0, base_model_name=cfg.get("base_model_name_or_path"),
+                             digest=digest.digest())
     for (layer, part), ab in sorted(pairs.items()):
         if "A" not in ab or "B" not in ab:
             raise AdapterFormatError(f"adapter {path}: layer {layer} {part} lacks lora_{'B' if 'A' in ab else 'A'}")

@@ -94,22 +94,24 @@ class AsyncLLMEngine:
 
     # ---- public API (event loop side) -------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                  adapter: str | None = None, request_id: str | None = None) -> RequestStream:
+                  adapter: str | None = None, request_id: str | None = None,
+                  cache_salt: str | None = None) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
         try:
-            await self.call(lambda: self.engine.add_request(prompt, sampling, adapter, request_id))
+            await self.call(lambda: self.engine.add_request(prompt, sampling, adapter, request_id, cache_salt))
         except BaseException:
             stream._close()
             raise
         return stream
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                       adapter: str | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, request_id: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream RequestOutputs as tokens are produced. Leaving the loop early (client gone) aborts the request."""
-        stream = await self.add(prompt, sampling, adapter, request_id)
+        stream = await self.add(prompt, sampling, adapter, request_id, cache_salt)
         try:
             async for out in stream:
                 yield out
@@ -143,6 +145,10 @@ class AsyncLLMEngine:
         """Every adapter registered or under the adapter root (a directory scan, off the event loop)."""
         return await asyncio.to_thread(self.engine.list_adapters)
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prompt block; returns how many were cached."""
+        return await self.call(self.engine.reset_prefix_cache)
+
     async def snapshot(self) -> EngineSnapshot:
         """Queue, batch, KV and adapter-cache state, read on the engine thread between steps."""
         return await self.call(self.engine.snapshot)
@@ -163,6 +169,10 @@ class AsyncLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.config.block_size
 
     @property
     def max_num_seqs(self) -> int:

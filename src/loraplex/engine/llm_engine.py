@@ -27,7 +27,7 @@ from loraplex.engine import detokenizer
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, RequestOutput
+from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, PrefixCacheSnapshot, RequestOutput
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
@@ -47,7 +47,7 @@ class LLMEngine:
         self.lora_shapes = built.lora_shapes
         self.runner = ModelRunner(built.model, built.lora_targets, self.memory.kv_blocks, config.block_size,
                                   self.dtype, self.device, config.seed)
-        self.blocks = BlockManager(self.memory.kv_blocks, config.block_size)
+        self.blocks = BlockManager(self.memory.kv_blocks, config.block_size, config.enable_prefix_caching)
         registry = AdapterRegistry(
             Path(config.adapter_dir) if config.adapter_dir else None,
             Path(config.registry_file) if config.registry_file else None,
@@ -131,8 +131,10 @@ class LLMEngine:
         return self.adapters.resolve(AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter)
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                    adapter: str | AdapterSpec | None = None, request_id: str | None = None) -> str:
-        """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then."""
+                    adapter: str | AdapterSpec | None = None, request_id: str | None = None,
+                    cache_salt: str | None = None) -> str:
+        """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
+        Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter)."""
         sampling = sampling or SamplingParams()
         text, token_ids = self._tokens(prompt)
         vocab = self.model_config.vocab_size
@@ -142,7 +144,9 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, token_ids, sampling, key, time.monotonic(), prompt=text)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string")
+        req = Request(request_id, token_ids, sampling, key, time.monotonic(), prompt=text, cache_salt=cache_salt)
         detokenizer.init_offsets(req)
         if key is not None:
             self.adapters.acquire(key)  # starts a background load if the adapter is cold
@@ -178,8 +182,7 @@ class LLMEngine:
             return outputs
         self.last_step_tokens = sum(s.num_tokens for s in sched.seqs)
         sampled = self.runner.execute(sched.seqs)
-        for s in sched.seqs:
-            s.request.num_computed_tokens += s.num_tokens
+        self.scheduler.advance(sched.seqs)
         return outputs + [self._process(req, token) for req, token in sampled]
 
     def _collect_loads(self) -> dict[AdapterKey, LoraplexError]:
@@ -232,7 +235,8 @@ class LLMEngine:
             delta_text=detokenizer.take_delta(req),
             delta_token_ids=delta_ids,
         )
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished,
+                             num_cached_tokens=req.num_cached_tokens)
 
     def prompt_logits(self, prompt: str | list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits [len(prompt), V] (fp32) at every prompt position under `adapter`: one prefill outside the step
@@ -271,11 +275,24 @@ class LLMEngine:
         finally:
             self.blocks.free(req)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prompt block (requests running keep theirs); returns how many blocks were cached."""
+        return self.scheduler.reset_prefix_cache()
+
     def snapshot(self) -> EngineSnapshot:
         """The engine's state between two steps (call it on the thread that steps)."""
+        pc = self.scheduler.prefix_cache
+        prefix = PrefixCacheSnapshot(
+            enabled=self.blocks.caching, cached_blocks=self.blocks.num_cached, evictions=self.blocks.evictions,
+            queries={self._label(k): v for k, v in pc.queries.items()},
+            hits={self._label(k): v for k, v in pc.hits.items()})
         return EngineSnapshot(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
                               last_step_tokens=self.last_step_tokens, kv_blocks_free=self.blocks.num_free,
-                              kv_blocks_total=self.blocks.num_blocks, adapters=self.adapter_stats())
+                              kv_blocks_total=self.blocks.num_blocks, adapters=self.adapter_stats(),
+                              prefix_cache=prefix)
+
+    def _label(self, adapter: str | None) -> str:
+        return self.model_name if adapter is None else adapter
 
     def adapter_stats(self) -> AdapterStats:
         """Adapter-cache counters plus queued and running requests per adapter (by name, all versions)."""

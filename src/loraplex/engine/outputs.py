@@ -29,6 +29,21 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: Exception | None = None  # set when the request failed (e.g. its adapter failed to load)
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+
+
+@dataclass(slots=True)
+class PrefixCacheSnapshot:
+    enabled: bool
+    cached_blocks: int  # full blocks findable by hash now
+    evictions: int  # cached blocks reclaimed for new content
+    queries: dict[str, int]  # prompt tokens looked up, by model (adapter name, or the base model's name)
+    hits: dict[str, int]  # prompt tokens found cached, by model
+
+    @property
+    def hit_rate(self) -> float:
+        q = sum(self.queries.values())
+        return sum(self.hits.values()) / q if q else 0.0
 
 
 @dataclass(slots=True)
@@ -39,3 +54,4 @@ class EngineSnapshot:
     kv_blocks_free: int
     kv_blocks_total: int
     adapters: AdapterStats
+    prefix_cache: PrefixCacheSnapshot

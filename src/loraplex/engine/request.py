@@ -30,6 +30,13 @@ class Request:
     lora_slot: int = -1
     times_passed_over: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    # Prefix caching (engine/block_manager.py): the hash-chain root (set at first admission), the chain of the
+    # full blocks hashed so far, how many of its blocks are findable, the prompt tokens found cached.
+    cache_salt: str | None = None
+    cache_namespace: bytes | None = None
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    num_cached_tokens: int = 0
     stop_reason: str | int | None = None
     # Incremental detokenization state (see engine/detokenizer.py).
     output_text: str = ""

@@ -2,7 +2,9 @@
 
 Each step: running requests first (decodes, then unfinished prefills), in arrival order, each
 taking one token or a prompt chunk from the step's token budget; then waiting requests are
-admitted first-come first-served while KV blocks, sequence slots and adapter slots allow. When a
+admitted first-come first-served while KV blocks, sequence slots and adapter slots allow; a request
+whose prompt starts with blocks in the prefix cache takes them and computes only the rest (admission
+counts only the blocks it really needs). When a
 decode needs a block and none is free, the newest running request is preempted (its KV freed and
 recomputed later). A waiting request whose adapter cannot get a slot is passed over by later
 requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from loraplex.adapters.slots import SlotGrant
-from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.block_manager import BlockManager, namespace
 from loraplex.engine.request import Request, RequestStatus
 
 
@@ -33,11 +35,25 @@ class AdapterSlots(Protocol):
 
     def release_slot(self, key: Hashable) -> None: ...
 
+    def digest(self, key: Hashable) -> bytes: ...  # of the loaded weights: part of the prefix cache's namespace
+
 
 @dataclass(slots=True)
 class ScheduledSeq:
     request: Request
     num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+
+
+@dataclass(slots=True)
+class PrefixCacheCounters:
+    """Prompt tokens looked up in the prefix cache at admission, and those found, per adapter name (None: base)."""
+
+    queries: dict[str | None, int] = field(default_factory=dict)
+    hits: dict[str | None, int] = field(default_factory=dict)
+
+    def add(self, name: str | None, queried: int, hit: int) -> None:
+        self.queries[name] = self.queries.get(name, 0) + queried
+        self.hits[name] = self.hits.get(name, 0) + hit
 
 
 @dataclass(slots=True)
@@ -57,6 +73,7 @@ class Scheduler:
         self.max_skips = max_skips
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.prefix_cache = PrefixCacheCounters()
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -72,6 +89,12 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+
+    def advance(self, seqs: list[ScheduledSeq]) -> None:
+        """After a step: the scheduled tokens' K/V are computed; full blocks become findable in the prefix cache."""
+        for s in seqs:
+            s.request.num_computed_tokens += s.num_tokens
+            self.blocks.commit(s.request)
 
     def _release(self, req: Request) -> None:
         self.blocks.free(req)
@@ -108,6 +131,19 @@ class Scheduler:
             self._admit(out, budget)
         return out
 
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks `req` (waiting: nothing computed) can start from; sets its namespace once."""
+        if not self.blocks.caching:
+            return []
+        if req.cache_namespace is None:
+            digest = b"" if req.adapter is None else self.adapters.digest(req.adapter)
+            req.cache_namespace = namespace(req.adapter, digest, req.cache_salt)
+        return self.blocks.match(req)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (running requests keep theirs); returns how many were findable."""
+        return self.blocks.reset()
+
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         passed: list[Request] = []
         for req in list(self.waiting):
@@ -120,8 +156,11 @@ class Scheduler:
                 if req.times_passed_over >= self.max_skips:
                     break  # fairness bound reached: nobody overtakes it any more
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):
+            cached = self._cached_prefix(req)
+            start = len(cached) * self.blocks.block_size
+            n = min(req.num_tokens - start, budget)
+            need = self.blocks.blocks_for(start + n) - len(cached) + self.blocks.reclaimed_by(cached)
+            if not self.blocks.can_allocate(need):
                 break  # KV cache full: wait for running requests to free blocks
             if req.adapter is not None:
                 grant = self.adapters.take_slot(req.adapter)
@@ -134,7 +173,12 @@ class Scheduler:
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            self.blocks.allocate(req, n)
+            if self.blocks.caching:
+                self.prefix_cache.add(req.adapter.name if req.adapter is not None else None, req.num_tokens, start)
+                if not req.output_token_ids:
+                    req.num_cached_tokens = start
+            self.blocks.take_cached(req, cached)
+            self.blocks.allocate(req, start + n)
             out.seqs.append(ScheduledSeq(req, n))
             budget -= n
             if any(p.times_passed_over >= self.max_skips for p in passed):

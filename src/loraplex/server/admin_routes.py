@@ -32,12 +32,17 @@ async def list_models(request: Request) -> dict[str, Any]:
     st = _state(request)
     scope = st.auth.scope(request)
     engine, mem = st.engine, st.engine.memory
+    pc = (await engine.snapshot()).prefix_cache
     base = {"id": st.served_name, "object": "model", "created": st.created, "owned_by": "loraplex",
             "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len,
             "dtype": engine.dtype.name, "dtype_reason": engine.dtype.describe(), "device": engine.device,
             "quantization": mem.quantization,
             "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache,
-                       "adapter_slots_bytes": mem.adapters, "adapter_slots": mem.adapter_slots}}
+                       "adapter_slots_bytes": mem.adapters, "adapter_slots": mem.adapter_slots,
+                       "prefix_cache": {"enabled": pc.enabled, "cached_blocks": pc.cached_blocks,
+                                        "block_size": engine.block_size, "hit_rate": pc.hit_rate,
+                                        "queries_tokens": sum(pc.queries.values()),
+                                        "hits_tokens": sum(pc.hits.values())}}}
     data = [base] if scope.may_use(None) else []
     for a in await engine.list_adapters():
         if scope.may_use(a.name):
@@ -79,6 +84,14 @@ async def pin_lora_adapter(body: PinLoRARequest, request: Request) -> JSONRespon
     st = _admin(request)
     await st.engine.pin_adapter(body.lora_name, body.pinned)
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "pinned": body.pinned})
+
+
+@router.post("/reset_prefix_cache", responses=ERRORS)
+async def reset_prefix_cache(request: Request) -> JSONResponse:
+    """Forget every cached prompt block (vLLM's endpoint); requests running keep theirs. Admin scope."""
+    st = _admin(request)
+    dropped = await st.engine.reset_prefix_cache()
+    return JSONResponse({"status": "ok", "cached_blocks_dropped": dropped})
 
 
 @router.get("/health")

@@ -98,7 +98,7 @@ Started = list[tuple[RequestOutput, RequestStream]]
 
 
 async def open_streams(engine: AsyncLLMEngine, prompt: list[int], params: list[SamplingParams], adapter: str | None,
-                       tracker: Tracker) -> Started:
+                       tracker: Tracker, cache_salt: str | None = None) -> Started:
     """Start one engine request per choice and wait for each one's first output, so that an invalid request
     (unknown adapter, prompt too long, adapter that fails to load) surfaces as an error status before any
     streaming begins."""
@@ -106,7 +106,7 @@ async def open_streams(engine: AsyncLLMEngine, prompt: list[int], params: list[S
     firsts: Started = []
     try:
         for p in params:
-            streams.append(await engine.add(prompt, p, adapter))
+            streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt))
         for s in streams:
             first = await anext(s)
             tracker.saw(first)

@@ -56,6 +56,13 @@ def _histogram(name: str, doc: str, label: str, hists: dict[str, Any]) -> Histog
     return fam
 
 
+def _counters(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in values.items():
+        fam.add_metric([value], n)
+    return fam
+
+
 class _EngineCollector:
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
@@ -86,6 +93,16 @@ class _EngineCollector:
         kv.add_metric(["free"], s.kv_blocks_free)
         kv.add_metric(["used"], s.kv_blocks_total - s.kv_blocks_free)
         yield kv
+        pc = s.prefix_cache
+        yield _counters("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, by model",
+                        "model", pc.queries)
+        yield _counters("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache, by model", "model", pc.hits)
+        yield GaugeMetricFamily("loraplex_prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start",
+                                value=pc.hit_rate)
+        yield GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks findable in the prefix cache",
+                                value=pc.cached_blocks)
+        yield CounterMetricFamily("loraplex_prefix_cache_evictions", "Cached KV blocks reclaimed for new content",
+                                  value=pc.evictions)
         a = s.adapters
         for name, doc, values in (
             ("loraplex_adapter_loads", "Adapter loads into a tier (host: from disk; device: into a slot)", a.loads),
@@ -93,10 +110,7 @@ class _EngineCollector:
             ("loraplex_adapter_cache_misses", "Adapter not in the tier when needed", a.misses),
             ("loraplex_adapter_evictions", "Adapters evicted from the tier", a.evictions),
         ):
-            fam = CounterMetricFamily(name, doc, labels=["tier"])
-            for tier, v in values.items():
-                fam.add_metric([tier], v)
-            yield fam
+            yield _counters(name, doc, "tier", values)
         yield CounterMetricFamily("loraplex_adapter_load_failures", "Adapter loads that failed", value=a.load_failures)
         resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapters held in the tier", labels=["tier"])
         for tier, v in a.resident.items():

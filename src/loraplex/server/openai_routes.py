@@ -28,9 +28,13 @@ def _state(request: Request) -> ServerState:
     return request.app.state.loraplex  # type: ignore[no-any-return]
 
 
-def _usage(prompt: int, outs: list[RequestOutput]) -> dict[str, int]:
+def _usage(prompt: int, outs: list[RequestOutput], per_prompt: int = 1) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: prompt tokens served from the prefix cache. `per_prompt`: how many of
+    `outs` share one prompt (n choices of a chat request count their prompt once)."""
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(o.num_cached_tokens for o in outs) // per_prompt
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _finish(reason: str | None) -> str | None:
@@ -42,10 +46,10 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def _start(st: ServerState, request: Request, prompt: list[int], params: list, adapter: str | None,
-                 label: str) -> tuple[Tracker, list]:
+                 label: str, cache_salt: str | None) -> tuple[Tracker, list]:
     tracker = Tracker(st.metrics, label, prompt_tokens=len(prompt))
     try:
-        return tracker, await open_streams(st.engine, prompt, params, adapter, tracker)
+        return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, cache_salt)
     except Exception as e:
         status = status_of(e)[0]
         if status == 404:
@@ -79,7 +83,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     st.admit(body.n)
     try:
-        tracker, firsts = await _start(st, request, prompt, params, adapter, body.model)
+        tracker, firsts = await _start(st, request, prompt, params, adapter, body.model, body.cache_salt)
     except BaseException:
         st.leave(body.n)
         raise
@@ -93,7 +97,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             "choices": [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
                          "finish_reason": _finish(o.outputs[0].finish_reason), "logprobs": None}
                         for i, o in enumerate(outs)],
-            "usage": _usage(len(prompt), outs),
+            "usage": _usage(len(prompt), outs, per_prompt=len(outs)),
         }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -113,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 if out.finished:
                     finals.append(out)
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(len(prompt), finals)})
+                yield _sse({**base, "choices": [], "usage": _usage(len(prompt), finals, per_prompt=max(len(finals), 1))})
             yield _sse("[DONE]")
             completed = True
         except Exception as e:  # an error after streaming began: report it in-band, as vLLM does
@@ -160,7 +164,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     started: list[tuple[Tracker, list]] = []
     try:
         for prompt in prompts:
-            started.append(await _start(st, request, prompt, params, adapter, body.model))
+            started.append(await _start(st, request, prompt, params, adapter, body.model, body.cache_salt))
     except BaseException:
         for tracker, firsts in started:
             for _, s in firsts:
@@ -232,7 +236,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
     st.admit()
     try:
-        tracker, firsts = await _start(st, request, prompt, [params], adapter, model)
+        tracker, firsts = await _start(st, request, prompt, [params], adapter, model, body.cache_salt)
         outs = await _collect(request, firsts, tracker)
     finally:
         st.leave()

@@ -32,6 +32,8 @@ class SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    # vLLM's: prompt blocks are shared from the prefix cache only among requests with the same salt
+    cache_salt: str | None = Field(default=None, min_length=1)
     # Accepted only at their neutral values: anything else is refused rather than silently ignored.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -82,10 +84,15 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class LoadLoRARequest(_Body):
