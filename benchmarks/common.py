@@ -81,6 +81,12 @@ def workload_prompts(tokenizer: Any, count: int = 32) -> list[str]:
     return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
 
 
+def warmup(prompts: list[str]) -> list[str]:
+    """Warm-up prompts that share no KV block with `prompts`: a prefix cache (loraplex's, vLLM's, llama.cpp's) must
+    not serve the timed pass from the warm-up (benchmarks.peers.vllm_offline does the same)."""
+    return ["Warm-up. " + p for p in prompts]
+
+
 def round_robin(names: list[str], count: int) -> list[str]:
     """Request i uses adapter i % len(names): every adapter appears, evenly, in one batch."""
     return [names[i % len(names)] for i in range(count)]

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import default_model_dir, machine, make_adapters, workload_prompts, write_json
+from benchmarks.common import default_model_dir, machine, make_adapters, warmup, workload_prompts, write_json
 from benchmarks.peers import llama_cpp
 from benchmarks.serving import Result, free_port, one, stop_server, summary, wait_healthy
 from loraplex.hardware import resolve_dtype
@@ -43,7 +43,8 @@ async def burst(url: str, jobs: list[tuple[str, str, dict[str, Any] | None]], ma
 
 
 def measure(name: str, url: str, jobs: list[tuple[str, str, dict[str, Any] | None]], max_tokens: int) -> dict[str, Any]:
-    asyncio.run(burst(url, jobs[:8], 4))  # warm-up: every adapter once, first-call costs out of the figures
+    warm = [(model, p, extra) for (model, _, extra), p in zip(jobs[:8], warmup([p for _, p, _ in jobs[:8]]))]
+    asyncio.run(burst(url, warm, 4))  # warm-up: every adapter once, first-call costs out of the figures
     results = asyncio.run(burst(url, jobs, max_tokens))
     ok = [r for r in results if r.error is None and r.times]
     errors = [r.error for r in results if r.error is not None]

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
+from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, warmup, workload_prompts,
+                               write_json)
 from loraplex import LLM, SamplingParams
 from loraplex.hardware import resolve_dtype
 
@@ -39,7 +40,7 @@ def offline(root: Path, names: list[str], counts: list[int], requests: int, max_
     results: dict[str, Any] = {}
     for k in counts:
         adapters: list[str | None] = [None] * requests if k == 0 else list(round_robin(names[:k], requests))
-        timed_generate(llm, prompts, adapters, 8)  # warm-up: loads the adapters, touches every code path
+        timed_generate(llm, warmup(prompts), adapters, 8)  # warm-up: loads the adapters, touches every code path
         r = timed_generate(llm, prompts, adapters, max_tokens)
         results["base" if k == 0 else str(k)] = r
         print(f"loraplex offline, {'base only' if k == 0 else f'{k} adapters'}: {r['tokens_per_s']:.1f} tok/s", flush=True)
@@ -51,7 +52,7 @@ def scaling(root: Path, names: list[str], points: list[int], stream: int, max_to
     for k in points:
         llm = LLM(adapter_dir=str(root), max_loras=32, max_num_seqs=32, max_cpu_loras=64)  # cold tiers each point
         prompts = workload_prompts(llm.tokenizer, stream)
-        timed_generate(llm, prompts[:4], [None] * 4, 4)  # warm the base path only
+        timed_generate(llm, warmup(prompts[:4]), [None] * 4, 4)  # warm the base path only
         r = timed_generate(llm, prompts, list(round_robin(names[:k], stream)), max_tokens)
         r["adapter_loads"] = dict(llm.engine.adapter_stats().loads)  # tier -> loads (host: from disk)
         results[str(k)] = r

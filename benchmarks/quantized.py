@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
+from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, warmup, workload_prompts,
+                               write_json)
 from loraplex import LLM, SamplingParams
 from loraplex.engine.memory import module_bytes
 from loraplex.models.layers import Linear, layer_index
@@ -34,7 +35,7 @@ def linear_bytes(llm: LLM) -> int:
 
 def throughput(llm: LLM, prompts: list[str], adapters: list[str | None], max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapters[:4])  # warm-up
+    llm.generate(warmup(prompts[:4]), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapters[:4])  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, adapters)
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)

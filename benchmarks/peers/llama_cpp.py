@@ -26,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, workload_prompts, write_json
+from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, warmup, workload_prompts,
+                               write_json)
 from benchmarks.peers.llama_cpp_build import ROOT, VERSION, build, fetch
 from loraplex.hardware import resolve_dtype
 
@@ -133,14 +134,14 @@ def main() -> None:
         result: dict[str, Any] = {"machine": machine(), "version": f"b{VERSION.split('.')[0]}", "weights": outtype,
                                   "kv_cache": outtype, "requests": args.requests, "max_tokens": args.max_tokens}
         with Server(base, loras, args.requests, 192, outtype) as server:
-            run_batch(server.url, prompts[:4], [None] * 4, 4)  # warm-up
+            run_batch(server.url, warmup(prompts[:4]), [None] * 4, 4)  # warm-up
             result["base"] = run_batch(server.url, prompts, [None] * args.requests, args.max_tokens)
             print(f"llama.cpp ({outtype}), base only: {result['base']['tokens_per_s']:.1f} tok/s", flush=True)
             # The adapters really apply: adapter 0's greedy text differs from the base model's.
             plain, adapted = (complete(server.url, prompts[0], a, 16)["content"] for a in (None, 0))
             result["adapter_changes_output"] = plain != adapted
             ids = [int(n[1:]) for n in round_robin(names, args.requests)]
-            run_batch(server.url, prompts[:8], ids[:8], 4)  # warm-up: every adapter once
+            run_batch(server.url, warmup(prompts[:8]), ids[:8], 4)  # warm-up: every adapter once
             result["8"] = run_batch(server.url, prompts, ids, args.max_tokens)  # type: ignore[arg-type]
             print(f"llama.cpp ({outtype}), 8 adapters mixed: {result['8']['tokens_per_s']:.1f} tok/s", flush=True)
     print(f"written to {write_json('llama_cpp', result)}")
