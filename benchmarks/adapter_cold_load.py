@@ -74,12 +74,12 @@ def main() -> None:
         del probe
 
         slots = 2 * args.burst + 2
-        llm = LLM(adapter_dir=str(root), max_loras=slots, max_cpu_loras=4 * args.burst)
+        llm = LLM(adapter_dir=str(root), max_loras=slots, max_cpu_loras=4 * args.burst, enable_prefix_caching=False)
         warm = names[args.loads : args.loads + args.burst]
         hot = names[args.loads + args.burst : args.loads + 2 * args.burst]
         cold = names[args.loads + 2 * args.burst : args.loads + 3 * args.burst]
         for n in warm + hot:  # resident before the runs: the "no loads" burst uses `hot`
-            llm.engine.adapters.prefetch(n)
+            llm.engine.adapters.prefetch(AdapterSpec(n))
         llm.engine.adapters.wait()
         burst_throughput(llm, warm, hot, 8)  # warm-up: places warm + hot in device slots
         no_loads = burst_throughput(llm, warm, hot, args.max_tokens)

@@ -7,6 +7,11 @@ Offline: 32 requests x 64 new tokens, greedy, EOS ignored, adapters round-robin 
 i % k), all submitted at once; one warm-up pass, then the timed pass. Scaling: a stream of 256 requests
 whose adapters cycle over k distinct names, max_loras 32 device slots, the adapters cold on disk at the
 start of each point (host tier of 64): slot swaps and disk loads are part of the figure.
+
+The prefix cache is off here (and in the cold-load, quantized and structured benchmarks): the prompts share
+the chat template's system prompt, which base-only requests (one namespace) would find cached and requests over
+k adapters (k namespaces) mostly would not, so the ratios would mix caching into the LoRA cost they measure.
+benchmarks.prefix_cache measures the cache; the HTTP benchmarks run every server with its defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def timed_generate(llm: LLM, prompts: list[str], adapters: list[str | None], max
 
 
 def offline(root: Path, names: list[str], counts: list[int], requests: int, max_tokens: int) -> dict[str, Any]:
-    llm = LLM(adapter_dir=str(root), max_loras=max(counts), max_cpu_loras=max(counts))
+    llm = LLM(adapter_dir=str(root), max_loras=max(counts), max_cpu_loras=max(counts), enable_prefix_caching=False)
     prompts = workload_prompts(llm.tokenizer, requests)
     results: dict[str, Any] = {}
     for k in counts:
@@ -50,7 +55,8 @@ def offline(root: Path, names: list[str], counts: list[int], requests: int, max_
 def scaling(root: Path, names: list[str], points: list[int], stream: int, max_tokens: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for k in points:
-        llm = LLM(adapter_dir=str(root), max_loras=32, max_num_seqs=32, max_cpu_loras=64)  # cold tiers each point
+        llm = LLM(adapter_dir=str(root), max_loras=32, max_num_seqs=32, max_cpu_loras=64,  # cold tiers each point
+                  enable_prefix_caching=False)
         prompts = workload_prompts(llm.tokenizer, stream)
         timed_generate(llm, warmup(prompts[:4]), [None] * 4, 4)  # warm the base path only
         r = timed_generate(llm, prompts, list(round_robin(names[:k], stream)), max_tokens)

@@ -53,7 +53,8 @@ def main() -> None:
         root = args.adapters or Path(tmp)
         names = make_adapters(default_model_dir(), root, 8)
         for label, method, double_quant in CONFIGS:
-            llm = LLM(adapter_dir=str(root), max_loras=8, quantization=method, double_quant=double_quant)
+            llm = LLM(adapter_dir=str(root), max_loras=8, quantization=method, double_quant=double_quant,
+                      enable_prefix_caching=False)
             prompts = workload_prompts(llm.tokenizer, args.requests)
             mem = llm.engine.memory
             row = {"base": label, "quantization": mem.quantization, "weights_bytes": mem.weights,

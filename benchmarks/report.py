@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PARTS = ["offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "gpu"]
+         "quantized", "prefix_cache", "structured", "gpu"]
 VLLM_RUNS = ("1", "8", "32", "8_all_cores", "base_lora_enabled", "base")
 # Sections in this order; classes not listed come after, by name.
 CLASS_ORDER = ["avx512-bf16", "amx-bf16", "avx512", "avx2"]
@@ -52,6 +52,7 @@ class Run:
     slug: str
     parts: dict[str, dict[str, Any]]
     vllm: dict[str, dict[str, Any]]
+    folder: Path
 
     @classmethod
     def load(cls, folder: Path) -> Run:
@@ -61,7 +62,7 @@ class Run:
 
         parts = {p: d for p in PARTS if (d := read(p)) is not None}
         vllm = {k: d for k in VLLM_RUNS if (d := read(f"vllm_{k}")) is not None}
-        return cls(folder.name, parts, vllm)
+        return cls(folder.name, parts, vllm, folder)
 
     @property
     def machine(self) -> dict[str, Any]:
@@ -128,6 +129,9 @@ class Run:
             ("cold load p50 (ms)", cold["cold_load_ms"]["p50"] if cold else None, "≤ 20", 20.0, False),
             ("decode during a cold-load burst / none", cold["ratio"] if cold else None, "≥ 0.90", 0.9, True),
         ]
+        so = self.parts.get("structured")
+        if so:
+            rows.append(("batch 32, half under a JSON schema / none", so["ratio"], "≥ 0.90", 0.9, True))
         pc = self.parts.get("prefix_cache")
         if pc:
             for w, label in (("system_prompts", "shared system prompts"), ("chat", "5-turn chats")):
@@ -232,6 +236,9 @@ def class_section(run: Run, out: Path) -> list[str]:
              + (f"; vLLM CPU {vllm_version}" if vllm_version else "") + (f"; llama.cpp {lc['version']}" if lc else "") + ".",
              "Every system in this section ran in the dtype above (llama.cpp: GGUF weights and KV cache at that "
              "precision), from one run of `make bench` on this machine."]
+    provenance = run.folder / "provenance.md"
+    if provenance.is_file():  # how this class's figures were produced, when not by one plain `make bench`
+        lines += ["", provenance.read_text().strip()]
     missing = [p for p in ("offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load",
                            "serving", "roofline") if p not in P] + ([] if run.vllm else ["vllm"])
     if missing:
@@ -341,6 +348,16 @@ def class_section(run: Run, out: Path) -> list[str]:
                          f"{fmt(r['tokens_per_s_base'])} | {fmt(r['tokens_per_s_8_adapters'])} |")
     if "prefix_cache" in P:
         lines += prefix_cache_lines(P["prefix_cache"])
+    if "structured" in P:
+        so = P["structured"]
+        lines += ["", "### Structured outputs", "",
+                  f"Batch {so['batch']} over {so['adapters']} adapters, {so['max_tokens']} tokens each: "
+                  f"{fmt(so['no_schema']['tokens_per_s'])} tok/s with no schema, {fmt(so['half_schema']['tokens_per_s'])} "
+                  f"with half the requests under a JSON schema ({fmt(so['ratio'], 2)}); the masks are computed by "
+                  f"llguidance on a worker thread while the forward pass runs. Compiling a form-like JSON schema: p50 "
+                  f"{fmt(so['compile_ms']['p50'], 1)} ms, p99 {fmt(so['compile_ms']['p99'], 1)} ms over "
+                  f"{so['compile_ms']['n']} schemas (cached per schema after that); the tokenizer's one-time set-up "
+                  f"{fmt(so['tokenizer_setup_ms'])} ms."]
     lines += ["", "### Targets", "", "| target | measured | wanted | |", "|---|---|---|---|"]
     lines += [f"| {name} | {fmt(v, 2)} | {wanted} | {verdict_} |" for name, v, wanted, verdict_ in run.targets()]
     return lines
@@ -374,6 +391,8 @@ def prefix_cache_lines(pc: dict[str, Any]) -> list[str]:
                          f"{c['cached_prompt_tokens'] if c['cached_prompt_tokens'] is not None else '—'} | "
                          f"{times(vs[w]['ttft_p50_speedup'])} | {times(vs[w]['throughput_ratio'])} | "
                          f"{vs[w]['answers_equal']}/{vs[w]['answers']} |")
+    if "vllm" not in pc:
+        lines += ["", "vLLM CPU was not run in this part for this class (`--skip vllm`)."]
     lv = pc.get("loraplex_vs_vllm")
     if lv:
         lines += ["", "loraplex with its cache against vLLM CPU with its cache: " + "; ".join(
@@ -463,8 +482,8 @@ def main() -> None:
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
     if out.resolve() != args.results.resolve():
         for run in runs:
-            for f in (args.results / run.slug).glob("*.json"):
-                if f.name != "prompts.json":
+            for f in [*(args.results / run.slug).glob("*.json"), args.results / run.slug / "provenance.md"]:
+                if f.name != "prompts.json" and f.is_file():
                     shutil.copy(f, out / run.slug / f.name)
     print(f"report: {out / 'REPORT.md'} ({len(runs)} CPU class{'es' if len(runs) > 1 else ''})")
 

@@ -10,7 +10,8 @@ LoRA enabled (eager, as the mixed runs) and without (compiled)), llama_cpp (llam
 adapters), http_peers (64 streams over 8 adapters to loraplex, vLLM CPU and llama.cpp servers), lora_kernels
 (kernel profile, mapping cost), cold_load, serving (Poisson/Zipf over HTTP), roofline, quantized (bf16 / NF4 /
 int8 base: memory and throughput), prefix_cache (shared system prompts and 5-turn chats, with and without the
-cache, loraplex and vLLM CPU). Every system runs in the dtype loraplex resolves on this machine
+cache, loraplex and vLLM CPU), structured (batch 32 with half the requests under a JSON schema; schema compile
+time). Every system runs in the dtype loraplex resolves on this machine
 (loraplex.hardware: bf16 where the CPU multiplies it natively, else fp32).
 
 Each part writes results/<cpu class>/<part>.json (results/avx512-bf16, results/avx2, ...: a machine capped with
@@ -33,7 +34,7 @@ from loraplex.hardware import cpu, resolve_dtype
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
 PARTS = ["offline", "peers_hf", "vllm", "llama_cpp", "http_peers", "lora_kernels", "cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "gpu"]
+         "quantized", "prefix_cache", "structured", "gpu"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -106,6 +107,8 @@ def main() -> None:
     if "prefix_cache" not in args.skip:
         run([py, "-m", "benchmarks.prefix_cache", "--adapters", str(root)]
             + ([] if VLLM_PYTHON.exists() else ["--skip", "vllm"]))
+    if "structured" not in args.skip:
+        run([py, "-m", "benchmarks.structured", "--adapters", str(root)])
     if "gpu" not in args.skip:
         import torch
 

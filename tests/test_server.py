@@ -139,7 +139,14 @@ def test_load_unload_promote(server: str, adapter_factory: Callable[..., Path]) 
 @pytest.mark.parametrize(("body", "status", "text"), [
     ({"model": BASE, "messages": Q, "temperature": -1}, 400, "temperature"),
     ({"model": BASE, "messages": Q, "top_p": 0}, 400, "top_p"),
-    ({"model": BASE, "messages": Q, "logprobs": True}, 400, "logprobs is not supported"),
+    ({"model": BASE, "messages": Q, "logprobs": True, "top_logprobs": 21}, 400, "logprobs must be in [0, 20]"),
+    ({"model": BASE, "messages": Q, "top_logprobs": 2}, 400, "top_logprobs needs logprobs: true"),
+    ({"model": BASE, "messages": Q, "logit_bias": {"x": 1}}, 400, "logit_bias keys must be token ids"),
+    ({"model": BASE, "messages": Q, "logit_bias": {"99999": 1}}, 400, "logit_bias: token ids must be in"),
+    ({"model": BASE, "messages": Q, "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
+    ({"model": BASE, "messages": Q, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": BASE, "messages": Q, "functions": [{"name": "f"}]}, 400, "functions is not supported"),
+    ({"model": BASE, "messages": Q, "modalities": ["text", "audio"]}, 400, "modalities"),
     ({"model": BASE, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "max_model_len"),
     ({"model": "nobody", "messages": Q}, 404, "not found"),
     ({"model": "t0@9", "messages": Q}, 404, "no version '9'"),
@@ -275,3 +282,92 @@ def test_prefix_cache_over_http(server: str) -> None:
     bad = httpx.post(server + "/v1/chat/completions", json={"model": "t2", "messages": Q, "cache_salt": ""},
                      headers={"Authorization": f"Bearer {ADMIN}"})
     assert bad.status_code in (400, 422) and "cache_salt" in bad.text
+
+
+def test_logprobs_in_openais_shapes(server: str) -> None:
+    """Chat: logprobs.content with top_logprobs, streamed deltas reassembling to the same; completions: the four
+    parallel lists. The chosen token is the most likely one under greedy decoding."""
+    c = client(server)
+    r = c.chat.completions.create(model="t1", messages=Q, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert bytes(t.bytes).decode() == t.token
+    streamed = []
+    for chunk in c.chat.completions.create(model="t1", messages=Q, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    plain = c.chat.completions.create(model="t1", messages=Q, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    comp = c.completions.create(model=BASE, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert "".join(lp.tokens) == comp.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_penalties_and_bias_reach_the_sampler(server: str) -> None:
+    """A huge bias on one token makes greedy decoding pick it; penalties change a repetitive answer."""
+    c = client(server)
+    tok = STATES[server].engine.tokenizer
+    target = tok.encode(" banana", add_special_tokens=False)[0]
+    r = c.completions.create(model=BASE, prompt="My favourite fruit is", max_tokens=3, temperature=0,
+                             logit_bias={str(target): 100})
+    assert r.choices[0].text == tok.decode([target]) * 3
+    q = [{"role": "user", "content": "Say the word dog ten times."}]
+    base = c.chat.completions.create(model=BASE, messages=q, max_tokens=20, temperature=0)
+    pen = c.chat.completions.create(model=BASE, messages=q, max_tokens=20, temperature=0, frequency_penalty=2,
+                                    presence_penalty=2)
+    assert pen.choices[0].message.content != base.choices[0].message.content
+    extra = c.chat.completions.create(model=BASE, messages=q, max_tokens=20, temperature=0,
+                                      extra_body={"repetition_penalty": 1.5, "min_p": 0.1, "bad_words": ["dog"]})
+    assert extra.choices[0].message.content not in (base.choices[0].message.content, pen.choices[0].message.content)
+
+
+def test_tokenize_and_detokenize(server: str) -> None:
+    r = _post(server, "/tokenize", {"model": BASE, "prompt": "Hello world", "add_special_tokens": False})
+    assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] == 512
+    back = _post(server, "/detokenize", {"model": BASE, "tokens": r.json()["tokens"]})
+    assert back.json()["prompt"] == "Hello world"
+    chat_tokens = _post(server, "/tokenize", {"model": "t0", "messages": Q}).json()["tokens"]
+    assert chat_tokens == STATES[server].engine.tokenizer.encode(
+        STATES[server].engine.tokenizer.apply_chat_template(Q, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)
+    assert _post(server, "/tokenize", {"model": "t0", "prompt": "x"}, key=LEGAL).status_code == 200
+    assert _post(server, "/tokenize", {"model": "t2", "prompt": "x"}, key=LEGAL).status_code == 403
+    assert _post(server, "/detokenize", {"tokens": [-1]}).status_code == 400
+    assert _post(server, "/tokenize", {"prompt": "x", "messages": Q}).status_code == 400
+
+
+def test_continuous_usage_stats(server: str) -> None:
+    body = {"model": BASE, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    usages = []
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                usages.append(json.loads(line[6:]).get("usage"))
+    assert all(u is not None for u in usages)
+    counts = [u["completion_tokens"] for u in usages]
+    assert counts == sorted(counts) and counts[-1] == 5 and usages[0]["prompt_tokens"] == usages[-1]["prompt_tokens"]
+
+
+def test_completions_echo(server: str) -> None:
+    c = client(server)
+    r = c.completions.create(model=BASE, prompt="The capital of France is", max_tokens=3, temperature=0, echo=True)
+    assert r.choices[0].text.startswith("The capital of France is") and len(r.choices[0].text) > 24
+    r = c.completions.create(model="t1", prompt="The capital of France is", max_tokens=3, temperature=0, echo=True,
+                             logprobs=1)
+    lp = r.choices[0].logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset == sorted(lp.text_offset)
+    chunks = [ch.choices[0].text for ch in c.completions.create(model="t1", prompt="The capital of France is",
+                                                                max_tokens=3, temperature=0, echo=True, stream=True)]
+    assert "".join(chunks) == r.choices[0].text

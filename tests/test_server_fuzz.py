@@ -27,8 +27,8 @@ def fuzz_schema(adapter_factory) -> Iterator[schemathesis.BaseSchema]:  # type: 
         yield schemathesis.openapi.from_url(url + "/openapi.json")
 
 
-_NEUTRAL = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "tools",
-            "response_format", "suffix", "echo", "best_of")
+_NEUTRAL = ("tools", "suffix", "best_of", "functions", "function_call", "audio", "modalities", "prediction",
+            "web_search_options")
 
 
 def _steer(case: schemathesis.Case, model: str | None) -> schemathesis.Case:

@@ -30,8 +30,9 @@ from loraplex.engine.model_runner import ModelRunner
 from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, PrefixCacheSnapshot, RequestOutput
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
+from loraplex.engine.structured import StructuredOutputs
 from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
-from loraplex.sampling import SamplingParams
+from loraplex.sampling import SamplingParams, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,12 @@ class LLMEngine:
         self.device, self.device_description = built.device, built.device_description
         self.max_model_len, self.memory = built.max_model_len, built.memory
         self.lora_shapes = built.lora_shapes
+        from transformers import AutoTokenizer
+
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, list(self.model_config.eos_token_ids))
         self.runner = ModelRunner(built.model, built.lora_targets, self.memory.kv_blocks, config.block_size,
-                                  self.dtype, self.device, config.seed)
+                                  self.dtype, self.device, config.seed, self.structured)
         self.blocks = BlockManager(self.memory.kv_blocks, config.block_size, config.enable_prefix_caching)
         registry = AdapterRegistry(
             Path(config.adapter_dir) if config.adapter_dir else None,
@@ -55,9 +60,6 @@ class LLMEngine:
         self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, self._load_adapter)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_skips)
-        from transformers import AutoTokenizer
-
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
         self.requests: dict[str, Request] = {}
         self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
         self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)
@@ -124,6 +126,16 @@ class LLMEngine:
             )
         return text, token_ids
 
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token sequences, alone and after a space (as vLLM tokenizes them)."""
+        seqs: list[list[int]] = []
+        for w in words:
+            for text in (w, " " + w.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
+
     def _adapter(self, adapter: str | AdapterSpec | None) -> AdapterKey | None:
         """'name' or 'name@version' (or a parsed spec) -> the version the request runs on; None = the base model."""
         if adapter is None:
@@ -138,15 +150,19 @@ class LLMEngine:
         sampling = sampling or SamplingParams()
         text, token_ids = self._tokens(prompt)
         vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in sampling.stop_token_ids):
-            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})")
+        for name, ids in (("stop_token_ids", sampling.stop_token_ids), ("logit_bias", list(sampling.logit_bias)),
+                          ("allowed_token_ids", sampling.allowed_token_ids or [])):
+            if any(t >= vocab for t in ids):
+                raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab})")
         key = self._adapter(adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string")
-        req = Request(request_id, token_ids, sampling, key, time.monotonic(), prompt=text, cache_salt=cache_salt)
+        req = Request(request_id, token_ids, sampling, key, time.monotonic(), prompt=text, cache_salt=cache_salt,
+                      bad_words_ids=self._bad_words(sampling.bad_words),
+                      matcher=self.structured.matcher(sampling.structured) if sampling.structured else None)
         detokenizer.init_offsets(req)
         if key is not None:
             self.adapters.acquire(key)  # starts a background load if the adapter is cold
@@ -183,7 +199,7 @@ class LLMEngine:
         self.last_step_tokens = sum(s.num_tokens for s in sched.seqs)
         sampled = self.runner.execute(sched.seqs)
         self.scheduler.advance(sched.seqs)
-        return outputs + [self._process(req, token) for req, token in sampled]
+        return outputs + [self._process(req, token, lp) for req, token, lp in sampled]
 
     def _collect_loads(self) -> dict[AdapterKey, LoraplexError]:
         """Take in finished adapter loads; fail the requests waiting on one that failed (the next request retries)."""
@@ -204,14 +220,16 @@ class LLMEngine:
             self.runner.load_adapter(slot, self.adapters.weights(key))
         return outputs
 
-    def _process(self, req: Request, token: int) -> RequestOutput:
+    def _process(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         req.output_token_ids.append(token)
+        if logprobs is not None:
+            req.output_logprobs.append(logprobs)
         sp = req.sampling
         reason: str | None = None
         if token in sp.stop_token_ids:
             reason, req.stop_reason = "stop", token  # stop tokens end the text, they are not part of it
-        elif not sp.ignore_eos and token in self.runner.eos_ids:
-            reason = "stop"
+        elif (not sp.ignore_eos or req.matcher is not None) and token in self.runner.eos_ids:
+            reason = "stop"  # a grammar that is complete allows only EOS: its output ends there, whatever ignore_eos
         else:
             before = len(req.output_text)
             detokenizer.append_text(self.tokenizer, req)
@@ -234,9 +252,15 @@ class LLMEngine:
             stop_reason=req.stop_reason,
             delta_text=detokenizer.take_delta(req),
             delta_token_ids=delta_ids,
+            logprobs=list(req.output_logprobs) if req.sampling.logprobs is not None else None,
+            delta_logprobs=req.output_logprobs[len(req.output_token_ids) - len(delta_ids):]
+            if req.sampling.logprobs is not None else None,
         )
+        prompt_lps = None
+        if req.sampling.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_token_ids) - 1:
+            prompt_lps = [None, *req.prompt_logprobs]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished,
-                             num_cached_tokens=req.num_cached_tokens)
+                             num_cached_tokens=req.num_cached_tokens, prompt_logprobs=prompt_lps)
 
     def prompt_logits(self, prompt: str | list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits [len(prompt), V] (fp32) at every prompt position under `adapter`: one prefill outside the step

@@ -18,14 +18,19 @@ from loraplex.lora.layers import LoRALinear, PartWeights
 from loraplex.lora.mapping import build_mapping
 from loraplex.models.batch import AttentionGroup, ForwardBatch
 from loraplex.models.llama import LlamaForCausalLM
-from loraplex.engine.sampler import sample
+from loraplex.engine import logits_processors
+from loraplex.engine.sampler import logprobs_of, sample
+from loraplex.engine.structured import StructuredOutputs, apply_bitmask
+from loraplex.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, lora_targets: dict[tuple[int, str], LoRALinear],
-                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, seed: int) -> None:
+                 num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, seed: int,
+                 structured: StructuredOutputs) -> None:
+        self.structured = structured
         self.model = model
         self.lora_targets = lora_targets
         self.wrappers = list(dict.fromkeys(lora_targets.values()))
@@ -42,6 +47,7 @@ class ModelRunner:
         # Decode groups need masks only where some layer attends them through torch (no C++ kernel).
         self.decode_masks = not all(attn.decode_kernel for attn in model.attention_modules())
         self.generators: dict[str, torch.Generator] = {}
+        self.prompt_ids: dict[str, torch.Tensor] = {}  # prompts of requests with penalties, built once
         self._seed_source = torch.Generator().manual_seed(seed)
 
     # ---- adapters -------------------------------------------------------------------------------
@@ -56,21 +62,46 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, int]]:
-        """Run one forward pass; return (request, sampled token) for every request that reached its last token."""
-        ids, batch, sampled_reqs = self._prepare(seqs, all_logits=False)
-        logits = self.model(ids, batch)
+    def execute(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, int, TokenLogprobs | None]]:
+        """Run one forward pass; return (request, sampled token, its log-probabilities if asked) for every request
+        that reached its last token."""
+        ids, batch, sampled_reqs, prompt_rows = self._prepare(seqs, all_logits=False)
+        constrained = [i for i, r in enumerate(sampled_reqs) if r.matcher is not None]
+        masks = self.structured.start_masks([sampled_reqs[i].matcher for i in constrained]) if constrained else None
+        logits = self.model(ids, batch)  # the grammar masks are computed meanwhile, on the worker thread
+        if prompt_rows:
+            self._prompt_logprobs(logits[: len(prompt_rows)], prompt_rows)
+            logits = logits[len(prompt_rows):]
         if not sampled_reqs:
             return []
-        return list(zip(sampled_reqs, self._sample(logits, sampled_reqs)))
+        if masks is not None:
+            apply_bitmask(logits, constrained, masks.result())
+        tokens, logprobs = self._sample(logits, sampled_reqs)
+        for i in constrained:
+            sampled_reqs[i].matcher.consume_token(tokens[i])
+        return list(zip(sampled_reqs, tokens, logprobs))
 
     @torch.inference_mode()
     def logits(self, seq: ScheduledSeq) -> torch.Tensor:
         """Logits [num_tokens, V] (fp32) at every position computed for one sequence, sampling nothing."""
-        ids, batch, _ = self._prepare([seq], all_logits=True)
+        ids, batch, _, _ = self._prepare([seq], all_logits=True)
         return self.model(ids, batch)
 
-    def _prepare(self, seqs: list[ScheduledSeq], all_logits: bool) -> tuple[torch.Tensor, ForwardBatch, list[Request]]:
+    def _prompt_logprobs(self, logits: torch.Tensor, rows: list[tuple[Request, int]]) -> None:
+        """Log-probabilities of prompt tokens (vLLM's prompt_logprobs): row i's logits at position p score the
+        prompt token at p + 1; appended to each request's prompt_logprobs, in order."""
+        lp = logits.log_softmax(-1)
+        nxt = torch.tensor([r.prompt_token_ids[p + 1] for r, p in rows], device=lp.device)
+        chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+        k = max(r.sampling.prompt_logprobs or 0 for r, _ in rows)
+        top_v, top_i = (t.tolist() for t in lp.topk(k, dim=-1)) if k else ([[]] * len(rows), [[]] * len(rows))
+        for (r, p), c, tv, ti in zip(rows, chosen, top_v, top_i):
+            if p == len(r.prompt_logprobs):  # a preempted request recomputes its prompt: scored once
+                n = r.sampling.prompt_logprobs or 0
+                r.prompt_logprobs.append(TokenLogprobs(c, list(zip(ti[:n], tv[:n]))))
+
+    def _prepare(self, seqs: list[ScheduledSeq], all_logits: bool
+                 ) -> tuple[torch.Tensor, ForwardBatch, list[Request], list[tuple[Request, int]]]:
         # Decode tokens sorted by adapter slot: equal-size runs let the grouped LoRA kernel read the
         # activations as a view, with no gather or scatter (lora/mapping.py). Order within a step is free.
         decodes = sorted((s for s in seqs if s.num_tokens == 1), key=lambda s: s.request.lora_slot)
@@ -81,11 +112,17 @@ class ModelRunner:
         lora_slots: list[int] = []
         sample_at: list[int] = []
         sampled_reqs: list[Request] = []
+        prompt_at: list[int] = []  # rows whose logits score the next prompt token (prompt_logprobs)
+        prompt_rows: list[tuple[Request, int]] = []
         bs = self.block_size
         for s in decodes + prefills:
             r = s.request
             start = r.num_computed_tokens
+            scored = r.sampling.prompt_logprobs is not None and not all_logits
             for p in range(start, start + s.num_tokens):
+                if scored and p < len(r.prompt_token_ids) - 1:
+                    prompt_at.append(len(ids))
+                    prompt_rows.append((r, p))
                 ids.append(r.token_at(p))
                 positions.append(p)
                 slots.append(r.block_ids[p // bs] * bs + p % bs)
@@ -99,10 +136,11 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode=self._group(decodes, 0, masks=self.decode_masks) if decodes else None,
             prefill=self._group(prefills, len(decodes)) if prefills else None,
-            logits_index=torch.arange(len(ids), device=dev) if all_logits else torch.tensor(sample_at, dtype=torch.long, device=dev),
+            logits_index=torch.arange(len(ids), device=dev) if all_logits
+            else torch.tensor(prompt_at + sample_at, dtype=torch.long, device=dev),
             lora=build_mapping(lora_slots, self.dtype, dev),
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), batch, sampled_reqs
+        return torch.tensor(ids, dtype=torch.long, device=dev), batch, sampled_reqs, prompt_rows
 
     def _group(self, seqs: list[ScheduledSeq], start: int, masks: bool = True) -> AttentionGroup:
         bs = self.block_size
@@ -148,14 +186,24 @@ class ModelRunner:
             context_lens=context_lens.to(self.device),
         )
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         for i, r in enumerate(reqs):
             if len(r.output_token_ids) < r.sampling.min_tokens:
                 banned = r.sampling.stop_token_ids + ([] if r.sampling.ignore_eos else self.eos_ids)
                 if banned:
                     logits[i, banned] = float("-inf")
-        gens = [self._generator(r) for r in reqs]
-        return sample(logits, [r.sampling for r in reqs], gens)
+        params = [r.sampling for r in reqs]
+        if any(p.needs_logits_processing for p in params):
+            logits_processors.apply(logits, [self._row(r) for r in reqs])
+        tokens = sample(logits, params, [self._generator(r) for r in reqs])
+        return tokens, logprobs_of(logits, params, tokens)
+
+    def _row(self, r: Request) -> logits_processors.RowState:
+        prompt = self.prompt_ids.get(r.request_id)
+        if prompt is None and r.sampling.needs_logits_processing:
+            prompt = self.prompt_ids[r.request_id] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
+        return logits_processors.RowState(r.sampling, prompt if prompt is not None else torch.empty(0, dtype=torch.long),
+                                          r.output_token_ids, r.bad_words_ids)
 
     def _generator(self, r: Request) -> torch.Generator | None:
         if r.sampling.greedy:
@@ -170,3 +218,4 @@ class ModelRunner:
 
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.prompt_ids.pop(request_id, None)

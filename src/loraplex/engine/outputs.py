@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters.key import AdapterKey
 from loraplex.adapters.metrics import AdapterStats
+from loraplex.sampling import TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -18,6 +19,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     delta_text: str = ""  # new since the previous output of this request
     delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, when the request asked
+    delta_logprobs: list[TokenLogprobs] | None = None  # those of delta_token_ids
 
 
 @dataclass(slots=True)
@@ -30,6 +33,7 @@ class RequestOutput:
     finished: bool
     error: Exception | None = None  # set when the request failed (e.g. its adapter failed to load)
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (the first: None), when asked
 
 
 @dataclass(slots=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraplex.adapters.key import AdapterKey
-from loraplex.sampling import SamplingParams
+from loraplex.sampling import SamplingParams, TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -24,6 +25,10 @@ class Request:
     arrival: float
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.., when asked
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words, tokenized
+    matcher: Any = None  # llguidance.LLMatcher when SamplingParams.structured is set (engine/structured.py)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -133,8 +133,8 @@ class Scheduler:
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks `req` (waiting: nothing computed) can start from; sets its namespace once."""
-        if not self.blocks.caching:
-            return []
+        if not self.blocks.caching or req.sampling.prompt_logprobs is not None:
+            return []  # prompt log-probabilities need the logits of every prompt position: computed in full
         if req.cache_namespace is None:
             digest = b"" if req.adapter is None else self.adapters.digest(req.adapter)
             req.cache_namespace = namespace(req.adapter, digest, req.cache_salt)

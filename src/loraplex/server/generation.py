@@ -4,6 +4,7 @@ non-streaming collection with disconnect detection, and per-request metrics."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -14,18 +15,89 @@ from fastapi import Request
 from loraplex.engine.async_engine import AsyncLLMEngine, RequestStream
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
-from loraplex.sampling import SamplingParams
+from loraplex.sampling import SamplingParams, StructuredOutput
+from loraplex.server import tools
 from loraplex.server.errors import APIError
 from loraplex.server.metrics import ServerMetrics
-from loraplex.server.protocol import ChatMessage, SamplingFields
+from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+
+
+def _logprobs(body: SamplingFields) -> int | None:
+    """How many top log-probabilities per token the body asks for (None: none). Chat: `logprobs: true` and
+    `top_logprobs` (0-20); completions: `logprobs` as that number; /generate returns none, so refuses them."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and body.logprobs is not True:
+            raise APIError(400, "top_logprobs needs logprobs: true", "BadRequestError", "top_logprobs")
+        if isinstance(body.logprobs, bool) or body.logprobs is None:
+            return (body.top_logprobs or 0) if body.logprobs else None
+        raise APIError(400, "logprobs must be a boolean on chat completions (the number goes in top_logprobs)",
+                       "BadRequestError", "logprobs")
+    if body.top_logprobs is not None:
+        raise APIError(400, "top_logprobs is a chat completions field; completions take logprobs: <int>",
+                       "BadRequestError", "top_logprobs")
+    if isinstance(body, CompletionRequest):
+        if isinstance(body.logprobs, bool):
+            raise APIError(400, "logprobs must be an integer on completions", "BadRequestError", "logprobs")
+        return body.logprobs
+    if body.logprobs not in (None, False):
+        raise APIError(400, "logprobs is not returned by /generate; use /v1/completions", "BadRequestError", "logprobs")
+    return None
+
+
+def _logit_bias(body: SamplingFields) -> dict[int, float]:
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        try:
+            bias[int(key)] = float(value)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "BadRequestError", "logit_bias") from None
+    return bias
+
+
+def _bad(message: str, param: str) -> APIError:
+    return APIError(400, message, "BadRequestError", param)
+
+
+def structured_output(body: SamplingFields) -> StructuredOutput | None:
+    """The output constraint a body asks for: OpenAI's response_format, vLLM's structured_outputs or guided_*."""
+    found: list[tuple[str, StructuredOutput]] = []
+    rf = body.response_format
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            found.append(("response_format", StructuredOutput("json_object")))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise _bad("response_format json_schema needs json_schema.schema, a JSON schema object", "response_format")
+            found.append(("response_format", StructuredOutput("json_schema", json.dumps(schema))))
+        elif kind != "text":
+            raise _bad(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format")
+    so = dict(body.structured_outputs or {})
+    extras = {"json": body.guided_json, "regex": body.guided_regex, "choice": body.guided_choice,
+              "grammar": body.guided_grammar}
+    for key, value in [*so.items(), *((k, v) for k, v in extras.items() if v is not None)]:
+        if key == "json":
+            text = value if isinstance(value, str) else json.dumps(value)
+            found.append((key, StructuredOutput("json_schema", text)))
+        elif key == "json_object" and value:
+            found.append((key, StructuredOutput("json_object")))
+        elif key == "regex" and isinstance(value, str):
+            found.append((key, StructuredOutput("regex", value)))
+        elif key == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
+            found.append((key, StructuredOutput("choice", json.dumps(value))))
+        elif key == "grammar" and isinstance(value, str):
+            found.append((key, StructuredOutput("grammar", value)))
+        elif key not in ("json_object",):
+            raise _bad(f"structured output {key!r} is not supported or malformed (json, json_object, regex, choice "
+                       "(a non-empty list of strings), grammar)", "structured_outputs")
+    if len(found) > 1:
+        raise _bad(f"give one output constraint, got {', '.join(k for k, _ in found)}", "structured_outputs")
+    return found[0][1] if found else None
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, default_temperature: float = 1.0) -> SamplingParams:
-    for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("logit_bias", {}),
-                          ("logprobs", False), ("top_logprobs", 0)):
-        value = getattr(body, name)
-        if value not in (None, neutral) and not (name == "logprobs" and value == 0):
-            raise APIError(400, f"{name} is not supported by this server", "BadRequestError", name)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_tokens=max_tokens,
@@ -38,10 +110,20 @@ def sampling_params(body: SamplingFields, max_tokens: int, default_temperature: 
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=_logit_bias(body),
+        min_p=body.min_p or 0.0,
+        allowed_token_ids=body.allowed_token_ids,
+        bad_words=list(body.bad_words or []),
+        logprobs=_logprobs(body),
+        structured=structured_output(body),
     )
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[ChatMessage], fns: list[dict[str, Any]] | None = None) -> list[int]:
+    """Chat messages (and the functions offered, server/tools.py) through the model's chat template -> token ids."""
     rendered = []
     for m in messages:
         content = m.content or ""
@@ -53,8 +135,24 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
                                    "only text", "BadRequestError", "messages")
                 parts.append(part["text"])
             content = "".join(parts)
+        if m.tool_calls:
+            content = tools.history_text(content, m.tool_calls)
         rendered.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False)
+    kwargs: dict[str, Any] = {}
+    if fns:
+        if "tools" in (tokenizer.chat_template or ""):  # the template renders tools itself
+            kwargs["tools"] = [{"type": "function", "function": f} for f in fns]
+        elif rendered[0]["role"] == "system":
+            rendered[0] = {**rendered[0], "content": rendered[0]["content"] + "\n\n" + tools.system_prompt(fns)}
+        else:
+            rendered.insert(0, {"role": "system", "content": tools.system_prompt(fns)})
+    if not rendered:
+        raise APIError(400, "messages must hold at least one message", "BadRequestError", "messages")
+    try:
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **kwargs)
+    except Exception as e:  # the template's own checks (jinja raise_exception, wrong roles or order)
+        raise APIError(400, f"the model's chat template cannot render these messages: {e}", "BadRequestError",
+                       "messages") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,8 +16,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError, error_body, status_of
+from loraplex.server import logprobs, tools
 from loraplex.server.generation import Tracker, choice_params, collect, merged, open_streams, render_chat, sampling_params
-from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ErrorResponse, GenerateRequest, GenerateResponse
+from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
+                                      ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,14 @@ def _usage(prompt: int, outs: list[RequestOutput], per_prompt: int = 1) -> dict[
     cached = sum(o.num_cached_tokens for o in outs) // per_prompt
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _running_usage(on: bool, prompt: int, generated: dict[int, int]) -> dict[str, Any]:
+    """stream_options.continuous_usage_stats (vLLM's): the usage so far, on every chunk."""
+    if not on:
+        return {}
+    completion = sum(generated.values())
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
 
 
 def _finish(reason: str | None) -> str | None:
@@ -74,12 +85,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     st = _state(request)
     scope = st.auth.scope(request)
     adapter = st.resolve_model(body.model, scope)
-    if body.tools or body.response_format not in (None, {"type": "text"}):
-        raise APIError(400, "tools and response_format are not supported by this server", "BadRequestError")
-    prompt = render_chat(st.engine.tokenizer, body.messages)
+    for field, why in UNSUPPORTED_CHAT.items():
+        if getattr(body, field) is not None:
+            raise APIError(400, f"{field} is not supported by this server ({why})", "BadRequestError", field)
+    if body.modalities not in (None, ["text"]):
+        raise APIError(400, "modalities: only [\"text\"] is supported", "BadRequestError", "modalities")
+    tp = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+    prompt = render_chat(st.engine.tokenizer, body.messages, tp.tools)
     room = st.engine.max_model_len - len(prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
-    params = choice_params(sampling_params(body, max_tokens), body.n)
+    sampling = sampling_params(body, max_tokens)
+    if tp.constraint is not None:
+        if sampling.structured is not None:
+            raise APIError(400, "tool_choice required or a named function cannot be combined with response_format "
+                           "or structured outputs", "BadRequestError", "tool_choice")
+        sampling = replace(sampling, structured=tp.constraint)
+    params = choice_params(sampling, body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     st.admit(body.n)
     try:
@@ -92,28 +113,48 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             outs = await _collect(request, firsts, tracker)
         finally:
             st.leave(body.n)
+        choices = []
+        for i, o in enumerate(outs):
+            c = o.outputs[0]
+            message, finish = tools.to_message(c.text, _finish(c.finish_reason), tp)
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": None if c.logprobs is None else logprobs.chat(st.engine.tokenizer, c.token_ids,
+                                                                                      c.logprobs)})
         return {
-            "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": o.outputs[0].text},
-                         "finish_reason": _finish(o.outputs[0].finish_reason), "logprobs": None}
-                        for i, o in enumerate(outs)],
+            "id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
             "usage": _usage(len(prompt), outs, per_prompt=len(outs)),
         }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     async def events() -> AsyncIterator[str]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
         finals: list[RequestOutput] = []
         status, completed = "200", False
+        lps = logprobs.Stream(st.engine.tokenizer, "chat")
+        generated: dict[int, int] = {}
         try:
             for i in range(len(firsts)):
                 yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                   "finish_reason": None, "logprobs": None}]})
             async for i, out in merged(firsts, tracker):
                 c = out.outputs[0]
+                lps.add(i, c.delta_token_ids, c.delta_logprobs)
+                generated[i] = len(c.token_ids)
+                if tp.active:  # tool calls are known once the output is: sent as deltas at its end
+                    if out.finished:
+                        message, finish = tools.to_message(c.text, _finish(c.finish_reason), tp)
+                        for delta in [*tools.stream_deltas(message), {}]:
+                            yield _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                              "finish_reason": None if delta else finish}],
+                                        **_running_usage(continuous, len(prompt), generated)})
+                        finals.append(out)
+                    continue
                 if c.delta_text or out.finished:
                     yield _sse({**base, "choices": [{"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
-                                                      "finish_reason": _finish(c.finish_reason), "logprobs": None}]})
+                                                      "finish_reason": _finish(c.finish_reason),
+                                                      "logprobs": lps.take(i, c.delta_text)}],
+                                **_running_usage(continuous, len(prompt), generated)})
                 if out.finished:
                     finals.append(out)
             if include_usage:
@@ -152,12 +193,26 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     st = _state(request)
     scope = st.auth.scope(request)
     adapter = st.resolve_model(body.model, scope)
-    if body.suffix or body.echo or (body.best_of not in (None, 1, body.n)):
-        raise APIError(400, "suffix, echo and best_of are not supported by this server", "BadRequestError")
-    prompts = _prompts(body, st.engine.tokenizer)
+    if body.suffix or (body.best_of not in (None, 1, body.n)):
+        raise APIError(400, "suffix and best_of are not supported by this server", "BadRequestError")
+    tok = st.engine.tokenizer
+    prompts = _prompts(body, tok)
     if len(prompts) > 64:
         raise InvalidRequestError(f"at most 64 prompts per request, got {len(prompts)}")
-    params = choice_params(sampling_params(body, body.max_tokens or 16), body.n)
+    sampling = sampling_params(body, body.max_tokens or 16)
+    if body.echo and sampling.logprobs is not None:  # echo with logprobs: the prompt's tokens are scored too
+        sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
+    params = choice_params(sampling, body.n)
+    echoes = [tok.decode(p) if body.echo else "" for p in prompts]
+
+    def echoed(p_index: int, out: RequestOutput) -> tuple[str, dict[str, Any] | None]:
+        """The prompt's text and, with logprobs, its tokens' log-probabilities: the start of an echoed choice."""
+        if not body.echo:
+            return "", None
+        part = None
+        if out.prompt_logprobs is not None:
+            part = logprobs.prompt_part(tok, out.prompt_token_ids, out.prompt_logprobs)
+        return echoes[p_index], part
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n_total = len(prompts) * body.n
     st.admit(n_total)
@@ -177,8 +232,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             for p_index, (tracker, firsts) in enumerate(started):
                 outs = await _collect(request, firsts, tracker)
                 outs_all.extend(outs)
-                choices += [{"index": p_index * body.n + i, "text": o.outputs[0].text, "logprobs": None,
-                             "finish_reason": _finish(o.outputs[0].finish_reason)} for i, o in enumerate(outs)]
+                for i, o in enumerate(outs):
+                    c = o.outputs[0]
+                    head, head_lps = echoed(p_index, o)
+                    lps = None if c.logprobs is None else logprobs.completion(tok, c.token_ids, c.logprobs, len(head))
+                    choices.append({"index": p_index * body.n + i, "text": head + c.text,
+                                    "logprobs": logprobs.joined(head_lps, lps),
+                                    "finish_reason": _finish(c.finish_reason)})
         finally:
             for _, firsts in started:  # after an error or a hang-up, the other prompts' requests stop too
                 for _, stream in firsts:
@@ -188,18 +248,31 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                 "choices": choices, "usage": _usage(prompt_tokens, outs_all)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     async def events() -> AsyncIterator[str]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         finals: list[RequestOutput] = []
         done_trackers = 0
+        lps = logprobs.Stream(st.engine.tokenizer, "completion")
+        generated: dict[int, int] = {}
+        started_choices: set[int] = set()
         try:
             for p_index, (tracker, firsts) in enumerate(started):
                 async for i, out in merged(firsts, tracker):
                     c = out.outputs[0]
-                    if c.delta_text or out.finished:
-                        yield _sse({**base, "choices": [{"index": p_index * body.n + i, "text": c.delta_text,
-                                                          "logprobs": None, "finish_reason": _finish(c.finish_reason)}]})
+                    index = p_index * body.n + i
+                    head, head_lps = echoed(p_index, out) if index not in started_choices else ("", None)
+                    if head:
+                        started_choices.add(index)
+                        lps.offsets[index] = len(head)
+                    lps.add(index, c.delta_token_ids, c.delta_logprobs)
+                    generated[index] = len(c.token_ids)
+                    if head or c.delta_text or out.finished:
+                        yield _sse({**base, "choices": [{"index": index, "text": head + c.delta_text,
+                                                          "logprobs": logprobs.joined(head_lps, lps.take(index, c.delta_text)),
+                                                          "finish_reason": _finish(c.finish_reason)}],
+                                    **_running_usage(continuous, sum(len(p) for p in prompts) * body.n, generated)})
                     if out.finished:
                         finals.append(out)
                 tracker.done("200")
@@ -243,3 +316,30 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     c = outs[0].outputs[0]
     return JSONResponse({"response": c.text, "tenant_id": body.tenant_id, "finish_reason": _finish(c.finish_reason),
                          "usage": _usage(len(prompt), outs)})
+
+
+@router.post("/tokenize", responses=ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    """vLLM's: the token ids of a prompt (or of chat messages through the chat template), and the context length."""
+    st = _state(request)
+    if body.model is not None:
+        st.resolve_model(body.model, st.auth.scope(request))  # the key must be allowed the model it names
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("give exactly one of prompt and messages")
+    tok = st.engine.tokenizer
+    if body.messages is not None:
+        tokens = render_chat(tok, body.messages)
+    else:
+        tokens = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+    return {"count": len(tokens), "max_model_len": st.engine.max_model_len, "tokens": tokens}
+
+
+@router.post("/detokenize", responses=ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str]:
+    st = _state(request)
+    if body.model is not None:
+        st.resolve_model(body.model, st.auth.scope(request))
+    vocab = len(st.engine.tokenizer)
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise InvalidRequestError(f"tokens must be in [0, {vocab})")
+    return {"prompt": st.engine.tokenizer.decode(body.tokens)}

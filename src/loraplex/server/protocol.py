@@ -17,6 +17,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (with include_usage)
 
 
 class SamplingFields(_Body):
@@ -34,17 +35,30 @@ class SamplingFields(_Body):
     include_stop_str_in_output: bool = False
     # vLLM's: prompt blocks are shared from the prefix cache only among requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1)
-    # Accepted only at their neutral values: anything else is refused rather than silently ignored.
+    # Logits processing (OpenAI's, then vLLM's extras) and log-probabilities (server/logprobs.py).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
+    # Structured outputs (engine/structured.py): OpenAI's response_format, or vLLM's extras; at most one.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (server/tools.py renders them)
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -55,7 +69,19 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+    # OpenAI fields this server does not implement: refused by name when set (UNSUPPORTED_CHAT), never ignored.
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+
+UNSUPPORTED_CHAT = {"functions": "use tools", "function_call": "use tool_choice", "audio": "text only",
+                    "prediction": "no predicted outputs", "web_search_options": "no web search"}
 
 
 class CompletionRequest(SamplingFields):
@@ -93,6 +119,20 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 class LoadLoRARequest(_Body):
