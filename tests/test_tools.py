@@ -56,24 +56,30 @@ def check_calls(calls: list, allowed: set[str]) -> None:
 
 @pytest.mark.parametrize("model", ["SmolLM2-135M-Instruct", "a"])
 def test_required_and_named_calls_always_parse(server: str, model: str) -> None:
+    """Sampled (two seeds) and greedy, parallel and single, required and named: sent together, so they share
+    decode steps."""
+    import concurrent.futures
+
     c = client(server)
-    for i in range(3):
-        r = c.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
-                                      max_tokens=400, temperature=0.8, seed=i)
+    both = [WEATHER, TIME]
+    asks = [dict(tool_choice="required", max_tokens=400, temperature=0.8, seed=i) for i in range(2)] + [
+        dict(tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=80, temperature=0),
+        dict(tool_choice="required", parallel_tool_calls=False, max_tokens=80, temperature=0)]
+    with concurrent.futures.ThreadPoolExecutor(len(asks)) as pool:
+        replies = list(pool.map(lambda kw: c.chat.completions.create(model=model, messages=ASK, tools=both, **kw), asks))
+    for r in replies[:2]:
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         check_calls(r.choices[0].message.tool_calls, {"get_weather", "get_time"})
-    named = c.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], max_tokens=80, temperature=0,
-                                      tool_choice={"type": "function", "function": {"name": "get_time"}})
-    check_calls(named.choices[0].message.tool_calls, {"get_time"})
-    assert len(named.choices[0].message.tool_calls) == 1
-    single = c.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
-                                       parallel_tool_calls=False, max_tokens=80, temperature=0)
-    assert len(single.choices[0].message.tool_calls) == 1
+    named, single = replies[2].choices[0].message.tool_calls, replies[3].choices[0].message.tool_calls
+    check_calls(named, {"get_time"})
+    check_calls(single, {"get_weather", "get_time"})
+    assert len(named) == 1 and len(single) == 1
 
 
 def test_streamed_calls_reassemble(server: str) -> None:
     c = client(server)
-    kw = dict(model="a", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=400, temperature=0)
+    kw = dict(model="SmolLM2-135M-Instruct", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=400,
+              temperature=0)
     whole = c.chat.completions.create(**kw).choices[0].message.tool_calls
     calls: dict[int, dict[str, str]] = {}
     finish = None
@@ -92,7 +98,7 @@ def test_streamed_calls_reassemble(server: str) -> None:
 def test_tool_results_next_turn_and_none(server: str) -> None:
     c = client(server)
     first = c.chat.completions.create(model="a", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=400,
-                                      temperature=0).choices[0].message
+                                      parallel_tool_calls=False, temperature=0).choices[0].message
     call = first.tool_calls[0]
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                      {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21})}]
