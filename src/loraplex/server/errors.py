@@ -28,6 +28,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
+def bad_request(message: str, param: str) -> APIError:
+    """A 400 naming the request field at fault."""
+    return APIError(400, message, "BadRequestError", param)
+
+
 def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, object]:
     return {"error": {"message": message, "type": type_, "param": param, "code": status}}
 

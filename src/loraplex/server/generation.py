@@ -17,7 +17,7 @@ from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.sampling import SamplingParams, StructuredOutput
 from loraplex.server import tools
-from loraplex.server.errors import APIError
+from loraplex.server.errors import APIError, bad_request
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
@@ -54,10 +54,6 @@ def _logit_bias(body: SamplingFields) -> dict[int, float]:
     return bias
 
 
-def _bad(message: str, param: str) -> APIError:
-    return APIError(400, message, "BadRequestError", param)
-
-
 def structured_output(body: SamplingFields) -> StructuredOutput | None:
     """The output constraint a body asks for: OpenAI's response_format, vLLM's structured_outputs or guided_*."""
     found: list[tuple[str, StructuredOutput]] = []
@@ -70,10 +66,10 @@ def structured_output(body: SamplingFields) -> StructuredOutput | None:
             js = rf.get("json_schema")
             schema = js.get("schema") if isinstance(js, dict) else None
             if not isinstance(schema, dict):
-                raise _bad("response_format json_schema needs json_schema.schema, a JSON schema object", "response_format")
+                raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object", "response_format")
             found.append(("response_format", StructuredOutput("json_schema", json.dumps(schema))))
         elif kind != "text":
-            raise _bad(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format")
+            raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format")
     so = dict(body.structured_outputs or {})
     extras = {"json": body.guided_json, "regex": body.guided_regex, "choice": body.guided_choice,
               "grammar": body.guided_grammar}
@@ -90,10 +86,10 @@ def structured_output(body: SamplingFields) -> StructuredOutput | None:
         elif key == "grammar" and isinstance(value, str):
             found.append((key, StructuredOutput("grammar", value)))
         elif key not in ("json_object",):
-            raise _bad(f"structured output {key!r} is not supported or malformed (json, json_object, regex, choice "
+            raise bad_request(f"structured output {key!r} is not supported or malformed (json, json_object, regex, choice "
                        "(a non-empty list of strings), grammar)", "structured_outputs")
     if len(found) > 1:
-        raise _bad(f"give one output constraint, got {', '.join(k for k, _ in found)}", "structured_outputs")
+        raise bad_request(f"give one output constraint, got {', '.join(k for k, _ in found)}", "structured_outputs")
     return found[0][1] if found else None
 
 

@@ -24,14 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex.sampling import StructuredOutput
-from loraplex.server.errors import APIError
+from loraplex.server.errors import bad_request
 
 MAX_PARALLEL_CALLS = 8  # with tool_choice required: a bound, so a model cannot list calls until max_tokens
 _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
-
-
-def _bad(message: str, param: str) -> APIError:
-    return APIError(400, message, "BadRequestError", param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +47,14 @@ def _functions(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for t in tools:
         fn = t.get("function") if isinstance(t, dict) else None
         if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise _bad("each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}",
+            raise bad_request("each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}",
                        "tools")
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(params, dict):
-            raise _bad(f"tool {fn['name']!r}: parameters must be a JSON schema object", "tools")
+            raise bad_request(f"tool {fn['name']!r}: parameters must be a JSON schema object", "tools")
         out.append({"name": fn["name"], "description": fn.get("description", ""), "parameters": params})
     if len({f["name"] for f in out}) != len(out):
-        raise _bad("tool names must be unique", "tools")
+        raise bad_request("tool names must be unique", "tools")
     return out
 
 
@@ -71,7 +67,7 @@ def plan(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | 
     """What a request's tools, tool_choice and parallel_tool_calls ask of rendering, decoding and parsing."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
-            raise _bad("tool_choice needs tools", "tool_choice")
+            raise bad_request("tool_choice needs tools", "tool_choice")
         return ToolPlan([], None, False, False)
     fns = _functions(tools)
     if tool_choice == "none":
@@ -86,7 +82,7 @@ def plan(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | 
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
     chosen = [f for f in fns if f["name"] == name]
     if not chosen:
-        raise _bad(f"tool_choice must be none, auto, required or a function among the tools, got {tool_choice!r}",
+        raise bad_request(f"tool_choice must be none, auto, required or a function among the tools, got {tool_choice!r}",
                    "tool_choice")
     return ToolPlan(fns, StructuredOutput("json_schema", json.dumps(_call_schema(chosen[0]))), False, False)
 
@@ -106,7 +102,7 @@ def history_text(content: str | None, tool_calls: list[dict[str, Any]] | None) -
         try:
             args = json.loads(fn.get("arguments") or "{}")
         except json.JSONDecodeError:
-            raise _bad("assistant tool_calls arguments must be JSON text", "messages") from None
+            raise bad_request("assistant tool_calls arguments must be JSON text", "messages") from None
         text += "<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args}) + "</tool_call>"
     return text
 
