@@ -218,6 +218,7 @@ class AdapterManager:
                 evictions={"host": m.evictions["host"], "device": self.slots.evictions},
                 resident={"host": len(self.host), "device": len(self.slots.slot_of)},
                 loading=len(self._loading),
+                slot_refs=sum(self.slots.refs.values()),
                 queued=queued,
                 running=running,
             )
@@ -292,6 +293,8 @@ class AdapterManager:
     def _free(self, key: AdapterKey) -> None:
         self.host.drop(key)
         self.slots.invalidate_if_idle(key)
+        if key not in self._loading:
+            self._paths.pop(key, None)  # resolved again (from the registry) if a request names the version later
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncLLMEngine, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
-              max_queue: int = 256, shutdown_engine: bool = True) -> FastAPI:
+              max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -31,7 +31,7 @@ def build_app(engine: AsyncLLMEngine, served_name: str | None = None, keys: dict
     state = ServerState(
         engine=engine,
         auth=Authenticator(keys),
-        metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device),
+        metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device, max_metric_labels),
         served_name=served_name or engine.model_name,
         max_in_flight=engine.max_num_seqs + max_queue,
     )
