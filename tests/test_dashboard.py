@@ -204,16 +204,20 @@ def test_keys_file_requires_a_key(browser: Any, keyed_url: str) -> None:
 
 
 def test_screenshots(browser: Any, open_url: str, tmp_path: Path) -> None:
-    """The README's screenshots, taken while four tenants decode together."""
+    """The README's screenshots (full page at 1280x800), taken while four tenants decode in the same batches."""
     out = Path(os.environ.get("LORAPLEX_SCREENSHOTS") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
-    traffic = threading.Thread(target=lambda: [complete(open_url, m, n=3, max_tokens=24)
-                                               for m in ("legal", "sql", BASE, "poetry")])
-    traffic.start()
     light, dark = open_page(browser, open_url), open_page(browser, open_url, dark=True)
-    traffic.join()
+    traffic = [threading.Thread(target=complete, args=(open_url, m, 3), kwargs={"max_tokens": 40})
+               for m in ("legal", "sql", BASE, "poetry")]
+    for t in traffic:
+        t.start()
+    poll_until(lambda: light.locator("#batch-facts dd").nth(1).inner_text() != "0", 30, "requests running on the page")
+    light.wait_for_timeout(1500)  # a second of steps in the chart
     for page, name in ((light, "dashboard.png"), (dark, "dashboard-dark.png")):
-        page.wait_for_timeout(1200)  # one poll after the traffic
-        page.screenshot(path=str(out / name))
+        page.screenshot(path=str(out / name), full_page=True)
         assert (out / name).stat().st_size > 20_000
-        page.close()
+    for t in traffic:
+        t.join()
+    light.close()
+    dark.close()

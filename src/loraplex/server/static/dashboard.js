@@ -39,6 +39,8 @@ function secs(s) {
   return `${s.toFixed(2)} s`;
 }
 function rate(x) { return x === 0 ? "0" : x < 10 ? x.toFixed(2) : x.toFixed(0); }
+function count(x) { return x.toFixed(0); }
+function shortSecs(s) { return s < 1 ? `${+(s * 1e3).toPrecision(3)}ms` : `${+s.toPrecision(3)}s`; }
 function pct(x) { return x === null || x === undefined ? "–" : `${(100 * x).toFixed(0)}%`; }
 function duration(s) {
   const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
@@ -78,6 +80,9 @@ function colour(name) {
   return ui.colours.get(name);
 }
 function dot(name) { const d = el("span", { class: "dot" }); d.style.background = colour(name); return d; }
+function heads(...names) {
+  return el("tr", {}, ...names.map((h) => el("th", { textContent: h, class: h === "adapter" ? "l" : "" })));
+}
 function redrawn(id, value) {
   const sig = JSON.stringify(value);
   if (ui.drawn[id] === sig) return false;
@@ -244,17 +249,20 @@ function renderBatch(b, now) {
     ["KV blocks", `${b.kv_blocks_used}/${b.kv_blocks_total}`],
     ["last step", last ? `${last.batch_size} seqs, ${secs(last.duration_s)}` : "–"],
   ]);
-  const steps = b.steps.slice(-64), H = 150, mid = 92, top = 8, bottom = H - 14, n = 64, bw = W / n;
+  const steps = b.steps.slice(-64), H = 150, mid = 96, top = 6, bottom = H - 6, n = 64, left = 30, bw = (W - left) / n;
   const sum = (s, part) => Object.values(s.tokens).reduce((a, t) => a + t[part], 0);
   const maxDecode = Math.max(1, ...steps.map((s) => sum(s, "decode")));
   const maxPrefill = Math.max(1, ...steps.map((s) => sum(s, "prefill")));
   const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "tokens per adapter per step" });
-  g.append(svg("line", { x1: 0, x2: W, y1: mid, y2: mid, class: "axis" }));
-  g.append(svg("text", { x: 2, y: top + 8 }, document.createTextNode(`${maxDecode} decode`)));
-  g.append(svg("text", { x: 2, y: bottom + 11 }, document.createTextNode(`${maxPrefill} prefill`)));
+  g.append(svg("line", { x1: left, x2: W, y1: mid, y2: mid, class: "axis" }));
+  g.append(svg("line", { x1: left, x2: W, y1: top, y2: top, class: "grid" }));
+  g.append(svg("line", { x1: left, x2: W, y1: bottom, y2: bottom, class: "grid" }));
+  for (const [v, y] of [[maxDecode, top + 8], [0, mid + 3], [maxPrefill, bottom]]) {
+    g.append(svg("text", { x: 0, y }, document.createTextNode(count(v))));
+  }
   const models = new Set();
   steps.forEach((s, i) => {
-    const x = (n - steps.length + i) * bw;
+    const x = left + (n - steps.length + i) * bw;
     let up = mid, down = mid;
     for (const [m, t] of Object.entries(s.tokens).sort()) {
       models.add(m);
@@ -273,23 +281,29 @@ function renderBatch(b, now) {
   });
   if (!steps.length) g.append(svg("text", { x: W / 2 - 40, y: mid - 6 }, document.createTextNode("no steps yet")));
   $("batch-chart").replaceChildren(g);
-  $("batch-legend").replaceChildren(...[...models].sort().map((m) => el("span", {}, dot(m), m)));
+  $("batch-legend").replaceChildren(el("span", {}, "↑ decode, ↓ prefill tokens:"),
+                                    ...[...models].sort().map((m) => el("span", {}, dot(m), m)));
   renderThroughput(b.throughput, now);
   renderQueue(steps);
 }
 
-function lineChart(series, H, yLabel) {
-  // series: [{values: [y...] (same length), colour, name}]
-  const max = Math.max(1, ...series.flatMap((s) => s.values));
+function nice(x) {  // the smallest 1, 2 or 5 x 10^k at or above x: round axis ends
+  const p = 10 ** Math.floor(Math.log10(x));
+  return [1, 2, 5, 10].map((m) => m * p).find((v) => v >= x);
+}
+
+function lineChart(series, H, xLabels, fmt = rate) {
+  // series: [{values: [y...] (same length), colour, name}]; xLabels: [left end, right end]
+  const max = nice(Math.max(1, ...series.flatMap((s) => s.values)));
   const len = Math.max(2, series[0].values.length), left = 30, right = W - 2, top = 6, bottom = H - 14;
   const x = (i) => left + ((right - left) * i) / (len - 1), y = (v) => bottom - ((bottom - top) * v) / max;
   const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
-  for (const f of [0, 0.5, 1]) {
+  for (const f of [0, 0.5, 1].filter((f) => fmt !== count || Number.isInteger(max * f))) {
     g.append(svg("line", { x1: left, x2: right, y1: y(max * f), y2: y(max * f), class: "grid" }));
-    g.append(svg("text", { x: 0, y: y(max * f) + 3 }, document.createTextNode(rate(max * f))));
+    g.append(svg("text", { x: 0, y: y(max * f) + 3 }, document.createTextNode(fmt(max * f))));
   }
-  g.append(svg("text", { x: left, y: H - 2 }, document.createTextNode(yLabel[0])));
-  g.append(svg("text", { x: right - 22, y: H - 2 }, document.createTextNode(yLabel[1])));
+  g.append(svg("text", { x: left, y: H - 2 }, document.createTextNode(xLabels[0])));
+  g.append(svg("text", { x: right - 22, y: H - 2 }, document.createTextNode(xLabels[1])));
   for (const s of series) {
     const pts = s.values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
     g.append(svg("polyline", { points: pts, fill: "none", stroke: s.colour, "stroke-width": 1.6 }, title(s.name)));
@@ -314,14 +328,14 @@ function renderQueue(steps) {
   $("queue-chart").replaceChildren(lineChart([
     { values: values((s) => s.kv_blocks_used), colour: "var(--kv)", name: "KV blocks used" },
     { values: values((s) => s.queue_depth), colour: "var(--warn)", name: "queue depth" },
-  ], 70, [`-${steps.length} steps`, "now"]));
+  ], 70, [`-${steps.length} steps`, "now"], count));
 }
 
 function renderCache(a) {
   const row = (name, f) => el("tr", {}, el("td", { textContent: name }), ...["host", "device"].map((t) => el("td", { textContent: f(t) })));
   const hitRate = (t) => { const h = a.hits[t] || 0, m = a.misses[t] || 0; return h + m ? pct(h / (h + m)) : "–"; };
   $("cache-counters").replaceChildren(
-    el("tr", {}, el("th", { textContent: "" }), el("th", { textContent: "host" }), el("th", { textContent: "device" })),
+    heads("", "host", "device"),
     row("loads", (t) => a.loads[t] || 0), row("hits", (t) => a.hits[t] || 0), row("misses", (t) => a.misses[t] || 0),
     row("hit rate", hitRate), row("evictions", (t) => a.evictions[t] || 0),
     row("mean load", (t) => (a.load_seconds[t].count ? secs(a.load_seconds[t].sum / a.load_seconds[t].count) : "–")),
@@ -333,7 +347,7 @@ function renderCache(a) {
   const g = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "adapter load time histogram" });
   g.append(svg("line", { x1: 0, x2: W, y1: bottom, y2: bottom, class: "axis" }));
   for (let i = 0; i < n; i++) {
-    const label = i < buckets.length ? `≤${secs(buckets[i]).replace(" ", "")}` : "more";
+    const label = i < buckets.length ? `≤${shortSecs(buckets[i])}` : `>${shortSecs(buckets[buckets.length - 1])}`;
     ["host", "device"].forEach((t, j) => {
       const c = a.load_seconds[t].counts[i], h = ((bottom - top) * c) / max;
       if (c) g.append(svg("rect", { x: i * gw + 2 + j * (gw / 2 - 2), y: bottom - h, width: gw / 2 - 2, height: h, fill: `var(--${t})` },
@@ -346,9 +360,9 @@ function renderCache(a) {
 
 function renderSlots(slots) {
   if (!redrawn("slots", slots)) return;
-  const head = el("tr", {}, ...["slot", "adapter", "version", "rank", "refs", "pinned"].map((h) => el("th", { textContent: h })));
+  const head = heads("slot", "adapter", "version", "rank", "refs", "pinned");
   $("slots").replaceChildren(head, ...slots.map((s) => s.name === null
-    ? el("tr", {}, el("td", { textContent: s.slot }), el("td", { textContent: "empty", class: "dim", colSpan: 5 }))
+    ? el("tr", {}, el("td", { textContent: s.slot }), el("td", { textContent: "empty", class: "dim l", colSpan: 5 }))
     : el("tr", { "data-adapter": s.name }, el("td", { textContent: s.slot }), el("td", { class: "name" }, dot(s.name), s.name),
          el("td", { textContent: s.version, class: "version" }), el("td", { textContent: s.rank ?? "–" }),
          el("td", { textContent: s.refcount, class: s.refcount ? "" : "dim" }),
@@ -359,7 +373,7 @@ function renderHost(host, loading) {
   $("host-summary").textContent = `${host.entries.length} of ${host.capacity} held` +
     (loading.length ? ` · loading from disk: ${loading.join(", ")}` : "");
   if (!redrawn("host", host)) return;
-  const head = el("tr", {}, ...["adapter", "version", "rank", "requests", "pinned"].map((h) => el("th", { textContent: h })));
+  const head = heads("adapter", "version", "rank", "requests", "pinned");
   $("host").replaceChildren(head, ...host.entries.map((e) => el("tr", { "data-adapter": e.name },
     el("td", { class: "name" }, dot(e.name), e.name), el("td", { textContent: e.version, class: "version" }),
     el("td", { textContent: e.rank ?? "–" }), el("td", { textContent: e.refcount, class: e.refcount ? "" : "dim" }),
@@ -368,7 +382,7 @@ function renderHost(host, loading) {
 
 function renderDisk(disk) {
   if (!redrawn("disk", disk)) return;
-  const head = el("tr", {}, ...["adapter", "current", "versions", ""].map((h) => el("th", { textContent: h })));
+  const head = heads("adapter", "current", "versions", "");
   $("disk").replaceChildren(head, ...disk.map((a) => {
     const choice = a.versions.includes(ui.promoteChoice[a.name]) ? ui.promoteChoice[a.name] : a.current;
     const select = el("select", { "aria-label": `version of ${a.name} to promote`, class: "promote-version",
