@@ -38,12 +38,12 @@ def test_tenant_window_rates_and_latency_window() -> None:
         w.tokens(5, now)
         w.finished("200", prompt_tokens=30, tpot=0.02, now=now)
     w.finished("404", prompt_tokens=0, tpot=None, now=t0 + 9.9)  # an error is a request with a status
-    row = stats.rows(["legal"], now=t0 + 9.9)["legal"]
+    row = stats.rows(["legal"], set(), now=t0 + 9.9)["legal"]
     assert row.requests == 21 and row.output_tokens == 100 and row.prompt_tokens == 600
     assert row.requests_per_s == pytest.approx(21 / RATE_WINDOW_S) and row.tokens_per_s == pytest.approx(100 / RATE_WINDOW_S)
     assert row.ttft_p50 == pytest.approx(0.19) and row.ttft_p99 == pytest.approx(0.29) and row.tpot_p50 == pytest.approx(0.02)
     assert row.errors == {"404": 1}
-    later = stats.rows(["legal"], now=t0 + LATENCY_WINDOW_S + 20)["legal"]
+    later = stats.rows(["legal"], set(), now=t0 + LATENCY_WINDOW_S + 20)["legal"]
     assert later.requests_per_s == 0 and later.ttft_p50 is None and later.requests == 21  # totals stay
 
 
@@ -55,8 +55,9 @@ def test_tenant_rows_are_bounded() -> None:
     w = stats.window("b")
     for i in range(3 * LATENCY_SAMPLES):
         w.first_token(float(i), now=2.0)
-    assert stats.rows(["b", "c", "d"], now=2.0)["b"].ttft_p50 == pytest.approx(2.5 * LATENCY_SAMPLES, abs=1)
-    rows = stats.rows(["b", "x"], now=2.0)  # "c" and "d" unregistered since: dropped; "x" gets zeros, no window
+    assert stats.rows(["b", "c", "d"], set(), now=2.0)["b"].ttft_p50 == pytest.approx(2.5 * LATENCY_SAMPLES, abs=1)
+    # "c" and "d" unregistered since: dropped; "y" without traffic has no row, "x" (shown: requests queued) zeros.
+    rows = stats.rows(["b", "x", "y"], {"x"}, now=2.0)
     assert set(rows) == {"b", "x"} and rows["x"].requests == 0
     assert stats.existing("c") is None and stats.existing("x") is None
 

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from loraplex.server.errors import APIError
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.state import ServerState
-from loraplex.server.stats_view import stats_json
+from loraplex.server.stats_view import stats_json, tenant_rows
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
@@ -57,6 +57,6 @@ async def stats(request: Request) -> JSONResponse:
     scope = st.auth.scope(request)
     engine_stats = await st.engine.stats()
     catalog = await st.engine.list_adapters()
-    rows = st.metrics.tenants.rows([st.served_name, *(a.name for a in catalog)])
+    rows = tenant_rows(st.metrics.tenants, st.engine, st.served_name, engine_stats, catalog)
     body = stats_json(st.engine, st.served_name, st.created, engine_stats, catalog, rows, scope)
     return JSONResponse(body, headers={"Cache-Control": "no-store"})

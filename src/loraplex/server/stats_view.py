@@ -13,7 +13,7 @@ from loraplex import __version__
 from loraplex.engine.async_engine import AdapterInfo, AsyncLLMEngine
 from loraplex.engine.outputs import EngineStats
 from loraplex.server.auth import KeyScope
-from loraplex.server.tenant_stats import TenantRow
+from loraplex.server.tenant_stats import TenantRow, TenantStats
 
 
 def _model(engine: AsyncLLMEngine, served_name: str, stats: EngineStats, started: float) -> dict[str, Any]:
@@ -75,6 +75,16 @@ def _batch(stats: EngineStats) -> dict[str, Any]:
         "throughput": [{"t": p.second, "prefill_tokens": p.prefill_tokens, "decode_tokens": p.decode_tokens,
                         "steps": p.steps} for p in history.throughput],
     }
+
+
+def tenant_rows(tenants: TenantStats, engine: AsyncLLMEngine, served_name: str, stats: EngineStats,
+                catalog: list[AdapterInfo]) -> dict[str, TenantRow]:
+    """Rows for the base model, and for each registered adapter with traffic since start or requests now."""
+    busy = {served_name}
+    for name in (*stats.queued, *stats.running):
+        if stats.queued.get(name) or stats.running.get(name):
+            busy.add(served_name if name == engine.model_name else name)
+    return tenants.rows([served_name, *(a.name for a in catalog)], busy)
 
 
 def stats_json(engine: AsyncLLMEngine, served_name: str, started: float, stats: EngineStats,

@@ -104,11 +104,12 @@ class TenantStats:
         """The tenant's window if it has one; never creates a row (for requests refused before the engine)."""
         return self._windows.get(tenant)
 
-    def rows(self, registered: list[str], now: float | None = None) -> dict[str, TenantRow]:
-        """A row for each registered tenant (zeros for one without traffic). Windows of tenants not listed (an
-        adapter since unloaded) are dropped, so the map never outgrows the registered adapters."""
+    def rows(self, registered: list[str], show: set[str], now: float | None = None) -> dict[str, TenantRow]:
+        """A row for each registered tenant that has had traffic or is in `show` (zeros without traffic). Windows
+        of tenants no longer registered (an adapter since unloaded) are dropped: the map never outgrows them."""
         now = time.monotonic() if now is None else now
         wanted = set(registered)
         for gone in [t for t in self._windows if t not in wanted]:
             del self._windows[gone]
-        return {t: (self._windows.get(t) or TenantWindow()).row(now) for t in registered}
+        return {t: (self._windows.get(t) or TenantWindow()).row(now) for t in registered
+                if t in self._windows or t in show}
