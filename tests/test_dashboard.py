@@ -131,6 +131,12 @@ def test_traffic_to_two_adapters_shows_within_2s(browser: Any, open_url: str) ->
                2.0, "both tenants' rows with their request counts")
     for t in ("legal", "sql"):
         assert float(cell(page, t, "tok/s")) > 0 and cell(page, t, "TTFT p50") != "–"
+    # Sortable: by requests, most first; a second click reverses.
+    order = "rs => rs.map(r => r.dataset.tenant)"
+    page.click("#tenants th[data-key=requests]")
+    assert page.locator("#tenants tbody tr").evaluate_all(order) == ["legal", "sql", BASE]
+    page.click("#tenants th[data-key=requests]")
+    assert page.locator("#tenants tbody tr").evaluate_all(order) == [BASE, "sql", "legal"]
     # The batch chart drew the steps; the device slots show who ran.
     assert page.locator("#batch-chart rect").count() > 0
     assert {"legal", "sql"} <= set(page.locator("#slots tr[data-adapter]").evaluate_all("rs => rs.map(r => r.dataset.adapter)"))

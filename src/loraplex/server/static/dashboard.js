@@ -118,6 +118,7 @@ function showLogin(error) {
   $("login").hidden = false;
   $("login-error").textContent = error;
   $("live").textContent = "key needed";
+  $("live").classList.add("stale");
   $("key").focus();
 }
 
