@@ -38,12 +38,13 @@ demo: setup
 	$(BIN)/loraplex demo
 
 # Chromium for the dashboard's browser tests (tests/test_dashboard.py), from the Debian packages: Playwright's
-# own browser download needs a network CI does not have. Installed only if missing; as root or through sudo.
+# own browser download needs a network CI does not have (fonts-liberation: text in the screenshots). Installed
+# only if missing; as root or through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 browser:
 	@test -x /usr/bin/chromium || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
 
 # The README's dashboard screenshots (light and dark, 1280x800), taken by the browser tests.
 screenshots: setup browser
