@@ -25,6 +25,7 @@ from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.slots import SlotGrant, SlotTable
+from loraplex.adapters.tiers import ResidentAdapter, TierView
 from loraplex.errors import AdapterError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,20 @@ class AdapterManager:
                 queued=queued,
                 running=running,
             )
+
+    def tiers(self) -> TierView:
+        """Every device slot's occupant and the host cache's entries (LRU first), with ranks, references and pins."""
+        with self._lock:
+            def view(key: AdapterKey, refs: int) -> ResidentAdapter:
+                weights = self.host.peek(key)
+                return ResidentAdapter(key.name, key.version, None if weights is None else weights.rank, refs,
+                                       key in self.host.pinned)
+
+            slots: list[ResidentAdapter | None] = [None] * self.slots.num_slots
+            for key, slot in self.slots.slot_of.items():
+                slots[slot] = view(key, self.slots.refs.get(key, 0))
+            host = [view(key, self.users.get(key, 0)) for key in self.host.keys()]
+            return TierView(slots, host, self.host.capacity, [(k.name, k.version) for k in self._loading])
 
     def digest(self, key: AdapterKey) -> bytes:
         """The loaded weights' digest (peft_format): with the key, the prefix cache's namespace for the adapter."""

@@ -24,7 +24,7 @@ from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.memory import MemoryPlan
-from loraplex.engine.outputs import EngineSnapshot, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
 from loraplex.hardware import DtypeChoice
 from loraplex.errors import LoraplexError
 from loraplex.sampling import SamplingParams
@@ -159,6 +159,10 @@ class AsyncLLMEngine:
     async def snapshot(self) -> EngineSnapshot:
         """Queue, batch, KV and adapter-cache state, read on the engine thread between steps."""
         return await self.call(self.engine.snapshot)
+
+    async def stats(self) -> EngineStats:
+        """The snapshot plus adapter tiers, the last steps' batches and requests per model (for the dashboard)."""
+        return await self.call(self.engine.stats)
 
     # ---- the model's facts (fixed at start; safe to read from any thread) ------------------------
     @property

@@ -1,5 +1,5 @@
 """What the engine returns: vLLM-shaped RequestOutput / CompletionOutput, with streaming deltas; and
-EngineSnapshot, its state between two steps (for /metrics)."""
+EngineSnapshot, its state between two steps (for /metrics); EngineStats, the dashboard's fuller view."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters.key import AdapterKey
 from loraplex.adapters.metrics import AdapterStats
+from loraplex.adapters.tiers import TierView
+from loraplex.engine.step_log import BatchHistory
 from loraplex.sampling import TokenLogprobs
 
 
@@ -59,3 +61,14 @@ class EngineSnapshot:
     kv_blocks_total: int
     adapters: AdapterStats
     prefix_cache: PrefixCacheSnapshot
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """What the dashboard shows of the engine, read in one call between two steps."""
+
+    snapshot: EngineSnapshot
+    tiers: TierView
+    batch: BatchHistory
+    queued: dict[str, int]  # model (adapter name, or the base model's) -> requests waiting
+    running: dict[str, int]  # model -> requests in the batch

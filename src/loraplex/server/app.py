@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loraplex.engine.async_engine import AsyncLLMEngine
-from loraplex.server import admin_routes, errors, openai_routes
+from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.state import ServerState
@@ -39,4 +39,5 @@ def build_app(engine: AsyncLLMEngine, served_name: str | None = None, keys: dict
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard_routes.router)
     return app

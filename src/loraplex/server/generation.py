@@ -20,6 +20,7 @@ from loraplex.server import tools
 from loraplex.server.errors import APIError, bad_request
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from loraplex.server.tenant_stats import TenantWindow
 
 
 def _logprobs(body: SamplingFields) -> int | None:
@@ -161,7 +162,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 @dataclass(slots=True)
 class Tracker:
-    """Per-request timing for TTFT, time per output token and latency."""
+    """Per-request timing for TTFT, time per output token and latency, into /metrics and the dashboard's rows."""
 
     metrics: ServerMetrics
     model: str  # the adapter's name (or the base model's); "unknown" for a name that was not found
@@ -170,6 +171,8 @@ class Tracker:
     tokens: int = 0
     prompt_tokens: int = 0
     _label: str | None = None
+    accepted: bool = False  # the engine took the request: only then may it create its tenant's dashboard row
+    _window: TenantWindow | None = None
 
     @property
     def label(self) -> str:
@@ -179,11 +182,26 @@ class Tracker:
             self._label = self.metrics.label(self.model)
         return self._label
 
+    def window(self) -> TenantWindow | None:
+        """The dashboard's window of this request's tenant (server/tenant_stats.py): created once the engine has
+        accepted the request; before that only an existing one is used, so a made-up name never makes a row."""
+        if self._window is None:
+            tenants = self.metrics.tenants
+            self._window = tenants.window(self.model) if self.accepted else tenants.existing(self.model)
+        return self._window
+
     def saw(self, out: RequestOutput) -> None:
         new = len(out.outputs[0].delta_token_ids)
-        if new and self.first is None:
+        if not new:
+            return
+        window = self.window()
+        if self.first is None:
             self.first = time.perf_counter()
             self.metrics.ttft.labels(self.label).observe(self.first - self.start)
+            if window is not None:
+                window.first_token(self.first - self.start, time.monotonic())
+        if window is not None:
+            window.tokens(new, time.monotonic())
         self.tokens += new
 
     def done(self, status: str) -> None:
@@ -193,8 +211,13 @@ class Tracker:
         m.latency.labels(self.label).observe(end - self.start)
         m.generation_tokens.labels(self.label).inc(self.tokens)
         m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
+        tpot = None
         if self.first is not None and self.tokens > 1:
-            m.tpot.labels(self.label).observe((end - self.first) / (self.tokens - 1))
+            tpot = (end - self.first) / (self.tokens - 1)
+            m.tpot.labels(self.label).observe(tpot)
+        window = self.window()
+        if window is not None:
+            window.finished(status, self.prompt_tokens, tpot, time.monotonic())
 
 
 Started = list[tuple[RequestOutput, RequestStream]]
@@ -224,6 +247,7 @@ async def open_streams(engine: AsyncLLMEngine, prompt: list[int], params: list[S
         for p in params:
             streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt))
             adapter = pinned_version(streams[0], adapter)
+            tracker.accepted = True  # the model resolved: a registered adapter, or the base model
         for s in streams:
             first = await anext(s)
             tracker.saw(first)

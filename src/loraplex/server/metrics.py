@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from loraplex.engine.memory import MemoryPlan
 from loraplex.engine.outputs import EngineSnapshot
+from loraplex.server.tenant_stats import TenantStats
 
 disable_created_metrics()  # the *_created series only add noise here
 
@@ -70,6 +71,7 @@ class ServerMetrics:
                               ["model"], buckets=_PER_TOKEN, registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.tenants = TenantStats()  # the dashboard's per-tenant windows (bounded)
         self.snapshot: EngineSnapshot | None = None
         r.register(_EngineCollector(self))
 

@@ -66,7 +66,7 @@ async def _start(st: ServerState, request: Request, prompt: list[int], params: l
     except Exception as e:
         status = status_of(e)[0]
         if status == 404:
-            tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label
+            tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label or a dashboard row
         tracker.done(str(status))
         raise
 
