@@ -110,7 +110,9 @@ async def soak(args: argparse.Namespace, url: str, pid: int, keys: Keys, weights
     zipf = [1.0 / rank ** args.zipf for rank in range(1, len(adapters) + 1)]
     log = AdminLog()
     chaos = Chaos(url, keys.admin, adapters, zipf, weights, log, args.seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # A connection per request: a kept-alive connection that the server closes as idle (uvicorn, after 5 s) just as
+    # a client reuses it fails in the client, which would count as a lost request that the server never saw.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=120) as client:
         for name in adapters:  # every adapter starts at version 1, from its own weights
             if await chaos.load(client, name, action="initial-load") is None:
@@ -231,7 +233,7 @@ def main() -> None:
          f"{len(verdict.wrong)} wrong of {o.get('completed', 0)} completed; {verdict.references} references; "
          f"{verdict.distinguishing:.0%} of adapter references differ from the base model's", not verdict.wrong),
         ("bursts above --max-queue get 503s", f"{acct['burst_503']} of {acct['bursts_sent']} burst requests",
-         acct["burst_503"] > 0),
+         acct["burst_503"] > 0 or args.calm_fraction >= 1),
         ("admin actions as expected", f"{sum(log.actions.values())} done ({', '.join(f'{k} {v}' for k, v in sorted(log.actions.items()))}); "
          f"{len(log.failures)} failed", not log.failures),
         ("KV blocks free after draining", f"{kv_free:.0f} free, {kv_used:.0f} used", kv_used == 0),

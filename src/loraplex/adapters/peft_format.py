@@ -85,10 +85,27 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _read_tensors(path: Path, allow_pickle: bool, digest: Any) -> dict[str, torch.Tensor]:
-    """The weight file's tensors; its bytes, as read, go into `digest` (a hashlib object)."""
+def max_file_bytes(targets: dict[tuple[int, str], tuple[int, int]], max_rank: int) -> int:
+    """The largest weight file a servable adapter can have: A and B of rank `max_rank` on every target, stored as
+    float64 (the widest dtype PEFT writes), plus 1 MiB of headers. A bigger file cannot fit the adapter slots."""
+    return sum((i + o) * max_rank * 8 for i, o in targets.values()) + (1 << 20)
+
+
+def _check_size(file: Path, limit: int | None) -> None:
+    """Refuse before reading: a huge file must not fill host memory while it is read and validated."""
+    size = file.stat().st_size
+    if limit is not None and size > limit:
+        raise AdapterFormatError(
+            f"adapter {file.parent}: {file.name} is {size / 2**20:.1f} MiB, more than the {limit / 2**20:.1f} MiB "
+            "that LoRA weights of rank <= --max-lora-rank on this model's layers can take; it is not a servable adapter")
+
+
+def _read_tensors(path: Path, allow_pickle: bool, digest: Any, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """The weight file's tensors; its bytes, as read, go into `digest` (a hashlib object). Files over `limit`
+    bytes are refused unread."""
     st = path / "adapter_model.safetensors"
     if st.is_file():
+        _check_size(st, limit)
         from safetensors import SafetensorError
         from safetensors.torch import load
 
@@ -105,6 +122,7 @@ def _read_tensors(path: Path, allow_pickle: bool, digest: Any) -> dict[str, torc
                 f"adapter {path}: only adapter_model.bin (pickle) found; safetensors is required unless "
                 "pickled adapters are allowed (--allow-pickle-adapters)"
             )
+        _check_size(binary, limit)
         try:
             data = binary.read_bytes()
             digest.update(data)
@@ -137,7 +155,7 @@ def load_peft_adapter(
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"adapter {path}: adapter_config.json must hold a JSON object")
     _check_config(cfg, path)
-    tensors = _read_tensors(path, allow_pickle, digest)
+    tensors = _read_tensors(path, allow_pickle, digest, max_file_bytes(targets, max_rank))
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

@@ -153,6 +153,15 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], fns: list[dict[str,
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def check_room(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """An explicit max_tokens the context cannot hold is refused (vLLM's 400), not silently cut at the context's
+    end: the client learns how much room there is."""
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(f"max_tokens {max_tokens} + the prompt's {prompt_tokens} tokens exceed the context "
+                          f"(max_model_len {max_model_len}); ask for at most {max(max_model_len - prompt_tokens, 0)} "
+                          "tokens", "max_tokens")
+
+
 def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     """n choices; with a seed, choice i uses seed + i so they differ yet stay reproducible."""
     if n < 1 or n > 16:

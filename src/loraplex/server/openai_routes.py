@@ -17,7 +17,7 @@ from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError, error_body, status_of
 from loraplex.server import logprobs, tools
-from loraplex.server.generation import (Tracker, choice_params, collect, fingerprint, merged, open_streams, pinned_version,
+from loraplex.server.generation import (Tracker, check_room, choice_params, collect, fingerprint, merged, open_streams, pinned_version,
                                         render_chat, sampling_params)
 from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
@@ -95,6 +95,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     tp = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     prompt = render_chat(st.engine.tokenizer, body.messages, tp.tools)
     room = st.engine.max_model_len - len(prompt)
+    check_room(len(prompt), body.max_completion_tokens or body.max_tokens, st.engine.max_model_len)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
     sampling = sampling_params(body, max_tokens)
     if tp.constraint is not None:
@@ -203,6 +204,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     prompts = _prompts(body, tok)
     if len(prompts) > 64:
         raise InvalidRequestError(f"at most 64 prompts per request, got {len(prompts)}")
+    for p in prompts:
+        check_room(len(p), body.max_tokens, st.engine.max_model_len)
     sampling = sampling_params(body, body.max_tokens or 16)
     if body.echo and sampling.logprobs is not None:  # echo with logprobs: the prompt's tokens are scored too
         sampling = replace(sampling, prompt_logprobs=sampling.logprobs)

@@ -1,0 +1,32 @@
+"""The soak's short version (benchmarks/soak.py; `make soak` runs 10 minutes): 60 s of 16 clients over 16 adapters
+against a real server, a calm quarter then chaos (admin actions on adapters in use, hang-ups, bad requests,
+bursts above --max-queue). It passes only with zero wrong answers, zero lost requests, zero 5xx, zero hangs and
+no leak after draining."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_soak_60s(tmp_path: Path) -> None:
+    env = {**os.environ, "LORAPLEX_RESULTS": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--duration", "60", "--calm-fraction", "0.25",
+                           "--warmup", "20", "--clients", "16", "--adapters", "16", "--burst-every", "12",
+                           "--chaos-interval", "1.5", "--work-dir", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    print(done.stdout)
+    result = json.loads((tmp_path / "soak.json").read_text())
+    failed = [c for c in result["checks"] if not c["passed"]]
+    assert done.returncode == 0 and not failed, (failed, done.stdout[-3000:], done.stderr[-3000:])
+    acct = result["accounting"]
+    assert acct["outcomes"].get("completed", 0) > 100
+    assert acct["outcomes"].get("client-aborted", 0) > 0  # hang-ups happened
+    assert set(acct["bad_requests_by_kind"]) >= {"unknown-adapter", "malformed-json", "wrong-key"}
+    assert {"load+promote", "unload"} <= set(result["admin_actions"]) or sum(result["admin_actions"].values()) > 30
