@@ -4,15 +4,22 @@ Sources: adapters named at start (name=path), an adapter root (`<root>/<name>/` 
 or `<root>/<name>/<version>/` holds versions), and run-time registrations. Run-time registrations,
 promotions and pins are persisted to a JSON file written atomically (temp file, fsync, rename),
 so a crash never leaves a partial registry.
+
+Several engines (the replicas of a cluster) may share one registry file on a shared directory: every change
+takes an exclusive lock on `<file>.lock`, first merges what the others wrote (`refresh`), then writes; an
+engine that only serves calls `refresh` when the file changes and applies what `take_changes` returns.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +58,12 @@ class AdapterRegistry:
         # entry with a later registration under the same name.
         self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # registrations may come from the HTTP thread and the engine thread
+        self._stamp: tuple[int, int, int] | None = None  # the file as last read or written: (mtime_ns, size, inode)
+        self._changed: set[str] = set()  # names another engine changed, merged by refresh, not yet taken
         if state_file is not None and state_file.is_file():
-            self._load_state(state_file)
+            with self._file_lock():
+                self._stamp = self._file_stamp()
+                self.entries = self._read_state(state_file)
 
     # ---- lookup ---------------------------------------------------------------------------------
     def resolve(self, spec: AdapterSpec | AdapterKey) -> tuple[AdapterKey, Path]:
@@ -120,7 +131,8 @@ class AdapterRegistry:
         """Add a version of spec.name (spec.version, or the next integer); make it current when `promote`.
         A version the name has or had is refused (AdapterVersionExistsError): versions are immutable."""
         name, version = spec
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._refresh_locked()
             entry = self.entries.get(name) or self._discover(name) or AdapterEntry(name)
             seen = self._seen.setdefault(name, set())
             seen.update(entry.versions)
@@ -147,7 +159,8 @@ class AdapterRegistry:
             return None if entry is None else entry.current
 
     def promote(self, name: str, version: str) -> None:
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._refresh_locked()
             entry = self.entries.get(name)
             if entry is None or version not in entry.versions:
                 raise AdapterNotFoundError(f"adapter {name!r} has no registered version {version!r}")
@@ -156,7 +169,8 @@ class AdapterRegistry:
             self._save()
 
     def unregister(self, name: str) -> AdapterEntry:
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._refresh_locked()
             entry = self.entries.pop(name, None)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
@@ -165,13 +179,74 @@ class AdapterRegistry:
             return entry
 
     def set_pinned(self, name: str, pinned: bool) -> None:
-        with self._lock:
+        with self._lock, self._file_lock():
+            self._refresh_locked()
             entry = self.entries.get(name) or self._discover(name)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
             entry.pinned = pinned
             entry.persistent = True
             self._save()
+
+    # ---- a registry file shared by several engines --------------------------------------------------
+    def refresh(self) -> None:
+        """Merge what other engines wrote to the registry file since this one last read or wrote it (a stat when
+        nothing changed). The names whose versions, current version or pin changed wait in `take_changes`."""
+        if self.state_file is None or self._file_stamp() == self._stamp:
+            return
+        with self._lock, self._file_lock():
+            self._refresh_locked()
+
+    @property
+    def version(self) -> int:
+        """The registry file's mtime (ns) as last read or written here: engines at the same version agree."""
+        return self._stamp[0] if self._stamp is not None else 0
+
+    def take_changes(self) -> set[str]:
+        """Names changed by another engine since the last call (refresh, or a change of ours that merged first)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
+
+    def _refresh_locked(self) -> None:
+        stamp = self._file_stamp()
+        if self.state_file is None or stamp == self._stamp:
+            return
+        ours = {n: e for n, e in self.entries.items() if e.persistent}
+        theirs = self._read_state(self.state_file) if stamp is not None else {}
+        for name, entry in theirs.items():
+            old = self.entries.get(name)
+            if old is not None:  # versions are immutable and never reused: the union is still right
+                entry.versions = {**old.versions, **entry.versions}
+            if old is None or (old.versions, old.current, old.pinned) != (entry.versions, entry.current, entry.pinned):
+                self._changed.add(name)
+            self._seen.setdefault(name, set()).update(entry.versions)
+            self.entries[name] = entry
+        for name in ours.keys() - theirs.keys():  # unregistered by another engine
+            self._seen.setdefault(name, set()).update(self.entries.pop(name).versions)
+            self._changed.add(name)
+        self._stamp = stamp
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.state_file)  # type: ignore[arg-type]
+        except (OSError, TypeError):
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An exclusive lock across processes (flock on <file>.lock): no engine's change overwrites another's."""
+        if self.state_file is None:
+            yield
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.state_file.with_name(self.state_file.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # ---- persistence ----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -186,16 +261,20 @@ class AdapterRegistry:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_file)
+            self._stamp = self._file_stamp()  # our own write is no change to merge
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _load_state(self, path: Path) -> None:
+    @staticmethod
+    def _read_state(path: Path) -> dict[str, AdapterEntry]:
+        entries = {}
         try:
             state = json.loads(path.read_text())
             for name, data in state.get("adapters", {}).items():
                 versions = {v: Path(p) for v, p in data["versions"].items()}
-                self.entries[validate_name(name)] = AdapterEntry(
+                entries[validate_name(name)] = AdapterEntry(
                     name, versions, data.get("current", DEFAULT_VERSION), bool(data.get("pinned")), persistent=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise AdapterNotFoundError(f"adapter registry {path} is unreadable: {e}") from e
+        return entries

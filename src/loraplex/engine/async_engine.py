@@ -24,9 +24,9 @@ from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.memory import MemoryPlan
-from loraplex.engine.outputs import EngineSnapshot, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, ReplicaView, RequestOutput
 from loraplex.hardware import DtypeChoice
-from loraplex.errors import LoraplexError
+from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class RequestStream:
         self._engine._streams.pop(self.request_id, None)
 
 
-class EngineDeadError(LoraplexError):
+class EngineDeadError(EngineUnavailableError):
     """The engine thread has stopped."""
 
 
@@ -153,6 +153,26 @@ class AsyncLLMEngine:
         """Queue, batch, KV and adapter-cache state, read on the engine thread between steps."""
         return await self.call(self.engine.snapshot)
 
+    async def sync_adapters(self) -> list[str]:
+        """Apply what other engines sharing the registry file changed (a file read: off the event loop)."""
+        return await asyncio.to_thread(self.engine.sync_adapters)
+
+    def is_resident(self, model: str) -> bool:
+        """Whether a request for `model` would find its adapter version in memory (the manager's lock: any thread)."""
+        return self.engine.is_resident(model)
+
+    async def replicas(self) -> list[ReplicaView]:
+        """This engine as the one replica behind the server."""
+        snap = await self.snapshot()
+        versions = {a.name: a.current for a in await self.list_adapters()}
+        return [ReplicaView("local", snap.running, snap.waiting, self.engine.resident_adapters(), versions,
+                            self.engine.registry_version)]
+
+    async def prefetch_adapter(self, model: str) -> AdapterKey:
+        """Resolve `model` ("name" or "name@version"; AdapterNotFoundError if unknown) and start loading it into
+        host memory, so the first request finds it loading or loaded."""
+        return await asyncio.to_thread(self.engine.prefetch_adapter, model)
+
     # ---- the model's facts (fixed at start; safe to read from any thread) ------------------------
     @property
     def tokenizer(self) -> Any:
@@ -190,6 +210,11 @@ class AsyncLLMEngine:
     @property
     def memory(self) -> MemoryPlan:
         return self.engine.memory
+
+    @property
+    def registry_version(self) -> int:
+        """The registry file's mtime (ns) as last read or written by this engine (0 without a file)."""
+        return self.engine.registry_version
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps; its result or exception comes back here."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,14 +14,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
-from loraplex.server.errors import APIError, error_body, status_of
+from loraplex.server.errors import APIError, error_body, public_message, status_of
 from loraplex.server import logprobs, tools
 from loraplex.server.generation import Tracker, choice_params, collect, merged, open_streams, render_chat, sampling_params
 from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}
 
@@ -164,9 +162,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         except Exception as e:  # an error after streaming began: report it in-band, as vLLM does
             code, type_ = status_of(e)
             status = str(code)
-            if code >= 500:
-                log.exception("stream failed", exc_info=e)
-            yield _sse(error_body(code, str(e) if code < 500 else "internal server error", type_))
+            yield _sse(error_body(code, public_message(e), type_))
             yield _sse("[DONE]")
         finally:
             tracker.done(status if completed or status != "200" else "499")  # 499: the client went away
@@ -282,9 +278,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             yield _sse("[DONE]")
         except Exception as e:
             code, type_ = status_of(e)
-            if code >= 500:
-                log.exception("stream failed", exc_info=e)
-            yield _sse(error_body(code, str(e) if code < 500 else "internal server error", type_))
+            yield _sse(error_body(code, public_message(e), type_))
             yield _sse("[DONE]")
             for tracker, _ in started[done_trackers:]:
                 tracker.done(str(code))
