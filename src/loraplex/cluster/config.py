@@ -17,6 +17,7 @@ class ClusterConfig:
     # length alone (Ray's power of two choices) instead of to the replicas holding it: the replica it lands on
     # claims the adapter too, so a hot adapter spreads over several replicas instead of queueing on one.
     hot_adapter_threshold: int = 16
+    affinity: bool = True  # False: no adapter id reaches Ray, every request goes by queue length (for comparison)
     app_name: str = "loraplex"
     report_interval: float = 0.25  # seconds between a replica's reports to the board (and its command polls)
 

@@ -90,7 +90,7 @@ class RemoteEngine:
         from transformers import AutoTokenizer
 
         self.handle, self.board, self.facts, self.cluster = replicas, board, facts, cluster
-        self.routing = AdapterRouting(cluster.hot_adapter_threshold)
+        self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.affinity)
         self.reports: list[ReplicaReport] = []  # as of the latest snapshot(): what the cluster collector renders
         self._tokenizer = AutoTokenizer.from_pretrained(facts.model_dir)
         self._admin = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it

@@ -16,6 +16,7 @@ from loraplex.cluster.messages import RouteInfo
 @dataclass(slots=True)
 class AdapterRouting:
     hot_threshold: int
+    affinity: bool = True  # False: never send an adapter id (Ray's default routing, for comparison)
     pending: Counter[str] = field(default_factory=Counter)  # adapter -> requests sent, replica not known yet
     in_flight: dict[str, Counter[str]] = field(default_factory=dict)  # adapter -> replica -> requests running
     routed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (replica, model) -> requests sent there
@@ -26,10 +27,11 @@ class AdapterRouting:
         the request counts as in flight from now (pair with `started` or `abandoned`)."""
         if adapter is None:
             return ""
-        running = self.in_flight.get(adapter, Counter())
-        hot = self.pending[adapter] + sum(running.values()) >= self.hot_threshold * max(1, len(running))
         self.pending[adapter] += 1
-        if hot:
+        if not self.affinity:
+            return ""
+        running = self.in_flight.get(adapter, Counter())
+        if self.pending[adapter] - 1 + sum(running.values()) >= self.hot_threshold * max(1, len(running)):
             self.results["spill"] += 1
             return ""
         return adapter
