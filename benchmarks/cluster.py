@@ -148,6 +148,7 @@ def main() -> None:
 
     result: dict[str, Any] = {"machine": machine(), "ray": ray.__version__, "adapters": ADAPTERS, "zipf_s": ZIPF_S,
                               "host_capacity_per_replica": CAPACITY, "rate": args.rate, "max_tokens": args.max_tokens,
+                              "spill_margin": ClusterConfig().spill_margin,
                               "warmup": args.warmup}
     mixed = [f"a{i % 8}" for i in range(args.burst)]
 

@@ -155,6 +155,9 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="adapters a replica claims for routing (default: --max-cpu-loras)")
     p.add_argument("--hot-adapter-threshold", type=int, default=16,
                    help="requests in flight for one adapter per replica running it before it spreads to another")
+    p.add_argument("--spill-margin", type=int, default=2,
+                   help="requests in flight by which an adapter's least loaded holder may exceed the least loaded "
+                        "replica before the adapter spreads to another")
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -174,7 +177,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address,
                                 cpus_per_replica=args.cpus_per_replica,
                                 max_adapters_per_replica=args.max_adapters_per_replica or args.max_cpu_loras,
-                                hot_adapter_threshold=args.hot_adapter_threshold)
+                                hot_adapter_threshold=args.hot_adapter_threshold, spill_margin=args.spill_margin)
         logging.getLogger(__name__).info("adapter store: %s (registry %s)", adapter_dir, registry)
         run(engine_config, server, cluster, load_keys(server.api_keys) if server.api_keys else None)
 

@@ -30,7 +30,8 @@ from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, this many times in all
-SYNC_TIMEOUT_S = 5.0  # how long an admin call waits for every replica to read the registry change
+SYNC_TIMEOUT_S = 5.0
+WATCH_INTERVAL_S = 0.5  # how often the ingress reads which replicas are alive  # how long an admin call waits for every replica to read the registry change
 _GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, DeploymentUnavailableError, BackPressureError)
 
 
@@ -90,10 +91,21 @@ class RemoteEngine:
         from transformers import AutoTokenizer
 
         self.handle, self.board, self.facts, self.cluster = replicas, board, facts, cluster
-        self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.affinity)
+        self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.spill_margin, cluster.affinity)
         self.reports: list[ReplicaReport] = []  # as of the latest snapshot(): what the cluster collector renders
         self._tokenizer = AutoTokenizer.from_pretrained(facts.model_dir)
         self._admin = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it
+        self._watch = asyncio.get_running_loop().create_task(self._watch_replicas())
+
+    async def _watch_replicas(self) -> None:
+        """Which replicas are alive, for the routing rule (and fresh reports for /metrics between scrapes)."""
+        while True:
+            try:
+                self.reports = await self.board.reports.remote()
+                self.routing.set_live({r.view.id for r in self.reports})
+            except Exception:  # the board restarting: keep the last view, try again
+                log.exception("reading the replicas' reports failed")
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     # ---- requests --------------------------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: str | None = None,
