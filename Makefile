@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup serve demo test clean vllm-venv llama-cpp bench
+.PHONY: all setup serve demo test browser screenshots clean vllm-venv llama-cpp bench
 
 # The README's first command: set up on a fresh machine, then serve the default model with the demo tenants.
 all: serve
@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "transformers==5.23.0" "peft==0.21.2" "gguf==0.19.0" "safetensors==0.8.0" \
 		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "prometheus-client==0.26.0" \
 		"bitsandbytes==0.50.2" "triton==3.9.0" "llguidance==1.7.6" \
-		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0"
+		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
+		"playwright==1.65.2"
+	# playwright: drives Chromium in the dashboard's browser tests (the browser itself: `make browser`).
 	# Ray Serve: `loraplex cluster` (src/loraplex/cluster/), engine replicas behind one endpoint.
 	$(BIN)/pip install -q "ray[serve]==2.60.0"
 	# llguidance: the grammar engine of structured outputs (engine/structured.py).
@@ -37,8 +39,21 @@ serve: setup
 demo: setup
 	$(BIN)/loraplex demo
 
+# Chromium for the dashboard's browser tests (tests/test_dashboard.py), from the Debian packages: Playwright's
+# own browser download needs a network CI does not have (fonts-liberation: text in the screenshots). Installed
+# only if missing; as root or through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
+
+# The README's dashboard screenshots (light and dark, 1280x800), taken by the browser tests.
+screenshots: setup browser
+	LORAPLEX_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q tests/test_dashboard.py -k screenshots
+
 # The README's second command; .ci/run calls exactly this.
-test: setup
+test: setup browser
 	$(BIN)/loraplex info
 	$(BIN)/python -m pytest -q tests
 

@@ -9,7 +9,7 @@ from loraplex.cluster.routing import AdapterRouting
 
 def _start(r: AdapterRouting, adapter: str | None, replica: str, resident: bool = True) -> RouteInfo:
     r.dispatch(adapter)
-    route = RouteInfo(replica, resident)
+    route = RouteInfo(replica, resident, None)
     r.started(adapter, adapter or "base", route)
     return route
 

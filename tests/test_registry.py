@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.registry import AdapterRegistry
-from loraplex.errors import AdapterNotFoundError, InvalidAdapterNameError
+from loraplex.errors import AdapterNotFoundError, AdapterVersionExistsError, InvalidAdapterNameError, StateWriteError
 
 
 def _peft_dir(path: Path) -> Path:
@@ -112,3 +114,64 @@ def test_host_cache_lru_refs_and_pins() -> None:
     cache.unref("a")
     assert cache.put("e", 5) == ["a", "d"]
     assert sorted(cache.keys()) == ["c", "e"]
+
+
+def test_retired_versions_stay_retired_across_restarts(tmp_path: Path) -> None:
+    """Versions are immutable even over a restart: an unloaded name's old versions are never handed out again."""
+    state = tmp_path / "registry.json"
+    reg = AdapterRegistry(state_file=state)
+    reg.register(spec("legal"), _peft_dir(tmp_path / "a1"))
+    reg.register(spec("legal"), _peft_dir(tmp_path / "a2"))
+    reg.unregister("legal")
+    again = AdapterRegistry(state_file=state)
+    assert "legal" not in again.entries
+    assert again.register(spec("legal"), tmp_path / "a1") == AdapterKey("legal", "3")
+    with pytest.raises(AdapterVersionExistsError):
+        again.register(spec("legal@2"), tmp_path / "a2")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a disk that fills up."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_keeps_the_old_state(tmp_path: Path, small_disk: Path) -> None:
+    """A registry write that finds the disk full is refused with a named error; memory and file keep the old state,
+    and the change succeeds once space is freed."""
+    state = small_disk / "registry.json"
+    a1, a2 = _peft_dir(tmp_path / "a1"), _peft_dir(tmp_path / "a2")
+    reg = AdapterRegistry(state_file=state)
+    reg.register(spec("legal"), a1)
+    before = state.read_text()
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+        for size in (4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    with pytest.raises(StateWriteError, match="No space left on device.*not applied") as err:
+        reg.register(spec("legal"), a2)
+    assert err.value.disk_full
+    with pytest.raises(StateWriteError):
+        reg.promote("legal", "1")
+    with pytest.raises(StateWriteError):
+        reg.unregister("legal")
+    assert state.read_text() == before
+    assert reg.resolve(spec("legal")) == (AdapterKey("legal", "1"), a1)
+    assert list(reg.entries["legal"].versions) == ["1"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "registry.json", "registry.json.lock"]  # no temp file
+    assert AdapterRegistry(state_file=state).resolve(spec("legal"))[0] == AdapterKey("legal", "1")
+    filler.unlink()
+    assert reg.register(spec("legal"), a2) == AdapterKey("legal", "2")  # version 2 was never handed out
+    assert AdapterRegistry(state_file=state).resolve(spec("legal"))[0] == AdapterKey("legal", "2")

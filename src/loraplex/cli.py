@@ -112,6 +112,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
+    p.add_argument("--max-metric-labels", type=int, default=256,
+                   help="adapters with their own series on /metrics; later ones are counted under model=\"other\"")
     p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
     p.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -136,6 +138,7 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
     )
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                          max_metric_labels=args.max_metric_labels,
                           torch_threads=args.torch_threads)
     return engine_config, server
 

@@ -68,6 +68,7 @@ class ServerConfig:
     max_queue: int = 256  # waiting requests beyond the engine's max_num_seqs before 503
     drain_timeout: int = 30  # seconds to finish requests in flight on SIGTERM
     torch_threads: int | None = None  # CPU threads for the model; None = every core
+    max_metric_labels: int = 256  # adapters with their own /metrics series; the rest share model="other"
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,6 +76,7 @@ class ServerConfig:
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.drain_timeout >= 0, "drain_timeout must be >= 0"),
             (self.torch_threads is None or self.torch_threads >= 1, "torch_threads must be >= 1"),
+            (self.max_metric_labels >= 1, "max_metric_labels must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

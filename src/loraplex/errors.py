@@ -57,3 +57,11 @@ class AdapterRankError(AdapterError):
 
 class UnsupportedAdapterFeatureError(AdapterError):
     """The adapter uses a PEFT feature loraplex refuses to ignore silently."""
+
+
+class StateWriteError(LoraplexError):
+    """Persistent state (the adapter registry) could not be written: the change was not applied."""
+
+    def __init__(self, message: str, disk_full: bool) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full  # ENOSPC/EDQUOT: HTTP 507; any other write failure: 503

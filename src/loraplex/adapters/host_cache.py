@@ -32,6 +32,10 @@ class HostCache(Generic[K, V]):
             self._entries.move_to_end(key)
         return value
 
+    def peek(self, key: K) -> V | None:
+        """The entry without marking it used (for reports)."""
+        return self._entries.get(key)
+
     def put(self, key: K, value: V) -> list[K]:
         """Insert as most recently used; evict LRU entries no one holds until within capacity. Returns evicted keys.
 

@@ -25,6 +25,7 @@ from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.slots import SlotGrant, SlotTable
+from loraplex.adapters.tiers import ResidentAdapter, TierView
 from loraplex.errors import AdapterError, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,10 @@ class AdapterManager:
             entry = self.registry.entries.get(name)
             if entry is None:  # unregistered elsewhere: free what no request uses
                 self._set_pin(name, None)
-                for key in [k for k in self._paths if k.name == name and not self.users.get(k)]:
-                    self._free(key)
+                held = {k for k in [*self.host.keys(), *self.slots.resident()] if k.name == name}
+                for key in held:
+                    if not self.users.get(key):
+                        self._free(key)
                 continue
             self._set_pin(name, AdapterKey(name, entry.current) if entry.pinned else None)
             self._collect_stale(name)
@@ -250,9 +253,24 @@ class AdapterManager:
                 evictions={"host": m.evictions["host"], "device": self.slots.evictions},
                 resident={"host": len(self.host), "device": len(self.slots.slot_of)},
                 loading=len(self._loading),
+                slot_refs=sum(self.slots.refs.values()),
                 queued=queued,
                 running=running,
             )
+
+    def tiers(self) -> TierView:
+        """Every device slot's occupant and the host cache's entries (LRU first), with ranks, references and pins."""
+        with self._lock:
+            def view(key: AdapterKey, refs: int) -> ResidentAdapter:
+                weights = self.host.peek(key)
+                return ResidentAdapter(key.name, key.version, None if weights is None else weights.rank, refs,
+                                       key in self.host.pinned)
+
+            slots: list[ResidentAdapter | None] = [None] * self.slots.num_slots
+            for key, slot in self.slots.slot_of.items():
+                slots[slot] = view(key, self.slots.refs.get(key, 0))
+            host = [view(key, self.users.get(key, 0)) for key in self.host.keys()]
+            return TierView(slots, host, self.host.capacity, [(k.name, k.version) for k in self._loading])
 
     def digest(self, key: AdapterKey) -> bytes:
         """The loaded weights' digest (peft_format): with the key, the prefix cache's namespace for the adapter."""
@@ -324,6 +342,8 @@ class AdapterManager:
     def _free(self, key: AdapterKey) -> None:
         self.host.drop(key)
         self.slots.invalidate_if_idle(key)
+        if key not in self._loading:
+            self._paths.pop(key, None)  # resolved again (from the registry) if a request names the version later
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

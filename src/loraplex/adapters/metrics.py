@@ -79,5 +79,6 @@ class AdapterStats:
     evictions: dict[str, int]
     resident: dict[str, int]  # tier -> adapters held there now
     loading: int  # disk loads in flight
+    slot_refs: int  # sum of the device slots' reference counts: 0 whenever no request is scheduled
     queued: dict[str, int]  # adapter name -> requests waiting
     running: dict[str, int]  # adapter name -> requests running

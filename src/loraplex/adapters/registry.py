@@ -2,8 +2,10 @@
 
 Sources: adapters named at start (name=path), an adapter root (`<root>/<name>/` is a PEFT directory,
 or `<root>/<name>/<version>/` holds versions), and run-time registrations. Run-time registrations,
-promotions and pins are persisted to a JSON file written atomically (temp file, fsync, rename),
-so a crash never leaves a partial registry.
+promotions, pins and the versions each name has had are persisted to a JSON file written atomically
+(temp file, fsync, rename, fsync of the directory), so a crash (kill -9, power loss) leaves either the
+old or the new file, never a partial one. A change is applied in memory only once it is on disk: a
+failed write (a full disk) raises StateWriteError and leaves the registry as it was.
 
 Several engines (the replicas of a cluster) may share one registry file on a shared directory: every change
 takes an exclusive lock on `<file>.lock`, first merges what the others wrote (`refresh`), then writes; an
@@ -12,23 +14,26 @@ engine that only serves calls `refresh` when the file changes and applies what `
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loraplex.adapters.key import NAME_RE, AdapterKey, AdapterSpec, validate_name
-from loraplex.errors import AdapterNotFoundError, AdapterVersionExistsError
+from loraplex.errors import AdapterNotFoundError, AdapterVersionExistsError, StateWriteError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VERSION = "1"
+STALE_TEMP_SECONDS = 3600  # temp files this old are left over from a crash mid-write, not a write in progress
 
 
 def _version_sort_key(v: str) -> tuple[int, int | str]:
@@ -63,7 +68,7 @@ class AdapterRegistry:
         if state_file is not None and state_file.is_file():
             with self._file_lock():
                 self._stamp = self._file_stamp()
-                self.entries = self._read_state(state_file)
+                self._load_state(state_file)
 
     # ---- lookup ---------------------------------------------------------------------------------
     def resolve(self, spec: AdapterSpec | AdapterKey) -> tuple[AdapterKey, Path]:
@@ -131,8 +136,7 @@ class AdapterRegistry:
         """Add a version of spec.name (spec.version, or the next integer); make it current when `promote`.
         A version the name has or had is refused (AdapterVersionExistsError): versions are immutable."""
         name, version = spec
-        with self._lock, self._file_lock():
-            self._refresh_locked()
+        with self._lock, self._transaction():
             entry = self.entries.get(name) or self._discover(name) or AdapterEntry(name)
             seen = self._seen.setdefault(name, set())
             seen.update(entry.versions)
@@ -149,8 +153,7 @@ class AdapterRegistry:
                 entry.current = version
             entry.persistent |= persistent
             self.entries[name] = entry
-            self._save()
-            return AdapterKey(name, version)
+        return AdapterKey(name, version)
 
     def current(self, name: str) -> str | None:
         """The version new requests for `name` get, None if it is not registered."""
@@ -159,34 +162,28 @@ class AdapterRegistry:
             return None if entry is None else entry.current
 
     def promote(self, name: str, version: str) -> None:
-        with self._lock, self._file_lock():
-            self._refresh_locked()
+        with self._lock, self._transaction():
             entry = self.entries.get(name)
             if entry is None or version not in entry.versions:
                 raise AdapterNotFoundError(f"adapter {name!r} has no registered version {version!r}")
             entry.current = version
             entry.persistent = True
-            self._save()
 
     def unregister(self, name: str) -> AdapterEntry:
-        with self._lock, self._file_lock():
-            self._refresh_locked()
+        with self._lock, self._transaction():
             entry = self.entries.pop(name, None)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
             self._seen.setdefault(name, set()).update(entry.versions)
-            self._save()
-            return entry
+        return entry
 
     def set_pinned(self, name: str, pinned: bool) -> None:
-        with self._lock, self._file_lock():
-            self._refresh_locked()
+        with self._lock, self._transaction():
             entry = self.entries.get(name) or self._discover(name)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered")
             entry.pinned = pinned
             entry.persistent = True
-            self._save()
 
     # ---- a registry file shared by several engines --------------------------------------------------
     def refresh(self) -> None:
@@ -213,7 +210,9 @@ class AdapterRegistry:
         if self.state_file is None or stamp == self._stamp:
             return
         ours = {n: e for n, e in self.entries.items() if e.persistent}
-        theirs = self._read_state(self.state_file) if stamp is not None else {}
+        theirs, seen = self._read_state(self.state_file) if stamp is not None else ({}, {})
+        for name, versions in seen.items():
+            self._seen.setdefault(name, set()).update(versions)
         for name, entry in theirs.items():
             old = self.entries.get(name)
             if old is not None:  # versions are immutable and never reused: the union is still right
@@ -249,32 +248,80 @@ class AdapterRegistry:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # ---- persistence ----------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Run a change (under the lock), then persist it; if the change or the write fails, the entries and
+        seen versions are restored, so memory never holds what the file does not."""
+        with self._file_lock():
+            self._refresh_locked()  # what other engines sharing the file wrote, merged before this change
+            entries = {n: replace(e, versions=dict(e.versions)) for n, e in self.entries.items()}
+            seen = {n: set(v) for n, v in self._seen.items()}
+            try:
+                yield
+                self._save()
+            except BaseException:
+                self.entries, self._seen = entries, seen
+                raise
+
     def _save(self) -> None:
         if self.state_file is None:
             return
-        state = {"adapters": {n: e.to_json() for n, e in sorted(self.entries.items()) if e.persistent}}
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=".registry-", suffix=".tmp")
+        retired = {n: sorted(v - set(self.entries[n].versions if n in self.entries else ()), key=_version_sort_key)
+                   for n, v in sorted(self._seen.items())}
+        state = {"adapters": {n: e.to_json() for n, e in sorted(self.entries.items()) if e.persistent},
+                 "retired": {n: v for n, v in retired.items() if v}}  # versions never to be reused
+        directory = self.state_file.parent
+        tmp: str | None = None
         try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".registry-", suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 json.dump(state, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_file)
+            tmp = None
             self._stamp = self._file_stamp()  # our own write is no change to merge
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            dir_fd = os.open(directory, os.O_RDONLY)  # the rename itself survives a power loss once this is synced
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise StateWriteError(
+                f"could not save the adapter registry {self.state_file}: {e.strerror or e}; the change was not "
+                "applied" + (" (free space on that disk, then retry)" if full else ""), disk_full=full) from e
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     @staticmethod
-    def _read_state(path: Path) -> dict[str, AdapterEntry]:
-        entries = {}
+    def _read_state(path: Path) -> tuple[dict[str, AdapterEntry], dict[str, set[str]]]:
+        """The file's adapters, and per name every version it has had (retired ones included)."""
+        entries: dict[str, AdapterEntry] = {}
+        seen: dict[str, set[str]] = {}
         try:
             state = json.loads(path.read_text())
             for name, data in state.get("adapters", {}).items():
                 versions = {v: Path(p) for v, p in data["versions"].items()}
                 entries[validate_name(name)] = AdapterEntry(
                     name, versions, data.get("current", DEFAULT_VERSION), bool(data.get("pinned")), persistent=True)
+                seen.setdefault(name, set()).update(versions)
+            for name, retired in state.get("retired", {}).items():
+                seen.setdefault(validate_name(name), set()).update(str(v) for v in retired)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise AdapterNotFoundError(f"adapter registry {path} is unreadable: {e}") from e
-        return entries
+        return entries, seen
+
+    def _load_state(self, path: Path) -> None:
+        self.entries, seen = self._read_state(path)
+        for name, versions in seen.items():
+            self._seen.setdefault(name, set()).update(versions)
+        now = time.time()
+        for tmp in path.parent.glob(".registry-*.tmp"):  # a crash mid-write leaves its temp file behind
+            try:
+                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                    tmp.unlink()
+            except OSError:
+                pass

@@ -41,7 +41,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = build_app(self.engine, self.server.served_model_name, self.keys, self.server.max_queue,
-                        shutdown_engine=False)
+                        shutdown_engine=False, max_metric_labels=self.server.max_metric_labels)
         app.state.loraplex.metrics.registry.register(ClusterCollector(self.engine))
         return app
 

@@ -3,11 +3,12 @@ No Ray, no torch at import."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from loraplex.adapters.metrics import AdapterStats
+from loraplex.adapters.key import AdapterKey
+from loraplex.adapters.metrics import Histogram
 from loraplex.engine.outputs import EngineSnapshot, ReplicaView
 
 if TYPE_CHECKING:
@@ -31,11 +32,13 @@ class ModelFacts:
 
 @dataclass(frozen=True, slots=True)
 class RouteInfo:
-    """The first item of every generate stream: where the request landed, and whether its adapter version was
-    already in that replica's memory (a routing hit) or had to be loaded (a miss; always a hit for the base)."""
+    """The first item of every generate stream, once the engine admitted the request: where it landed, whether
+    its adapter version was already in that replica's memory (a routing hit) or had to be loaded (a miss; always a
+    hit for the base), and that version."""
 
     replica: str
     resident: bool
+    adapter: AdapterKey | None  # the version the request was admitted on (None: the base model)
 
 
 @dataclass(slots=True)
@@ -60,35 +63,22 @@ def lean(snapshot: EngineSnapshot) -> EngineSnapshot:
 
 def merge(snapshots: list[EngineSnapshot]) -> EngineSnapshot | None:
     """The cluster's totals: counters, gauges and histogram buckets summed over the replicas."""
-    if not snapshots:
-        return None
-    first = snapshots[0]
+    return _total(snapshots) if snapshots else None
 
-    def total(dicts: list[dict[str, int]]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for d in dicts:
-            for k, v in d.items():
-                out[k] = out.get(k, 0) + v
-        return out
 
-    stats = [s.adapters for s in snapshots]
-    latency = {}
-    for tier, h in first.adapters.load_latency.items():
-        hs = [s.load_latency[tier] for s in stats if tier in s.load_latency]
-        latency[tier] = replace(h, counts=[sum(c) for c in zip(*(x.counts for x in hs))], total=sum(x.total for x in hs),
-                                n=sum(x.n for x in hs), samples=[])
-    adapters = AdapterStats(
-        loads=total([s.loads for s in stats]), load_failures=sum(s.load_failures for s in stats), load_latency=latency,
-        hits=total([s.hits for s in stats]), misses=total([s.misses for s in stats]),
-        evictions=total([s.evictions for s in stats]), resident=total([s.resident for s in stats]),
-        loading=sum(s.loading for s in stats), queued=total([s.queued for s in stats]),
-        running=total([s.running for s in stats]))
-    pcs = [s.prefix_cache for s in snapshots]
-    prefix = replace(first.prefix_cache, enabled=any(p.enabled for p in pcs), cached_blocks=sum(p.cached_blocks for p in pcs),
-                     evictions=sum(p.evictions for p in pcs), queries=total([p.queries for p in pcs]),
-                     hits=total([p.hits for p in pcs]))
-    return EngineSnapshot(waiting=sum(s.waiting for s in snapshots), running=sum(s.running for s in snapshots),
-                          last_step_tokens=sum(s.last_step_tokens for s in snapshots),
-                          kv_blocks_free=sum(s.kv_blocks_free for s in snapshots),
-                          kv_blocks_total=sum(s.kv_blocks_total for s in snapshots), adapters=adapters,
-                          prefix_cache=prefix)
+def _total(values: list[Any]) -> Any:
+    """Field by field: numbers summed, flags or-ed, dicts key by key, histograms bucket by bucket."""
+    first = values[0]
+    if isinstance(first, bool):
+        return any(values)
+    if isinstance(first, (int, float)):
+        return sum(values)
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for v in values for k in v)
+        return {k: _total([v[k] for v in values if k in v]) for k in keys}
+    if isinstance(first, Histogram):
+        return replace(first, counts=[sum(c) for c in zip(*(h.counts for h in values))],
+                       total=sum(h.total for h in values), n=sum(h.n for h in values), samples=[])
+    if is_dataclass(first):
+        return replace(first, **{f.name: _total([getattr(v, f.name) for v in values]) for f in fields(first)})
+    return first

@@ -24,9 +24,10 @@ from loraplex.adapters.manager import AdapterInfo
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo, merge
 from loraplex.cluster.routing import AdapterRouting
-from loraplex.engine.outputs import EngineSnapshot, ReplicaView, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
+from loraplex.server.errors import APIError
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, this many times in all
@@ -52,6 +53,7 @@ class RemoteStream:
 
     def __init__(self, gen: DeploymentResponseGenerator, route: RouteInfo, done: Any) -> None:
         self.route = route
+        self.adapter = route.adapter  # the version the replica admitted it on
         self._gen = gen
         self._done = done  # called once when the stream ends, however it ends
         self.finished = False
@@ -196,6 +198,11 @@ class RemoteEngine:
         if merged is None:
             raise EngineUnavailableError("no engine replica is reporting yet; retry shortly")
         return merged
+
+    async def stats(self) -> EngineStats:
+        """The dashboard's view is of one engine (its slots, its batches); a cluster has several."""
+        raise APIError(501, "/v1/stats and /dashboard show one engine; behind a cluster, /metrics has every "
+                       "replica's series and /v1/models each replica's adapters", "NotImplementedError")
 
     async def replicas(self) -> list[ReplicaView]:
         self.reports = await self.board.reports.remote()

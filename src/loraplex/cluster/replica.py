@@ -74,9 +74,9 @@ class EngineReplica:
             await self.claim(adapter)
         label = adapter or self.engine.model_name
         self.served[label] = self.served.get(label, 0) + 1
-        yield RouteInfo(self.id, resident)
         stream = await self.engine.add(prompt, sampling, adapter, cache_salt=cache_salt)
         try:
+            yield RouteInfo(self.id, resident, stream.adapter)
             async for out in stream:
                 yield out
         finally:

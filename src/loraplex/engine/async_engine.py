@@ -24,7 +24,7 @@ from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.memory import MemoryPlan
-from loraplex.engine.outputs import EngineSnapshot, ReplicaView, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.hardware import DtypeChoice
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
@@ -41,6 +41,7 @@ class RequestStream:
     def __init__(self, engine: AsyncLLMEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.request_id = request_id
         self.finished = False
+        self.adapter: AdapterKey | None = None  # the adapter version the request was admitted on (None: base)
         self._engine = engine
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -96,12 +97,18 @@ class AsyncLLMEngine:
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                   adapter: str | None = None, request_id: str | None = None,
                   cache_salt: str | None = None) -> RequestStream:
-        """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here."""
+        """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
+        `stream.adapter` is the version it was admitted on: pass str() of it to give a sibling the same version."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
+
+        def add() -> AdapterKey | None:
+            self.engine.add_request(prompt, sampling, adapter, request_id, cache_salt)
+            return self.engine.requests[request_id].adapter
+
         try:
-            await self.call(lambda: self.engine.add_request(prompt, sampling, adapter, request_id, cache_salt))
+            stream.adapter = await self.call(add)
         except BaseException:
             stream._close()
             raise
@@ -152,6 +159,10 @@ class AsyncLLMEngine:
     async def snapshot(self) -> EngineSnapshot:
         """Queue, batch, KV and adapter-cache state, read on the engine thread between steps."""
         return await self.call(self.engine.snapshot)
+
+    async def stats(self) -> EngineStats:
+        """The snapshot plus adapter tiers, the last steps' batches and requests per model (for the dashboard)."""
+        return await self.call(self.engine.stats)
 
     async def sync_adapters(self) -> list[str]:
         """Apply what other engines sharing the registry file changed (a file read: off the event loop)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
-from loraplex.engine.outputs import EngineSnapshot, ReplicaView, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 class EngineStream(Protocol):
     """One request's outputs in order; an error (adapter failed to load, engine gone) raises from iteration.
     `abort()` is synchronous and idempotent, so a cancelled handler can always release the request."""
+
+    adapter: AdapterKey | None  # the adapter version the request was admitted on (None: the base model)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
 
@@ -52,6 +54,8 @@ class EngineClient(Protocol):
     async def snapshot(self) -> EngineSnapshot: ...
 
     async def replicas(self) -> list[ReplicaView]: ...
+
+    async def stats(self) -> EngineStats: ...
 
     def shutdown(self) -> None: ...
 

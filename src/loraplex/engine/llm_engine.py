@@ -27,9 +27,10 @@ from loraplex.engine import detokenizer
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner
-from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, PrefixCacheSnapshot, RequestOutput
+from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, EngineStats, PrefixCacheSnapshot, RequestOutput
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
+from loraplex.engine.step_log import StepLog
 from loraplex.engine.structured import StructuredOutputs
 from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
 from loraplex.sampling import SamplingParams, TokenLogprobs
@@ -63,6 +64,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
         self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)
+        self.step_log = StepLog(self.model_name)  # the last steps' batch composition, for the dashboard
         self._ids = itertools.count()
         for name, path in config.lora_modules:
             self.register_adapter(name, path, persistent=False)
@@ -220,8 +222,11 @@ class LLMEngine:
             if self.scheduler.has_unfinished() and self.adapters.loading:
                 time.sleep(0.0005)  # only requests waiting for disk loads: don't spin the core they need
             return outputs
-        self.last_step_tokens = sum(s.num_tokens for s in sched.seqs)
+        t0 = time.perf_counter()
         sampled = self.runner.execute(sched.seqs)
+        self.last_step_tokens = self.step_log.record(sched.seqs, time.perf_counter() - t0,
+                                                     self.blocks.num_blocks - self.blocks.num_free,
+                                                     len(self.scheduler.waiting))
         self.scheduler.advance(sched.seqs)
         return outputs + [self._process(req, token, lp) for req, token, lp in sampled]
 
@@ -338,6 +343,15 @@ class LLMEngine:
                               last_step_tokens=self.last_step_tokens, kv_blocks_free=self.blocks.num_free,
                               kv_blocks_total=self.blocks.num_blocks, adapters=self.adapter_stats(),
                               prefix_cache=prefix)
+
+    def stats(self) -> EngineStats:
+        """The dashboard's view: the snapshot, the adapter tiers, the last steps, requests per model (call it on
+        the thread that steps)."""
+        snap = self.snapshot()
+        base = self.model_name
+        queued = {base: len(self.scheduler.waiting) - sum(snap.adapters.queued.values()), **snap.adapters.queued}
+        running = {base: len(self.scheduler.running) - sum(snap.adapters.running.values()), **snap.adapters.running}
+        return EngineStats(snap, self.adapters.tiers(), self.step_log.history(), queued, running)
 
     def _label(self, adapter: str | None) -> str:
         return self.model_name if adapter is None else adapter

@@ -1,5 +1,5 @@
 """What the engine returns: vLLM-shaped RequestOutput / CompletionOutput, with streaming deltas; and
-EngineSnapshot, its state between two steps (for /metrics)."""
+EngineSnapshot, its state between two steps (for /metrics); EngineStats, the dashboard's fuller view."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from loraplex.adapters.key import AdapterKey
 from loraplex.adapters.metrics import AdapterStats
+from loraplex.adapters.tiers import TierView
+from loraplex.engine.step_log import BatchHistory
 from loraplex.sampling import TokenLogprobs
 
 
@@ -71,3 +73,14 @@ class ReplicaView:
     resident: dict[str, list[str]]  # "name@version" -> the tiers holding it ("device", "host")
     versions: dict[str, str]  # adapter name -> its current version as this engine's registry has it
     registry_version: int = 0  # the registry file's mtime (ns) as this engine last read or wrote it; 0: no file
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """What the dashboard shows of the engine, read in one call between two steps."""
+
+    snapshot: EngineSnapshot
+    tiers: TierView
+    batch: BatchHistory
+    queued: dict[str, int]  # model (adapter name, or the base model's) -> requests waiting
+    running: dict[str, int]  # model -> requests in the batch

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loraplex.engine.client import EngineClient
-from loraplex.server import admin_routes, errors, openai_routes
+from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.state import ServerState
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
-              max_queue: int = 256, shutdown_engine: bool = True) -> FastAPI:
+              max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -31,7 +31,7 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
     state = ServerState(
         engine=engine,
         auth=Authenticator(keys),
-        metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device),
+        metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device, max_metric_labels),
         served_name=served_name or engine.model_name,
         max_in_flight=engine.max_num_seqs + max_queue,
     )
@@ -39,4 +39,5 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(dashboard_routes.router)
     return app

@@ -15,6 +15,7 @@ from loraplex.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     LoraplexError,
+    StateWriteError,
 )
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def error_body(status: int, message: str, type_: str, param: str | None = None) 
 def status_of(e: BaseException) -> tuple[int, str]:
     if isinstance(e, APIError):
         return e.status, e.type
+    if isinstance(e, StateWriteError):  # the server's disk, not the client's request
+        return (507, "InsufficientStorageError") if e.disk_full else (503, "ServiceUnavailableError")
     if isinstance(e, AdapterNotFoundError):
         return 404, "NotFoundError"
     if isinstance(e, EngineUnavailableError):

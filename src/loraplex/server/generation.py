@@ -20,6 +20,7 @@ from loraplex.server import tools
 from loraplex.server.errors import APIError, bad_request
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from loraplex.server.tenant_stats import TenantWindow
 
 
 def _logprobs(body: SamplingFields) -> int | None:
@@ -161,46 +162,92 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 @dataclass(slots=True)
 class Tracker:
-    """Per-request timing for TTFT, time per output token and latency."""
+    """Per-request timing for TTFT, time per output token and latency, into /metrics and the dashboard's rows."""
 
     metrics: ServerMetrics
-    model: str
+    model: str  # the adapter's name (or the base model's); "unknown" for a name that was not found
     start: float = field(default_factory=time.perf_counter)
     first: float | None = None
     tokens: int = 0
     prompt_tokens: int = 0
+    _label: str | None = None
+    accepted: bool = False  # the engine took the request: only then may it create its tenant's dashboard row
+    _window: TenantWindow | None = None
+
+    @property
+    def label(self) -> str:
+        """The model label of this request's series, taken through the metrics' LabelGate at first use: only once
+        the engine has accepted the name (or it is "unknown"), so a made-up name never takes a series."""
+        if self._label is None:
+            self._label = self.metrics.label(self.model)
+        return self._label
+
+    def window(self) -> TenantWindow | None:
+        """The dashboard's window of this request's tenant (server/tenant_stats.py): created once the engine has
+        accepted the request; before that only an existing one is used, so a made-up name never makes a row."""
+        if self._window is None:
+            tenants = self.metrics.tenants
+            self._window = tenants.window(self.model) if self.accepted else tenants.existing(self.model)
+        return self._window
 
     def saw(self, out: RequestOutput) -> None:
         new = len(out.outputs[0].delta_token_ids)
-        if new and self.first is None:
+        if not new:
+            return
+        window = self.window()
+        if self.first is None:
             self.first = time.perf_counter()
-            self.metrics.ttft.labels(self.model).observe(self.first - self.start)
+            self.metrics.ttft.labels(self.label).observe(self.first - self.start)
+            if window is not None:
+                window.first_token(self.first - self.start, time.monotonic())
+        if window is not None:
+            window.tokens(new, time.monotonic())
         self.tokens += new
 
     def done(self, status: str) -> None:
         end = time.perf_counter()
         m = self.metrics
-        m.requests.labels(self.model, status).inc()
-        m.latency.labels(self.model).observe(end - self.start)
-        m.generation_tokens.labels(self.model).inc(self.tokens)
-        m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        m.requests.labels(self.label, status).inc()
+        m.latency.labels(self.label).observe(end - self.start)
+        m.generation_tokens.labels(self.label).inc(self.tokens)
+        m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
+        tpot = None
         if self.first is not None and self.tokens > 1:
-            m.tpot.labels(self.model).observe((end - self.first) / (self.tokens - 1))
+            tpot = (end - self.first) / (self.tokens - 1)
+            m.tpot.labels(self.label).observe(tpot)
+        window = self.window()
+        if window is not None:
+            window.finished(status, self.prompt_tokens, tpot, time.monotonic())
 
 
 Started = list[tuple[RequestOutput, EngineStream]]
+
+
+def pinned_version(stream: EngineStream, adapter: str | None) -> str | None:
+    """The spec that admits a sibling of `stream` (another choice or prompt of one HTTP request) on its version."""
+    return adapter if stream.adapter is None else str(stream.adapter)
+
+
+def fingerprint(firsts: Started, base_name: str) -> str:
+    """OpenAI's system_fingerprint, naming the backend the answer came from: the adapter version ("legal@2"), or
+    the base model's served name."""
+    key = firsts[0][1].adapter if firsts else None
+    return base_name if key is None else str(key)
 
 
 async def open_streams(engine: EngineClient, prompt: list[int], params: list[SamplingParams], adapter: str | None,
                        tracker: Tracker, cache_salt: str | None = None) -> Started:
     """Start one engine request per choice and wait for each one's first output, so that an invalid request
     (unknown adapter, prompt too long, adapter that fails to load) surfaces as an error status before any
-    streaming begins."""
+    streaming begins. Every choice runs on the adapter version the first was admitted on, even if a promotion
+    lands between their admissions."""
     streams: list[EngineStream] = []
     firsts: Started = []
     try:
         for p in params:
             streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt))
+            adapter = pinned_version(streams[0], adapter)
+            tracker.accepted = True  # the model resolved: a registered adapter, or the base model
         for s in streams:
             first = await anext(s)
             tracker.saw(first)

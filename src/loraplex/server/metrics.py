@@ -1,8 +1,12 @@
 """Prometheus metrics: per-adapter request counts, latency, TTFT and time per output token; queue depth,
-batch size and KV blocks; the adapter cache. Engine state is read on the engine thread at scrape time."""
+batch size and KV blocks; the adapter cache. Engine state is read on the engine thread at scrape time.
+
+Label cardinality is bounded: a series per adapter *name* (never per version, never a name a client made up),
+for at most --max-metric-labels names; later names share the series model="other"."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from loraplex.engine.memory import MemoryPlan
 from loraplex.engine.outputs import EngineSnapshot
+from loraplex.server.tenant_stats import TenantStats
 
 disable_created_metrics()  # the *_created series only add noise here
 
@@ -18,8 +23,39 @@ _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+OTHER = "other"
+
+
+class LabelGate:
+    """The first `limit` distinct values of a label keep their own series; later ones map to "other". Bounded
+    memory whatever clients send or however many adapters come and go."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: set[str] = set()
+        self._lock = threading.Lock()  # the event loop and the scrape path both call it
+
+    def __call__(self, value: str) -> str:
+        with self._lock:
+            if value in self._kept:
+                return value
+            if len(self._kept) < self.limit:
+                self._kept.add(value)
+                return value
+            return OTHER
+
+    def fold(self, values: dict[str, int]) -> dict[str, int]:
+        """Per-name counts with the names beyond the limit summed under "other"."""
+        out: dict[str, int] = {}
+        for name, n in values.items():
+            label = self(name)
+            out[label] = out.get(label, 0) + n
+        return out
+
+
 class ServerMetrics:
-    def __init__(self, memory: MemoryPlan, dtype: str, device: str) -> None:
+    def __init__(self, memory: MemoryPlan, dtype: str, device: str, max_labels: int = 256) -> None:
+        self.label = LabelGate(max_labels)  # applied to every model/adapter label
         self.memory = memory
         self.dtype = dtype  # what --dtype resolved to (hardware.resolve_dtype)
         self.device = device  # e.g. "AMD EPYC (AVX2)": the CPU class the dtype was resolved for
@@ -35,6 +71,7 @@ class ServerMetrics:
                               ["model"], buckets=_PER_TOKEN, registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.tenants = TenantStats()  # the dashboard's per-tenant windows (bounded)
         self.snapshot: EngineSnapshot | None = None
         r.register(_EngineCollector(self))
 
@@ -57,6 +94,7 @@ def _histogram(name: str, doc: str, label: str, hists: dict[str, Any]) -> Histog
 
 
 def _counters(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    """values: label value -> count, already bounded (LabelGate.fold) where the values are adapter names."""
     fam = CounterMetricFamily(name, doc, labels=[label])
     for value, n in values.items():
         fam.add_metric([value], n)
@@ -94,9 +132,11 @@ class _EngineCollector:
         kv.add_metric(["used"], s.kv_blocks_total - s.kv_blocks_free)
         yield kv
         pc = s.prefix_cache
+        gate = self.metrics.label
         yield _counters("loraplex_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, by model",
-                        "model", pc.queries)
-        yield _counters("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache, by model", "model", pc.hits)
+                        "model", gate.fold(pc.queries))
+        yield _counters("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache, by model", "model",
+                        gate.fold(pc.hits))
         yield GaugeMetricFamily("loraplex_prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start",
                                 value=pc.hit_rate)
         yield GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks findable in the prefix cache",
@@ -117,9 +157,11 @@ class _EngineCollector:
             resident.add_metric([tier], v)
         yield resident
         yield GaugeMetricFamily("loraplex_adapter_loads_in_flight", "Disk loads running", value=a.loading)
+        yield GaugeMetricFamily("loraplex_adapter_slot_references",
+                                "Requests holding a device slot (sum of the slots' reference counts)", value=a.slot_refs)
         yield _histogram("loraplex_adapter_load_seconds", "Adapter load latency by tier", "tier", a.load_latency)
         per = GaugeMetricFamily("loraplex_adapter_requests", "Requests per adapter by state", labels=["adapter", "state"])
         for state, counts in (("queued", a.queued), ("running", a.running)):
-            for adapter, n in counts.items():
+            for adapter, n in gate.fold(counts).items():
                 per.add_metric([adapter, state], n)
         yield per

@@ -16,7 +16,8 @@ from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError, error_body, public_message, status_of
 from loraplex.server import logprobs, tools
-from loraplex.server.generation import Tracker, choice_params, collect, merged, open_streams, render_chat, sampling_params
+from loraplex.server.generation import (Tracker, choice_params, collect, fingerprint, merged, open_streams, pinned_version,
+                                        render_chat, sampling_params)
 from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
@@ -55,14 +56,15 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def _start(st: ServerState, request: Request, prompt: list[int], params: list, adapter: str | None,
-                 label: str, cache_salt: str | None) -> tuple[Tracker, list]:
-    tracker = Tracker(st.metrics, label, prompt_tokens=len(prompt))
+                 cache_salt: str | None) -> tuple[Tracker, list]:
+    name = st.served_name if adapter is None else st.engine.adapter_spec(adapter).name  # a series per name, not version
+    tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt))
     try:
         return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, cache_salt)
     except Exception as e:
         status = status_of(e)[0]
         if status == 404:
-            tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label
+            tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label or a dashboard row
         tracker.done(str(status))
         raise
 
@@ -102,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     st.admit(body.n)
     try:
-        tracker, firsts = await _start(st, request, prompt, params, adapter, body.model, body.cache_salt)
+        tracker, firsts = await _start(st, request, prompt, params, adapter, body.cache_salt)
     except BaseException:
         st.leave(body.n)
         raise
@@ -120,13 +122,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                                                                       c.logprobs)})
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+            "system_fingerprint": fingerprint(firsts, st.served_name),
             "usage": _usage(len(prompt), outs, per_prompt=len(outs)),
         }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     async def events() -> AsyncIterator[str]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "system_fingerprint": fingerprint(firsts, st.served_name)}
         finals: list[RequestOutput] = []
         status, completed = "200", False
         lps = logprobs.Stream(st.engine.tokenizer, "chat")
@@ -215,7 +219,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     started: list[tuple[Tracker, list]] = []
     try:
         for prompt in prompts:
-            started.append(await _start(st, request, prompt, params, adapter, body.model, body.cache_salt))
+            started.append(await _start(st, request, prompt, params, adapter, body.cache_salt))
+            adapter = pinned_version(started[0][1][0][1], adapter)  # every prompt on the first one's version
     except BaseException:
         for tracker, firsts in started:
             for _, s in firsts:
@@ -242,12 +247,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             st.leave(n_total)
         prompt_tokens = sum(len(p) for p in prompts) * body.n
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "system_fingerprint": fingerprint(started[0][1], st.served_name),
                 "choices": choices, "usage": _usage(prompt_tokens, outs_all)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     async def events() -> AsyncIterator[str]:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "system_fingerprint": fingerprint(started[0][1], st.served_name)}
         finals: list[RequestOutput] = []
         done_trackers = 0
         lps = logprobs.Stream(st.engine.tokenizer, "completion")
@@ -303,7 +310,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
     st.admit()
     try:
-        tracker, firsts = await _start(st, request, prompt, [params], adapter, model, body.cache_salt)
+        tracker, firsts = await _start(st, request, prompt, [params], adapter, body.cache_salt)
         outs = await _collect(request, firsts, tracker)
     finally:
         st.leave()

@@ -67,7 +67,8 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
     if keys is None and not is_loopback(server.host):
         log.warning("no --api-keys file: the server on %s is open to anyone who can reach it", server.host)
     engine = AsyncLLMEngine(engine_config)
-    app = build_app(engine, server.served_model_name, keys, server.max_queue)
+    app = build_app(engine, server.served_model_name, keys, server.max_queue,
+                    max_metric_labels=server.max_metric_labels)
     log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)
     uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
                                                    timeout_graceful_shutdown=server.drain_timeout), app)

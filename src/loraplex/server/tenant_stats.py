@@ -1,0 +1,115 @@
+"""Per-tenant windows for the dashboard: requests/s and tokens/s over the last seconds, TTFT and time per output
+token percentiles over the last minutes, errors by status. A tenant is the base model or an adapter name.
+
+Everything is bounded: each tenant keeps fixed-size rings, and at most `max_tenants` tenants are tracked (the
+least recently active is dropped first). Rows are created only for models a request resolved to (the base
+model or a registered adapter); an unknown name is a 404 before any row exists. Used on the event loop only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+RATE_WINDOW_S = 10  # requests/s and tokens/s: over the last 10 s (one bucket per second)
+LATENCY_WINDOW_S = 300  # TTFT and TPOT percentiles: over the last 5 minutes ...
+LATENCY_SAMPLES = 512  # ... and at most the last 512 requests
+MAX_TENANTS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRow:
+    requests_per_s: float
+    tokens_per_s: float  # output tokens
+    requests: int  # finished since start, any status
+    output_tokens: int
+    prompt_tokens: int
+    ttft_p50: float | None  # seconds; None without a sample in the window
+    ttft_p99: float | None
+    tpot_p50: float | None
+    tpot_p99: float | None
+    errors: dict[str, int]  # HTTP status -> requests since start (4xx, 499, 5xx)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]) of unsorted values; None when there are none."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s), max(1, math.ceil(q / 100 * len(s)))) - 1]
+
+
+class TenantWindow:
+    def __init__(self) -> None:
+        self._seconds: deque[list[int]] = deque(maxlen=RATE_WINDOW_S + 1)  # [second, finished, output tokens]
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)  # (when, seconds)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
+        self.requests = self.output_tokens = self.prompt_tokens = 0
+        self.errors: dict[str, int] = {}  # keyed by HTTP status: a small fixed set
+
+    def _bucket(self, now: float) -> list[int]:
+        second = int(now)
+        if not self._seconds or self._seconds[-1][0] != second:
+            self._seconds.append([second, 0, 0])
+        return self._seconds[-1]
+
+    def tokens(self, n: int, now: float) -> None:
+        self._bucket(now)[2] += n
+        self.output_tokens += n
+
+    def first_token(self, ttft: float, now: float) -> None:
+        self._ttft.append((now, ttft))
+
+    def finished(self, status: str, prompt_tokens: int, tpot: float | None, now: float) -> None:
+        self._bucket(now)[1] += 1
+        self.requests += 1
+        self.prompt_tokens += prompt_tokens
+        if tpot is not None:
+            self._tpot.append((now, tpot))
+        if status != "200":
+            self.errors[status] = self.errors.get(status, 0) + 1
+
+    def row(self, now: float) -> TenantRow:
+        recent = [b for b in self._seconds if b[0] > int(now) - RATE_WINDOW_S]
+        ttft = [v for t, v in self._ttft if t > now - LATENCY_WINDOW_S]
+        tpot = [v for t, v in self._tpot if t > now - LATENCY_WINDOW_S]
+        return TenantRow(
+            requests_per_s=sum(b[1] for b in recent) / RATE_WINDOW_S,
+            tokens_per_s=sum(b[2] for b in recent) / RATE_WINDOW_S,
+            requests=self.requests, output_tokens=self.output_tokens, prompt_tokens=self.prompt_tokens,
+            ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
+            tpot_p50=percentile(tpot, 50), tpot_p99=percentile(tpot, 99),
+            errors=dict(self.errors),
+        )
+
+
+class TenantStats:
+    def __init__(self, max_tenants: int = MAX_TENANTS) -> None:
+        self.max_tenants = max_tenants
+        self._windows: OrderedDict[str, TenantWindow] = OrderedDict()  # least recently active first
+
+    def window(self, tenant: str) -> TenantWindow:
+        w = self._windows.get(tenant)
+        if w is None:
+            w = self._windows[tenant] = TenantWindow()
+            if len(self._windows) > self.max_tenants:
+                self._windows.popitem(last=False)
+        else:
+            self._windows.move_to_end(tenant)
+        return w
+
+    def existing(self, tenant: str) -> TenantWindow | None:
+        """The tenant's window if it has one; never creates a row (for requests refused before the engine)."""
+        return self._windows.get(tenant)
+
+    def rows(self, registered: list[str], show: set[str], now: float | None = None) -> dict[str, TenantRow]:
+        """A row for each registered tenant that has had traffic or is in `show` (zeros without traffic). Windows
+        of tenants no longer registered (an adapter since unloaded) are dropped: the map never outgrows them."""
+        now = time.monotonic() if now is None else now
+        wanted = set(registered)
+        for gone in [t for t in self._windows if t not in wanted]:
+            del self._windows[gone]
+        return {t: (self._windows.get(t) or TenantWindow()).row(now) for t in registered
+                if t in self._windows or t in show}
