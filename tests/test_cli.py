@@ -30,3 +30,13 @@ def test_generate_bad_adapter(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "adapter_config.json is not valid JSON" in err and "Traceback" not in err
+
+
+def test_cluster_flags_are_checked_before_ray_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    """`loraplex cluster` shares serve's flags; a claim larger than the host tier, or joining a cluster without a
+    shared adapter store, is a one-line error (and no Ray instance is started)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["cluster", "--max-cpu-loras", "8", "--max-adapters-per-replica", "16"])
+    assert exc.value.code == 2 and "raise --max-cpu-loras" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--adapter-dir is required with --ray-address"):
+        main(["cluster", "--ray-address", "auto"])

@@ -84,7 +84,8 @@ def test_registry_survives_restart(tmp_path: Path) -> None:
     reg.set_pinned("legal", True)
     reg.register(spec("static"), a1, persistent=False)
     assert json.loads(state.read_text())["adapters"]["legal"]["current"] == "2"
-    assert [p.name for p in state.parent.iterdir()] == ["registry.json"]  # no temp file left behind
+    # No temp file left behind; the lock file orders writers sharing the registry.
+    assert sorted(p.name for p in state.parent.iterdir()) == ["registry.json", "registry.json.lock"]
 
     again = AdapterRegistry(state_file=state)
     assert again.resolve(spec("legal")) == (AdapterKey("legal", "2"), a2)
@@ -169,7 +170,7 @@ def test_full_disk_keeps_the_old_state(tmp_path: Path, small_disk: Path) -> None
     assert state.read_text() == before
     assert reg.resolve(spec("legal")) == (AdapterKey("legal", "1"), a1)
     assert list(reg.entries["legal"].versions) == ["1"]
-    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "registry.json"]  # no temp file left
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "registry.json", "registry.json.lock"]  # no temp file
     assert AdapterRegistry(state_file=state).resolve(spec("legal"))[0] == AdapterKey("legal", "1")
     filler.unlink()
     assert reg.register(spec("legal"), a2) == AdapterKey("legal", "2")  # version 2 was never handed out

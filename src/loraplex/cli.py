@@ -1,4 +1,4 @@
-"""Command line: `loraplex serve | generate | train | merge | demo | info`."""
+"""Command line: `loraplex serve | cluster | generate | train | merge | demo | info`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-from loraplex.units import parse_bytes
-from loraplex.errors import LoraplexError
+from loraplex.units import parse_bytes  # noqa: E402
+from loraplex.errors import LoraplexError  # noqa: E402
+
+if TYPE_CHECKING:
+    from loraplex.config import EngineConfig, ServerConfig
 
 
 def _size(text: str) -> int:
@@ -111,13 +115,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-metric-labels", type=int, default=256,
                    help="adapters with their own series on /metrics; later ones are counted under model=\"other\"")
     p.add_argument("--drain-timeout", type=int, default=30, help="seconds to finish requests in flight on SIGTERM")
+    p.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model (default: every core; OpenMP threads sleep between steps)")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
+                    registry_file: str | None = None) -> tuple[EngineConfig, ServerConfig]:
+    """The engine and server configs from `serve`'s flags (shared by serve and cluster)."""
     from loraplex.config import EngineConfig, ServerConfig
-    from loraplex.server.serve import serve
 
     modules = _parse_modules(args.lora_modules)
     if args.demo_adapters:
@@ -126,14 +132,57 @@ def cmd_serve(args: argparse.Namespace) -> None:
         modules = {**demo_adapters(), **modules}
     engine_config = EngineConfig(
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(modules.items()), adapter_dir=args.adapter_dir,
-        registry_file=args.registry_file, **engine_kwargs(args),  # type: ignore[arg-type]
+        max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(modules.items()),
+        adapter_dir=adapter_dir or args.adapter_dir, registry_file=registry_file or args.registry_file,
+        **engine_kwargs(args),  # type: ignore[arg-type]
     )
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                           max_metric_labels=args.max_metric_labels,
                           torch_threads=args.torch_threads)
-    serve(engine_config, server)
+    return engine_config, server
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from loraplex.server.serve import serve
+
+    serve(*_server_configs(args))
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=int, default=2, help="engine replicas (each one AsyncLLMEngine)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto, or ray://head:10001); default: start Ray on this machine")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray num_cpus per replica (fractions allowed)")
+    p.add_argument("--max-adapters-per-replica", type=int, default=None,
+                   help="adapters a replica claims for routing (default: --max-cpu-loras)")
+    p.add_argument("--hot-adapter-threshold", type=int, default=16,
+                   help="requests in flight for one adapter per replica running it before it spreads to another")
+    p.add_argument("--spill-margin", type=int, default=2,
+                   help="requests in flight by which an adapter's least loaded holder may exceed the least loaded "
+                        "replica before the adapter spreads to another")
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from loraplex.cluster.app import run
+    from loraplex.cluster.config import ClusterConfig
+    from loraplex.server.auth import load_keys
+
+    if args.adapter_dir is None and args.ray_address is not None:
+        raise SystemExit("--adapter-dir is required with --ray-address: a directory every node mounts, the "
+                         "cluster's shared adapter store")
+    with tempfile.TemporaryDirectory(prefix="loraplex-store-") as scratch:
+        adapter_dir = args.adapter_dir or scratch  # one machine: a local directory is a shared store
+        registry = args.registry_file or str(Path(adapter_dir) / "registry.json")
+        engine_config, server = _server_configs(args, adapter_dir, registry)
+        cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address,
+                                cpus_per_replica=args.cpus_per_replica,
+                                max_adapters_per_replica=args.max_adapters_per_replica or args.max_cpu_loras,
+                                hot_adapter_threshold=args.hot_adapter_threshold, spill_margin=args.spill_margin)
+        logging.getLogger(__name__).info("adapter store: %s (registry %s)", adapter_dir, registry)
+        run(engine_config, server, cluster, load_keys(server.api_keys) if server.api_keys else None)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -199,8 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     _serve_args(srv)
     _engine_args(srv, with_model=False)
-    srv.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
     srv.set_defaults(fn=cmd_serve)
+
+    cl = sub.add_parser("cluster", help="the same server over several engine replicas on Ray Serve")
+    _serve_args(cl)
+    _engine_args(cl, with_model=False)
+    _cluster_args(cl)
+    cl.set_defaults(fn=cmd_cluster)
 
     demo = sub.add_parser("demo", help="the same questions to the base model and two trained tenants, side by side")
     demo.add_argument("--url", default="http://127.0.0.1:8000", help="a running `loraplex serve` (else offline)")
@@ -240,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     info.set_defaults(fn=cmd_info)
 
     args = parser.parse_args(argv)
-    verbose = args.verbose or args.command == "serve"
+    verbose = args.verbose or args.command in ("serve", "cluster")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -15,6 +15,10 @@ class ModelLoadError(LoraplexError):
     """A model directory or file could not be read."""
 
 
+class EngineUnavailableError(LoraplexError):
+    """No engine can take the request now (shut down, or its replica died): retry later (HTTP 503)."""
+
+
 class InvalidRequestError(LoraplexError):
     """A request parameter is out of range or inconsistent."""
 

@@ -82,6 +82,7 @@ class AdapterManager:
             if promote:
                 self._follow_current(spec.name)
                 self._collect_stale(spec.name)
+            self._apply_changes()  # what another engine changed, merged before this registration
         return key
 
     def promote(self, name: str, version: str) -> None:
@@ -89,6 +90,37 @@ class AdapterManager:
             self.registry.promote(name, version)
             self._follow_current(name)
             self._collect_stale(name)
+            self._apply_changes()
+
+    def sync(self) -> list[str]:
+        """Apply what other engines sharing the registry file changed (registrations, promotions, pins,
+        unregistrations), as if they had been made here; requests running keep their version. Returns the names."""
+        self.registry.refresh()
+        with self._lock:
+            return self._apply_changes()
+
+    def _apply_changes(self) -> list[str]:
+        names = sorted(self.registry.take_changes())
+        for name in names:
+            entry = self.registry.entries.get(name)
+            if entry is None:  # unregistered elsewhere: free what no request uses
+                self._set_pin(name, None)
+                held = {k for k in [*self.host.keys(), *self.slots.resident()] if k.name == name}
+                for key in held:
+                    if not self.users.get(key):
+                        self._free(key)
+                continue
+            self._set_pin(name, AdapterKey(name, entry.current) if entry.pinned else None)
+            self._collect_stale(name)
+        return names
+
+    def resident(self) -> dict[AdapterKey, list[str]]:
+        """Each adapter version held in memory -> its tiers ("device", "host")."""
+        with self._lock:
+            out: dict[AdapterKey, list[str]] = {k: ["host"] for k in self.host.keys()}
+            for key in self.slots.resident():
+                out.setdefault(key, []).insert(0, "device")
+            return out
 
     def catalog(self) -> list[AdapterInfo]:
         """Every adapter registered or found under the adapter root (a directory scan: not on the event loop)."""
@@ -108,6 +140,7 @@ class AdapterManager:
                 key = AdapterKey(name, version)
                 if not self.users.get(key):
                     self._free(key)
+            self._apply_changes()
 
     def pin(self, name: str, pinned: bool = True) -> None:
         """Keep `name`'s current version in a device slot (loaded in the background if needed); the pin follows
@@ -121,6 +154,7 @@ class AdapterManager:
                 )
             self.registry.set_pinned(name, pinned)
             self._set_pin(name, key if pinned else None)
+            self._apply_changes()
 
     def _set_pin(self, name: str, key: AdapterKey | None) -> None:
         """Move `name`'s pin to `key` (None: unpin it): the tiers hold the pinned version, and only that one."""

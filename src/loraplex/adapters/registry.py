@@ -6,11 +6,16 @@ promotions, pins and the versions each name has had are persisted to a JSON file
 (temp file, fsync, rename, fsync of the directory), so a crash (kill -9, power loss) leaves either the
 old or the new file, never a partial one. A change is applied in memory only once it is on disk: a
 failed write (a full disk) raises StateWriteError and leaves the registry as it was.
+
+Several engines (the replicas of a cluster) may share one registry file on a shared directory: every change
+takes an exclusive lock on `<file>.lock`, first merges what the others wrote (`refresh`), then writes; an
+engine that only serves calls `refresh` when the file changes and applies what `take_changes` returns.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -58,8 +63,12 @@ class AdapterRegistry:
         # entry with a later registration under the same name.
         self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()  # registrations may come from the HTTP thread and the engine thread
+        self._stamp: tuple[int, int, int] | None = None  # the file as last read or written: (mtime_ns, size, inode)
+        self._changed: set[str] = set()  # names another engine changed, merged by refresh, not yet taken
         if state_file is not None and state_file.is_file():
-            self._load_state(state_file)
+            with self._file_lock():
+                self._stamp = self._file_stamp()
+                self._load_state(state_file)
 
     # ---- lookup ---------------------------------------------------------------------------------
     def resolve(self, spec: AdapterSpec | AdapterKey) -> tuple[AdapterKey, Path]:
@@ -176,19 +185,83 @@ class AdapterRegistry:
             entry.pinned = pinned
             entry.persistent = True
 
+    # ---- a registry file shared by several engines --------------------------------------------------
+    def refresh(self) -> None:
+        """Merge what other engines wrote to the registry file since this one last read or wrote it (a stat when
+        nothing changed). The names whose versions, current version or pin changed wait in `take_changes`."""
+        if self.state_file is None or self._file_stamp() == self._stamp:
+            return
+        with self._lock, self._file_lock():
+            self._refresh_locked()
+
+    @property
+    def version(self) -> int:
+        """The registry file's mtime (ns) as last read or written here: engines at the same version agree."""
+        return self._stamp[0] if self._stamp is not None else 0
+
+    def take_changes(self) -> set[str]:
+        """Names changed by another engine since the last call (refresh, or a change of ours that merged first)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
+
+    def _refresh_locked(self) -> None:
+        stamp = self._file_stamp()
+        if self.state_file is None or stamp == self._stamp:
+            return
+        ours = {n: e for n, e in self.entries.items() if e.persistent}
+        theirs, seen = self._read_state(self.state_file) if stamp is not None else ({}, {})
+        for name, versions in seen.items():
+            self._seen.setdefault(name, set()).update(versions)
+        for name, entry in theirs.items():
+            old = self.entries.get(name)
+            if old is not None:  # versions are immutable and never reused: the union is still right
+                entry.versions = {**old.versions, **entry.versions}
+            if old is None or (old.versions, old.current, old.pinned) != (entry.versions, entry.current, entry.pinned):
+                self._changed.add(name)
+            self._seen.setdefault(name, set()).update(entry.versions)
+            self.entries[name] = entry
+        for name in ours.keys() - theirs.keys():  # unregistered by another engine
+            self._seen.setdefault(name, set()).update(self.entries.pop(name).versions)
+            self._changed.add(name)
+        self._stamp = stamp
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.state_file)  # type: ignore[arg-type]
+        except (OSError, TypeError):
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    @contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """An exclusive lock across processes (flock on <file>.lock): no engine's change overwrites another's."""
+        if self.state_file is None:
+            yield
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.state_file.with_name(self.state_file.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     # ---- persistence ----------------------------------------------------------------------------
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """Run a change (under the lock), then persist it; if the change or the write fails, the entries and
         seen versions are restored, so memory never holds what the file does not."""
-        entries = {n: replace(e, versions=dict(e.versions)) for n, e in self.entries.items()}
-        seen = {n: set(v) for n, v in self._seen.items()}
-        try:
-            yield
-            self._save()
-        except BaseException:
-            self.entries, self._seen = entries, seen
-            raise
+        with self._file_lock():
+            self._refresh_locked()  # what other engines sharing the file wrote, merged before this change
+            entries = {n: replace(e, versions=dict(e.versions)) for n, e in self.entries.items()}
+            seen = {n: set(v) for n, v in self._seen.items()}
+            try:
+                yield
+                self._save()
+            except BaseException:
+                self.entries, self._seen = entries, seen
+                raise
 
     def _save(self) -> None:
         if self.state_file is None:
@@ -208,6 +281,7 @@ class AdapterRegistry:
                 os.fsync(f.fileno())
             os.replace(tmp, self.state_file)
             tmp = None
+            self._stamp = self._file_stamp()  # our own write is no change to merge
             dir_fd = os.open(directory, os.O_RDONLY)  # the rename itself survives a power loss once this is synced
             try:
                 os.fsync(dir_fd)
@@ -222,18 +296,28 @@ class AdapterRegistry:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
 
-    def _load_state(self, path: Path) -> None:
+    @staticmethod
+    def _read_state(path: Path) -> tuple[dict[str, AdapterEntry], dict[str, set[str]]]:
+        """The file's adapters, and per name every version it has had (retired ones included)."""
+        entries: dict[str, AdapterEntry] = {}
+        seen: dict[str, set[str]] = {}
         try:
             state = json.loads(path.read_text())
             for name, data in state.get("adapters", {}).items():
                 versions = {v: Path(p) for v, p in data["versions"].items()}
-                self.entries[validate_name(name)] = AdapterEntry(
+                entries[validate_name(name)] = AdapterEntry(
                     name, versions, data.get("current", DEFAULT_VERSION), bool(data.get("pinned")), persistent=True)
-                self._seen.setdefault(name, set()).update(versions)
-            for name, versions in state.get("retired", {}).items():
-                self._seen.setdefault(validate_name(name), set()).update(str(v) for v in versions)
+                seen.setdefault(name, set()).update(versions)
+            for name, retired in state.get("retired", {}).items():
+                seen.setdefault(validate_name(name), set()).update(str(v) for v in retired)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise AdapterNotFoundError(f"adapter registry {path} is unreadable: {e}") from e
+        return entries, seen
+
+    def _load_state(self, path: Path) -> None:
+        self.entries, seen = self._read_state(path)
+        for name, versions in seen.items():
+            self._seen.setdefault(name, set()).update(versions)
         now = time.time()
         for tmp in path.parent.glob(".registry-*.tmp"):  # a crash mid-write leaves its temp file behind
             try:

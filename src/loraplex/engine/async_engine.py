@@ -24,9 +24,9 @@ from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.memory import MemoryPlan
-from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.hardware import DtypeChoice
-from loraplex.errors import LoraplexError
+from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class RequestStream:
         self._engine._streams.pop(self.request_id, None)
 
 
-class EngineDeadError(LoraplexError):
+class EngineDeadError(EngineUnavailableError):
     """The engine thread has stopped."""
 
 
@@ -164,6 +164,26 @@ class AsyncLLMEngine:
         """The snapshot plus adapter tiers, the last steps' batches and requests per model (for the dashboard)."""
         return await self.call(self.engine.stats)
 
+    async def sync_adapters(self) -> list[str]:
+        """Apply what other engines sharing the registry file changed (a file read: off the event loop)."""
+        return await asyncio.to_thread(self.engine.sync_adapters)
+
+    def is_resident(self, model: str) -> bool:
+        """Whether a request for `model` would find its adapter version in memory (the manager's lock: any thread)."""
+        return self.engine.is_resident(model)
+
+    async def replicas(self) -> list[ReplicaView]:
+        """This engine as the one replica behind the server."""
+        snap = await self.snapshot()
+        versions = {a.name: a.current for a in await self.list_adapters()}
+        return [ReplicaView("local", snap.running, snap.waiting, self.engine.resident_adapters(), versions,
+                            self.engine.registry_version)]
+
+    async def prefetch_adapter(self, model: str) -> AdapterKey:
+        """Resolve `model` ("name" or "name@version"; AdapterNotFoundError if unknown) and start loading it into
+        host memory, so the first request finds it loading or loaded."""
+        return await asyncio.to_thread(self.engine.prefetch_adapter, model)
+
     # ---- the model's facts (fixed at start; safe to read from any thread) ------------------------
     @property
     def tokenizer(self) -> Any:
@@ -201,6 +221,11 @@ class AsyncLLMEngine:
     @property
     def memory(self) -> MemoryPlan:
         return self.engine.memory
+
+    @property
+    def registry_version(self) -> int:
+        """The registry file's mtime (ns) as last read or written by this engine (0 without a file)."""
+        return self.engine.registry_version
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps; its result or exception comes back here."""

@@ -103,6 +103,30 @@ class LLMEngine:
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.catalog()
 
+    def sync_adapters(self) -> list[str]:
+        """Apply what other engines sharing the registry file changed (adapters.registry); returns the names."""
+        return self.adapters.sync()
+
+    @property
+    def registry_version(self) -> int:
+        return self.adapters.registry.version
+
+    def resident_adapters(self) -> dict[str, list[str]]:
+        """"name@version" -> the tiers holding it ("device", "host"). Safe from any thread."""
+        return {str(k): tiers for k, tiers in self.adapters.resident().items()}
+
+    def is_resident(self, model: str) -> bool:
+        """Whether the version a request for `model` ("name" or "name@version") would run on is in memory now."""
+        try:
+            key = self.adapters.resolve(AdapterSpec.parse(model))
+        except LoraplexError:
+            return False
+        return key in self.adapters.resident()
+
+    def prefetch_adapter(self, model: str) -> AdapterKey:
+        """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory."""
+        return self.adapters.prefetch(AdapterSpec.parse(model))
+
     def _is_our_base(self, base: str) -> bool:
         """Whether an adapter's base_model_name_or_path names this model (a path to it, its name, or a hub id ending in it)."""
         names = {self.model_name, self.model_dir.name}

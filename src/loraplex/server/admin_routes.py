@@ -43,12 +43,20 @@ async def list_models(request: Request) -> dict[str, Any]:
                                         "block_size": engine.block_size, "hit_rate": pc.hit_rate,
                                         "queries_tokens": sum(pc.queries.values()),
                                         "hits_tokens": sum(pc.hits.values())}}}
+    # Where each adapter is held: the engine's tiers, or, behind a cluster, each replica's.
+    replicas = await engine.replicas()
+    base["replicas"] = [{"id": r.id, "running": r.running, "waiting": r.waiting, "adapters_resident": len(r.resident)}
+                        for r in replicas]
     data = [base] if scope.may_use(None) else []
     for a in await engine.list_adapters():
         if scope.may_use(a.name):
             data.append({"id": a.name, "object": "model", "created": st.created, "owned_by": "loraplex",
                          "root": str(a.path), "parent": st.served_name, "version": a.current,
-                         "versions": list(a.versions), "pinned": a.pinned})
+                         "versions": list(a.versions), "pinned": a.pinned,
+                         "resident_on": [{"replica": r.id, "version": key.partition("@")[2], "tiers": tiers}
+                                         for r in replicas for key, tiers in r.resident.items()
+                                         if key.partition("@")[0] == a.name],
+                         "replica_versions": {r.id: r.versions.get(a.name) for r in replicas}})
     return {"object": "list", "data": data}
 
 

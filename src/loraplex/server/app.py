@@ -1,4 +1,4 @@
-"""build_app: the FastAPI application over an AsyncLLMEngine."""
+"""build_app: the FastAPI application over an engine client (an AsyncLLMEngine, or a cluster's replicas)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.engine.client import EngineClient
 from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.metrics import ServerMetrics
@@ -17,7 +17,7 @@ from loraplex.server.state import ServerState
 log = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncLLMEngine, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
+def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
               max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraplex.errors import (
     AdapterError,
     AdapterNotFoundError,
+    EngineUnavailableError,
     InvalidRequestError,
     LoraplexError,
     StateWriteError,
@@ -45,6 +46,8 @@ def status_of(e: BaseException) -> tuple[int, str]:
         return (507, "InsufficientStorageError") if e.disk_full else (503, "ServiceUnavailableError")
     if isinstance(e, AdapterNotFoundError):
         return 404, "NotFoundError"
+    if isinstance(e, EngineUnavailableError):
+        return 503, "ServiceUnavailableError"
     if isinstance(e, (AdapterError, InvalidRequestError)):
         return 400, "BadRequestError"
     if isinstance(e, LoraplexError):
@@ -52,14 +55,20 @@ def status_of(e: BaseException) -> tuple[int, str]:
     return 500, "InternalServerError"
 
 
+def public_message(e: BaseException) -> str:
+    """What the client is told: the cause of an error we raise on purpose; of a bug, nothing internal (logged)."""
+    if not isinstance(e, (APIError, LoraplexError)):
+        log.exception("internal error", exc_info=e)
+        return "internal server error"
+    return getattr(e, "message", None) or str(e)
+
+
 def to_response(e: BaseException) -> JSONResponse:
     status, type_ = status_of(e)
-    if not isinstance(e, (APIError, LoraplexError)):  # a bug: log it, tell the client nothing internal
-        log.exception("internal error", exc_info=e)
-        message = "internal server error"
-    else:
-        message = getattr(e, "message", None) or str(e)
+    message = public_message(e)
     headers = getattr(e, "headers", None)
+    if isinstance(e, EngineUnavailableError):
+        headers = {"Retry-After": "1"}
     return JSONResponse(error_body(status, message, type_, getattr(e, "param", None)), status, headers=headers)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
-from loraplex.engine.async_engine import AsyncLLMEngine, RequestStream
+from loraplex.engine.client import EngineClient, EngineStream
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.sampling import SamplingParams, StructuredOutput
@@ -229,10 +229,10 @@ class Tracker:
             window.finished(status, self.prompt_tokens, tpot, time.monotonic())
 
 
-Started = list[tuple[RequestOutput, RequestStream]]
+Started = list[tuple[RequestOutput, EngineStream]]
 
 
-def pinned_version(stream: RequestStream, adapter: str | None) -> str | None:
+def pinned_version(stream: EngineStream, adapter: str | None) -> str | None:
     """The spec that admits a sibling of `stream` (another choice or prompt of one HTTP request) on its version."""
     return adapter if stream.adapter is None else str(stream.adapter)
 
@@ -244,13 +244,13 @@ def fingerprint(firsts: Started, base_name: str) -> str:
     return base_name if key is None else str(key)
 
 
-async def open_streams(engine: AsyncLLMEngine, prompt: list[int], params: list[SamplingParams], adapter: str | None,
+async def open_streams(engine: EngineClient, prompt: list[int], params: list[SamplingParams], adapter: str | None,
                        tracker: Tracker, cache_salt: str | None = None) -> Started:
     """Start one engine request per choice and wait for each one's first output, so that an invalid request
     (unknown adapter, prompt too long, adapter that fails to load) surfaces as an error status before any
     streaming begins. Every choice runs on the adapter version the first was admitted on, even if a promotion
     lands between their admissions."""
-    streams: list[RequestStream] = []
+    streams: list[EngineStream] = []
     firsts: Started = []
     try:
         for p in params:
@@ -272,7 +272,7 @@ async def merged(firsts: Started, tracker: Tracker) -> AsyncIterator[tuple[int, 
     """Interleave the choices' outputs as they come: (choice index, output). Leaving early aborts them all."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException] | None] = asyncio.Queue()
 
-    async def pump(i: int, first: RequestOutput, stream: RequestStream) -> None:
+    async def pump(i: int, first: RequestOutput, stream: EngineStream) -> None:
         try:
             await queue.put((i, first))
             async for out in stream:

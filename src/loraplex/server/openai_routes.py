@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
-from loraplex.server.errors import APIError, error_body, status_of
+from loraplex.server.errors import APIError, error_body, public_message, status_of
 from loraplex.server import logprobs, tools
 from loraplex.server.generation import (Tracker, check_room, choice_params, collect, fingerprint, merged, open_streams, pinned_version,
                                         render_chat, sampling_params)
@@ -23,7 +22,6 @@ from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, C
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
 
-log = logging.getLogger(__name__)
 router = APIRouter()
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}
 
@@ -169,9 +167,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         except Exception as e:  # an error after streaming began: report it in-band, as vLLM does
             code, type_ = status_of(e)
             status = str(code)
-            if code >= 500:
-                log.exception("stream failed", exc_info=e)
-            yield _sse(error_body(code, str(e) if code < 500 else "internal server error", type_))
+            yield _sse(error_body(code, public_message(e), type_))
             yield _sse("[DONE]")
         finally:
             tracker.done(status if completed or status != "200" else "499")  # 499: the client went away
@@ -292,9 +288,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             yield _sse("[DONE]")
         except Exception as e:
             code, type_ = status_of(e)
-            if code >= 500:
-                log.exception("stream failed", exc_info=e)
-            yield _sse(error_body(code, str(e) if code < 500 else "internal server error", type_))
+            yield _sse(error_body(code, public_message(e), type_))
             yield _sse("[DONE]")
             for tracker, _ in started[done_trackers:]:
                 tracker.done(str(code))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.engine.client import EngineClient
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.errors import APIError
 from loraplex.server.metrics import ServerMetrics
@@ -13,7 +13,7 @@ from loraplex.server.metrics import ServerMetrics
 
 @dataclass(slots=True)
 class ServerState:
-    engine: AsyncLLMEngine
+    engine: EngineClient  # the engine in this process, or a cluster's replicas (engine/client.py)
     auth: Authenticator
     metrics: ServerMetrics
     served_name: str

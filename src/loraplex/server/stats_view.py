@@ -10,13 +10,14 @@ import time
 from typing import Any
 
 from loraplex import __version__
-from loraplex.engine.async_engine import AdapterInfo, AsyncLLMEngine
+from loraplex.engine.async_engine import AdapterInfo
+from loraplex.engine.client import EngineClient
 from loraplex.engine.outputs import EngineStats
 from loraplex.server.auth import KeyScope
 from loraplex.server.tenant_stats import TenantRow, TenantStats
 
 
-def _model(engine: AsyncLLMEngine, served_name: str, stats: EngineStats, started: float) -> dict[str, Any]:
+def _model(engine: EngineClient, served_name: str, stats: EngineStats, started: float) -> dict[str, Any]:
     mem, pc = engine.memory, stats.snapshot.prefix_cache
     return {
         "id": served_name, "version": __version__, "started": started, "uptime_s": time.time() - started,
@@ -77,7 +78,7 @@ def _batch(stats: EngineStats) -> dict[str, Any]:
     }
 
 
-def tenant_rows(tenants: TenantStats, engine: AsyncLLMEngine, served_name: str, stats: EngineStats,
+def tenant_rows(tenants: TenantStats, engine: EngineClient, served_name: str, stats: EngineStats,
                 catalog: list[AdapterInfo]) -> dict[str, TenantRow]:
     """Rows for the base model, and for each registered adapter with traffic since start or requests now."""
     busy = {served_name}
@@ -87,7 +88,7 @@ def tenant_rows(tenants: TenantStats, engine: AsyncLLMEngine, served_name: str, 
     return tenants.rows([served_name, *(a.name for a in catalog)], busy)
 
 
-def stats_json(engine: AsyncLLMEngine, served_name: str, started: float, stats: EngineStats,
+def stats_json(engine: EngineClient, served_name: str, started: float, stats: EngineStats,
                catalog: list[AdapterInfo], rows: dict[str, TenantRow], scope: KeyScope) -> dict[str, Any]:
     """`catalog`: engine.list_adapters(); `rows`: a TenantRow for the base model (served_name) and each adapter."""
     tenants = []

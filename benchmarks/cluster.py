@@ -1,0 +1,198 @@
+"""The cluster on one machine: 2 engine replicas on Ray Serve, Zipf popularity over 64 adapters, routing by
+adapter (Ray Serve's model multiplexing, loraplex's default) against Ray Serve's default routing without it
+(power of two choices by queue length): cold adapter loads per 1,000 requests and TTFT; then the throughput
+of 2 replicas against 1 on the same cores, a hot adapter's spread, how long a promotion takes to reach every
+replica, and what the measured hit rates predict for 1,000 adapters on 8 replicas (benchmarks/cluster_sim.py).
+
+    .venv/bin/python -m benchmarks.cluster --adapters results/adapters [--requests 450 --rate 5]
+
+Each replica's host tier holds 24 adapters (--max-cpu-loras 24, also its multiplexed claims): together the two
+hold 48 of the 64, one alone does not. The first --warmup requests fill the tiers and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.cluster_sim import simulate, zipf_weights
+from benchmarks.common import machine, make_adapters, percentile, write_json
+from loraplex.cluster import app as cluster_app
+from loraplex.cluster.config import ClusterConfig
+from loraplex.config import EngineConfig, ServerConfig
+
+ADAPTERS, CAPACITY, ZIPF_S = 64, 24, 1.0
+
+
+def replica_loads(url: str) -> int:
+    """Cold loads (disk -> host) summed over the replicas, from the ingress's /metrics."""
+    total = 0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("loraplex_replica_adapter_loads_total{") and 'tier="host"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, prompt: str) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    t0, first, tokens, error = time.perf_counter(), None, 0, False
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                error = True
+            elif data["choices"] and data["choices"][0]["text"]:
+                first = first or time.perf_counter()
+                tokens += 1
+    return {"ttft": (first or time.perf_counter()) - t0, "tokens": tokens, "error": error or r.status_code != 200,
+            "seconds": time.perf_counter() - t0}
+
+
+async def poisson(url: str, models: list[str], rate: float, max_tokens: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=300) as client:
+        tasks = []
+        for i, m in enumerate(models):
+            tasks.append(asyncio.create_task(one(client, url, m, max_tokens, f"Request {i}: tell me a story.")))
+            await asyncio.sleep(rng.expovariate(rate))
+        return list(await asyncio.gather(*tasks))
+
+
+async def burst(url: str, models: list[str], max_tokens: int) -> tuple[float, list[dict[str, Any]]]:
+    async with httpx.AsyncClient(timeout=300) as client:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(one(client, url, m, max_tokens, f"Burst {i}: count slowly.")
+                                    for i, m in enumerate(models)))
+        return sum(r["tokens"] for r in rs) / (time.perf_counter() - t0), list(rs)
+
+
+def served(url: str, model: str) -> dict[str, int]:
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("loraplex_replica_requests_total{") and f'model="{model}"' in line:
+            out[line.split('replica="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def promotions(url: str, root: Path, n: int) -> list[float]:
+    """Seconds per promotion, each returning once every replica has read it from the shared registry."""
+    post = lambda path, body: httpx.post(url + path, json=body, timeout=60).raise_for_status()  # noqa: E731
+    post("/v1/load_lora_adapter", {"lora_name": "promo", "lora_path": str(root / "a1")})
+    post("/v1/load_lora_adapter", {"lora_name": "promo", "lora_path": str(root / "a2"), "promote": False})
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        post("/v1/promote_lora_adapter", {"lora_name": "promo", "version": "2" if i % 2 == 0 else "1"})
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as reg:
+        engine = EngineConfig(adapter_dir=str(root), registry_file=str(Path(reg) / "registry.json"), max_loras=8,
+                              max_cpu_loras=CAPACITY, kv_cache_memory=256 << 20, enable_prefix_caching=False)
+        cluster = ClusterConfig(replicas=replicas, cpus_per_replica=cpus, max_adapters_per_replica=CAPACITY,
+                                affinity=affinity, app_name="loraplex-bench")
+        url = cluster_app.start(engine, ServerConfig(port=8731), cluster)
+        try:
+            while len(httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["replicas"]) < replicas:
+                time.sleep(0.2)
+            return work(url)  # type: ignore[no-any-return]
+        finally:
+            cluster_app.stop(cluster)
+
+
+def zipf_run(url: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    rng = random.Random(1)
+    names = [f"a{i}" for i in range(ADAPTERS)]
+    stream = rng.choices(names, weights=zipf_weights(ADAPTERS, ZIPF_S), k=args.warmup + args.requests)
+    asyncio.run(poisson(url, stream[: args.warmup], args.rate, args.max_tokens, seed=2))
+    loads0 = replica_loads(url)
+    t0 = time.perf_counter()
+    rs = asyncio.run(poisson(url, stream[args.warmup:], args.rate, args.max_tokens, seed=3))
+    seconds = time.perf_counter() - t0
+    time.sleep(0.6)  # the replicas' next reports
+    loads = replica_loads(url) - loads0
+    ttft = [1e3 * r["ttft"] for r in rs]
+    return {"requests": len(rs), "errors": sum(r["error"] for r in rs), "cold_loads": loads,
+            "cold_loads_per_1000": 1000 * loads / len(rs), "distinct_adapters": len(set(stream[args.warmup:])),
+            "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "mean": sum(ttft) / len(ttft)},
+            "tokens_per_s": sum(r["tokens"] for r in rs) / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapters", type=Path, default=Path("results/adapters"))
+    ap.add_argument("--requests", type=int, default=450)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--rate", type=float, default=5.0, help="requests per second (Poisson)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--burst", type=int, default=48, help="concurrent requests in the throughput runs")
+    args = ap.parse_args()
+    from benchmarks.common import default_model_dir
+
+    root = args.adapters.resolve()
+    make_adapters(default_model_dir(), root, ADAPTERS)
+    import ray
+
+    result: dict[str, Any] = {"machine": machine(), "ray": ray.__version__, "adapters": ADAPTERS, "zipf_s": ZIPF_S,
+                              "host_capacity_per_replica": CAPACITY, "rate": args.rate, "max_tokens": args.max_tokens,
+                              "spill_margin": ClusterConfig().spill_margin,
+                              "warmup": args.warmup}
+    mixed = [f"a{i % 8}" for i in range(args.burst)]
+
+    def affinity_work(url: str) -> dict[str, Any]:
+        out = zipf_run(url, args, root)
+        out["burst_tokens_per_s"] = asyncio.run(burst(url, mixed, 32))[0]
+        before = served(url, "a9")
+        asyncio.run(burst(url, ["a9"] * 40, 16))  # one adapter, 40 requests at once: the hot-adapter rule
+        time.sleep(0.6)
+        out["hot_adapter_requests_per_replica"] = sorted((n - before.get(r, 0) for r, n in served(url, "a9").items()),
+                                                         reverse=True)
+        prom = promotions(url, root, 10)
+        out["promotion_ms"] = {"p50": 1e3 * percentile(prom, 50), "max": 1e3 * max(prom)}
+        return out
+
+    result["affinity"] = run_cluster(root, 2, 1.0, True, affinity_work)
+    result["queue"] = run_cluster(root, 2, 1.0, False, lambda url: zipf_run(url, args, root))
+    result["one_replica_burst_tokens_per_s"] = run_cluster(
+        root, 1, 2.0, True, lambda url: asyncio.run(burst(url, mixed, 32))[0])
+    a, q = result["affinity"], result["queue"]
+    result["cold_load_ratio"] = q["cold_loads_per_1000"] / max(a["cold_loads_per_1000"], 1e-9)
+    result["ttft_p99_ratio"] = q["ttft_ms"]["p99"] / a["ttft_ms"]["p99"]
+    result["two_vs_one_replica"] = a["burst_tokens_per_s"] / result["one_replica_burst_tokens_per_s"]
+    # What the measured regime predicts at scale: the same placement rules, simulated.
+    sims = [simulate(p, adapters, replicas, cap, 20_000, ZIPF_S, warmup=5_000)
+            for adapters, replicas, cap in ((ADAPTERS, 2, CAPACITY), (1000, 8, 128)) for p in ("affinity", "queue")]
+    result["simulated"] = [{"policy": s.policy, "adapters": s.adapters, "replicas": s.replicas, "capacity": s.capacity,
+                            "loads_per_1000": s.loads_per_1000, "hit_rate": s.hit_rate,
+                            "loads_per_replica_per_1000": [1000 * n / s.requests for n in s.loads_per_replica]}
+                           for s in sims]
+    path = write_json("cluster", result)
+    print(f"Zipf over {ADAPTERS} adapters, 2 replicas x {CAPACITY} in host memory, {args.requests} requests at "
+          f"{args.rate}/s: cold loads per 1,000: affinity {a['cold_loads_per_1000']:.0f}, queue-length routing "
+          f"{q['cold_loads_per_1000']:.0f} ({result['cold_load_ratio']:.2f}x fewer); TTFT p99 {a['ttft_ms']['p99']:.0f} "
+          f"vs {q['ttft_ms']['p99']:.0f} ms; errors {a['errors']} / {q['errors']}")
+    print(f"throughput, {args.burst} streams over 8 adapters: 2 replicas {a['burst_tokens_per_s']:.0f} tok/s, 1 replica "
+          f"{result['one_replica_burst_tokens_per_s']:.0f} tok/s ({result['two_vs_one_replica']:.2f}x)")
+    print(f"hot adapter, 40 requests at once: per replica {a['hot_adapter_requests_per_replica']}; promotion visible "
+          f"on every replica: p50 {a['promotion_ms']['p50']:.0f} ms, max {a['promotion_ms']['max']:.0f} ms")
+    for s in result["simulated"]:
+        print(f"simulated {s['adapters']} adapters on {s['replicas']} replicas x {s['capacity']}: {s['policy']}: "
+              f"{s['loads_per_1000']:.0f} loads per 1,000, hit rate {s['hit_rate']:.2f}")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

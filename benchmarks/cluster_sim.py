@@ -1,0 +1,64 @@
+"""Placement of adapters over replicas, simulated: what Ray Serve's multiplexed routing (a request goes to a
+replica holding its adapter; an adapter no replica holds goes to one with the fewest; each replica keeps an LRU
+of its claims) and routing by queue length alone (any replica: modelled as uniform) do to cold loads, under Zipf
+popularity. Used by benchmarks/cluster.py to say what the measured 2-replica figures predict for a larger
+cluster. Pure Python: no engine, no Ray."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    return [1 / (k + 1) ** s for k in range(n)]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    policy: str
+    adapters: int
+    replicas: int
+    capacity: int  # adapters a replica holds (its host tier = its multiplexed claims)
+    requests: int
+    loads: int  # cold loads (disk -> host), all replicas
+    loads_per_replica: list[int]
+    hit_rate: float  # requests whose replica already held the adapter
+
+    @property
+    def loads_per_1000(self) -> float:
+        return 1000 * self.loads / self.requests
+
+
+def simulate(policy: str, adapters: int, replicas: int, capacity: int, requests: int, zipf_s: float,
+             warmup: int = 0, seed: int = 0) -> Placement:
+    """policy: "affinity" (multiplexed routing) or "queue" (no adapter id: uniform over replicas). The first
+    `warmup` requests fill the caches and are not counted: the figures are the steady state's."""
+    rng = random.Random(seed)
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]
+    loads = [0] * replicas
+    hits = 0
+    stream = rng.choices(range(adapters), weights=zipf_weights(adapters, zipf_s), k=warmup + requests)
+    for i, a in enumerate(stream):
+        if i == warmup:
+            loads, hits = [0] * replicas, 0
+        if policy == "affinity":
+            holders = [r for r in range(replicas) if a in caches[r]]
+            if holders:
+                r = rng.choice(holders)
+            else:
+                fewest = min(len(c) for c in caches)
+                r = rng.choice([i for i, c in enumerate(caches) if len(c) == fewest])
+        else:
+            r = rng.randrange(replicas)
+        cache = caches[r]
+        if a in cache:
+            hits += 1
+            cache.move_to_end(a)
+        else:
+            loads[r] += 1
+            cache[a] = None
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return Placement(policy, adapters, replicas, capacity, requests, sum(loads), loads, hits / requests)

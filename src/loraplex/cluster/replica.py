@@ -1,0 +1,151 @@
+"""EngineReplica: one AsyncLLMEngine as a Ray Serve replica. Ray Serve's model multiplexing routes a request
+whose multiplexed model id is an adapter to the replicas that claimed it; a replica claims an adapter (Ray's
+per-replica LRU of `max_adapters_per_replica` ids) when a request for it arrives, routed there by id or not.
+
+Everything that crosses the handle is plain data: token ids and SamplingParams in, RouteInfo then RequestOutputs
+out of `generate` (a streaming call, cancelled when the ingress stops reading: the engine request is aborted).
+Two background tasks keep the replica in step with the cluster: one applies changes other replicas made to the
+shared registry file (a stat every 0.1 s), one reports to the board and runs its commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from loraplex.adapters.key import AdapterKey
+from loraplex.adapters.manager import AdapterInfo
+from loraplex.cluster.config import ClusterConfig
+from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo, lean
+from loraplex.config import EngineConfig
+from loraplex.engine.outputs import RequestOutput
+from loraplex.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+REGISTRY_POLL_S = 0.1  # how often the shared registry file is stat'ed: promotions reach every replica within it
+
+
+@serve.deployment
+class EngineReplica:
+    async def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig, torch_threads: int,
+                       board: DeploymentHandle) -> None:
+        import torch
+
+        from loraplex.engine.async_engine import AsyncLLMEngine
+
+        torch.set_num_threads(torch_threads)
+        self.engine = AsyncLLMEngine(engine_config)
+        ctx = serve.get_replica_context()
+        self.id = ctx.replica_id.unique_id
+        self.actor_name = ctx.replica_id.to_full_id_str()
+        self.cluster = cluster
+        self.board = board
+        self.served: dict[str, int] = {}
+        self.acked, self.last_result = -1, 0
+        self._reporting = asyncio.Lock()  # one report (and its commands) at a time: each command runs once
+
+        async def claim(model_id: str) -> AdapterKey:
+            # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
+            # adapter, so no replica claims one; the load itself runs in the background, in the engine's tiers.
+            return await self.engine.prefetch_adapter(model_id)
+
+        self.claim: Callable[[str], Awaitable[AdapterKey]] = serve.multiplexed(
+            max_num_models_per_replica=cluster.max_adapters_per_replica)(claim)
+        self._tasks = [asyncio.create_task(self._watch_registry()), asyncio.create_task(self._report_loop())]
+        log.info("engine replica %s (pid %d) serving %s", self.id, os.getpid(), self.engine.model_name)
+
+    def __del__(self) -> None:  # Serve calls it when it stops the replica
+        for task in getattr(self, "_tasks", []):
+            task.cancel()
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------------
+    async def generate(self, prompt: list[int], sampling: SamplingParams, adapter: str | None,
+                       cache_salt: str | None) -> AsyncIterator[RouteInfo | RequestOutput]:
+        """RouteInfo, then the request's outputs. Cancelled by the ingress (client gone): the request is aborted."""
+        resident = adapter is None or self.engine.is_resident(adapter)
+        if adapter is not None:
+            await self.claim(adapter)
+        label = adapter or self.engine.model_name
+        self.served[label] = self.served.get(label, 0) + 1
+        stream = await self.engine.add(prompt, sampling, adapter, cache_salt=cache_salt)
+        try:
+            yield RouteInfo(self.id, resident, stream.adapter)
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def facts(self) -> ModelFacts:
+        e = self.engine
+        return ModelFacts(e.model_name, e.model_dir, e.max_model_len, e.block_size, e.max_num_seqs, e.dtype, e.device,
+                          e.memory)
+
+    # ---- adapter administration: the registry file on the shared store is the cluster's truth ----------
+    async def register_adapter(self, name: str, path: str, version: str | None, promote: bool) -> tuple[AdapterKey, int]:
+        """Validate and register here; the others see the registry change. Returns the key and the registry version."""
+        key = await self.engine.register_adapter(name, Path(path), version, promote)
+        return key, self.engine.registry_version
+
+    async def unregister_adapter(self, name: str) -> int:
+        await self.engine.unregister_adapter(name)
+        return self.engine.registry_version
+
+    async def promote_adapter(self, name: str, version: str) -> int:
+        await self.engine.promote_adapter(name, version)
+        return self.engine.registry_version
+
+    async def pin_adapter(self, name: str, pinned: bool) -> int:
+        await self.engine.pin_adapter(name, pinned)
+        return self.engine.registry_version
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        return await self.engine.list_adapters()
+
+    # ---- keeping in step ---------------------------------------------------------------------------
+    async def _watch_registry(self) -> None:
+        while True:
+            try:
+                changed = await self.engine.sync_adapters()
+                if changed:
+                    log.info("replica %s applied registry changes to %s", self.id, ", ".join(changed))
+                    await self._report()  # the ingress waits for every replica to have seen an admin change
+            except Exception:  # an unreadable registry is logged and retried; serving goes on
+                log.exception("replica %s: syncing the shared registry failed", self.id)
+            await asyncio.sleep(REGISTRY_POLL_S)
+
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                await self._report()
+            except Exception:
+                log.exception("replica %s: reporting to the board failed", self.id)
+            await asyncio.sleep(self.cluster.report_interval)
+
+    async def _report(self) -> None:
+        async with self._reporting:
+            await self._report_locked()
+
+    async def _report_locked(self) -> None:
+        view = (await self.engine.replicas())[0]
+        view.id = self.id
+        report = ReplicaReport(view, lean(await self.engine.snapshot()), self.actor_name, dict(self.served),
+                               self.acked, self.last_result)
+        commands, latest = await self.board.report.remote(report)
+        if self.acked < 0:
+            self.acked = latest
+        for seq, command in commands:
+            if command == "reset_prefix_cache":
+                self.last_result = await self.engine.reset_prefix_cache()
+            else:
+                log.warning("replica %s: unknown board command %r", self.id, command)
+            self.acked = seq
+        if commands:
+            await self.board.report.remote(ReplicaReport(view, report.snapshot, self.actor_name, dict(self.served),
+                                                         self.acked, self.last_result))

@@ -1,0 +1,42 @@
+"""The ingress's routing rule, without Ray: an adapter's requests carry its id (affinity) until the adapter is
+hot or its holders are busier than the idlest replica; then one goes by queue length. Dead replicas drop out."""
+
+from __future__ import annotations
+
+from loraplex.cluster.messages import RouteInfo
+from loraplex.cluster.routing import AdapterRouting
+
+
+def _start(r: AdapterRouting, adapter: str | None, replica: str, resident: bool = True) -> RouteInfo:
+    r.dispatch(adapter)
+    route = RouteInfo(replica, resident, None)
+    r.started(adapter, adapter or "base", route)
+    return route
+
+
+def test_affinity_until_the_adapter_is_hot() -> None:
+    r = AdapterRouting(hot_threshold=2, spill_margin=100, live={"A", "B"})
+    assert r.dispatch("legal") == "legal"  # pending: counts before its replica is known
+    r.abandoned("legal")
+    first = _start(r, "legal", "A", resident=False)
+    _start(r, "legal", "A")
+    assert r.dispatch("legal") == ""  # 2 in flight on its one replica: hot
+    r.abandoned("legal")
+    _start(r, "legal", "B", resident=False)  # the spilled request's replica claims it: now 2 replicas run it
+    assert r.dispatch("legal") == "legal"  # 3 in flight, threshold 2 x 2 replicas
+    assert r.results == {"hit": 1, "miss": 2, "spill": 2}  # the request sent to B was a spill too
+    r.finished("legal", first)
+    assert r.in_flight["legal"] == {"A": 1, "B": 1} and r.load == {"A": 1, "B": 1}
+
+
+def test_a_busy_holder_spills_to_the_idlest_and_dead_replicas_drop_out() -> None:
+    r = AdapterRouting(hot_threshold=100, spill_margin=2, live={"A", "B"})
+    _start(r, "legal", "A")
+    _start(r, None, "A")  # the base model's requests load the replica too
+    assert r.dispatch("legal") == ""  # A runs 2, B none: the next one goes by queue length
+    r.abandoned("legal")
+    assert r.dispatch("poetry") == "poetry"  # no holder known: Ray's multiplexing places it
+    r.abandoned("poetry")
+    r.set_live({"A"})  # B died: A is the idlest there is
+    assert r.dispatch("legal") == "legal" and r.holders["legal"] == {"A"}
+    assert AdapterRouting(1, 1, affinity=False).dispatch("legal") == ""  # the comparison mode: never an id
