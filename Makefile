@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup serve demo test browser screenshots clean vllm-venv llama-cpp bench
+.PHONY: all setup serve demo test browser screenshots clean vllm-venv llama-cpp bench soak
 
 # The README's first command: set up on a fresh machine, then serve the default model with the demo tenants.
 all: serve
@@ -56,6 +56,12 @@ screenshots: setup browser
 test: setup browser
 	$(BIN)/loraplex info
 	$(BIN)/python -m pytest -q tests
+
+# The 10-minute soak with chaos (benchmarks/soak.py; docs/reliability.md): a table of what was sent, lost, wrong or
+# leaked, into results/<cpu class>/soak.json; exit status 1 if any check fails. A 60 s version runs in `make test`.
+soak: setup
+	LORAPLEX_RESULTS=results/$$($(BIN)/python -c 'from benchmarks.common import class_slug; print(class_slug())') \
+		$(BIN)/python -m benchmarks.soak
 
 # vLLM CPU as a benchmark peer (benchmarks/peers/vllm_offline.py), in its own venv: it pins
 # transformers<5.20, which cannot share .venv with the project's transformers 5.23.
