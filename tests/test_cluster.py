@@ -2,7 +2,7 @@
 PEFT adapters, through the official openai client. Outputs equal the single-engine server's; requests stick to
 the replica holding their adapter, and a hot adapter spreads; a promotion reaches every replica while a stream
 in flight finishes on its version; a replica killed mid-stream ends its stream with an error event and later
-requests succeed; bad adapters are clear errors."""
+requests succeed; bad adapters are clear errors; /v1/stats shows the tenants and every replica's tiers."""
 
 from __future__ import annotations
 
@@ -141,6 +141,30 @@ def test_outputs_equal_the_single_engine_server(cluster: str, store: Path) -> No
     with pytest.raises(openai.NotFoundError, match="not found"):
         chat(cluster, "ghost")
     assert [m.id for m in client(cluster, LEGAL).models.list().data] == [BASE, "t0"]
+
+
+def test_stats_show_the_cluster_tenants_and_each_replicas_tiers(cluster: str) -> None:
+    """/v1/stats on the ingress: the tenant rows of the requests it served, every replica's device slots and
+    host entries (each saying its replica), the base model once with the replica count; the page is served."""
+    assert chat(cluster, "t2") and chat(cluster, "t3")
+    time.sleep(0.6)  # the replicas' next reports
+    r = httpx.get(cluster + "/v1/stats", headers=_auth())
+    assert r.status_code == 200, r.text
+    stats = r.json()
+    ids = {rep["id"] for rep in httpx.get(cluster + "/v1/models", headers=_auth()).json()["data"][0]["replicas"]}
+    assert stats["model"]["id"] == BASE and stats["model"]["replicas"] == 2
+    rows = {row["tenant"]: row for row in stats["tenants"]}
+    assert rows["t2"]["requests"] >= 1 and rows["t3"]["requests"] >= 1
+    slots = stats["adapters"]["slots"]
+    assert {s["replica"] for s in slots} == ids == {rep["id"] for rep in stats["replicas"]}
+    assert len(slots) == 2 * 8  # max_loras per replica
+    held = {e["name"] for e in slots + stats["adapters"]["host"]["entries"] if e["name"]}
+    assert {"t2", "t3"} <= held
+    assert all(s["replica"] in ids for s in stats["batch"]["steps"]) and stats["batch"]["throughput"]
+    tenant = httpx.get(cluster + "/v1/stats", headers=_auth(LEGAL)).json()
+    assert {row["tenant"] for row in tenant["tenants"]} <= {BASE, "t0"}  # a tenant key: its own rows only
+    assert "replicas" not in tenant and "adapters" not in tenant
+    assert httpx.get(cluster + "/dashboard").status_code == 200
 
 
 def test_requests_stick_to_the_replica_holding_their_adapter(cluster: str) -> None:

@@ -1,22 +1,33 @@
 """The dashboard's book-keeping without a model: per-tenant windows (rates, percentiles, bounds), the engine's
-step log (prefill vs decode per adapter, fixed-size rings) and the adapter manager's tier view."""
+step log (prefill vs decode per adapter, fixed-size rings), the adapter manager's tier view, and /v1/stats over
+a cluster's replicas."""
 
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.manager import AdapterManager
+from loraplex.adapters.metrics import AdapterStats, Histogram
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.tiers import ResidentAdapter, TierView
+from loraplex.engine.client import EngineClient
+from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, PrefixCacheSnapshot
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq
-from loraplex.engine.step_log import StepLog
+from loraplex.engine.step_log import BatchHistory, StepLog, StepRecord, ThroughputPoint
 from loraplex.sampling import SamplingParams
+from loraplex.server.auth import KeyScope
+from loraplex.server.stats_view import combined, stats_json, tenant_rows
 from loraplex.server.tenant_stats import LATENCY_SAMPLES, LATENCY_WINDOW_S, RATE_WINDOW_S, TenantStats, percentile
 
 
@@ -109,3 +120,55 @@ def test_tier_view_shows_slots_host_and_pins(tmp_path: Path) -> None:
     assert set(host) == {"b", "c"} and host["b"].pinned and host["c"].refcount == 1 and not host["c"].pinned
     assert a not in mgr.host
     mgr.shutdown()
+
+
+def _engine_stats(replica: str | None, slot: ResidentAdapter | None, queued: int, second: int) -> EngineStats:
+    adapters = AdapterStats(loads={"host": 1, "device": 1}, load_failures=0, load_latency={"host": Histogram()},
+                            hits={"device": 2}, misses={"device": 1}, evictions={}, resident={"device": 1},
+                            loading=0, slot_refs=0, queued={}, running={})
+    prefix = PrefixCacheSnapshot(True, cached_blocks=3, evictions=0, queries={"base": 10}, hits={"base": 5})
+    snap = EngineSnapshot(waiting=queued, running=1, last_step_tokens=4, kv_blocks_free=6, kv_blocks_total=10,
+                          adapters=adapters, prefix_cache=prefix)
+    tiers = TierView(slots=[slot, None], host=[ResidentAdapter("h", "1", 4, 0, False)], host_capacity=4, loading=[])
+    batch = BatchHistory([StepRecord(second + 0.5, 0.01, 1, {"base": (0, 1)}, 4, queued)],
+                         [ThroughputPoint(second, 3, 7, 1), ThroughputPoint(second + 1, 0, 1, 1)])
+    return EngineStats(snap, tiers, batch, {"base": queued}, {"base": 1}, replica)
+
+
+class _Engine:
+    """The model facts stats_json reads from an EngineClient."""
+
+    model_name = "base"
+    device = "cpu"
+    max_model_len = 512
+    dtype = SimpleNamespace(name="float32")
+    memory = MemoryPlan("none", 100, 200, 10, 16, 512, 8, 2)
+
+
+def test_stats_json_lists_each_replica_and_sums_the_cluster() -> None:
+    """Two replicas' stats: counters and per-model counts summed, each slot, host entry and step says its
+    replica, throughput summed per second, one `replicas` line each; one engine's JSON has no replica fields."""
+    now = int(time.time())
+    a, b = ResidentAdapter("x", "1", 8, 1, False), ResidentAdapter("y", "2", 4, 0, True)
+    stats = [_engine_stats("r1", a, 2, now - 3), _engine_stats("r2", b, 1, now - 2)]
+    engine = cast(EngineClient, _Engine())
+    rows = tenant_rows(TenantStats(), engine, "base", combined(stats), [])
+    admin = KeyScope(frozenset({"*"}), admin=True)
+    out = stats_json(engine, "base", 0.0, stats, [], rows, admin)
+    assert out["model"]["replicas"] == 2 and out["model"]["prefix_cache"]["cached_blocks"] == 6
+    assert out["tenants"][0]["queued"] == 3 and out["tenants"][0]["running"] == 2
+    slots = [(s["replica"], s["slot"], s["name"]) for s in out["adapters"]["slots"]]
+    assert slots == [("r1", 0, "x"), ("r1", 1, None), ("r2", 0, "y"), ("r2", 1, None)]
+    assert [(e["replica"], e["name"]) for e in out["adapters"]["host"]["entries"]] == [("r1", "h"), ("r2", "h")]
+    assert out["adapters"]["host"]["capacity"] == 8 and out["adapters"]["hits"] == {"device": 4}
+    assert [s["replica"] for s in out["batch"]["steps"]] == ["r1", "r2"]  # by time
+    assert [(p["t"], p["decode_tokens"]) for p in out["batch"]["throughput"]] == [
+        (now - 3, 7), (now - 2, 8), (now - 1, 1)]
+    assert out["batch"]["queue_depth"] == 3 and out["batch"]["kv_blocks_total"] == 20
+    assert [(r["id"], r["adapter_slots_used"], r["tokens_per_s"]) for r in out["replicas"]] == [
+        ("r1", 1, 1.1), ("r2", 1, 1.1)]
+    one = stats_json(engine, "base", 0.0, [_engine_stats(None, a, 2, now)], [], rows, admin)
+    assert "replicas" not in one and one["model"]["replicas"] == 1
+    assert all("replica" not in s for s in [*one["adapters"]["slots"], *one["batch"]["steps"]])
+    tenant = stats_json(engine, "base", 0.0, stats, [], rows, KeyScope(frozenset()))
+    assert set(tenant) == {"object", "scope", "time", "model", "tenants"}

@@ -22,12 +22,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.manager import AdapterInfo
 from loraplex.cluster.config import ClusterConfig
-from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo, merge
+from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo
 from loraplex.cluster.routing import AdapterRouting
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
+from loraplex.engine.totals import merge
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
-from loraplex.server.errors import APIError
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, this many times in all
@@ -199,10 +199,12 @@ class RemoteEngine:
             raise EngineUnavailableError("no engine replica is reporting yet; retry shortly")
         return merged
 
-    async def stats(self) -> EngineStats:
-        """The dashboard's view is of one engine (its slots, its batches); a cluster has several."""
-        raise APIError(501, "/v1/stats and /dashboard show one engine; behind a cluster, /metrics has every "
-                       "replica's series and /v1/models each replica's adapters", "NotImplementedError")
+    async def stats(self) -> list[EngineStats]:
+        """Each live replica's dashboard view, from its latest report (at most a report interval old)."""
+        self.reports = await self.board.reports.remote()
+        if not self.reports:
+            raise EngineUnavailableError("no engine replica is reporting yet; retry shortly")
+        return [r.stats for r in self.reports]
 
     async def replicas(self) -> list[ReplicaView]:
         self.reports = await self.board.reports.remote()

@@ -135,8 +135,8 @@ class EngineReplica:
     async def _report_locked(self) -> None:
         view = (await self.engine.replicas())[0]
         view.id = self.id
-        report = ReplicaReport(view, lean(await self.engine.snapshot()), self.actor_name, dict(self.served),
-                               self.acked, self.last_result)
+        stats = lean((await self.engine.stats())[0], self.id)
+        report = ReplicaReport(view, stats, self.actor_name, dict(self.served), self.acked, self.last_result)
         commands, latest = await self.board.report.remote(report)
         if self.acked < 0:
             self.acked = latest
@@ -147,5 +147,5 @@ class EngineReplica:
                 log.warning("replica %s: unknown board command %r", self.id, command)
             self.acked = seq
         if commands:
-            await self.board.report.remote(ReplicaReport(view, report.snapshot, self.actor_name, dict(self.served),
+            await self.board.report.remote(ReplicaReport(view, stats, self.actor_name, dict(self.served),
                                                          self.acked, self.last_result))

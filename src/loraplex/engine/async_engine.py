@@ -160,9 +160,10 @@ class AsyncLLMEngine:
         """Queue, batch, KV and adapter-cache state, read on the engine thread between steps."""
         return await self.call(self.engine.snapshot)
 
-    async def stats(self) -> EngineStats:
-        """The snapshot plus adapter tiers, the last steps' batches and requests per model (for the dashboard)."""
-        return await self.call(self.engine.stats)
+    async def stats(self) -> list[EngineStats]:
+        """The snapshot plus adapter tiers, the last steps' batches and requests per model (for the dashboard), of
+        this engine as the one behind the server."""
+        return [await self.call(self.engine.stats)]
 
     async def sync_adapters(self) -> list[str]:
         """Apply what other engines sharing the registry file changed (a file read: off the event loop)."""

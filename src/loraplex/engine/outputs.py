@@ -84,3 +84,4 @@ class EngineStats:
     batch: BatchHistory
     queued: dict[str, int]  # model (adapter name, or the base model's) -> requests waiting
     running: dict[str, int]  # model -> requests in the batch
+    replica: str | None = None  # the cluster replica they come from; None: the engine in this process

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from loraplex.server.errors import APIError
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.state import ServerState
-from loraplex.server.stats_view import stats_json, tenant_rows
+from loraplex.server.stats_view import combined, stats_json, tenant_rows
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"
@@ -51,12 +51,13 @@ async def dashboard_asset(asset: str) -> Response:
 
 @router.get("/v1/stats", responses=ERRORS)
 async def stats(request: Request) -> JSONResponse:
-    """Adapters by tier, per-tenant rates and latency percentiles, the last steps' batches, the base model.
-    Admin keys see everything; tenant keys see the base model and their own tenants' rows."""
+    """Adapters by tier, per-tenant rates and latency percentiles, the last steps' batches, the base model (behind
+    a cluster: every replica's, combined and listed per replica). Admin keys see everything; tenant keys see the
+    base model and their own tenants' rows."""
     st: ServerState = request.app.state.loraplex
     scope = st.auth.scope(request)
-    engine_stats = await st.engine.stats()
+    engine_stats = await st.engine.stats()  # one per engine: a cluster's replicas each
     catalog = await st.engine.list_adapters()
-    rows = tenant_rows(st.metrics.tenants, st.engine, st.served_name, engine_stats, catalog)
+    rows = tenant_rows(st.metrics.tenants, st.engine, st.served_name, combined(engine_stats), catalog)
     body = stats_json(st.engine, st.served_name, st.created, engine_stats, catalog, rows, scope)
     return JSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -1,5 +1,8 @@
-"""The JSON of GET /v1/stats, from the engine's stats, the adapter catalog and the per-tenant windows.
+"""The JSON of GET /v1/stats, from the engines' stats, the adapter catalog and the per-tenant windows.
 
+Behind a cluster there is one EngineStats per replica: counters and per-model counts are summed, device slots,
+host entries and steps are listed with the `replica` they are on, throughput is summed per second, and
+`replicas` has one line per replica. One engine's JSON has no `replica` fields and no `replicas` list.
 An admin key (or an open server) gets every section; a tenant key gets the base model's facts and the rows of
 the tenants it may use, nothing that names another tenant (README, "Dashboard").
 """
@@ -7,20 +10,41 @@ the tenants it may use, nothing that names another tenant (README, "Dashboard").
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from loraplex import __version__
 from loraplex.engine.async_engine import AdapterInfo
 from loraplex.engine.client import EngineClient
 from loraplex.engine.outputs import EngineStats
+from loraplex.engine.totals import summed
 from loraplex.server.auth import KeyScope
 from loraplex.server.tenant_stats import TenantRow, TenantStats
 
+RATE_S = 10  # a replica's tokens_per_s: over its last seconds of throughput
 
-def _model(engine: EngineClient, served_name: str, stats: EngineStats, started: float) -> dict[str, Any]:
+
+def combined(stats: list[EngineStats]) -> EngineStats:
+    """The engines' snapshot and per-model request counts summed (tiers and batch: the first's; the per-engine
+    parts are read from the list)."""
+    if len(stats) == 1:
+        return stats[0]
+    return replace(stats[0], snapshot=summed([s.snapshot for s in stats]), queued=summed([s.queued for s in stats]),
+                   running=summed([s.running for s in stats]), replica=None)
+
+
+def _on(stats: EngineStats) -> dict[str, str]:
+    """The `replica` field of an entry: present only behind a cluster."""
+    return {} if stats.replica is None else {"replica": stats.replica}
+
+
+def _model(engine: EngineClient, served_name: str, stats: EngineStats, started: float,
+           replicas: int) -> dict[str, Any]:
+    """`memory` is one engine's plan (every replica has the same); the prefix cache is summed over `replicas`."""
     mem, pc = engine.memory, stats.snapshot.prefix_cache
     return {
         "id": served_name, "version": __version__, "started": started, "uptime_s": time.time() - started,
+        "replicas": replicas,
         "dtype": engine.dtype.name, "device": engine.device, "quantization": mem.quantization,
         "max_model_len": engine.max_model_len,
         "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
@@ -45,18 +69,20 @@ def _tenant(name: str, label: str, kind: str, row: TenantRow, stats: EngineStats
     }
 
 
-def _adapters(stats: EngineStats, catalog: list[AdapterInfo]) -> dict[str, Any]:
-    a, tiers = stats.snapshot.adapters, stats.tiers
+def _adapters(stats: list[EngineStats], total: EngineStats, catalog: list[AdapterInfo]) -> dict[str, Any]:
+    a = total.snapshot.adapters
 
     def resident(r: Any) -> dict[str, Any]:
         return {"name": r.name, "version": r.version, "rank": r.rank, "refcount": r.refcount, "pinned": r.pinned}
 
     return {
-        "slots": [{"slot": i, **(resident(r) if r is not None else {"name": None})} for i, r in enumerate(tiers.slots)],
-        "host": {"capacity": tiers.host_capacity, "entries": [resident(r) for r in tiers.host]},
+        "slots": [{"slot": i, **_on(s), **(resident(r) if r is not None else {"name": None})}
+                  for s in stats for i, r in enumerate(s.tiers.slots)],
+        "host": {"capacity": sum(s.tiers.host_capacity for s in stats),
+                 "entries": [{**resident(r), **_on(s)} for s in stats for r in s.tiers.host]},
         "disk": [{"name": c.name, "current": c.current, "versions": list(c.versions), "pinned": c.pinned}
                  for c in catalog],
-        "loading": [f"{name}@{version}" for name, version in tiers.loading],
+        "loading": [f"{name}@{version}" for s in stats for name, version in s.tiers.loading],
         "loads": a.loads, "load_failures": a.load_failures, "hits": a.hits, "misses": a.misses,
         "evictions": a.evictions,
         "load_seconds": {tier: {"buckets": list(h.buckets), "counts": list(h.counts), "count": h.n, "sum": h.total}
@@ -64,18 +90,39 @@ def _adapters(stats: EngineStats, catalog: list[AdapterInfo]) -> dict[str, Any]:
     }
 
 
-def _batch(stats: EngineStats) -> dict[str, Any]:
-    s, history = stats.snapshot, stats.batch
+def _batch(stats: list[EngineStats], total: EngineStats) -> dict[str, Any]:
+    s = total.snapshot
+    steps = sorted(((e, r) for e in stats for r in e.batch.steps), key=lambda er: er[1].time)
+    seconds: dict[int, list[int]] = {}  # unix second -> [prefill, decode, steps] over the engines
+    for e in stats:
+        for p in e.batch.throughput:
+            acc = seconds.setdefault(p.second, [0, 0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + p.prefill_tokens, acc[1] + p.decode_tokens, acc[2] + p.steps
     return {
         "queue_depth": s.waiting, "running": s.running,
         "kv_blocks_used": s.kv_blocks_total - s.kv_blocks_free, "kv_blocks_total": s.kv_blocks_total,
-        "steps": [{"t": r.time, "duration_s": r.duration, "batch_size": r.num_seqs, "kv_blocks_used": r.kv_blocks_used,
-                   "queue_depth": r.queue_depth,
+        "steps": [{"t": r.time, **_on(e), "duration_s": r.duration, "batch_size": r.num_seqs,
+                   "kv_blocks_used": r.kv_blocks_used, "queue_depth": r.queue_depth,
                    "tokens": {m: {"prefill": p, "decode": d} for m, (p, d) in r.tokens.items()}}
-                  for r in history.steps],
-        "throughput": [{"t": p.second, "prefill_tokens": p.prefill_tokens, "decode_tokens": p.decode_tokens,
-                        "steps": p.steps} for p in history.throughput],
+                  for e, r in steps],
+        "throughput": [{"t": t, "prefill_tokens": p, "decode_tokens": d, "steps": n}
+                       for t, (p, d, n) in sorted(seconds.items())],
     }
+
+
+def _replicas(stats: list[EngineStats], now: float) -> list[dict[str, Any]]:
+    """One line per cluster replica: its queue, KV cache, adapter tiers and recent tokens per second."""
+    out = []
+    for e in stats:
+        s, tiers = e.snapshot, e.tiers
+        recent = sum(p.prefill_tokens + p.decode_tokens for p in e.batch.throughput if p.second > now - RATE_S)
+        out.append({"id": e.replica, "queue_depth": s.waiting, "running": s.running,
+                    "kv_blocks_used": s.kv_blocks_total - s.kv_blocks_free, "kv_blocks_total": s.kv_blocks_total,
+                    "adapter_slots_used": sum(r is not None for r in tiers.slots), "adapter_slots": len(tiers.slots),
+                    "host_entries": len(tiers.host), "host_capacity": tiers.host_capacity,
+                    "loading": [f"{name}@{version}" for name, version in tiers.loading],
+                    "tokens_per_s": recent / RATE_S})
+    return out
 
 
 def tenant_rows(tenants: TenantStats, engine: EngineClient, served_name: str, stats: EngineStats,
@@ -88,17 +135,22 @@ def tenant_rows(tenants: TenantStats, engine: EngineClient, served_name: str, st
     return tenants.rows([served_name, *(a.name for a in catalog)], busy)
 
 
-def stats_json(engine: EngineClient, served_name: str, started: float, stats: EngineStats,
+def stats_json(engine: EngineClient, served_name: str, started: float, stats: list[EngineStats],
                catalog: list[AdapterInfo], rows: dict[str, TenantRow], scope: KeyScope) -> dict[str, Any]:
-    """`catalog`: engine.list_adapters(); `rows`: a TenantRow for the base model (served_name) and each adapter."""
+    """`stats`: engine.stats() (one per engine); `catalog`: engine.list_adapters(); `rows`: a TenantRow for the
+    base model (served_name) and each adapter (tenant_rows over combined(stats))."""
+    total = combined(stats)
     tenants = []
     for name, row in rows.items():
         base = name == served_name
         if scope.may_use(None if base else name):
-            tenants.append(_tenant(name, engine.model_name if base else name, "base" if base else "adapter", row, stats))
-    out: dict[str, Any] = {"object": "stats", "scope": "admin" if scope.admin else "tenant", "time": time.time(),
-                           "model": _model(engine, served_name, stats, started), "tenants": tenants}
+            tenants.append(_tenant(name, engine.model_name if base else name, "base" if base else "adapter", row, total))
+    now = time.time()
+    out: dict[str, Any] = {"object": "stats", "scope": "admin" if scope.admin else "tenant", "time": now,
+                           "model": _model(engine, served_name, total, started, len(stats)), "tenants": tenants}
     if scope.admin:
-        out["adapters"] = _adapters(stats, catalog)
-        out["batch"] = _batch(stats)
+        out["adapters"] = _adapters(stats, total, catalog)
+        out["batch"] = _batch(stats, total)
+        if any(e.replica is not None for e in stats):
+            out["replicas"] = _replicas(stats, now)
     return out

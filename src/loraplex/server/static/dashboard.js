@@ -1,6 +1,7 @@
 // The dashboard: polls GET /v1/stats every second and draws it (plain DOM and SVG, no library, no build step).
 // The key, when the server has a keys file, lives in this tab's sessionStorage and goes out as a bearer header.
 // Admin actions call the server's admin routes (pin, promote, unload) with the same key.
+// Behind a cluster, /v1/stats lists slots, host entries and steps with the `replica` they are on, and `replicas`.
 "use strict";
 
 const POLL_MS = 1000;
@@ -79,9 +80,10 @@ function colour(name) {
   if (!ui.colours.has(name)) ui.colours.set(name, PALETTE[ui.colours.size % PALETTE.length]);
   return ui.colours.get(name);
 }
+function on(entry) { return entry.replica === undefined ? "" : ` on ${entry.replica}`; }
 function dot(name) { const d = el("span", { class: "dot" }); d.style.background = colour(name); return d; }
 function heads(...names) {
-  return el("tr", {}, ...names.map((h) => el("th", { textContent: h, class: h === "adapter" ? "l" : "" })));
+  return el("tr", {}, ...names.map((h) => el("th", { textContent: h, class: h === "adapter" || h === "replica" ? "l" : "" })));
 }
 function redrawn(id, value) {
   const sig = JSON.stringify(value);
@@ -175,7 +177,7 @@ function render(d) {
   renderTenants(d.tenants);
   tick();
   if (!admin) return;
-  renderBatch(d.batch, d.time);
+  renderBatch(d.batch, d.time, d.replicas || []);
   renderCache(d.adapters);
   renderSlots(d.adapters.slots);
   renderHost(d.adapters.host, d.adapters.loading);
@@ -188,7 +190,8 @@ function renderModel(m) {
     ["model", m.id], ["dtype", m.dtype], ["device", m.device], ["quantization", m.quantization],
     ["context", `${m.max_model_len} tokens`],
     ["KV cache", `${mem.kv_blocks} blocks × ${mem.block_size} = ${mem.kv_tokens} tokens`],
-    ["adapter slots", `${mem.adapter_slots}`],
+    ...(m.replicas > 1 ? [["replicas", `${m.replicas} (memory per replica)`]] : []),
+    ["adapter slots", m.replicas > 1 ? `${mem.adapter_slots} per replica` : `${mem.adapter_slots}`],
     ["prefix cache", m.prefix_cache.enabled ? `${pct(m.prefix_cache.hit_rate)} hit, ${m.prefix_cache.cached_blocks} blocks` : "off"],
     ["uptime", duration(m.uptime_s)], ["version", `loraplex ${m.version}`],
   ]);
@@ -243,12 +246,14 @@ function sortBy(ev) {
 // ---- charts (SVG) ---------------------------------------------------------------------------------
 const W = 400;
 
-function renderBatch(b, now) {
+function renderBatch(b, now, replicas) {
   const last = b.steps[b.steps.length - 1];
   facts($("batch-facts"), [
     ["queue", `${b.queue_depth}`], ["running", `${b.running}`],
     ["KV blocks", `${b.kv_blocks_used}/${b.kv_blocks_total}`],
-    ["last step", last ? `${last.batch_size} seqs, ${secs(last.duration_s)}` : "–"],
+    ["last step", last ? `${last.batch_size} seqs, ${secs(last.duration_s)}` + on(last) : "–"],
+    ...replicas.map((r) => [`replica ${r.id}`, `${r.running} running, ${r.queue_depth} queued, ` +
+      `KV ${r.kv_blocks_used}/${r.kv_blocks_total}, slots ${r.adapter_slots_used}/${r.adapter_slots}, ${rate(r.tokens_per_s)} tok/s`]),
   ]);
   const steps = b.steps.slice(-64), H = 150, mid = 96, top = 6, bottom = H - 6, n = 64, left = 30, bw = (W - left) / n;
   const sum = (s, part) => Object.values(s.tokens).reduce((a, t) => a + t[part], 0);
@@ -267,7 +272,7 @@ function renderBatch(b, now) {
     let up = mid, down = mid;
     for (const [m, t] of Object.entries(s.tokens).sort()) {
       models.add(m);
-      const tip = `${m}: ${t.decode} decode, ${t.prefill} prefill tokens (step of ${s.batch_size} seqs, ${secs(s.duration_s)})`;
+      const tip = `${m}: ${t.decode} decode, ${t.prefill} prefill tokens (step of ${s.batch_size} seqs, ${secs(s.duration_s)}${on(s)})`;
       if (t.decode) {
         const h = ((mid - top) * t.decode) / maxDecode;
         up -= h;
@@ -359,12 +364,16 @@ function renderCache(a) {
   $("load-chart").replaceChildren(g);
 }
 
+// A cluster's entries carry the replica they are on: a first column then names it.
+function replicaCell(entry) { return entry.replica === undefined ? null : el("td", { textContent: entry.replica, class: "replica l" }); }
+function withReplica(entries, ...names) { return entries.some((e) => e.replica !== undefined) ? ["replica", ...names] : names; }
+
 function renderSlots(slots) {
   if (!redrawn("slots", slots)) return;
-  const head = heads("slot", "adapter", "version", "rank", "refs", "pinned");
+  const head = heads(...withReplica(slots, "slot", "adapter", "version", "rank", "refs", "pinned"));
   $("slots").replaceChildren(head, ...slots.map((s) => s.name === null
-    ? el("tr", {}, el("td", { textContent: s.slot }), el("td", { textContent: "empty", class: "dim l", colSpan: 5 }))
-    : el("tr", { "data-adapter": s.name }, el("td", { textContent: s.slot }), el("td", { class: "name" }, dot(s.name), s.name),
+    ? el("tr", {}, replicaCell(s), el("td", { textContent: s.slot }), el("td", { textContent: "empty", class: "dim l", colSpan: 5 }))
+    : el("tr", { "data-adapter": s.name }, replicaCell(s), el("td", { textContent: s.slot }), el("td", { class: "name" }, dot(s.name), s.name),
          el("td", { textContent: s.version, class: "version" }), el("td", { textContent: s.rank ?? "–" }),
          el("td", { textContent: s.refcount, class: s.refcount ? "" : "dim" }),
          el("td", { textContent: s.pinned ? "📌" : "", class: "pin" }))));
@@ -374,8 +383,8 @@ function renderHost(host, loading) {
   $("host-summary").textContent = `${host.entries.length} of ${host.capacity} held` +
     (loading.length ? ` · loading from disk: ${loading.join(", ")}` : "");
   if (!redrawn("host", host)) return;
-  const head = heads("adapter", "version", "rank", "requests", "pinned");
-  $("host").replaceChildren(head, ...host.entries.map((e) => el("tr", { "data-adapter": e.name },
+  const head = heads(...withReplica(host.entries, "adapter", "version", "rank", "requests", "pinned"));
+  $("host").replaceChildren(head, ...host.entries.map((e) => el("tr", { "data-adapter": e.name }, replicaCell(e),
     el("td", { class: "name" }, dot(e.name), e.name), el("td", { textContent: e.version, class: "version" }),
     el("td", { textContent: e.rank ?? "–" }), el("td", { textContent: e.refcount, class: e.refcount ? "" : "dim" }),
     el("td", { textContent: e.pinned ? "📌" : "", class: "pin" }))));
