@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.allocator import HeapTrimmer
 from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
@@ -263,8 +264,10 @@ class AsyncLLMEngine:
                 fut.set_exception(e)
 
     def _loop(self) -> None:
+        trimmer = HeapTrimmer()  # freed heap pages back to the system now and then (allocator.py says why)
         while not self._stopped:
             self._run_calls()
+            trimmer.maybe_trim()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
