@@ -169,13 +169,14 @@ class Traffic:
     seed: int
     phase: str = "calm"
     chaos: bool = False  # bad requests and hang-ups are part of the chaos phase
+    kinds: frozenset[str] = frozenset({"bad", "hangups"})  # which of them (to isolate one fault's effect)
     records: list[Record] = field(default_factory=list)
     bursts: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each burst
 
     async def client(self, client: httpx.AsyncClient, i: int, stop_at: float) -> None:
         rng = random.Random(self.seed * 1000 + i)
         while time.perf_counter() < stop_at:
-            if self.chaos and rng.random() < 0.10:
+            if self.chaos and "bad" in self.kinds and rng.random() < 0.10:
                 kind = rng.choice(BAD_KINDS)
                 path, body, key, expected = bad_request(kind, self.base_name, self.keys, self.corrupt_dir)
                 rec = Record(kind, None, "chat", 0, False, time.perf_counter(), self.phase, expected=expected)
@@ -185,7 +186,7 @@ class Traffic:
             adapter = None if rng.random() < 0.1 else rng.choices(self.adapters, self.weights)[0]
             rec = Record("good", adapter, rng.choice(["chat", "completions"]), rng.randrange(2),
                          rng.random() < 0.5, time.perf_counter(), self.phase)
-            hang_up = self.chaos and rec.stream and rng.random() < 0.2  # 10% of all good requests
+            hang_up = self.chaos and "hangups" in self.kinds and rec.stream and rng.random() < 0.2  # 10% of all
             self.records.append(rec)
             path, body = good_body(rec, self.base_name)
             await send(client, self.url, rec, path, body, self.keys.admin, hang_up)
