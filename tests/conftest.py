@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -148,3 +149,32 @@ def fused_inputs(x: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: li
     m = build_mapping(slots, x.dtype, kernel="fused")
     assert m is not None and m.fused is not None
     return m, layout.shape.to_compact(b)
+
+
+# ---- a disk that fills up (tests/test_registry.py, tests/test_crash_safety.py) ----
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs, mounted for the test (root only; skipped, with the reason, elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path) -> Path:
+    """Write a file until the disk has not one byte left; returns it (unlink it to free the space)."""
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+    return filler

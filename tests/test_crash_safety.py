@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from conftest import fill_disk
 from server_util import free_port
 
 ADAPTERS = ["t0", "t1", "t2"]
@@ -171,19 +171,6 @@ def test_registry_survives_kill_9_under_load(forkserver: multiprocessing.context
     assert sum(len(v) for v in truth.versions.values()) >= len(ADAPTERS)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_full_disk_is_a_507_and_keeps_the_state(forkserver: multiprocessing.context.ForkServerContext,
                                                 small_disk: Path, adapter_factory: Callable[..., Path]) -> None:
     weights = adapter_factory("crash0", r=4, alpha=8, targets=["q_proj", "v_proj"], seed=300)
@@ -193,13 +180,7 @@ def test_full_disk_is_a_507_and_keeps_the_state(forkserver: multiprocessing.cont
         load = {"lora_name": "t0", "lora_path": str(weights)}
         assert httpx.post(server.url + "/v1/load_lora_adapter", json=load, timeout=60).status_code == 200
         before = registry.read_text()
-        with open(small_disk / "filler", "wb", buffering=0) as f:
-            for size in (4096, 1):
-                try:
-                    while True:
-                        f.write(b"\0" * size)
-                except OSError:
-                    pass
+        filler = fill_disk(small_disk)
         r = httpx.post(server.url + "/v1/load_lora_adapter", json=load, timeout=60)
         assert r.status_code == 507, r.text
         assert "No space left on device" in r.json()["error"]["message"]
@@ -208,7 +189,7 @@ def test_full_disk_is_a_507_and_keeps_the_state(forkserver: multiprocessing.cont
         assert models["t0"]["versions"] == ["1"]
         ok = httpx.post(server.url + "/v1/completions", json={"model": "t0", "prompt": "Hi", "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200 and ok.json()["system_fingerprint"] == "t0@1"
-        (small_disk / "filler").unlink()
+        filler.unlink()
         r = httpx.post(server.url + "/v1/load_lora_adapter", json=load, timeout=60)
         assert r.status_code == 200 and r.json()["version"] == "2"
     finally:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import fill_disk
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.registry import AdapterRegistry
@@ -130,20 +129,6 @@ def test_retired_versions_stay_retired_across_restarts(tmp_path: Path) -> None:
         again.register(spec("legal@2"), tmp_path / "a2")
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: a disk that fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_full_disk_keeps_the_old_state(tmp_path: Path, small_disk: Path) -> None:
     """A registry write that finds the disk full is refused with a named error; memory and file keep the old state,
     and the change succeeds once space is freed."""
@@ -152,14 +137,7 @@ def test_full_disk_keeps_the_old_state(tmp_path: Path, small_disk: Path) -> None
     reg = AdapterRegistry(state_file=state)
     reg.register(spec("legal"), a1)
     before = state.read_text()
-    filler = small_disk / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
-        for size in (4096, 1):
-            try:
-                while True:
-                    f.write(b"\0" * size)
-            except OSError:
-                pass
+    filler = fill_disk(small_disk)
     with pytest.raises(StateWriteError, match="No space left on device.*not applied") as err:
         reg.register(spec("legal"), a2)
     assert err.value.disk_full
