@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex.allocator import bound_kernel_caches
 from loraplex.config import EngineConfig
 from loraplex.engine.memory import MemoryPlan, plan
 from loraplex.hardware import DtypeChoice, cpu, resolve_dtype, warn_if_emulated
@@ -44,6 +45,7 @@ class BuiltModel:
 def build_model(config: EngineConfig) -> BuiltModel:
     """Everything the engine runs, before the KV cache exists; raises naming the figures if a budget does not fit."""
     t0 = time.perf_counter()
+    bound_kernel_caches()  # before the first oneDNN kernel: a server sees ever new row counts (allocator.py)
     dtype = resolve_dtype(config.dtype, config.device)
     device = torch.device(config.device)
     where = cpu().describe() if device.type == "cpu" else str(device)
