@@ -4,7 +4,7 @@ adapter (Ray Serve's model multiplexing, loraplex's default) against Ray Serve's
 of 2 replicas against 1 on the same cores, a hot adapter's spread, how long a promotion takes to reach every
 replica, and what the measured hit rates predict for 1,000 adapters on 8 replicas (benchmarks/cluster_sim.py).
 
-    .venv/bin/python -m benchmarks.cluster --adapters results/adapters [--requests 450 --rate 5]
+    .venv/bin/python -m benchmarks.cluster --adapters results/adapters [--requests 1000 --warmup 500 --rate 5]
 
 Each replica's host tier holds 24 adapters (--max-cpu-loras 24, also its multiplexed claims): together the two
 hold 48 of the 64, one alone does not. The first --warmup requests fill the tiers and are not counted.
@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.cluster_sim import simulate, zipf_weights
+from benchmarks.cluster_sim import expected_on, simulate, zipf_weights
 from benchmarks.common import machine, make_adapters, percentile, write_json
 from loraplex.cluster import app as cluster_app
 from loraplex.cluster.config import ClusterConfig
@@ -77,6 +77,15 @@ async def burst(url: str, models: list[str], max_tokens: int) -> tuple[float, li
         return sum(r["tokens"] for r in rs) / (time.perf_counter() - t0), list(rs)
 
 
+def routing_results(url: str) -> dict[str, int]:
+    """The ingress's routing counters: hit / miss (the replica held the adapter or not) and spill."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("loraplex_cluster_routing_total{"):
+            out[line.split('result="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def served(url: str, model: str) -> dict[str, int]:
     out = {}
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
@@ -98,12 +107,12 @@ def promotions(url: str, root: Path, n: int) -> list[float]:
     return out
 
 
-def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: Any) -> dict[str, Any]:
+def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: Any, spill_margin: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as reg:
         engine = EngineConfig(adapter_dir=str(root), registry_file=str(Path(reg) / "registry.json"), max_loras=8,
                               max_cpu_loras=CAPACITY, kv_cache_memory=256 << 20, enable_prefix_caching=False)
         cluster = ClusterConfig(replicas=replicas, cpus_per_replica=cpus, max_adapters_per_replica=CAPACITY,
-                                affinity=affinity, app_name="loraplex-bench")
+                                affinity=affinity, spill_margin=spill_margin, app_name="loraplex-bench")
         url = cluster_app.start(engine, ServerConfig(port=8731), cluster)
         try:
             while len(httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["replicas"]) < replicas:
@@ -113,31 +122,35 @@ def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: An
             cluster_app.stop(cluster)
 
 
-def zipf_run(url: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+def zipf_run(url: str, args: argparse.Namespace, root: Path, policy: str) -> dict[str, Any]:
     rng = random.Random(1)
-    names = [f"a{i}" for i in range(ADAPTERS)]
-    stream = rng.choices(names, weights=zipf_weights(ADAPTERS, ZIPF_S), k=args.warmup + args.requests)
+    indices = rng.choices(range(ADAPTERS), weights=zipf_weights(ADAPTERS, ZIPF_S), k=args.warmup + args.requests)
+    stream = [f"a{i}" for i in indices]
     asyncio.run(poisson(url, stream[: args.warmup], args.rate, args.max_tokens, seed=2))
-    loads0 = replica_loads(url)
+    loads0, routing0 = replica_loads(url), routing_results(url)
     t0 = time.perf_counter()
     rs = asyncio.run(poisson(url, stream[args.warmup:], args.rate, args.max_tokens, seed=3))
     seconds = time.perf_counter() - t0
     time.sleep(0.6)  # the replicas' next reports
     loads = replica_loads(url) - loads0
+    routing = {k: n - routing0.get(k, 0) for k, n in routing_results(url).items()}
     ttft = [1e3 * r["ttft"] for r in rs]
     return {"requests": len(rs), "errors": sum(r["error"] for r in rs), "cold_loads": loads,
             "cold_loads_per_1000": 1000 * loads / len(rs), "distinct_adapters": len(set(stream[args.warmup:])),
+            # the policy's ideal placement (cluster_sim.py) on exactly this stream: the yardstick for this sample
+            "ideal_cold_loads_per_1000": expected_on(policy, indices, ADAPTERS, 2, CAPACITY, args.warmup),
             "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "mean": sum(ttft) / len(ttft)},
-            "tokens_per_s": sum(r["tokens"] for r in rs) / seconds}
+            "tokens_per_s": sum(r["tokens"] for r in rs) / seconds, "routing": routing}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=Path, default=Path("results/adapters"))
-    ap.add_argument("--requests", type=int, default=450)
-    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=500, help="requests that fill the tiers first, not counted")
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second (Poisson)")
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--spill-margin", type=int, default=ClusterConfig().spill_margin)
     ap.add_argument("--burst", type=int, default=48, help="concurrent requests in the throughput runs")
     args = ap.parse_args()
     from benchmarks.common import default_model_dir
@@ -148,12 +161,12 @@ def main() -> None:
 
     result: dict[str, Any] = {"machine": machine(), "ray": ray.__version__, "adapters": ADAPTERS, "zipf_s": ZIPF_S,
                               "host_capacity_per_replica": CAPACITY, "rate": args.rate, "max_tokens": args.max_tokens,
-                              "spill_margin": ClusterConfig().spill_margin,
+                              "spill_margin": args.spill_margin,
                               "warmup": args.warmup}
     mixed = [f"a{i % 8}" for i in range(args.burst)]
 
     def affinity_work(url: str) -> dict[str, Any]:
-        out = zipf_run(url, args, root)
+        out = zipf_run(url, args, root, "affinity")
         out["burst_tokens_per_s"] = asyncio.run(burst(url, mixed, 32))[0]
         before = served(url, "a9")
         asyncio.run(burst(url, ["a9"] * 40, 16))  # one adapter, 40 requests at once: the hot-adapter rule
@@ -164,10 +177,10 @@ def main() -> None:
         out["promotion_ms"] = {"p50": 1e3 * percentile(prom, 50), "max": 1e3 * max(prom)}
         return out
 
-    result["affinity"] = run_cluster(root, 2, 1.0, True, affinity_work)
-    result["queue"] = run_cluster(root, 2, 1.0, False, lambda url: zipf_run(url, args, root))
+    result["affinity"] = run_cluster(root, 2, 1.0, True, affinity_work, args.spill_margin)
+    result["queue"] = run_cluster(root, 2, 1.0, False, lambda url: zipf_run(url, args, root, "queue"), args.spill_margin)
     result["one_replica_burst_tokens_per_s"] = run_cluster(
-        root, 1, 2.0, True, lambda url: asyncio.run(burst(url, mixed, 32))[0])
+        root, 1, 2.0, True, lambda url: asyncio.run(burst(url, mixed, 32))[0], args.spill_margin)
     a, q = result["affinity"], result["queue"]
     result["cold_load_ratio"] = q["cold_loads_per_1000"] / max(a["cold_loads_per_1000"], 1e-9)
     result["ttft_p99_ratio"] = q["ttft_ms"]["p99"] / a["ttft_ms"]["p99"]
@@ -183,7 +196,8 @@ def main() -> None:
     print(f"Zipf over {ADAPTERS} adapters, 2 replicas x {CAPACITY} in host memory, {args.requests} requests at "
           f"{args.rate}/s: cold loads per 1,000: affinity {a['cold_loads_per_1000']:.0f}, queue-length routing "
           f"{q['cold_loads_per_1000']:.0f} ({result['cold_load_ratio']:.2f}x fewer); TTFT p99 {a['ttft_ms']['p99']:.0f} "
-          f"vs {q['ttft_ms']['p99']:.0f} ms; errors {a['errors']} / {q['errors']}")
+          f"vs {q['ttft_ms']['p99']:.0f} ms; errors {a['errors']} / {q['errors']}; the ideal placement on this stream: "
+          f"{a['ideal_cold_loads_per_1000']:.0f} vs {q['ideal_cold_loads_per_1000']:.0f}")
     print(f"throughput, {args.burst} streams over 8 adapters: 2 replicas {a['burst_tokens_per_s']:.0f} tok/s, 1 replica "
           f"{result['one_replica_burst_tokens_per_s']:.0f} tok/s ({result['two_vs_one_replica']:.2f}x)")
     print(f"hot adapter, 40 requests at once: per replica {a['hot_adapter_requests_per_replica']}; promotion visible "

@@ -36,10 +36,16 @@ def simulate(policy: str, adapters: int, replicas: int, capacity: int, requests:
     """policy: "affinity" (multiplexed routing) or "queue" (no adapter id: uniform over replicas). The first
     `warmup` requests fill the caches and are not counted: the figures are the steady state's."""
     rng = random.Random(seed)
+    stream = rng.choices(range(adapters), weights=zipf_weights(adapters, zipf_s), k=warmup + requests)
+    return place(policy, stream, adapters, replicas, capacity, warmup, rng)
+
+
+def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
+          rng: random.Random) -> Placement:
+    """The placement of one request stream (adapter indices), as `simulate` describes; `rng` breaks ties."""
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]
     loads = [0] * replicas
     hits = 0
-    stream = rng.choices(range(adapters), weights=zipf_weights(adapters, zipf_s), k=warmup + requests)
     for i, a in enumerate(stream):
         if i == warmup:
             loads, hits = [0] * replicas, 0
@@ -61,4 +67,13 @@ def simulate(policy: str, adapters: int, replicas: int, capacity: int, requests:
             cache[a] = None
             if len(cache) > capacity:
                 cache.popitem(last=False)
+    requests = len(stream) - warmup
     return Placement(policy, adapters, replicas, capacity, requests, sum(loads), loads, hits / requests)
+
+
+def expected_on(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
+                trials: int = 50) -> float:
+    """Loads per 1,000 requests that the policy's ideal placement gives on exactly this stream (the mean over
+    `trials` tie-breaks): what a measured run of a few hundred requests should be compared with."""
+    runs = [place(policy, stream, adapters, replicas, capacity, warmup, random.Random(t)) for t in range(trials)]
+    return sum(r.loads_per_1000 for r in runs) / trials

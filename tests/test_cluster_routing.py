@@ -29,14 +29,19 @@ def test_affinity_until_the_adapter_is_hot() -> None:
     assert r.in_flight["legal"] == {"A": 1, "B": 1} and r.load == {"A": 1, "B": 1}
 
 
-def test_a_busy_holder_spills_to_the_idlest_and_dead_replicas_drop_out() -> None:
+def test_an_adapter_keeping_its_holder_busy_spills_and_dead_replicas_drop_out() -> None:
     r = AdapterRouting(hot_threshold=100, spill_margin=2, live={"A", "B"})
-    _start(r, "legal", "A")
+    _start(r, "poetry", "A")
     _start(r, None, "A")  # the base model's requests load the replica too
-    assert r.dispatch("legal") == ""  # A runs 2, B none: the next one goes by queue length
-    r.abandoned("legal")
-    assert r.dispatch("poetry") == "poetry"  # no holder known: Ray's multiplexing places it
+    _start(r, None, "A")
+    assert r.dispatch("poetry") == "poetry"  # A runs 3, B none, but not because of poetry: no cold copy on B
     r.abandoned("poetry")
+    _start(r, "legal", "A")
+    _start(r, "legal", "A")
+    assert r.dispatch("legal") == ""  # legal keeps A busy (2 of A's 5): the next one goes by queue length
+    r.abandoned("legal")
+    assert r.dispatch("novel") == "novel"  # no holder known: Ray's multiplexing places it
+    r.abandoned("novel")
     r.set_live({"A"})  # B died: A is the idlest there is
     assert r.dispatch("legal") == "legal" and r.holders["legal"] == {"A"}
     assert AdapterRouting(1, 1, affinity=False).dispatch("legal") == ""  # the comparison mode: never an id

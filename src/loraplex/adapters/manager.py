@@ -201,6 +201,18 @@ class AdapterManager:
             for _ in self.host.shrink():  # a burst of in-use adapters may have overfilled the tier
                 self.metrics.evict("host")
 
+    def evict(self, spec: AdapterSpec) -> int:
+        """Drop `spec`'s versions (all of its name's, unless it names one) from the host tier now, except those a
+        request uses or a pin holds. A cluster replica calls it when Ray Serve's multiplexing unclaims the adapter,
+        so that the tier holds what Ray routes there. Returns how many were dropped."""
+        with self._lock:
+            drop = [k for k in self.host.keys() if k.name == spec.name and spec.version in (None, k.version)
+                    and not self.users.get(k) and k not in self.host.pinned]
+            for key in drop:
+                self.host.drop(key)
+                self.metrics.evict("host")
+            return len(drop)
+
     def prefetch(self, spec: AdapterSpec) -> AdapterKey:
         """Start loading `spec` into host memory in the background (warming a tenant before traffic)."""
         key = self.resolve(spec)

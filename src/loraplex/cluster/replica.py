@@ -30,6 +30,26 @@ log = logging.getLogger(__name__)
 REGISTRY_POLL_S = 0.1  # how often the shared registry file is stat'ed: promotions reach every replica within it
 
 
+class Claim:
+    """What Ray Serve's multiplexing keeps per adapter id on a replica. Ray calls `__del__` when its LRU of ids
+    drops this one (in a worker thread): the engine then drops the adapter from its host tier too, unless a request
+    uses it, so the tier and Ray's routing agree on what this replica holds. Otherwise the two LRUs, updated at
+    different moments, pick different victims, and Ray routes requests to a replica that has just evicted their
+    adapter (a cold load Ray counts as a hit)."""
+
+    def __init__(self, key: AdapterKey, model_id: str, evict: Callable[[str], int]) -> None:
+        self.key, self.model_id, self._evict = key, model_id, evict
+        self._released = False
+
+    def __del__(self) -> None:  # Ray calls it on eviction; the garbage collector calls it again later: once only
+        if not self._released:
+            self._released = True
+            try:
+                self._evict(self.model_id)
+            except Exception:  # an exception would fail the load Ray evicts for: the tier's own LRU frees it later
+                log.exception("dropping unclaimed adapter %s from host memory failed", self.model_id)
+
+
 @serve.deployment
 class EngineReplica:
     async def __init__(self, engine_config: EngineConfig, cluster: ClusterConfig, torch_threads: int,
@@ -49,12 +69,12 @@ class EngineReplica:
         self.acked, self.last_result = -1, 0
         self._reporting = asyncio.Lock()  # one report (and its commands) at a time: each command runs once
 
-        async def claim(model_id: str) -> AdapterKey:
+        async def claim(model_id: str) -> Claim:
             # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
             # adapter, so no replica claims one; the load itself runs in the background, in the engine's tiers.
-            return await self.engine.prefetch_adapter(model_id)
+            return Claim(await self.engine.prefetch_adapter(model_id), model_id, self.engine.evict_adapter)
 
-        self.claim: Callable[[str], Awaitable[AdapterKey]] = serve.multiplexed(
+        self.claim: Callable[[str], Awaitable[Claim]] = serve.multiplexed(
             max_num_models_per_replica=cluster.max_adapters_per_replica)(claim)
         self._tasks = [asyncio.create_task(self._watch_registry()), asyncio.create_task(self._report_loop())]
         log.info("engine replica %s (pid %d) serving %s", self.id, os.getpid(), self.engine.model_name)

@@ -1,11 +1,16 @@
 """AdapterRouting: the ingress's part of routing. Ray Serve picks the replica; this picks what the request tells
 Ray: its adapter as the multiplexed model id (go where it is held), or no id (go by queue length: Ray's power of
 two choices), which it does when the adapter is *hot* (its requests in flight reach `hot_threshold` per replica
-running it) or its holders are *busy* (the least loaded of them runs `spill_margin` more requests than the least
-loaded replica). The replica such a request reaches claims the adapter too, and from then on Ray spreads it over
-both: popular adapters end up on several replicas, the long tail on one. Ray alone moves a model to another
-replica only once every holder refuses requests (max_ongoing_requests), so a popular adapter otherwise queues on
-one replica while another idles. Also the routing counters /metrics shows. No Ray.
+running it) or keeps its holders *busy* (it has `spill_margin` requests in flight itself, and the least loaded of
+its holders runs `spill_margin` more requests than the least loaded replica). The replica such a request reaches
+claims the adapter too, and from then on Ray spreads it over both: popular adapters end up on several replicas,
+the long tail on one. Ray alone moves a model to another replica only once every holder refuses requests
+(max_ongoing_requests), so a popular adapter otherwise queues on one replica while another idles.
+
+An adapter with fewer requests in flight than `spill_margin` never spills for a busy holder: its holder is busy with
+other adapters' requests, and a copy elsewhere would cost a cold load and evict an adapter there, for a wait of a
+request or two (measured in benchmarks/cluster.py: spilling on load alone gave 1.9x fewer cold loads than
+queue-length routing; this rule, the figure in the README). Also the routing counters /metrics shows. No Ray.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ class AdapterRouting:
         if not self.affinity:
             return ""
         running = self.in_flight.get(adapter, Counter())
-        hot = self.pending[adapter] - 1 + sum(running.values()) >= self.hot_threshold * max(1, len(running))
+        own = self.pending[adapter] - 1 + sum(running.values())  # this adapter's other requests, sent or running
+        hot = own >= self.hot_threshold * max(1, len(running))
         held = self.holders.get(adapter, set()) & self.live
-        busy = bool(held) and (min(self.load[r] for r in held) >= min(self.load[r] for r in self.live) + self.spill_margin)
+        busy = bool(held) and own >= self.spill_margin and (
+            min(self.load[r] for r in held) >= min(self.load[r] for r in self.live) + self.spill_margin)
         if hot or busy:
             self.results["spill"] += 1
             return ""

@@ -181,6 +181,10 @@ class AsyncLLMEngine:
         return [ReplicaView("local", snap.running, snap.waiting, self.engine.resident_adapters(), versions,
                             self.engine.registry_version)]
 
+    def evict_adapter(self, model: str) -> int:
+        """Drop `model` from host memory unless a request uses or a pin holds it (the manager's lock: any thread)."""
+        return self.engine.evict_adapter(model)
+
     async def prefetch_adapter(self, model: str) -> AdapterKey:
         """Resolve `model` ("name" or "name@version"; AdapterNotFoundError if unknown) and start loading it into
         host memory, so the first request finds it loading or loaded."""

@@ -127,6 +127,11 @@ class LLMEngine:
         """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory."""
         return self.adapters.prefetch(AdapterSpec.parse(model))
 
+    def evict_adapter(self, model: str) -> int:
+        """Drop `model` ("name" or "name@version") from host memory, except versions a request uses or a pin holds;
+        returns the versions dropped. Safe from any thread."""
+        return self.adapters.evict(AdapterSpec.parse(model))
+
     def _is_our_base(self, base: str) -> bool:
         """Whether an adapter's base_model_name_or_path names this model (a path to it, its name, or a hub id ending in it)."""
         names = {self.model_name, self.model_dir.name}
