@@ -14,13 +14,18 @@ def cluster_lines(c: dict[str, Any]) -> list[str]:
              f"claims too); Zipf (s = {c['zipf_s']}) over {c['adapters']} adapters, Poisson arrivals at {c['rate']} "
              f"req/s, {a['requests']} streaming completions of {c['max_tokens']} tokens after {c['warmup']} not "
              "counted. *Affinity*: loraplex's routing, the adapter as the multiplexed model id (spilling by queue length "
-             f"when the adapter's holders run {c.get('spill_margin', 2)} more requests than the idlest replica); *queue "
-             "length*: Ray Serve's default power of two choices, no model id.", "",
-             "| routing | cold loads / 1,000 requests | TTFT p50 (ms) | TTFT p99 (ms) | tok/s | errors |",
-             "|---|---|---|---|---|---|"]
+             f"when the adapter has {c.get('spill_margin', 2)} requests of its own in flight and its holders run "
+             f"{c.get('spill_margin', 2)} more than the idlest replica); *queue length*: Ray Serve's default power of "
+             "two choices, no model id. *Ideal*: the policy's placement simulated on exactly the measured stream "
+             "(cluster_sim.py: each replica an LRU of its claims, no spill), the yardstick for a sample this size.", "",
+             "| routing | cold loads / 1,000 requests | ideal on this stream | TTFT p50 (ms) | TTFT p99 (ms) | tok/s | "
+             "spills | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in (("affinity (multiplexing)", a), ("queue length (no multiplexing)", q)):
-        lines.append(f"| {name} | {r['cold_loads_per_1000']:.0f} | {r['ttft_ms']['p50']:.0f} | {r['ttft_ms']['p99']:.0f} "
-                     f"| {r['tokens_per_s']:.0f} | {r['errors']} |")
+        ideal = r.get("ideal_cold_loads_per_1000")
+        lines.append(f"| {name} | {r['cold_loads_per_1000']:.0f} | {'' if ideal is None else f'{ideal:.0f}'} "
+                     f"| {r['ttft_ms']['p50']:.0f} | {r['ttft_ms']['p99']:.0f} | {r['tokens_per_s']:.0f} "
+                     f"| {r.get('routing', {}).get('spill', '')} | {r['errors']} |")
     lines += ["", f"Cold loads, queue-length routing / affinity: {c['cold_load_ratio']:.2f}; TTFT p99, queue-length "
               f"routing / affinity: {c['ttft_p99_ratio']:.2f} (above 1: affinity's p99 is lower). Throughput of 48 streams "
               f"over 8 adapters: 2 replicas (1 torch thread each) {a['burst_tokens_per_s']:.0f} tok/s against 1 replica "
