@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.cluster_sim import expected_on, simulate, zipf_weights
 from benchmarks.common import machine, make_adapters, percentile, write_json
@@ -32,13 +33,16 @@ from loraplex.config import EngineConfig, ServerConfig
 ADAPTERS, CAPACITY, ZIPF_S = 64, 24, 1.0
 
 
+def counters(url: str, family: str) -> list[tuple[dict[str, str], int]]:
+    """(labels, value) of each sample of one counter family on the ingress's /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return [(s.labels, int(s.value)) for f in text_string_to_metric_families(text) if f.name == family
+            for s in f.samples if s.name == family + "_total"]
+
+
 def replica_loads(url: str) -> int:
-    """Cold loads (disk -> host) summed over the replicas, from the ingress's /metrics."""
-    total = 0
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("loraplex_replica_adapter_loads_total{") and 'tier="host"' in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
+    """Cold loads (disk -> host) summed over the replicas."""
+    return sum(n for labels, n in counters(url, "loraplex_replica_adapter_loads") if labels["tier"] == "host")
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, prompt: str) -> dict[str, Any]:
@@ -79,19 +83,12 @@ async def burst(url: str, models: list[str], max_tokens: int) -> tuple[float, li
 
 def routing_results(url: str) -> dict[str, int]:
     """The ingress's routing counters: hit / miss (the replica held the adapter or not) and spill."""
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("loraplex_cluster_routing_total{"):
-            out[line.split('result="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
-    return out
+    return {labels["result"]: n for labels, n in counters(url, "loraplex_cluster_routing")}
 
 
 def served(url: str, model: str) -> dict[str, int]:
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("loraplex_replica_requests_total{") and f'model="{model}"' in line:
-            out[line.split('replica="')[1].split('"')[0]] = int(float(line.rsplit(" ", 1)[1]))
-    return out
+    """Requests for `model` each replica took."""
+    return {labels["replica"]: n for labels, n in counters(url, "loraplex_replica_requests") if labels["model"] == model}
 
 
 def promotions(url: str, root: Path, n: int) -> list[float]:

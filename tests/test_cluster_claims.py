@@ -44,7 +44,7 @@ def test_evict_drops_unused_versions_and_keeps_used_and_pinned_ones(tmp_path: Pa
 
 def test_a_claim_evicts_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[str] = []
-    claim = Claim(AdapterKey("legal", "1"), "legal", lambda model: calls.append(model) or 1)
+    claim = Claim("legal", lambda model: calls.append(model) or 1)
     claim.__del__()  # Ray's LRU dropped the id
     claim.__del__()  # the garbage collector, later
     assert calls == ["legal"]
@@ -52,5 +52,5 @@ def test_a_claim_evicts_once_and_never_raises(caplog: pytest.LogCaptureFixture) 
     def broken(model: str) -> int:
         raise RuntimeError("engine stopped")
 
-    Claim(AdapterKey("legal", "1"), "legal", broken).__del__()  # logged; Ray's next load goes on
+    Claim("legal", broken).__del__()  # logged; Ray's next load goes on
     assert "dropping unclaimed adapter legal" in caplog.text

@@ -37,8 +37,8 @@ class Claim:
     different moments, pick different victims, and Ray routes requests to a replica that has just evicted their
     adapter (a cold load Ray counts as a hit)."""
 
-    def __init__(self, key: AdapterKey, model_id: str, evict: Callable[[str], int]) -> None:
-        self.key, self.model_id, self._evict = key, model_id, evict
+    def __init__(self, model_id: str, evict: Callable[[str], int]) -> None:
+        self.model_id, self._evict = model_id, evict
         self._released = False
 
     def __del__(self) -> None:  # Ray calls it on eviction; the garbage collector calls it again later: once only
@@ -72,7 +72,8 @@ class EngineReplica:
         async def claim(model_id: str) -> Claim:
             # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
             # adapter, so no replica claims one; the load itself runs in the background, in the engine's tiers.
-            return Claim(await self.engine.prefetch_adapter(model_id), model_id, self.engine.evict_adapter)
+            await self.engine.prefetch_adapter(model_id)
+            return Claim(model_id, self.engine.evict_adapter)
 
         self.claim: Callable[[str], Awaitable[Claim]] = serve.multiplexed(
             max_num_models_per_replica=cluster.max_adapters_per_replica)(claim)
