@@ -1,6 +1,7 @@
 """The cluster on one machine: 2 engine replicas on Ray Serve, Zipf popularity over 64 adapters, routing by
 adapter (Ray Serve's model multiplexing, loraplex's default) against Ray Serve's default routing without it
-(power of two choices by queue length): cold adapter loads per 1,000 requests and TTFT; then the throughput
+(power of two choices by queue length): cold adapter loads per 1,000 requests and TTFT, with the replicas'
+claim admission (cluster/admission.py; --claim-policy lru for Ray's plain LRU of claims); then the throughput
 of 2 replicas against 1 on the same cores, a hot adapter's spread, how long a promotion takes to reach every
 replica, and what the measured hit rates predict for 1,000 adapters on 8 replicas (benchmarks/cluster_sim.py).
 
@@ -27,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.cluster_sim import expected_on, simulate, zipf_weights
 from benchmarks.common import machine, make_adapters, percentile, write_json
 from loraplex.cluster import app as cluster_app
-from loraplex.cluster.config import ClusterConfig
+from loraplex.cluster.config import CLAIM_POLICIES, ClusterConfig
 from loraplex.config import EngineConfig, ServerConfig
 
 ADAPTERS, CAPACITY, ZIPF_S = 64, 24, 1.0
@@ -104,22 +105,23 @@ def promotions(url: str, root: Path, n: int) -> list[float]:
     return out
 
 
-def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: Any, spill_margin: int) -> dict[str, Any]:
+def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: Any, args: argparse.Namespace) -> Any:
     with tempfile.TemporaryDirectory() as reg:
         engine = EngineConfig(adapter_dir=str(root), registry_file=str(Path(reg) / "registry.json"), max_loras=8,
                               max_cpu_loras=CAPACITY, kv_cache_memory=256 << 20, enable_prefix_caching=False)
         cluster = ClusterConfig(replicas=replicas, cpus_per_replica=cpus, max_adapters_per_replica=CAPACITY,
-                                affinity=affinity, spill_margin=spill_margin, app_name="loraplex-bench")
+                                affinity=affinity, spill_margin=args.spill_margin, claim_policy=args.claim_policy,
+                                popularity_half_life_s=args.half_life, app_name="loraplex-bench")
         url = cluster_app.start(engine, ServerConfig(port=8731), cluster)
         try:
             while len(httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["replicas"]) < replicas:
                 time.sleep(0.2)
-            return work(url)  # type: ignore[no-any-return]
+            return work(url)
         finally:
             cluster_app.stop(cluster)
 
 
-def zipf_run(url: str, args: argparse.Namespace, root: Path, policy: str) -> dict[str, Any]:
+def zipf_run(url: str, args: argparse.Namespace, policy: str) -> dict[str, Any]:
     rng = random.Random(1)
     indices = rng.choices(range(ADAPTERS), weights=zipf_weights(ADAPTERS, ZIPF_S), k=args.warmup + args.requests)
     stream = [f"a{i}" for i in indices]
@@ -135,7 +137,8 @@ def zipf_run(url: str, args: argparse.Namespace, root: Path, policy: str) -> dic
     return {"requests": len(rs), "errors": sum(r["error"] for r in rs), "cold_loads": loads,
             "cold_loads_per_1000": 1000 * loads / len(rs), "distinct_adapters": len(set(stream[args.warmup:])),
             # the policy's ideal placement (cluster_sim.py) on exactly this stream: the yardstick for this sample
-            "ideal_cold_loads_per_1000": expected_on(policy, indices, ADAPTERS, 2, CAPACITY, args.warmup),
+            "ideal_cold_loads_per_1000": expected_on(policy, indices, ADAPTERS, 2, CAPACITY, args.warmup,
+                                                     half_life=args.half_life * args.rate),
             "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "mean": sum(ttft) / len(ttft)},
             "tokens_per_s": sum(r["tokens"] for r in rs) / seconds, "routing": routing}
 
@@ -148,6 +151,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second (Poisson)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--spill-margin", type=int, default=ClusterConfig().spill_margin)
+    ap.add_argument("--claim-policy", choices=CLAIM_POLICIES, default=ClusterConfig().claim_policy)
+    ap.add_argument("--half-life", type=float, default=ClusterConfig().popularity_half_life_s,
+                    help="seconds in which an adapter's request count halves (claim admission)")
     ap.add_argument("--burst", type=int, default=48, help="concurrent requests in the throughput runs")
     args = ap.parse_args()
     from benchmarks.common import default_model_dir
@@ -158,12 +164,12 @@ def main() -> None:
 
     result: dict[str, Any] = {"machine": machine(), "ray": ray.__version__, "adapters": ADAPTERS, "zipf_s": ZIPF_S,
                               "host_capacity_per_replica": CAPACITY, "rate": args.rate, "max_tokens": args.max_tokens,
-                              "spill_margin": args.spill_margin,
-                              "warmup": args.warmup}
+                              "spill_margin": args.spill_margin, "claim_policy": args.claim_policy,
+                              "popularity_half_life_s": args.half_life, "warmup": args.warmup}
     mixed = [f"a{i % 8}" for i in range(args.burst)]
 
     def affinity_work(url: str) -> dict[str, Any]:
-        out = zipf_run(url, args, root, "affinity")
+        out = zipf_run(url, args, "frequency" if args.claim_policy == "frequency" else "affinity")
         out["burst_tokens_per_s"] = asyncio.run(burst(url, mixed, 32))[0]
         before = served(url, "a9")
         asyncio.run(burst(url, ["a9"] * 40, 16))  # one adapter, 40 requests at once: the hot-adapter rule
@@ -174,21 +180,26 @@ def main() -> None:
         out["promotion_ms"] = {"p50": 1e3 * percentile(prom, 50), "max": 1e3 * max(prom)}
         return out
 
-    result["affinity"] = run_cluster(root, 2, 1.0, True, affinity_work, args.spill_margin)
-    result["queue"] = run_cluster(root, 2, 1.0, False, lambda url: zipf_run(url, args, root, "queue"), args.spill_margin)
+    result["affinity"] = run_cluster(root, 2, 1.0, True, affinity_work, args)
+    result["queue"] = run_cluster(root, 2, 1.0, False, lambda url: zipf_run(url, args, "queue"), args)
     result["one_replica_burst_tokens_per_s"] = run_cluster(
-        root, 1, 2.0, True, lambda url: asyncio.run(burst(url, mixed, 32))[0], args.spill_margin)
+        root, 1, 2.0, True, lambda url: asyncio.run(burst(url, mixed, 32))[0], args)
     a, q = result["affinity"], result["queue"]
     result["cold_load_ratio"] = q["cold_loads_per_1000"] / max(a["cold_loads_per_1000"], 1e-9)
     result["ttft_p99_ratio"] = q["ttft_ms"]["p99"] / a["ttft_ms"]["p99"]
     result["two_vs_one_replica"] = a["burst_tokens_per_s"] / result["one_replica_burst_tokens_per_s"]
     # What the measured regime predicts at scale: the same placement rules, simulated.
-    sims = [simulate(p, adapters, replicas, cap, 20_000, ZIPF_S, warmup=5_000)
-            for adapters, replicas, cap in ((ADAPTERS, 2, CAPACITY), (1000, 8, 128)) for p in ("affinity", "queue")]
-    result["simulated"] = [{"policy": s.policy, "adapters": s.adapters, "replicas": s.replicas, "capacity": s.capacity,
-                            "loads_per_1000": s.loads_per_1000, "hit_rate": s.hit_rate,
-                            "loads_per_replica_per_1000": [1000 * n / s.requests for n in s.loads_per_replica]}
-                           for s in sims]
+    # The 1,000-adapter rows at 100 requests/s: the half-life counts requests, and 8 replicas serve more than 2.
+    configs = [(ADAPTERS, 2, CAPACITY, args.rate, 20_000, 5_000), (1000, 8, 128, 100.0, 40_000, 20_000),
+               (1000, 8, 64, 100.0, 40_000, 20_000)]
+    result["simulated"] = []
+    for adapters, replicas, cap, rate, n, warm in configs:
+        for p in ("frequency", "affinity", "queue"):
+            s = simulate(p, adapters, replicas, cap, n, ZIPF_S, warmup=warm, half_life=args.half_life * rate)
+            result["simulated"].append({
+                "policy": s.policy, "adapters": s.adapters, "replicas": s.replicas, "capacity": s.capacity,
+                "rate": rate, "loads_per_1000": s.loads_per_1000, "hit_rate": s.hit_rate,
+                "loads_per_replica_per_1000": [1000 * x / s.requests for x in s.loads_per_replica]})
     path = write_json("cluster", result)
     print(f"Zipf over {ADAPTERS} adapters, 2 replicas x {CAPACITY} in host memory, {args.requests} requests at "
           f"{args.rate}/s: cold loads per 1,000: affinity {a['cold_loads_per_1000']:.0f}, queue-length routing "

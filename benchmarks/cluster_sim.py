@@ -1,14 +1,21 @@
 """Placement of adapters over replicas, simulated: what Ray Serve's multiplexed routing (a request goes to a
 replica holding its adapter; an adapter no replica holds goes to one with the fewest; each replica keeps an LRU
-of its claims) and routing by queue length alone (any replica: modelled as uniform) do to cold loads, under Zipf
-popularity. Used by benchmarks/cluster.py to say what the measured 2-replica figures predict for a larger
-cluster. Pure Python: no engine, no Ray."""
+of its claims), the same with loraplex's claim admission (a replica claims an adapter only if it is more popular
+than the claim it would evict: cluster/admission.py, the very classes, with the request index as the clock) and
+routing by queue length alone (any replica: modelled as uniform) do to cold loads, under Zipf popularity. Used by
+benchmarks/cluster.py to say what the measured 2-replica figures predict for a larger cluster. Pure Python: no
+engine, no Ray."""
 
 from __future__ import annotations
 
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from loraplex.cluster.admission import ClaimAdmission, Popularity
+
+# The benchmark's default half-life in requests: ClusterConfig's 120 s at its 5 requests per second.
+HALF_LIFE_REQUESTS = 600.0
 
 
 def zipf_weights(n: int, s: float) -> list[float]:
@@ -32,24 +39,28 @@ class Placement:
 
 
 def simulate(policy: str, adapters: int, replicas: int, capacity: int, requests: int, zipf_s: float,
-             warmup: int = 0, seed: int = 0) -> Placement:
-    """policy: "affinity" (multiplexed routing) or "queue" (no adapter id: uniform over replicas). The first
-    `warmup` requests fill the caches and are not counted: the figures are the steady state's."""
+             warmup: int = 0, seed: int = 0, half_life: float = HALF_LIFE_REQUESTS) -> Placement:
+    """policy: "affinity" (multiplexed routing, LRU claims), "frequency" (the same, with claim admission; counts
+    halve every `half_life` requests) or "queue" (no adapter id: uniform over replicas). The first `warmup` requests
+    fill the caches and are not counted: the figures are the steady state's."""
     rng = random.Random(seed)
     stream = rng.choices(range(adapters), weights=zipf_weights(adapters, zipf_s), k=warmup + requests)
-    return place(policy, stream, adapters, replicas, capacity, warmup, rng)
+    return place(policy, stream, adapters, replicas, capacity, warmup, rng, half_life)
 
 
 def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
-          rng: random.Random) -> Placement:
+          rng: random.Random, half_life: float = HALF_LIFE_REQUESTS) -> Placement:
     """The placement of one request stream (adapter indices), as `simulate` describes; `rng` breaks ties."""
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]
+    popularity = Popularity(half_life)
+    admissions = [ClaimAdmission(capacity, half_life) for _ in range(replicas)]
     loads = [0] * replicas
     hits = 0
     for i, a in enumerate(stream):
         if i == warmup:
             loads, hits = [0] * replicas, 0
-        if policy == "affinity":
+        count = popularity.hit(str(a), i) if policy == "frequency" else None
+        if policy in ("affinity", "frequency"):
             holders = [r for r in range(replicas) if a in caches[r]]
             if holders:
                 r = rng.choice(holders)
@@ -64,16 +75,20 @@ def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity
             cache.move_to_end(a)
         else:
             loads[r] += 1
+            if not admissions[r].admit(str(a), count, i):
+                continue  # served on a transient copy: nothing evicted, nothing kept
             cache[a] = None
             if len(cache) > capacity:
-                cache.popitem(last=False)
+                admissions[r].unclaimed(str(cache.popitem(last=False)[0]))
+        admissions[r].claimed(str(a), count, i)
     requests = len(stream) - warmup
     return Placement(policy, adapters, replicas, capacity, requests, sum(loads), loads, hits / requests)
 
 
 def expected_on(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
-                trials: int = 50) -> float:
+                trials: int = 50, half_life: float = HALF_LIFE_REQUESTS) -> float:
     """Loads per 1,000 requests that the policy's ideal placement gives on exactly this stream (the mean over
     `trials` tie-breaks): what a measured run of a few hundred requests should be compared with."""
-    runs = [place(policy, stream, adapters, replicas, capacity, warmup, random.Random(t)) for t in range(trials)]
+    runs = [place(policy, stream, adapters, replicas, capacity, warmup, random.Random(t), half_life)
+            for t in range(trials)]
     return sum(r.loads_per_1000 for r in runs) / trials

@@ -6,8 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 
+POLICY = {"frequency": "affinity, claim admission", "affinity": "affinity, LRU claims", "queue": "queue length"}
+
+
 def cluster_lines(c: dict[str, Any]) -> list[str]:
     a, q = c["affinity"], c["queue"]
+    admission = c.get("claim_policy") == "frequency"
+    claims = (f"a replica claims a new adapter only if it is more popular than the claim Ray would evict for it, "
+              f"else serves it on a transient copy (request counts halving every {c['popularity_half_life_s']:.0f} s)"
+              if admission else "every request claims its adapter (Ray's LRU of claims)")
     lines = ["", "### Scale-out on Ray Serve: 2 engine replicas, Zipf over 64 adapters", "",
              f"Ray {c['ray']}; 2 replicas of one engine each (1 CPU each in Ray's accounting, 1 torch thread) on this "
              f"machine's cores, each holding {c['host_capacity_per_replica']} adapters in host memory (its multiplexed "
@@ -15,17 +22,19 @@ def cluster_lines(c: dict[str, Any]) -> list[str]:
              f"req/s, {a['requests']} streaming completions of {c['max_tokens']} tokens after {c['warmup']} not "
              "counted. *Affinity*: loraplex's routing, the adapter as the multiplexed model id (spilling by queue length "
              f"when the adapter has {c.get('spill_margin', 2)} requests of its own in flight and its holders run "
-             f"{c.get('spill_margin', 2)} more than the idlest replica); *queue length*: Ray Serve's default power of "
-             "two choices, no model id. *Ideal*: the policy's placement simulated on exactly the measured stream "
-             "(cluster_sim.py: each replica an LRU of its claims, no spill), the yardstick for a sample this size.", "",
+             f"{c.get('spill_margin', 2)} more than the idlest replica); {claims}. *Queue length*: Ray Serve's default "
+             "power of two choices, no model id, every request claiming (plain LRU). *Ideal*: the policy's placement "
+             "simulated on exactly the measured stream (cluster_sim.py: each replica an LRU of its claims"
+             f"{', with the admission rule' if admission else ''}, no spill), the yardstick for a sample this size.", "",
              "| routing | cold loads / 1,000 requests | ideal on this stream | TTFT p50 (ms) | TTFT p99 (ms) | tok/s | "
-             "spills | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "spills | transient | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in (("affinity (multiplexing)", a), ("queue length (no multiplexing)", q)):
         ideal = r.get("ideal_cold_loads_per_1000")
         lines.append(f"| {name} | {r['cold_loads_per_1000']:.0f} | {'' if ideal is None else f'{ideal:.0f}'} "
                      f"| {r['ttft_ms']['p50']:.0f} | {r['ttft_ms']['p99']:.0f} | {r['tokens_per_s']:.0f} "
-                     f"| {r.get('routing', {}).get('spill', '')} | {r['errors']} |")
+                     f"| {r.get('routing', {}).get('spill', '')} | {r.get('routing', {}).get('transient', 0)} "
+                     f"| {r['errors']} |")
     lines += ["", f"Cold loads, queue-length routing / affinity: {c['cold_load_ratio']:.2f}; TTFT p99, queue-length "
               f"routing / affinity: {c['ttft_p99_ratio']:.2f} (above 1: affinity's p99 is lower). Throughput of 48 streams "
               f"over 8 adapters: 2 replicas (1 torch thread each) {a['burst_tokens_per_s']:.0f} tok/s against 1 replica "
@@ -38,12 +47,16 @@ def cluster_lines(c: dict[str, Any]) -> list[str]:
               "On a real multi-node cluster each replica has its own cores (or GPU), so throughput adds up per "
               "replica and what routing decides is the cold loads. The placement rules, simulated (benchmarks/"
               "cluster_sim.py, steady state: multiplexed routing without the spill rule, each replica an LRU of its "
-              "claims; the 2-replica rows are the measured configuration, for comparison with the table above):", "",
-              "| adapters | replicas x held | routing | loads / 1,000 | hit rate | loads / 1,000 per replica |",
-              "|---|---|---|---|---|---|"]
+              "claims, with claim admission or without; the 2-replica rows are the measured configuration, for "
+              "comparison with the table above; request counts halve every "
+              f"{c.get('popularity_half_life_s', 120):.0f} s, and the half-life spans more requests at a higher rate):",
+              "", "| adapters | replicas x held | req/s | routing | loads / 1,000 | hit rate | loads / 1,000 per replica |",
+              "|---|---|---|---|---|---|---|"]
     for s in c["simulated"]:
         per = ", ".join(f"{x:.0f}" for x in s["loads_per_replica_per_1000"])
-        lines.append(f"| {s['adapters']} | {s['replicas']} x {s['capacity']} | {s['policy']} | {s['loads_per_1000']:.0f} | "
+        lines.append(f"| {s['adapters']} | {s['replicas']} x {s['capacity']} | {s.get('rate', c['rate']):.0f} | "
+                     f"{POLICY[s['policy']]} | "
+                     f"{s['loads_per_1000']:.0f} | "
                      f"{s['hit_rate']:.2f} | {per} |")
     return lines
 

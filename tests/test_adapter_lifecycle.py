@@ -122,6 +122,26 @@ def test_lru_order_in_both_tiers(root: Path) -> None:
     assert e.adapters.slots.evictions == 1 and e.adapters.metrics.evictions["host"] == 1
 
 
+def test_a_transient_adapter_evicts_nothing_and_leaves_with_its_request(root: Path, solo: dict[str, list[int]]) -> None:
+    """keep_adapter=False (a cluster replica serving an adapter it does not claim): with the host tier full, the
+    adapter loads beside it, answers as usual and is gone afterwards; the cached entries stay. A request that
+    keeps it while it is held makes it a cached entry (evicting the least recently used one then)."""
+    e = engine(root, max_loras=2, max_cpu_loras=2)
+    for name in ["g0", "g1"]:
+        run(e, {name: (prompt(e), name)})
+    cached = [AdapterKey("g0", "1"), AdapterKey("g1", "1")]
+    e.add_request(prompt(e), PARAMS, "g2", request_id="t1", keep_adapter=False)
+    assert run(e, {})["t1"] == solo["g2"]
+    assert sorted(e.adapters.host.keys()) == cached and e.adapters.metrics.evictions["host"] == 0
+    assert e.adapters.metrics.loads["host"] == 3 and not e.adapters.host.transient
+    e.add_request(prompt(e), PARAMS, "g2", request_id="t2", keep_adapter=False)
+    e.add_request(prompt(e), PARAMS, "g2", request_id="k")  # kept: the transient copy becomes the tier's
+    assert run(e, {})["k"] == solo["g2"]
+    assert sorted(e.adapters.host.keys()) == [AdapterKey("g1", "1"), AdapterKey("g2", "1")]
+    assert e.adapters.metrics.loads["host"] == 4 and e.adapters.metrics.evictions["host"] == 1
+    assert not e.adapters.users and not e.adapters.host.refs
+
+
 def test_version_promoted_mid_flight(root: Path, solo: dict[str, list[int]], tmp_path: Path) -> None:
     """A request running on v1 finishes on v1 after v2 is registered and promoted; new requests get v2;
     v1's weights are freed once its last request finishes."""

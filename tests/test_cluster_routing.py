@@ -1,10 +1,11 @@
 """The ingress's routing rule, without Ray: an adapter's requests carry its id (affinity) until the adapter is
-hot or its holders are busier than the idlest replica; then one goes by queue length. Dead replicas drop out."""
+hot or its holders are busier than the idlest replica; then one goes by queue length, claimed where it lands only
+when the adapter is hot. Dead replicas drop out."""
 
 from __future__ import annotations
 
 from loraplex.cluster.messages import RouteInfo
-from loraplex.cluster.routing import AdapterRouting
+from loraplex.cluster.routing import AdapterRouting, Dispatch
 
 
 def _start(r: AdapterRouting, adapter: str | None, replica: str, resident: bool = True) -> RouteInfo:
@@ -16,14 +17,14 @@ def _start(r: AdapterRouting, adapter: str | None, replica: str, resident: bool 
 
 def test_affinity_until_the_adapter_is_hot() -> None:
     r = AdapterRouting(hot_threshold=2, spill_margin=100, live={"A", "B"})
-    assert r.dispatch("legal") == "legal"  # pending: counts before its replica is known
+    assert r.dispatch("legal") == Dispatch("legal", True)  # pending: counts before its replica is known
     r.abandoned("legal")
     first = _start(r, "legal", "A", resident=False)
     _start(r, "legal", "A")
-    assert r.dispatch("legal") == ""  # 2 in flight on its one replica: hot
+    assert r.dispatch("legal") == Dispatch("", True)  # 2 in flight on its one replica: hot, claimed where it lands
     r.abandoned("legal")
     _start(r, "legal", "B", resident=False)  # the spilled request's replica claims it: now 2 replicas run it
-    assert r.dispatch("legal") == "legal"  # 3 in flight, threshold 2 x 2 replicas
+    assert r.dispatch("legal").model_id == "legal"  # 3 in flight, threshold 2 x 2 replicas
     assert r.results == {"hit": 1, "miss": 2, "spill": 2}  # the request sent to B was a spill too
     r.finished("legal", first)
     assert r.in_flight["legal"] == {"A": 1, "B": 1} and r.load == {"A": 1, "B": 1}
@@ -34,14 +35,15 @@ def test_an_adapter_keeping_its_holder_busy_spills_and_dead_replicas_drop_out() 
     _start(r, "poetry", "A")
     _start(r, None, "A")  # the base model's requests load the replica too
     _start(r, None, "A")
-    assert r.dispatch("poetry") == "poetry"  # A runs 3, B none, but not because of poetry: no cold copy on B
+    assert r.dispatch("poetry").model_id == "poetry"  # A runs 3, B none, but not because of poetry: no cold copy on B
     r.abandoned("poetry")
     _start(r, "legal", "A")
     _start(r, "legal", "A")
-    assert r.dispatch("legal") == ""  # legal keeps A busy (2 of A's 5): the next one goes by queue length
+    # legal keeps A busy (2 of A's 5): the next one goes by queue length, on a transient copy where it lands
+    assert r.dispatch("legal") == Dispatch("", False)
     r.abandoned("legal")
-    assert r.dispatch("novel") == "novel"  # no holder known: Ray's multiplexing places it
+    assert r.dispatch("novel") == Dispatch("novel", True)  # no holder known: Ray's multiplexing places it
     r.abandoned("novel")
     r.set_live({"A"})  # B died: A is the idlest there is
-    assert r.dispatch("legal") == "legal" and r.holders["legal"] == {"A"}
-    assert AdapterRouting(1, 1, affinity=False).dispatch("legal") == ""  # the comparison mode: never an id
+    assert r.dispatch("legal").model_id == "legal" and r.holders["legal"] == {"A"}
+    assert AdapterRouting(1, 1, affinity=False).dispatch("legal") == Dispatch("", True)  # comparison mode: no id

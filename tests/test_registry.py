@@ -115,6 +115,20 @@ def test_host_cache_lru_refs_and_pins() -> None:
     assert sorted(cache.keys()) == ["c", "e"]
 
 
+def test_host_cache_transient_entries_sit_outside_the_capacity() -> None:
+    """A transient entry neither counts nor evicts, and is never evicted; keep() makes it an ordinary entry."""
+    cache: HostCache[str, int] = HostCache(capacity=2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.put("t", 3, keep=False) == [] and sorted(cache.keys()) == ["a", "b", "t"]
+    assert cache.shrink() == [] and cache.put("c", 4) == ["a"]  # t is skipped: b, c and the transient t remain
+    assert cache.keep("t") == ["b"] and cache.transient == set()
+    cache.put("u", 5, keep=False)
+    cache.drop("u")
+    assert cache.put("c", 6, keep=False) == [] and cache.transient == set()  # a cached entry stays cached
+    assert sorted(cache.keys()) == ["c", "t"] and cache.transient == set()
+
+
 def test_retired_versions_stay_retired_across_restarts(tmp_path: Path) -> None:
     """Versions are immutable even over a restart: an unloaded name's old versions are never handed out again."""
     state = tmp_path / "registry.json"

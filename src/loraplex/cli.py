@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from loraplex.units import parse_bytes  # noqa: E402
+from loraplex.cluster.config import CLAIM_POLICIES  # noqa: E402
 from loraplex.errors import LoraplexError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -161,6 +162,11 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spill-margin", type=int, default=2,
                    help="requests in flight by which an adapter's least loaded holder may exceed the least loaded "
                         "replica before the adapter spreads to another")
+    p.add_argument("--claim-policy", choices=CLAIM_POLICIES, default="frequency",
+                   help="frequency: a replica claims an adapter only if it is requested more often than the claim it "
+                        "would evict (a rarer one is served on a transient copy); lru: every request claims")
+    p.add_argument("--popularity-half-life", type=float, default=120.0,
+                   help="seconds in which an adapter's request count halves (for --claim-policy frequency)")
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -180,7 +186,8 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address,
                                 cpus_per_replica=args.cpus_per_replica,
                                 max_adapters_per_replica=args.max_adapters_per_replica or args.max_cpu_loras,
-                                hot_adapter_threshold=args.hot_adapter_threshold, spill_margin=args.spill_margin)
+                                hot_adapter_threshold=args.hot_adapter_threshold, spill_margin=args.spill_margin,
+                                claim_policy=args.claim_policy, popularity_half_life_s=args.popularity_half_life)
         logging.getLogger(__name__).info("adapter store: %s (registry %s)", adapter_dir, registry)
         run(engine_config, server, cluster, load_keys(server.api_keys) if server.api_keys else None)
 

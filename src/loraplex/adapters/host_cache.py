@@ -1,4 +1,6 @@
-"""HostCache: validated adapters in host memory, LRU, never evicting one that a request or a pin holds. No torch use."""
+"""HostCache: validated adapters in host memory, LRU, never evicting one that a request or a pin holds; plus
+transient entries, held for their requests only, outside the capacity (a cluster replica serves an adapter it does
+not claim that way: it must not evict a claimed one for it). No torch use."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class HostCache(Generic[K, V]):
         self._entries: OrderedDict[K, V] = OrderedDict()  # least recently used first
         self.refs: dict[K, int] = {}
         self.pinned: set[K] = set()
+        self.transient: set[K] = set()  # entries outside the capacity, dropped when their last request ends
 
     def __contains__(self, key: K) -> bool:
         return key in self._entries
@@ -36,21 +39,32 @@ class HostCache(Generic[K, V]):
         """The entry without marking it used (for reports)."""
         return self._entries.get(key)
 
-    def put(self, key: K, value: V) -> list[K]:
+    def put(self, key: K, value: V, keep: bool = True) -> list[K]:
         """Insert as most recently used; evict LRU entries no one holds until within capacity. Returns evicted keys.
+        keep=False: a transient entry, which neither counts against the capacity nor evicts anything (a cached entry
+        of that key stays cached).
 
         When every entry is held the cache exceeds its capacity rather than evict an adapter in use."""
+        cached = key in self._entries and key not in self.transient
         self._entries[key] = value
         self._entries.move_to_end(key)
+        if not keep and not cached:
+            self.transient.add(key)
+            return []
+        return self.keep(key)
+
+    def keep(self, key: K) -> list[K]:
+        """Make `key` a cached entry (no longer transient), evicting as `put` does; returns the evicted keys."""
+        self.transient.discard(key)
         return self.shrink(keep=key)
 
     def shrink(self, keep: K | None = None) -> list[K]:
         """Evict least recently used entries that nobody holds until within capacity; returns their keys."""
         evicted = []
         for k in list(self._entries):
-            if len(self._entries) <= self.capacity:
+            if len(self._entries) - len(self.transient) <= self.capacity:
                 break
-            if k != keep and not self.refs.get(k) and k not in self.pinned:
+            if k != keep and not self.refs.get(k) and k not in self.pinned and k not in self.transient:
                 del self._entries[k]
                 evicted.append(k)
         return evicted
@@ -68,3 +82,4 @@ class HostCache(Generic[K, V]):
 
     def drop(self, key: K) -> None:
         self._entries.pop(key, None)
+        self.transient.discard(key)

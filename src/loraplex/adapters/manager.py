@@ -55,6 +55,7 @@ class AdapterManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-loader")
         self._loading: dict[AdapterKey, tuple[Future[AdapterWeights], float]] = {}
         self._paths: dict[AdapterKey, Path] = {}
+        self._transient_loads: set[AdapterKey] = set()  # loading for requests that keep it only while they run
         self.users: dict[AdapterKey, int] = {}  # requests queued or running on each version
         self._pins: dict[str, AdapterKey] = {}  # pinned name -> the version its pin holds: always the current one
         for name, entry in registry.entries.items():
@@ -176,17 +177,21 @@ class AdapterManager:
             self._set_pin(name, None if current is None else AdapterKey(name, current))
 
     # ---- request references ---------------------------------------------------------------------
-    def acquire(self, key: AdapterKey) -> None:
-        """A request now needs `key`: count it and start loading it from disk if it is cold."""
+    def acquire(self, key: AdapterKey, keep: bool = True) -> None:
+        """A request now needs `key`: count it and start loading it from disk if it is cold. keep=False: a cold
+        adapter is held for its requests only (a transient host entry, dropped when the last one ends), so it
+        evicts nothing; a later acquire with keep=True makes it a cached entry."""
         with self._lock:
             self.users[key] = self.users.get(key, 0) + 1
             if self.users[key] == 1:
                 self.host.ref(key)  # one host reference while any request uses the adapter
             if self.host.get(key) is not None:  # get() also marks it most recently used
                 self.metrics.hit("host")
+                if keep and key in self.host.transient:
+                    self._count_evictions(self.host.keep(key))
             else:
                 self.metrics.miss("host")
-                self._start_load(key)
+                self._start_load(key, keep)
 
     def release(self, key: AdapterKey) -> None:
         with self._lock:
@@ -198,8 +203,9 @@ class AdapterManager:
             self.host.unref(key)
             if self.registry.current(key.name) != key.version:
                 self._free(key)  # superseded or unregistered: free once unused
-            for _ in self.host.shrink():  # a burst of in-use adapters may have overfilled the tier
-                self.metrics.evict("host")
+            elif key in self.host.transient:
+                self.host.drop(key)  # held for its requests only: the tier never counted it
+            self._count_evictions(self.host.shrink())  # a burst of in-use adapters may have overfilled the tier
 
     def evict(self, spec: AdapterSpec) -> int:
         """Drop `spec`'s versions (all of its name's, unless it names one) from the host tier now, except those a
@@ -219,6 +225,8 @@ class AdapterManager:
         with self._lock:
             if key not in self.host:
                 self._start_load(key)
+            elif key in self.host.transient:
+                self._count_evictions(self.host.keep(key))
         return key
 
     # ---- device slots (the scheduler's and the engine's only way to them) --------------------------
@@ -296,9 +304,13 @@ class AdapterManager:
         return w
 
     # ---- loading --------------------------------------------------------------------------------
-    def _start_load(self, key: AdapterKey) -> None:
+    def _start_load(self, key: AdapterKey, keep: bool = True) -> None:
+        if keep:
+            self._transient_loads.discard(key)
         if key in self._loading:
             return
+        if not keep:
+            self._transient_loads.add(key)
         path = self._paths.get(key)
         if path is None:
             path = self.registry.resolve(key)[1]
@@ -313,10 +325,13 @@ class AdapterManager:
                 if not fut.done():
                     continue
                 del self._loading[key]
+                keep = key not in self._transient_loads
+                self._transient_loads.discard(key)
                 err = fut.exception()
                 if err is None:
                     self.metrics.load("host", time.perf_counter() - t0)
-                    self._put_host(key, fut.result())
+                    if keep or self.users.get(key):  # a transient load whose requests all ended is not kept
+                        self._put_host(key, fut.result(), keep)
                 else:
                     self.metrics.failure()
                     log.warning("adapter %s failed to load: %s", key, err)
@@ -339,10 +354,13 @@ class AdapterManager:
         with self._lock:
             return list(self._loading)
 
-    def _put_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
-        for evicted in self.host.put(key, weights):
+    def _put_host(self, key: AdapterKey, weights: AdapterWeights, keep: bool = True) -> None:
+        self._count_evictions(self.host.put(key, weights, keep))
+
+    def _count_evictions(self, evicted: list[AdapterKey]) -> None:
+        for key in evicted:
             self.metrics.evict("host")
-            log.debug("evicted adapter %s from host memory", evicted)
+            log.debug("evicted adapter %s from host memory", key)
 
     def _collect_stale(self, name: str) -> None:
         entry = self.registry.entries.get(name)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from loraplex.errors import InvalidRequestError
 
+CLAIM_POLICIES = ("frequency", "lru")
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
@@ -21,6 +23,10 @@ class ClusterConfig:
     # before the adapter's next request goes by queue length (and so, usually, to a replica that claims it too).
     spill_margin: int = 2
     affinity: bool = True  # False: no adapter id reaches Ray, every request goes by queue length (for comparison)
+    # "frequency": a replica claims an adapter only if it is more popular than the claim Ray would evict for it
+    # (cluster/admission.py); "lru": every request claims its adapter (Ray Serve's plain multiplexing).
+    claim_policy: str = "frequency"
+    popularity_half_life_s: float = 120.0  # how fast an adapter's request count decays, for claim admission
     app_name: str = "loraplex"
     report_interval: float = 0.25  # seconds between a replica's reports to the board (and its command polls)
 
@@ -32,6 +38,8 @@ class ClusterConfig:
             (self.hot_adapter_threshold >= 1, "hot_adapter_threshold must be >= 1"),
             (self.spill_margin >= 1, "spill_margin must be >= 1"),
             (self.report_interval > 0, "report_interval must be > 0"),
+            (self.claim_policy in CLAIM_POLICIES, f"claim_policy must be one of {', '.join(CLAIM_POLICIES)}"),
+            (self.popularity_half_life_s > 0, "popularity_half_life_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

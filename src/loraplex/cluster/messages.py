@@ -38,6 +38,7 @@ class RouteInfo:
     replica: str
     resident: bool
     adapter: AdapterKey | None  # the version the request was admitted on (None: the base model)
+    kept: bool = True  # the replica claims the adapter; False: served on a transient copy (cluster/admission.py)
 
 
 @dataclass(slots=True)

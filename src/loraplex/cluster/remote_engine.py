@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.manager import AdapterInfo
+from loraplex.cluster.admission import Popularity
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo
 from loraplex.cluster.routing import AdapterRouting
@@ -93,7 +94,9 @@ class RemoteEngine:
         from transformers import AutoTokenizer
 
         self.handle, self.board, self.facts, self.cluster = replicas, board, facts, cluster
-        self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.spill_margin, cluster.affinity)
+        popularity = Popularity(cluster.popularity_half_life_s) if cluster.claim_policy == "frequency" else None
+        self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.spill_margin, cluster.affinity,
+                                      popularity=popularity)
         self.reports: list[ReplicaReport] = []  # as of the latest snapshot(): what the cluster collector renders
         self._tokenizer = AutoTokenizer.from_pretrained(facts.model_dir)
         self._admin = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it
@@ -115,9 +118,12 @@ class RemoteEngine:
         tokens = list(self._tokenizer.encode(prompt)) if isinstance(prompt, str) else prompt
         label = adapter or self.facts.model_name
         error: BaseException | None = None
+        popularity = self.routing.requested(adapter, time.time())
         for _ in range(ATTEMPTS):
-            options = self.handle.options(stream=True, multiplexed_model_id=self.routing.dispatch(adapter))
-            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt)
+            sent = self.routing.dispatch(adapter)
+            options = self.handle.options(stream=True, multiplexed_model_id=sent.model_id)
+            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, popularity,
+                                          sent.claim)
             try:
                 route = await gen.__anext__()
             except _GONE as e:  # nothing reached the client yet: another replica may take it
@@ -130,7 +136,7 @@ class RemoteEngine:
                 gen.cancel()
                 self.routing.abandoned(adapter)
                 raise unwrapped(e) from None
-            self.routing.started(adapter, label, route)
+            self.routing.started(adapter, label, route, sent.claim)
             return RemoteStream(gen, route, lambda: self.routing.finished(adapter, route))
         raise unwrapped(error) if error else EngineUnavailableError("no engine replica answered")
 

@@ -1,6 +1,7 @@
 """EngineReplica: one AsyncLLMEngine as a Ray Serve replica. Ray Serve's model multiplexing routes a request
 whose multiplexed model id is an adapter to the replicas that claimed it; a replica claims an adapter (Ray's
-per-replica LRU of `max_adapters_per_replica` ids) when a request for it arrives, routed there by id or not.
+per-replica LRU of `max_adapters_per_replica` ids) when a request for it arrives, routed there by id or not, and
+claim admission (cluster/admission.py) lets it; otherwise it serves the request on a transient copy.
 
 Everything that crosses the handle is plain data: token ids and SamplingParams in, RouteInfo then RequestOutputs
 out of `generate` (a streaming call, cancelled when the ingress stops reading: the engine request is aborted).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from loraplex.adapters.key import AdapterKey
 from loraplex.adapters.manager import AdapterInfo
+from loraplex.cluster.admission import ClaimAdmission
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo, lean
 from loraplex.config import EngineConfig
@@ -69,11 +72,17 @@ class EngineReplica:
         self.acked, self.last_result = -1, 0
         self._reporting = asyncio.Lock()  # one report (and its commands) at a time: each command runs once
 
+        self.admission = ClaimAdmission(cluster.max_adapters_per_replica, cluster.popularity_half_life_s)
+
+        def unclaim(model_id: str) -> int:
+            self.admission.unclaimed(model_id)
+            return self.engine.evict_adapter(model_id)
+
         async def claim(model_id: str) -> Claim:
             # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
             # adapter, so no replica claims one; the load itself runs in the background, in the engine's tiers.
             await self.engine.prefetch_adapter(model_id)
-            return Claim(model_id, self.engine.evict_adapter)
+            return Claim(model_id, unclaim)
 
         self.claim: Callable[[str], Awaitable[Claim]] = serve.multiplexed(
             max_num_models_per_replica=cluster.max_adapters_per_replica)(claim)
@@ -88,16 +97,23 @@ class EngineReplica:
 
     # ---- requests --------------------------------------------------------------------------------
     async def generate(self, prompt: list[int], sampling: SamplingParams, adapter: str | None,
-                       cache_salt: str | None) -> AsyncIterator[RouteInfo | RequestOutput]:
-        """RouteInfo, then the request's outputs. Cancelled by the ingress (client gone): the request is aborted."""
+                       cache_salt: str | None, popularity: float | None = None, claim: bool = True
+                       ) -> AsyncIterator[RouteInfo | RequestOutput]:
+        """RouteInfo, then the request's outputs. Cancelled by the ingress (client gone): the request is aborted.
+        `popularity`: the adapter's request count at the ingress, for claim admission (None: always claim);
+        claim=False (a request spilled for a busy holder): a transient copy, unless this replica claims it already."""
         resident = adapter is None or self.engine.is_resident(adapter)
-        if adapter is not None:
+        now = time.time()
+        keep = adapter is None or (self.admission.admit(adapter, popularity, now) if claim
+                                   else self.admission.holds(adapter))
+        if adapter is not None and keep:
             await self.claim(adapter)
+            self.admission.claimed(adapter, popularity, now)
         label = adapter or self.engine.model_name
         self.served[label] = self.served.get(label, 0) + 1
-        stream = await self.engine.add(prompt, sampling, adapter, cache_salt=cache_salt)
+        stream = await self.engine.add(prompt, sampling, adapter, cache_salt=cache_salt, keep_adapter=keep)
         try:
-            yield RouteInfo(self.id, resident, stream.adapter)
+            yield RouteInfo(self.id, resident, stream.adapter, keep)
             async for out in stream:
                 yield out
         finally:

@@ -97,15 +97,16 @@ class AsyncLLMEngine:
     # ---- public API (event loop side) -------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                   adapter: str | None = None, request_id: str | None = None,
-                  cache_salt: str | None = None) -> RequestStream:
+                  cache_salt: str | None = None, keep_adapter: bool = True) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
-        `stream.adapter` is the version it was admitted on: pass str() of it to give a sibling the same version."""
+        `stream.adapter` is the version it was admitted on: pass str() of it to give a sibling the same version.
+        keep_adapter=False: a cold adapter is held in host memory for this request only (LLMEngine.add_request)."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
 
         def add() -> AdapterKey | None:
-            self.engine.add_request(prompt, sampling, adapter, request_id, cache_salt)
+            self.engine.add_request(prompt, sampling, adapter, request_id, cache_salt, keep_adapter)
             return self.engine.requests[request_id].adapter
 
         try:

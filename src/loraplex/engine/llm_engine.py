@@ -175,9 +175,10 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     adapter: str | AdapterSpec | None = None, request_id: str | None = None,
-                    cache_salt: str | None = None) -> str:
+                    cache_salt: str | None = None, keep_adapter: bool = True) -> str:
         """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
-        Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter)."""
+        Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter).
+        keep_adapter=False: a cold adapter is loaded for this request only and evicts nothing from host memory."""
         sampling = sampling or SamplingParams()
         text, token_ids = self._tokens(prompt)
         vocab = self.model_config.vocab_size
@@ -196,7 +197,7 @@ class LLMEngine:
                       matcher=self.structured.matcher(sampling.structured) if sampling.structured else None)
         detokenizer.init_offsets(req)
         if key is not None:
-            self.adapters.acquire(key)  # starts a background load if the adapter is cold
+            self.adapters.acquire(key, keep_adapter)  # starts a background load if the adapter is cold
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
