@@ -52,6 +52,8 @@ def test_the_ingress_counts_requests_and_sends_an_unclaimed_adapter_by_queue_len
     assert r.unclaimed == set() and r.dispatch("legal").model_id == "legal" and r.holders["legal"] == {"B"}
     r.started("legal", "legal", RouteInfo("A", False, None, kept=False), claim=False)  # a busy spill's copy on A
     assert r.unclaimed == set() and r.holders["legal"] == {"B"}  # still claimed by B alone
+    r.started("legal", "legal", RouteInfo("A", False, None, kept=False))  # A declined a hot spill: B still holds it
+    assert r.unclaimed == set() and r.dispatch("legal").model_id == "legal"
     assert AdapterRouting(1, 1).requested("legal", 0.0) is None  # claim policy lru: no counts
     assert AdapterRouting(1, 1, affinity=False, popularity=Popularity(60.0)).requested("legal", 0.0) is None
 

@@ -54,3 +54,31 @@ def test_a_claim_evicts_once_and_never_raises(caplog: pytest.LogCaptureFixture) 
 
     Claim("legal", broken).__del__()  # logged; Ray's next load goes on
     assert "dropping unclaimed adapter legal" in caplog.text
+
+
+def test_a_transient_copy_is_dropped_after_its_request_unless_kept_or_pinned(tmp_path: Path) -> None:
+    """A replica serving an adapter it does not claim: the copy evicts nothing and leaves with its last request
+    (its idle device slot too); a pin arriving meanwhile keeps it, as a claim (prefetch) does."""
+    mgr = _manager(tmp_path, ["legal", "poetry", "sql"])
+    legal, poetry, sql = (AdapterKey(n, "1") for n in ("legal", "poetry", "sql"))
+    for key in (legal, poetry, sql):
+        mgr.evict(AdapterSpec(key.name))  # registration cached them: start cold
+    mgr.acquire(legal, keep=False)
+    mgr.wait()
+    mgr.poll()
+    assert legal in mgr.host.transient and mgr.take_slot(legal) is not None
+    mgr.release_slot(legal)
+    mgr.release(legal)
+    assert legal not in mgr.host and legal not in mgr.slots.slot_of and not mgr.host.transient
+    mgr.acquire(poetry, keep=False)
+    mgr.wait()
+    mgr.poll()
+    mgr.pin("poetry")
+    mgr.release(poetry)
+    assert poetry in mgr.host and not mgr.host.transient
+    mgr.acquire(sql, keep=False)
+    mgr.prefetch(AdapterSpec("sql"))  # Ray claimed it while the copy loads: it stays
+    mgr.wait()
+    mgr.poll()
+    mgr.release(sql)
+    assert sql in mgr.host and not mgr.host.transient and not mgr.users

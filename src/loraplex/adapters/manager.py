@@ -169,6 +169,8 @@ class AdapterManager:
             self.slots.pinned.add(key)
             if key not in self.host:
                 self._start_load(key)
+            elif key in self.host.transient:  # a pin keeps it: no longer a copy for its requests only
+                self._count_evictions(self.host.keep(key))
 
     def _follow_current(self, name: str) -> None:
         """After a promotion: a pinned name's pin moves to its new current version."""
@@ -180,8 +182,9 @@ class AdapterManager:
     def acquire(self, key: AdapterKey, keep: bool = True) -> None:
         """A request now needs `key`: count it and start loading it from disk if it is cold. keep=False: a cold
         adapter is held for its requests only (a transient host entry, dropped when the last one ends), so it
-        evicts nothing; a later acquire with keep=True makes it a cached entry."""
+        evicts nothing there; a later acquire with keep=True makes it a cached entry. A pinned adapter is kept."""
         with self._lock:
+            keep = keep or key in self.host.pinned
             self.users[key] = self.users.get(key, 0) + 1
             if self.users[key] == 1:
                 self.host.ref(key)  # one host reference while any request uses the adapter
@@ -203,8 +206,9 @@ class AdapterManager:
             self.host.unref(key)
             if self.registry.current(key.name) != key.version:
                 self._free(key)  # superseded or unregistered: free once unused
-            elif key in self.host.transient:
-                self.host.drop(key)  # held for its requests only: the tier never counted it
+            elif key in self.host.transient:  # held for its requests only: the tier never counted it
+                self.host.drop(key)
+                self.slots.invalidate_if_idle(key)  # nor should its idle device slot outlast it (a false "resident")
             self._count_evictions(self.host.shrink())  # a burst of in-use adapters may have overfilled the tier
 
     def evict(self, spec: AdapterSpec) -> int:

@@ -5,8 +5,9 @@ claims evicts the least recently used claim of the replica it reaches. Under Zip
 for the long tail: an adapter requested once in minutes evicts one requested every few seconds, which then costs a
 cold load of its own. So the ingress counts each adapter's requests, decayed with a half-life (`Popularity`), and
 sends that count with the request; the replica claims a new adapter only when it is more popular than the claim it
-would evict (`ClaimAdmission`). Otherwise it serves the request on a transient copy, loaded for that request and
-dropped after it, which evicts nothing. Every request is served; only what stays in memory changes.
+would evict (`ClaimAdmission`). Otherwise it serves the request on a transient copy in host memory, loaded for that
+request and dropped after it, which evicts no claimed adapter there (its run takes a device slot, as any request's
+does). Every request is served; only what stays in memory changes.
 
 Measured in benchmarks/cluster.py (and simulated, cluster_sim.py): see the README's cluster section. No Ray."""
 

@@ -16,8 +16,9 @@ benchmarks/cluster.py: spilling on load alone gave 1.9x fewer cold loads than qu
 figure in the README). Also the routing counters /metrics shows. No Ray.
 
 The ingress also counts each adapter's requests (`popularity`, sent with the request for the replica's claim
-admission, cluster/admission.py). An adapter whose latest request a replica served without claiming it is claimed
-nowhere, so its next request goes by queue length too: Ray would otherwise wait a routing retry for a holder.
+admission, cluster/admission.py). An adapter whose latest request a replica declined to claim, with no holder known,
+is claimed nowhere, so its next request goes by queue length too: Ray would otherwise wait a routing retry for a
+holder.
 """
 
 from __future__ import annotations
@@ -99,8 +100,11 @@ class AdapterRouting:
                 self.holders.setdefault(adapter, set()).add(route.replica)
                 return
             self.results["transient"] += 1
-            if claim:  # the replica declined it: claimed nowhere (a busy spill's copy says nothing of its holder)
-                self.unclaimed.add(adapter)
+            if claim:  # the replica declined it; claimed nowhere unless a holder is known (a busy spill's copy
+                held = self.holders.get(adapter, set())  # says nothing of its holder)
+                held.discard(route.replica)
+                if not held:
+                    self.unclaimed.add(adapter)
 
     def finished(self, adapter: str | None, route: RouteInfo) -> None:
         self.load[route.replica] -= 1
