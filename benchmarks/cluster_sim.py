@@ -9,7 +9,6 @@ engine, no Ray."""
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from loraplex.cluster.admission import ClaimAdmission, Popularity
@@ -50,37 +49,36 @@ def simulate(policy: str, adapters: int, replicas: int, capacity: int, requests:
 
 def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
           rng: random.Random, half_life: float = HALF_LIFE_REQUESTS) -> Placement:
-    """The placement of one request stream (adapter indices), as `simulate` describes; `rng` breaks ties."""
-    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]
+    """The placement of one request stream (adapter indices), as `simulate` describes; `rng` breaks ties. Each
+    replica's claims (`ClaimAdmission.claims`, least recently used first) are its cache."""
     popularity = Popularity(half_life)
-    admissions = [ClaimAdmission(capacity, half_life) for _ in range(replicas)]
+    replicas_claims = [ClaimAdmission(capacity, half_life) for _ in range(replicas)]
     loads = [0] * replicas
     hits = 0
     for i, a in enumerate(stream):
         if i == warmup:
             loads, hits = [0] * replicas, 0
-        count = popularity.hit(str(a), i) if policy == "frequency" else None
+        name = str(a)
+        count = popularity.hit(name, i) if policy == "frequency" else None
         if policy in ("affinity", "frequency"):
-            holders = [r for r in range(replicas) if a in caches[r]]
+            holders = [r for r, c in enumerate(replicas_claims) if c.holds(name)]
             if holders:
                 r = rng.choice(holders)
             else:
-                fewest = min(len(c) for c in caches)
-                r = rng.choice([i for i, c in enumerate(caches) if len(c) == fewest])
+                fewest = min(len(c.claims) for c in replicas_claims)
+                r = rng.choice([j for j, c in enumerate(replicas_claims) if len(c.claims) == fewest])
         else:
             r = rng.randrange(replicas)
-        cache = caches[r]
-        if a in cache:
+        claims = replicas_claims[r]
+        if claims.holds(name):
             hits += 1
-            cache.move_to_end(a)
         else:
             loads[r] += 1
-            if not admissions[r].admit(str(a), count, i):
+            if not claims.admit(name, count, i):
                 continue  # served on a transient copy: nothing evicted, nothing kept
-            cache[a] = None
-            if len(cache) > capacity:
-                admissions[r].unclaimed(str(cache.popitem(last=False)[0]))
-        admissions[r].claimed(str(a), count, i)
+        claims.claimed(name, count, i)
+        if len(claims.claims) > capacity:
+            claims.unclaimed(next(iter(claims.claims)))  # Ray's LRU evicts its least recently used claim
     requests = len(stream) - warmup
     return Placement(policy, adapters, replicas, capacity, requests, sum(loads), loads, hits / requests)
 

@@ -169,8 +169,8 @@ class AdapterManager:
             self.slots.pinned.add(key)
             if key not in self.host:
                 self._start_load(key)
-            elif key in self.host.transient:  # a pin keeps it: no longer a copy for its requests only
-                self._count_evictions(self.host.keep(key))
+            else:
+                self._keep(key)  # a pin keeps it: no longer a copy for its requests only
 
     def _follow_current(self, name: str) -> None:
         """After a promotion: a pinned name's pin moves to its new current version."""
@@ -190,8 +190,8 @@ class AdapterManager:
                 self.host.ref(key)  # one host reference while any request uses the adapter
             if self.host.get(key) is not None:  # get() also marks it most recently used
                 self.metrics.hit("host")
-                if keep and key in self.host.transient:
-                    self._count_evictions(self.host.keep(key))
+                if keep:
+                    self._keep(key)
             else:
                 self.metrics.miss("host")
                 self._start_load(key, keep)
@@ -229,8 +229,8 @@ class AdapterManager:
         with self._lock:
             if key not in self.host:
                 self._start_load(key)
-            elif key in self.host.transient:
-                self._count_evictions(self.host.keep(key))
+            else:
+                self._keep(key)
         return key
 
     # ---- device slots (the scheduler's and the engine's only way to them) --------------------------
@@ -360,6 +360,11 @@ class AdapterManager:
 
     def _put_host(self, key: AdapterKey, weights: AdapterWeights, keep: bool = True) -> None:
         self._count_evictions(self.host.put(key, weights, keep))
+
+    def _keep(self, key: AdapterKey) -> None:
+        """A transient host entry becomes a cached one (which may evict the least recently used); others stay."""
+        if key in self.host.transient:
+            self._count_evictions(self.host.keep(key))
 
     def _count_evictions(self, evicted: list[AdapterKey]) -> None:
         for key in evicted:

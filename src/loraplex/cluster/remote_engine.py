@@ -32,8 +32,8 @@ from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, this many times in all
-SYNC_TIMEOUT_S = 5.0
-WATCH_INTERVAL_S = 0.5  # how often the ingress reads which replicas are alive  # how long an admin call waits for every replica to read the registry change
+SYNC_TIMEOUT_S = 5.0  # how long an admin call waits for every replica to read the registry change
+WATCH_INTERVAL_S = 0.5  # how often the ingress reads which replicas are alive
 _GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, DeploymentUnavailableError, BackPressureError)
 
 
