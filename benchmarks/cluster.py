@@ -111,7 +111,8 @@ def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: An
                               max_cpu_loras=CAPACITY, kv_cache_memory=256 << 20, enable_prefix_caching=False)
         cluster = ClusterConfig(replicas=replicas, cpus_per_replica=cpus, max_adapters_per_replica=CAPACITY,
                                 affinity=affinity, spill_margin=args.spill_margin, claim_policy=args.claim_policy,
-                                popularity_half_life_s=args.half_life, app_name="loraplex-bench")
+                                popularity_half_life_s=args.half_life, replicate_share=args.replicate_share,
+                                app_name="loraplex-bench")
         url = cluster_app.start(engine, ServerConfig(port=8731), cluster)
         try:
             while len(httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["replicas"]) < replicas:
@@ -119,6 +120,15 @@ def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: An
             return work(url)
         finally:
             cluster_app.stop(cluster)
+
+
+def p99_gap_interval(a: list[float], b: list[float], trials: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of p99(b) - p99(a): how far one run's TTFT p99 difference is from noise (the p99
+    of 1,000 samples is the 10th largest)."""
+    rng = random.Random(seed)
+    gaps = sorted(percentile(rng.choices(b, k=len(b)), 99) - percentile(rng.choices(a, k=len(a)), 99)
+                  for _ in range(trials))
+    return gaps[int(0.025 * trials)], gaps[int(0.975 * trials)]
 
 
 def zipf_run(url: str, args: argparse.Namespace, policy: str) -> dict[str, Any]:
@@ -134,13 +144,15 @@ def zipf_run(url: str, args: argparse.Namespace, policy: str) -> dict[str, Any]:
     loads = replica_loads(url) - loads0
     routing = {k: n - routing0.get(k, 0) for k, n in routing_results(url).items()}
     ttft = [1e3 * r["ttft"] for r in rs]
+    share = None if policy == "queue" else args.replicate_share
     return {"requests": len(rs), "errors": sum(r["error"] for r in rs), "cold_loads": loads,
             "cold_loads_per_1000": 1000 * loads / len(rs), "distinct_adapters": len(set(stream[args.warmup:])),
             # the policy's ideal placement (cluster_sim.py) on exactly this stream: the yardstick for this sample
             "ideal_cold_loads_per_1000": expected_on(policy, indices, ADAPTERS, 2, CAPACITY, args.warmup,
-                                                     half_life=args.half_life * args.rate),
-            "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99), "mean": sum(ttft) / len(ttft)},
-            "tokens_per_s": sum(r["tokens"] for r in rs) / seconds, "routing": routing}
+                                                     half_life=args.half_life * args.rate, replicate_share=share),
+            "ttft_ms": {"p50": percentile(ttft, 50), "p90": percentile(ttft, 90), "p95": percentile(ttft, 95),
+                        "p99": percentile(ttft, 99), "mean": sum(ttft) / len(ttft)},
+            "tokens_per_s": sum(r["tokens"] for r in rs) / seconds, "routing": routing, "ttft_samples_ms": ttft}
 
 
 def main() -> None:
@@ -154,6 +166,8 @@ def main() -> None:
     ap.add_argument("--claim-policy", choices=CLAIM_POLICIES, default=ClusterConfig().claim_policy)
     ap.add_argument("--half-life", type=float, default=ClusterConfig().popularity_half_life_s,
                     help="seconds in which an adapter's request count halves (claim admission)")
+    ap.add_argument("--replicate-share", type=float, default=ClusterConfig().replicate_share,
+                    help="share of the recent requests that earns an adapter one more holder (above 1: never)")
     ap.add_argument("--burst", type=int, default=48, help="concurrent requests in the throughput runs")
     args = ap.parse_args()
     from benchmarks.common import default_model_dir
@@ -165,7 +179,8 @@ def main() -> None:
     result: dict[str, Any] = {"machine": machine(), "ray": ray.__version__, "adapters": ADAPTERS, "zipf_s": ZIPF_S,
                               "host_capacity_per_replica": CAPACITY, "rate": args.rate, "max_tokens": args.max_tokens,
                               "spill_margin": args.spill_margin, "claim_policy": args.claim_policy,
-                              "popularity_half_life_s": args.half_life, "warmup": args.warmup}
+                              "popularity_half_life_s": args.half_life, "replicate_share": args.replicate_share,
+                              "warmup": args.warmup}
     mixed = [f"a{i % 8}" for i in range(args.burst)]
 
     def affinity_work(url: str) -> dict[str, Any]:
@@ -187,6 +202,7 @@ def main() -> None:
     a, q = result["affinity"], result["queue"]
     result["cold_load_ratio"] = q["cold_loads_per_1000"] / max(a["cold_loads_per_1000"], 1e-9)
     result["ttft_p99_ratio"] = q["ttft_ms"]["p99"] / a["ttft_ms"]["p99"]
+    result["ttft_p99_gap_ms_95ci"] = p99_gap_interval(a.pop("ttft_samples_ms"), q.pop("ttft_samples_ms"))
     result["two_vs_one_replica"] = a["burst_tokens_per_s"] / result["one_replica_burst_tokens_per_s"]
     # What the measured regime predicts at scale: the same placement rules, simulated.
     # The 1,000-adapter rows at 100 requests/s: the half-life counts requests, and 8 replicas serve more than 2.
@@ -195,7 +211,8 @@ def main() -> None:
     result["simulated"] = []
     for adapters, replicas, cap, rate, n, warm in configs:
         for p in ("frequency", "affinity", "queue"):
-            s = simulate(p, adapters, replicas, cap, n, ZIPF_S, warmup=warm, half_life=args.half_life * rate)
+            s = simulate(p, adapters, replicas, cap, n, ZIPF_S, warmup=warm, half_life=args.half_life * rate,
+                         replicate_share=None if p == "queue" else args.replicate_share)
             result["simulated"].append({
                 "policy": s.policy, "adapters": s.adapters, "replicas": s.replicas, "capacity": s.capacity,
                 "rate": rate, "loads_per_1000": s.loads_per_1000, "hit_rate": s.hit_rate,
@@ -204,7 +221,8 @@ def main() -> None:
     print(f"Zipf over {ADAPTERS} adapters, 2 replicas x {CAPACITY} in host memory, {args.requests} requests at "
           f"{args.rate}/s: cold loads per 1,000: affinity {a['cold_loads_per_1000']:.0f}, queue-length routing "
           f"{q['cold_loads_per_1000']:.0f} ({result['cold_load_ratio']:.2f}x fewer); TTFT p99 {a['ttft_ms']['p99']:.0f} "
-          f"vs {q['ttft_ms']['p99']:.0f} ms; errors {a['errors']} / {q['errors']}; the ideal placement on this stream: "
+          f"vs {q['ttft_ms']['p99']:.0f} ms (queue minus affinity, 95% bootstrap interval: "
+          f"{result['ttft_p99_gap_ms_95ci'][0]:+.0f} to {result['ttft_p99_gap_ms_95ci'][1]:+.0f} ms); errors {a['errors']} / {q['errors']}; the ideal placement on this stream: "
           f"{a['ideal_cold_loads_per_1000']:.0f} vs {q['ideal_cold_loads_per_1000']:.0f}")
     print(f"throughput, {args.burst} streams over 8 adapters: 2 replicas {a['burst_tokens_per_s']:.0f} tok/s, 1 replica "
           f"{result['one_replica_burst_tokens_per_s']:.0f} tok/s ({result['two_vs_one_replica']:.2f}x)")

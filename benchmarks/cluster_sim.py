@@ -1,8 +1,10 @@
 """Placement of adapters over replicas, simulated: what Ray Serve's multiplexed routing (a request goes to a
 replica holding its adapter; an adapter no replica holds goes to one with the fewest; each replica keeps an LRU
 of its claims), the same with loraplex's claim admission (a replica claims an adapter only if it is more popular
-than the claim it would evict: cluster/admission.py, the very classes, with the request index as the clock) and
-routing by queue length alone (any replica: modelled as uniform) do to cold loads, under Zipf popularity. Used by
+than the claim it would evict: cluster/admission.py, the very classes, with the request index as the clock), each
+optionally with the ingress's replication of popular adapters (cluster/routing.py; which replica has room is modelled
+as uniform) and routing by queue length alone (any replica: modelled as uniform) do to cold loads, under Zipf
+popularity. Used by
 benchmarks/cluster.py to say what the measured 2-replica figures predict for a larger cluster. Pure Python: no
 engine, no Ray."""
 
@@ -38,17 +40,20 @@ class Placement:
 
 
 def simulate(policy: str, adapters: int, replicas: int, capacity: int, requests: int, zipf_s: float,
-             warmup: int = 0, seed: int = 0, half_life: float = HALF_LIFE_REQUESTS) -> Placement:
+             warmup: int = 0, seed: int = 0, half_life: float = HALF_LIFE_REQUESTS,
+             replicate_share: float | None = None) -> Placement:
     """policy: "affinity" (multiplexed routing, LRU claims), "frequency" (the same, with claim admission; counts
-    halve every `half_life` requests) or "queue" (no adapter id: uniform over replicas). The first `warmup` requests
+    halve every `half_life` requests) or "queue" (no adapter id: uniform over replicas); `replicate_share`: an adapter
+    with that share of the recent requests gets one more holder per share (None: never). The first `warmup` requests
     fill the caches and are not counted: the figures are the steady state's."""
     rng = random.Random(seed)
     stream = rng.choices(range(adapters), weights=zipf_weights(adapters, zipf_s), k=warmup + requests)
-    return place(policy, stream, adapters, replicas, capacity, warmup, rng, half_life)
+    return place(policy, stream, adapters, replicas, capacity, warmup, rng, half_life, replicate_share)
 
 
 def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
-          rng: random.Random, half_life: float = HALF_LIFE_REQUESTS) -> Placement:
+          rng: random.Random, half_life: float = HALF_LIFE_REQUESTS,
+          replicate_share: float | None = None) -> Placement:
     """The placement of one request stream (adapter indices), as `simulate` describes; `rng` breaks ties. Each
     replica's claims (`ClaimAdmission.claims`, least recently used first) are its cache."""
     popularity = Popularity(half_life)
@@ -59,10 +64,15 @@ def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity
         if i == warmup:
             loads, hits = [0] * replicas, 0
         name = str(a)
-        count = popularity.hit(name, i) if policy == "frequency" else None
+        counted = popularity.hit(name, i)
+        count = counted if policy == "frequency" else None
         if policy in ("affinity", "frequency"):
             holders = [r for r, c in enumerate(replicas_claims) if c.holds(name)]
-            if holders:
+            copies = 1 if replicate_share is None else min(replicas,
+                                                           1 + int(popularity.share(counted) / replicate_share))
+            if holders and len(holders) < copies:
+                r = rng.randrange(replicas)  # by queue length: wherever there is room, claimed there
+            elif holders:
                 r = rng.choice(holders)
             else:
                 fewest = min(len(c.claims) for c in replicas_claims)
@@ -84,9 +94,9 @@ def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity
 
 
 def expected_on(policy: str, stream: list[int], adapters: int, replicas: int, capacity: int, warmup: int,
-                trials: int = 50, half_life: float = HALF_LIFE_REQUESTS) -> float:
+                trials: int = 50, half_life: float = HALF_LIFE_REQUESTS, replicate_share: float | None = None) -> float:
     """Loads per 1,000 requests that the policy's ideal placement gives on exactly this stream (the mean over
     `trials` tie-breaks): what a measured run of a few hundred requests should be compared with."""
-    runs = [place(policy, stream, adapters, replicas, capacity, warmup, random.Random(t), half_life)
+    runs = [place(policy, stream, adapters, replicas, capacity, warmup, random.Random(t), half_life, replicate_share)
             for t in range(trials)]
     return sum(r.loads_per_1000 for r in runs) / trials

@@ -21,6 +21,8 @@ def test_popularity_counts_requests_halving_every_half_life() -> None:
     assert p.hit("legal", 0.0) == 1.0 and p.hit("legal", 0.0) == 2.0
     assert p.hit("legal", 10.0) == pytest.approx(2.0)  # 2 halved, plus this request
     assert p.hit("poetry", 10.0) == 1.0
+    assert p.total == (pytest.approx(3.0), 10.0)  # legal's 2 halved, its third request and poetry's: a share each
+    assert p.share(1.0) == pytest.approx(1 / 3)
     for i in range(4096):  # every 4,096 requests, counts decayed to nothing are forgotten
         p.hit("sql", 1000.0 + i * 1e-6)
     assert set(p.counts) == {"sql"}
@@ -54,7 +56,7 @@ def test_the_ingress_counts_requests_and_sends_an_unclaimed_adapter_by_queue_len
     assert r.unclaimed == set() and r.holders["legal"] == {"B"}  # still claimed by B alone
     r.started("legal", "legal", RouteInfo("A", False, None, kept=False))  # A declined a hot spill: B still holds it
     assert r.unclaimed == set() and r.dispatch("legal").model_id == "legal"
-    assert AdapterRouting(1, 1).requested("legal", 0.0) is None  # claim policy lru: no counts
+    assert AdapterRouting(1, 1).requested("legal", 0.0) is None  # no popularity kept: no counts
     assert AdapterRouting(1, 1, affinity=False, popularity=Popularity(60.0)).requested("legal", 0.0) is None
 
 
@@ -63,11 +65,17 @@ def test_config_names_a_bad_claim_policy() -> None:
         ClusterConfig(claim_policy="lfu")
     with pytest.raises(InvalidRequestError, match="popularity_half_life_s"):
         ClusterConfig(popularity_half_life_s=0)
+    with pytest.raises(InvalidRequestError, match="replicate_share must be > 0"):
+        ClusterConfig(replicate_share=0)
 
 
 def test_admission_cuts_cold_loads_on_the_benchmarks_stream() -> None:
     """The benchmark's stream (Zipf over 64 adapters, 2 replicas x 24): claim admission loads fewer adapters
-    than Ray's plain LRU of claims, and more than 3x fewer than routing by queue length."""
+    than Ray's plain LRU of claims, and more than 3x fewer than routing by queue length, also when popular adapters
+    are held twice."""
     indices = random.Random(1).choices(range(64), weights=zipf_weights(64, 1.0), k=1500)
     queue, lru, frequency = (expected_on(p, indices, 64, 2, 24, 500, trials=10) for p in ("queue", "affinity", "frequency"))
     assert frequency < 0.9 * lru and queue / frequency > 3.5
+    # Two holders for the adapters with 10% of the traffic each cost the long tail their places: still > 3x.
+    replicated = expected_on("frequency", indices, 64, 2, 24, 500, trials=10, replicate_share=0.1)
+    assert frequency < replicated and queue / replicated > 3.0

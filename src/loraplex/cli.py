@@ -166,7 +166,10 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                    help="frequency: a replica claims an adapter only if it is requested more often than the claim it "
                         "would evict (a rarer one is served on a transient copy); lru: every request claims")
     p.add_argument("--popularity-half-life", type=float, default=120.0,
-                   help="seconds in which an adapter's request count halves (for --claim-policy frequency)")
+                   help="seconds in which an adapter's request count halves (claim admission, replication)")
+    p.add_argument("--replicate-share", type=float, default=0.1,
+                   help="share of the recent requests that earns an adapter one more replica holding it, so that its "
+                        "requests are balanced between its holders (above 1: never)")
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
@@ -187,7 +190,8 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                                 cpus_per_replica=args.cpus_per_replica,
                                 max_adapters_per_replica=args.max_adapters_per_replica or args.max_cpu_loras,
                                 hot_adapter_threshold=args.hot_adapter_threshold, spill_margin=args.spill_margin,
-                                claim_policy=args.claim_policy, popularity_half_life_s=args.popularity_half_life)
+                                claim_policy=args.claim_policy, popularity_half_life_s=args.popularity_half_life,
+                                replicate_share=args.replicate_share)
         logging.getLogger(__name__).info("adapter store: %s (registry %s)", adapter_dir, registry)
         run(engine_config, server, cluster, load_keys(server.api_keys) if server.api_keys else None)
 

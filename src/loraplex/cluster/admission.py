@@ -24,10 +24,12 @@ def decayed(count: float, seconds: float, half_life_s: float) -> float:
 
 @dataclass(slots=True)
 class Popularity:
-    """The ingress's request count per adapter, each request weighing 1 and halving every `half_life_s`."""
+    """The ingress's request count per adapter, each request weighing 1 and halving every `half_life_s`; and the
+    count of all requests, decayed alike, so that a count is also a share of the traffic."""
 
     half_life_s: float
     counts: dict[str, tuple[float, float]] = field(default_factory=dict)  # adapter -> (count, as of when)
+    total: tuple[float, float] = (0.0, 0.0)  # every adapter's requests: (count, as of when)
     _hits: int = 0
 
     def hit(self, adapter: str, now: float) -> float:
@@ -35,10 +37,16 @@ class Popularity:
         count, at = self.counts.get(adapter, (0.0, now))
         value = decayed(count, now - at, self.half_life_s) + 1.0
         self.counts[adapter] = (value, now)
+        all_count, all_at = self.total
+        self.total = (decayed(all_count, now - all_at, self.half_life_s) + 1.0, now)
         self._hits += 1
         if self._hits % 4096 == 0:
             self._forget(now)
         return value
+
+    def share(self, count: float) -> float:
+        """What part of the recent traffic `count`, as `hit` just returned it, is."""
+        return count / max(self.total[0], 1.0)
 
     def _forget(self, now: float) -> None:
         """Drop counts that have decayed to nothing: names seen once (typos, retired adapters) do not pile up."""

@@ -72,10 +72,11 @@ def start(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig,
     app = application(engine, server, cluster, keys)  # a bad combination of flags fails before Ray starts
     if not ray.is_initialized():
         ray.init(address=cluster.ray_address, include_dashboard=False, logging_level=logging.WARNING)
-    # Serve's access log writes a line per call, reports included (4 a second per replica): off.
-    serve.start(http_options={"host": server.host, "port": server.port},
-                logging_config=LoggingConfig(enable_access_log=False))
-    serve.run(app, name=cluster.app_name, route_prefix="/")
+    # Serve's access log writes a line per call, reports included (4 a second per replica), each forwarded to the
+    # driver: off. serve.start's config covers Serve's own actors, serve.run's the application's deployments.
+    quiet = LoggingConfig(enable_access_log=False)
+    serve.start(http_options={"host": server.host, "port": server.port}, logging_config=quiet)
+    serve.run(app, name=cluster.app_name, route_prefix="/", logging_config=quiet)
     url = f"http://{server.host}:{server.port}"
     log.info("cluster %r: %d engine replicas behind %s", cluster.app_name, cluster.replicas, url)
     return url

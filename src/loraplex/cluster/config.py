@@ -26,7 +26,10 @@ class ClusterConfig:
     # "frequency": a replica claims an adapter only if it is more popular than the claim Ray would evict for it
     # (cluster/admission.py); "lru": every request claims its adapter (Ray Serve's plain multiplexing).
     claim_policy: str = "frequency"
-    popularity_half_life_s: float = 120.0  # how fast an adapter's request count decays, for claim admission
+    popularity_half_life_s: float = 120.0  # how fast an adapter's request count decays (admission, replication)
+    # The share of the recent requests that earns an adapter one more replica holding it (cluster/routing.py): the
+    # most requested adapters are then routed by queue length between their holders, which balances the load.
+    replicate_share: float = 0.1
     app_name: str = "loraplex"
     report_interval: float = 0.25  # seconds between a replica's reports to the board (and its command polls)
 
@@ -40,6 +43,7 @@ class ClusterConfig:
             (self.report_interval > 0, "report_interval must be > 0"),
             (self.claim_policy in CLAIM_POLICIES, f"claim_policy must be one of {', '.join(CLAIM_POLICIES)}"),
             (self.popularity_half_life_s > 0, "popularity_half_life_s must be > 0"),
+            (self.replicate_share > 0, "replicate_share must be > 0 (above 1: never replicate)"),
         ]
         for ok, message in checks:
             if not ok:

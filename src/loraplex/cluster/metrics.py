@@ -20,9 +20,10 @@ class ClusterCollector:
         yield GaugeMetricFamily("loraplex_cluster_replicas", "Engine replicas reporting", value=len(reports))
         results = CounterMetricFamily("loraplex_cluster_routing", "Adapter requests by routing result: hit (the "
                                       "replica held the adapter), miss (it had to load it), spill (sent by queue "
-                                      "length: its holders were hot), transient (served without claiming the "
-                                      "adapter: rarer than the claim it would evict)", labels=["result"])
-        for result in ("hit", "miss", "spill", "transient"):
+                                      "length: its holders were hot or busy), replicate (sent by queue length for "
+                                      "one more replica to claim a popular adapter), transient (served without "
+                                      "claiming the adapter: rarer than the claim it would evict)", labels=["result"])
+        for result in ("hit", "miss", "spill", "replicate", "transient"):
             results.add_metric([result], routing.results[result])
         yield results
         routed = CounterMetricFamily("loraplex_cluster_routed_requests", "Requests the ingress sent, by replica and "

@@ -94,9 +94,9 @@ class RemoteEngine:
         from transformers import AutoTokenizer
 
         self.handle, self.board, self.facts, self.cluster = replicas, board, facts, cluster
-        popularity = Popularity(cluster.popularity_half_life_s) if cluster.claim_policy == "frequency" else None
         self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.spill_margin, cluster.affinity,
-                                      popularity=popularity)
+                                      popularity=Popularity(cluster.popularity_half_life_s),
+                                      replicate_share=cluster.replicate_share)
         self.reports: list[ReplicaReport] = []  # as of the latest snapshot(): what the cluster collector renders
         self._tokenizer = AutoTokenizer.from_pretrained(facts.model_dir)
         self._admin = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it
@@ -119,10 +119,11 @@ class RemoteEngine:
         label = adapter or self.facts.model_name
         error: BaseException | None = None
         popularity = self.routing.requested(adapter, time.time())
+        admission = popularity if self.cluster.claim_policy == "frequency" else None  # None: the replica claims
         for _ in range(ATTEMPTS):
-            sent = self.routing.dispatch(adapter)
+            sent = self.routing.dispatch(adapter, popularity)
             options = self.handle.options(stream=True, multiplexed_model_id=sent.model_id)
-            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, popularity,
+            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, admission,
                                           sent.claim)
             try:
                 route = await gen.__anext__()
