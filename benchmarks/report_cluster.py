@@ -44,7 +44,8 @@ def cluster_lines(c: dict[str, Any]) -> list[str]:
                      f"| {r['errors']} |")
     gap = c.get("ttft_p99_gap_ms_95ci")
     noise = (f"; the p99 difference (queue-length minus affinity) has a 95% bootstrap interval of {gap[0]:+.0f} to "
-             f"{gap[1]:+.0f} ms, the p99 of 1,000 samples being their 10th largest" if gap else "")
+             f"{gap[1]:+.0f} ms (the p99 of {a['requests']:,} samples is their {a['requests'] // 100}th largest)"
+             if gap else "")
     lines += ["", f"Cold loads, queue-length routing / affinity: {c['cold_load_ratio']:.2f}; TTFT p99, queue-length "
               f"routing / affinity: {c['ttft_p99_ratio']:.2f} (above 1: affinity's p99 is lower){noise}. Throughput of 48 streams "
               f"over 8 adapters: 2 replicas (1 torch thread each) {a['burst_tokens_per_s']:.0f} tok/s against 1 replica "
