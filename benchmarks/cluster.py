@@ -225,7 +225,8 @@ def main() -> None:
           f"{args.rate}/s: cold loads per 1,000: affinity {a['cold_loads_per_1000']:.0f}, queue-length routing "
           f"{q['cold_loads_per_1000']:.0f} ({result['cold_load_ratio']:.2f}x fewer); TTFT p99 {a['ttft_ms']['p99']:.0f} "
           f"vs {q['ttft_ms']['p99']:.0f} ms (queue minus affinity, 95% bootstrap interval: "
-          f"{result['ttft_p99_gap_ms_95ci'][0]:+.0f} to {result['ttft_p99_gap_ms_95ci'][1]:+.0f} ms); errors {a['errors']} / {q['errors']}; the ideal placement on this stream: "
+          f"{result['ttft_p99_gap_ms_95ci'][0]:+.0f} to {result['ttft_p99_gap_ms_95ci'][1]:+.0f} ms); "
+          f"errors {a['errors']} / {q['errors']}; the ideal placement on this stream: "
           f"{a['ideal_cold_loads_per_1000']:.0f} vs {q['ideal_cold_loads_per_1000']:.0f}")
     print(f"throughput, {args.burst} streams over 8 adapters: 2 replicas {a['burst_tokens_per_s']:.0f} tok/s, 1 replica "
           f"{result['one_replica_burst_tokens_per_s']:.0f} tok/s ({result['two_vs_one_replica']:.2f}x)")

@@ -34,15 +34,17 @@ class Popularity:
 
     def hit(self, adapter: str, now: float) -> float:
         """Count one request for `adapter` at `now`; returns its count including this request."""
-        count, at = self.counts.get(adapter, (0.0, now))
-        value = decayed(count, now - at, self.half_life_s) + 1.0
-        self.counts[adapter] = (value, now)
-        all_count, all_at = self.total
-        self.total = (decayed(all_count, now - all_at, self.half_life_s) + 1.0, now)
+        self.counts[adapter] = self._plus_one(self.counts.get(adapter, (0.0, now)), now)
+        self.total = self._plus_one(self.total, now)
         self._hits += 1
         if self._hits % 4096 == 0:
             self._forget(now)
-        return value
+        return self.counts[adapter][0]
+
+    def _plus_one(self, counted: tuple[float, float], now: float) -> tuple[float, float]:
+        """A (count, as of when) decayed to `now`, plus this request."""
+        count, at = counted
+        return decayed(count, now - at, self.half_life_s) + 1.0, now
 
     def share(self, count: float) -> float:
         """What part of the recent traffic `count`, as `hit` just returned it, is."""

@@ -1,8 +1,9 @@
 """AdapterRouting: the ingress's part of routing. Ray Serve picks the replica; this picks what the request tells
 Ray: its adapter as the multiplexed model id (go where it is held), or no id (go by queue length: Ray's power of
 two choices), which it does when the adapter is *hot* (its requests in flight reach `hot_threshold` per replica
-running it), *popular* and held by too few replicas (below) or keeps its holders *busy* (it has `spill_margin` requests in flight itself, and the least loaded of
-its holders runs `spill_margin` more requests than the least loaded replica). The replica a hot adapter's request
+running it), *popular* and held by too few replicas (below) or keeps its holders *busy* (it has `spill_margin`
+requests in flight itself, and the least loaded of its holders runs `spill_margin` more requests than the least
+loaded replica). The replica a hot adapter's request
 reaches claims the adapter too, and from then on Ray spreads it over both: hot adapters end up on several replicas,
 the long tail on one. Ray alone moves a model to another replica only once every holder refuses requests
 (max_ongoing_requests), so a hot adapter otherwise queues on one replica while another idles. A request spilled for
