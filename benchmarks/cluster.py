@@ -5,10 +5,11 @@ claim admission (cluster/admission.py; --claim-policy lru for Ray's plain LRU of
 of 2 replicas against 1 on the same cores, a hot adapter's spread, how long a promotion takes to reach every
 replica, and what the measured hit rates predict for 1,000 adapters on 8 replicas (benchmarks/cluster_sim.py).
 
-    .venv/bin/python -m benchmarks.cluster --adapters results/adapters [--requests 2000 --warmup 500 --rate 5]
+    .venv/bin/python -m benchmarks.cluster --adapters results/adapters [--requests 6000 --warmup 500 --rate 5]
 
-2,000 counted requests per routing: TTFT p99 is their 20th largest (of 1,000, the 10th, and a run's p99 gap then
-moved by +-30 ms at 95%, measured with the bootstrap interval the run records).
+6,000 counted requests per routing (about 45 minutes for both): the TTFT gain affinity can give here is a few ms
+(the cold loads it saves times their 20-70 ms), and the p99 gap of a run moved by +-30 ms at 95% with 1,000
+requests, +-13 ms with 2,000, +-10 ms with 6,000 (the bootstrap interval the run records).
 
 Each replica's host tier holds 24 adapters (--max-cpu-loras 24, also its multiplexed claims): together the two
 hold 48 of the 64, one alone does not. The first --warmup requests fill the tiers and are not counted.
@@ -127,7 +128,7 @@ def run_cluster(root: Path, replicas: int, cpus: float, affinity: bool, work: An
 
 def p99_gap_interval(a: list[float], b: list[float], trials: int = 2000, seed: int = 0) -> tuple[float, float]:
     """A 95% bootstrap interval of p99(b) - p99(a): how far one run's TTFT p99 difference is from noise (the p99
-    of 2,000 samples is their 20th largest)."""
+    of n samples is their n/100th largest)."""
     rng = random.Random(seed)
     gaps = sorted(percentile(rng.choices(b, k=len(b)), 99) - percentile(rng.choices(a, k=len(a)), 99)
                   for _ in range(trials))
@@ -161,7 +162,7 @@ def zipf_run(url: str, args: argparse.Namespace, policy: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=Path, default=Path("results/adapters"))
-    ap.add_argument("--requests", type=int, default=2000, help="counted requests per routing")
+    ap.add_argument("--requests", type=int, default=6000, help="counted requests per routing")
     ap.add_argument("--warmup", type=int, default=500, help="requests that fill the tiers first, not counted")
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second (Poisson)")
     ap.add_argument("--max-tokens", type=int, default=8)

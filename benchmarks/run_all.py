@@ -12,7 +12,7 @@ adapters), http_peers (64 streams over 8 adapters to loraplex, vLLM CPU and llam
 int8 base: memory and throughput), prefix_cache (shared system prompts and 5-turn chats, with and without the
 cache, loraplex and vLLM CPU), structured (batch 32 with half the requests under a JSON schema; schema compile
 time), cluster (2 engine replicas on Ray Serve, Zipf over 64 adapters: affinity routing against queue-length
-routing, 2 replicas against 1). Every system runs in the dtype loraplex resolves on this machine
+routing, 2 replicas against 1; about 45 minutes). Every system runs in the dtype loraplex resolves on this machine
 (loraplex.hardware: bf16 where the CPU multiplies it natively, else fp32).
 
 Each part writes results/<cpu class>/<part>.json (results/avx512-bf16, results/avx2, ...: a machine capped with
