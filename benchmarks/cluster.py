@@ -93,7 +93,8 @@ def routing_results(url: str) -> dict[str, int]:
 
 def served(url: str, model: str) -> dict[str, int]:
     """Requests for `model` each replica took."""
-    return {labels["replica"]: n for labels, n in counters(url, "loraplex_replica_requests") if labels["model"] == model}
+    return {labels["replica"]: n for labels, n in counters(url, "loraplex_replica_requests")
+            if labels["model"] == model}
 
 
 def promotions(url: str, root: Path, n: int) -> list[float]:
@@ -224,13 +225,13 @@ def main() -> None:
     path = write_json("cluster", result)
     print(f"Zipf over {ADAPTERS} adapters, 2 replicas x {CAPACITY} in host memory, {args.requests} requests at "
           f"{args.rate}/s: cold loads per 1,000: affinity {a['cold_loads_per_1000']:.0f}, queue-length routing "
-          f"{q['cold_loads_per_1000']:.0f} ({result['cold_load_ratio']:.2f}x fewer); TTFT p99 {a['ttft_ms']['p99']:.0f} "
-          f"vs {q['ttft_ms']['p99']:.0f} ms (queue minus affinity, 95% bootstrap interval: "
+          f"{q['cold_loads_per_1000']:.0f} ({result['cold_load_ratio']:.2f}x fewer); TTFT p99 "
+          f"{a['ttft_ms']['p99']:.0f} vs {q['ttft_ms']['p99']:.0f} ms (queue minus affinity, 95% bootstrap interval: "
           f"{result['ttft_p99_gap_ms_95ci'][0]:+.0f} to {result['ttft_p99_gap_ms_95ci'][1]:+.0f} ms); "
           f"errors {a['errors']} / {q['errors']}; the ideal placement on this stream: "
           f"{a['ideal_cold_loads_per_1000']:.0f} vs {q['ideal_cold_loads_per_1000']:.0f}")
-    print(f"throughput, {args.burst} streams over 8 adapters: 2 replicas {a['burst_tokens_per_s']:.0f} tok/s, 1 replica "
-          f"{result['one_replica_burst_tokens_per_s']:.0f} tok/s ({result['two_vs_one_replica']:.2f}x)")
+    print(f"throughput, {args.burst} streams over 8 adapters: 2 replicas {a['burst_tokens_per_s']:.0f} tok/s, "
+          f"1 replica {result['one_replica_burst_tokens_per_s']:.0f} tok/s ({result['two_vs_one_replica']:.2f}x)")
     print(f"hot adapter, 40 requests at once: per replica {a['hot_adapter_requests_per_replica']}; promotion visible "
           f"on every replica: p50 {a['promotion_ms']['p50']:.0f} ms, max {a['promotion_ms']['max']:.0f} ms")
     for s in result["simulated"]:
