@@ -46,14 +46,14 @@ def test_max_tokens_beyond_the_context_is_refused(server: tuple[str, ServerState
 
 
 def test_many_choices_over_a_small_kv_cache_all_finish(server: tuple[str, ServerState]) -> None:
-    """8 choices of 200 tokens each, on a cache that holds 2 such sequences: they queue and all complete."""
+    """16 choices of 200 tokens each, on a cache that holds 2 such sequences: they queue and all complete."""
     url, _ = server
-    r = httpx.post(url + "/v1/completions", json={"model": "l0", "prompt": "Once upon a time", "n": 8,
+    r = httpx.post(url + "/v1/completions", json={"model": "l0", "prompt": "Once upon a time", "n": 16,
                                                    "max_tokens": 200, "ignore_eos": True, "temperature": 0},
                    timeout=600)
     assert r.status_code == 200, r.text
-    assert len(r.json()["choices"]) == 8
-    assert r.json()["usage"]["completion_tokens"] == 8 * 200
+    assert len(r.json()["choices"]) == 16
+    assert r.json()["usage"]["completion_tokens"] == 16 * 200
 
 
 def test_oversized_weight_file_is_refused_unread(server: tuple[str, ServerState], tmp_path: Path,
