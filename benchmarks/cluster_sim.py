@@ -2,11 +2,10 @@
 replica holding its adapter; an adapter no replica holds goes to one with the fewest; each replica keeps an LRU
 of its claims), the same with loraplex's claim admission (a replica claims an adapter only if it is more popular
 than the claim it would evict: cluster/admission.py, the very classes, with the request index as the clock), each
-optionally with the ingress's replication of popular adapters (cluster/routing.py; which replica has room is modelled
-as uniform) and routing by queue length alone (any replica: modelled as uniform) do to cold loads, under Zipf
-popularity. Used by
-benchmarks/cluster.py to say what the measured 2-replica figures predict for a larger cluster. Pure Python: no
-engine, no Ray."""
+optionally with the ingress's replication of popular adapters (cluster/routing.py's `holders_wanted`; which replica
+has room is modelled as uniform) and routing by queue length alone (any replica: modelled as uniform) do to cold
+loads, under Zipf popularity. Used by benchmarks/cluster.py to say what the measured 2-replica figures predict for a
+larger cluster. Pure Python: no engine, no Ray."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 from loraplex.cluster.admission import ClaimAdmission, Popularity
+from loraplex.cluster.routing import holders_wanted
 
 # The benchmark's default half-life in requests: ClusterConfig's 120 s at its 5 requests per second.
 HALF_LIFE_REQUESTS = 600.0
@@ -68,8 +68,8 @@ def place(policy: str, stream: list[int], adapters: int, replicas: int, capacity
         count = counted if policy == "frequency" else None
         if policy in ("affinity", "frequency"):
             holders = [r for r, c in enumerate(replicas_claims) if c.holds(name)]
-            copies = 1 if replicate_share is None else min(replicas,
-                                                           1 + int(popularity.share(counted) / replicate_share))
+            copies = 1 if replicate_share is None else holders_wanted(popularity.share(counted), replicate_share,
+                                                                      replicas)
             if holders and len(holders) < copies:
                 r = rng.randrange(replicas)  # by queue length: wherever there is room, claimed there
             elif holders:

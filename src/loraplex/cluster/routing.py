@@ -40,6 +40,12 @@ from loraplex.cluster.admission import Popularity
 from loraplex.cluster.messages import RouteInfo
 
 
+def holders_wanted(share: float, replicate_share: float, replicas: int) -> int:
+    """How many replicas should hold an adapter with `share` of the recent requests: one, plus one per
+    `replicate_share` of the traffic, at most all `replicas`."""
+    return min(replicas, 1 + int(share / replicate_share))
+
+
 class Dispatch(NamedTuple):
     model_id: str  # the multiplexed model id to send ("": none, Ray's power of two choices by queue length)
     claim: bool  # whether the replica it reaches may claim the adapter (False: a transient copy, unless held there)
@@ -101,11 +107,10 @@ class AdapterRouting:
         return Dispatch(adapter, True)
 
     def _copies(self, popularity: float | None) -> int:
-        """How many replicas should hold an adapter with this request count: one, plus one per replicate_share of
-        the traffic it has, at most every live replica."""
+        """How many replicas should hold an adapter with this request count (see `holders_wanted`)."""
         if popularity is None or self.popularity is None:
             return 1
-        return min(len(self.live), 1 + int(self.popularity.share(popularity) / self.replicate_share))
+        return holders_wanted(self.popularity.share(popularity), self.replicate_share, len(self.live))
 
     def abandoned(self, adapter: str | None) -> None:
         """A dispatched request that reached no replica."""
