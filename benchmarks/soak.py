@@ -1,6 +1,7 @@
 """Soak with chaos against a real `loraplex serve`: N concurrent clients over M adapters (Zipf), streaming and not,
 chat and completions, for a bounded time; after a calm phase, a chaos phase adds admin actions on adapters in use
-(benchmarks/soak_chaos.py), hang-ups mid-stream, 10% bad requests of every kind and bursts above --max-queue.
+(benchmarks/soak_chaos.py), hang-ups mid-stream, 10% bad requests of every kind (poisoned adapters among them)
+and bursts above --max-queue.
 Then it checks, and prints as a table: every completed greedy answer equals the solo reference of the adapter
 version that served it (system_fingerprint), every request is accounted for (no 5xx, no hang), nothing leaked
 after draining (KV blocks, slot references, queue), RSS growth after warm-up, and TTFT/TPOT p99 with and without
@@ -31,11 +32,13 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import default_model_dir, machine, write_json
 from benchmarks.serving import free_port, stop_server, wait_healthy
 from benchmarks.soak_chaos import AdminLog, Chaos
-from benchmarks.soak_traffic import CHAT_PROMPTS, COMPLETION_PROMPTS, Keys, Traffic
+from benchmarks.soak_traffic import CHAT_PROMPTS, COMPLETION_PROMPTS, BadInputs, Keys, Traffic
 from benchmarks.soak_verify import accounting, latency, table, verify
 
 BASE = "base"  # --served-model-name
 CHAOS = ("admin", "hangups", "bad", "bursts")
+OVERFLOW = "poison-overflow"  # the loaded adapter whose finite weights overflow in the LoRA product
+POISON_KINDS = ("huge-scale-adapter", "overflow-adapter")
 
 
 class WeightsFactory:
@@ -73,6 +76,38 @@ def corrupt_adapter(root: Path, template: Path) -> Path:
     return out
 
 
+def huge_scale_adapter(root: Path, template: Path) -> Path:
+    """Finite weights and lora_alpha 1e300: alpha / r is finite in float64 but no fp32/bf16 weight holds it."""
+    out = root / "huge-scale"
+    out.mkdir()
+    config = json.loads((template / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e300}))
+    (out / "adapter_model.safetensors").write_bytes((template / "adapter_model.safetensors").read_bytes())
+    return out
+
+
+def overflow_adapter(root: Path, template: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Every weight 1e30 (finite in fp32): x @ A^T is ~1e31, times B^T ~1e61, which overflows to inf."""
+    out = root / "overflow"
+    out.mkdir()
+    (out / "adapter_config.json").write_text((template / "adapter_config.json").read_text())
+    save_file({k: torch.full_like(t, 1e30) for k, t in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+async def load_overflow(client: httpx.AsyncClient, url: str, key: str, path: Path) -> tuple[int, tuple[int, ...]]:
+    """Load the overflowing adapter; returns the load's status and what its requests must get: a per-request 4xx
+    once loaded, or a 404 if the server refused it at load (a bound on the product: no slot ever holds it either)."""
+    r = await client.post(url + "/v1/load_lora_adapter", json={"lora_name": OVERFLOW, "lora_path": str(path)},
+                          headers={"Authorization": f"Bearer {key}"})
+    if r.status_code == 200:
+        return 200, (400, 422)
+    if r.status_code == 400:
+        print(f"the overflowing adapter was refused at load: {r.text[:200]}", file=sys.stderr)
+        return 400, (404,)
+    raise RuntimeError(f"loading the overflowing adapter {path}: {r.status_code} {r.text[:300]}")
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -106,7 +141,7 @@ async def drain(url: str, key: str, timeout: float = 120) -> dict[str, float]:
 
 
 async def soak(args: argparse.Namespace, url: str, pid: int, keys: Keys, weights: WeightsFactory,
-               corrupt: Path) -> dict[str, Any]:
+               bad: BadInputs, overflow: Path) -> dict[str, Any]:
     adapters = [f"a{i}" for i in range(args.adapters)]
     zipf = [1.0 / rank ** args.zipf for rank in range(1, len(adapters) + 1)]
     log = AdminLog()
@@ -118,6 +153,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int, keys: Keys, weights
         for name in adapters:  # every adapter starts at version 1, from its own weights
             if await chaos.load(client, name, action="initial-load") is None:
                 raise RuntimeError(f"could not load {name}: {log.failures[-1]}")
+        overflow_load, bad.overflow_expected = await load_overflow(client, url, keys.admin, overflow)
         prompts: dict[tuple[str, int], list[int]] = {}
         for i, text in enumerate(CHAT_PROMPTS):
             r = await client.post(url + "/tokenize", json={"messages": [{"role": "user", "content": text}]},
@@ -126,9 +162,9 @@ async def soak(args: argparse.Namespace, url: str, pid: int, keys: Keys, weights
         for i, text in enumerate(COMPLETION_PROMPTS):
             r = await client.post(url + "/tokenize", json={"prompt": text}, headers={"Authorization": f"Bearer {keys.admin}"})
             prompts[("completions", i)] = r.json()["tokens"]
-        traffic = Traffic(url, BASE, adapters, zipf, keys, str(corrupt), args.seed)
+        traffic = Traffic(url, BASE, adapters, zipf, keys, bad, args.seed)
         # Warm-up: every adapter once, the burst path once, then the allocator settles: RSS is measured from here.
-        warm = Traffic(url, BASE, adapters, [1.0] * len(adapters), keys, str(corrupt), args.seed + 1)
+        warm = Traffic(url, BASE, adapters, [1.0] * len(adapters), keys, bad, args.seed + 1)
         await asyncio.gather(*(warm.client(client, i, time.perf_counter() + args.warmup) for i in range(args.clients)))
         await warm.burst(client, args.burst)
         await drain(url, keys.admin)
@@ -155,14 +191,25 @@ async def soak(args: argparse.Namespace, url: str, pid: int, keys: Keys, weights
                 await traffic.burst(client, args.burst)
 
         faults = ([chaos.run(client, end, args.chaos_interval)] if "admin" in args.chaos else []) + (
-            [bursts()] if "bursts" in args.chaos else [])
+            [bursts()] if "bursts" in args.chaos else []) + (
+            [traffic.every_bad_kind(client)] if "bad" in args.chaos else [])
         await asyncio.gather(*faults, *(traffic.client(client, i, end) for i in range(args.clients)))
         await rss_task
         after = await drain(url, keys.admin)
         rss["after_drain"] = rss_bytes(pid)
         rss["peak_during_run"] = max(s for _, s in samples) if samples else rss["after_drain"]
     return {"traffic": traffic, "log": log, "after": after, "rss": rss, "prompts": prompts,
-            "rss_samples": samples}
+            "rss_samples": samples, "overflow_load": overflow_load}
+
+
+def poison_outcomes(records: list[Any]) -> dict[str, tuple[int, int]]:
+    """Per poisoned kind (POISON_KINDS): (requests that got an expected 4xx, requests sent). The other requests'
+    answers are checked against their solo references as always: a poisoned neighbour must not change them."""
+    out = {}
+    for kind in POISON_KINDS:
+        sent = [r for r in records if r.kind == kind]
+        out[kind] = (sum(r.status in r.expected and r.outcome == "4xx" for r in sent), len(sent))
+    return out
 
 
 def main() -> None:
@@ -191,7 +238,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = default_model_dir()
     weights = WeightsFactory(model_dir, work / "weights")
-    corrupt = corrupt_adapter(work, weights.template)
+    bad = BadInputs(str(corrupt_adapter(work, weights.template)), str(huge_scale_adapter(work, weights.template)),
+                    OVERFLOW)
+    overflow = overflow_adapter(work, weights.template, weights.tensors)
     keys = Keys("sk-soak-admin", "sk-soak-tenant", "a0")
     (work / "keys.json").write_text(json.dumps({"keys": {keys.admin: {"adapters": ["*"], "admin": True},
                                                          keys.tenant: {"adapters": [keys.tenant_adapter]}}}))
@@ -209,7 +258,7 @@ def main() -> None:
     try:
         wait_healthy(url, proc, server_log)
         started = time.perf_counter()
-        run = asyncio.run(soak(args, url, proc.pid, keys, weights, corrupt))
+        run = asyncio.run(soak(args, url, proc.pid, keys, weights, bad, overflow))
         wall = time.perf_counter() - started
     finally:
         exit_code = stop_server(proc)
@@ -224,6 +273,7 @@ def main() -> None:
     kv_used = after['loraplex_kv_cache_blocks{state="used"}']
     internal = sum(1 for line in server_log.read_text().splitlines() if "internal error" in line or "Traceback" in line)
     o = acct["outcomes"]
+    poison = poison_outcomes(records)
     rows = [
         ("requests accounted for", f"sent {acct['sent']} = completed {o.get('completed', 0)} + client-aborted "
          f"{o.get('client-aborted', 0)} + 4xx {o.get('4xx', 0)} + 503 {o.get('503', 0)} + other "
@@ -236,6 +286,10 @@ def main() -> None:
         ("greedy answers equal their version's solo reference",
          f"{len(verdict.wrong)} wrong of {o.get('completed', 0)} completed; {verdict.references} references; "
          f"{verdict.distinguishing:.0%} of adapter references differ from the base model's", not verdict.wrong),
+        ("poisoned adapters contained",
+         f"overflowing adapter load {run['overflow_load']}; " + "; ".join(
+             f"{k} {n_ok}/{n} as expected" for k, (n_ok, n) in poison.items()),
+         all(n_ok == n for n_ok, n in poison.values())),
         ("bursts above --max-queue get 503s", f"{acct['burst_503']} of {acct['bursts_sent']} burst requests",
          acct["burst_503"] > 0 or args.calm_fraction >= 1 or "bursts" not in args.chaos),
         ("admin actions as expected", f"{sum(log.actions.values())} done ({', '.join(f'{k} {v}' for k, v in sorted(log.actions.items()))}); "
@@ -264,7 +318,10 @@ def main() -> None:
                         "accounting": acct, "admin_actions": log.actions, "latency": {"calm": calm, "chaos": chaotic},
                         "rss": rss, "rss_samples": run["rss_samples"], "wrong": verdict.wrong[:50],
                         "unexpected": verdict.unexpected[:50], "admin_failures": log.failures[:50],
-                        "references": verdict.references, "distinguishing": verdict.distinguishing})
+                        "references": verdict.references, "distinguishing": verdict.distinguishing,
+                        "poison": {"overflow_load_status": run["overflow_load"],
+                                   "overflow_expected": list(bad.overflow_expected),
+                                   "outcomes": {k: {"expected": a, "sent": n} for k, (a, n) in poison.items()}}})
     sys.exit(0 if passed else 1)
 
 

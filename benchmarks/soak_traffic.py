@@ -1,5 +1,6 @@
 """The soak's clients: good requests (chat and completions, streaming and not, Zipf over the adapters, some
-hung up on mid-stream) and bad ones (every kind the README lists), each ending in one Record."""
+hung up on mid-stream) and bad ones (every kind the README lists, poisoned adapters
+included), each ending in one Record."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,19 @@ class Keys:
     tenant_adapter: str
 
 
+@dataclass(slots=True)
+class BadInputs:
+    """What the bad requests send: adapter directories that must never serve, and the overflowing adapter."""
+
+    corrupt_dir: str  # weights that are not safetensors: a 400 at load
+    huge_scale_dir: str  # finite weights, lora_alpha 1e300 (a scale no float holds): a 400 at load
+    overflow_model: str  # a loaded adapter whose finite weights overflow in B @ A x: each request a 4xx error
+    overflow_expected: tuple[int, ...] = (400, 422)  # (404,) if the server refused that adapter at load instead
+
+
+Body = dict[str, Any] | str | bytes | AsyncIterator[bytes]  # JSON, raw text, raw bytes, or a chunked upload
+
+
 def _headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -57,21 +72,23 @@ def good_body(rec: Record, base_name: str) -> tuple[str, dict[str, Any]]:
     return "/v1/completions", {**common, "prompt": COMPLETION_PROMPTS[rec.prompt]}
 
 
-async def send(client: httpx.AsyncClient, url: str, rec: Record, path: str, body: dict[str, Any] | str,
+async def send(client: httpx.AsyncClient, url: str, rec: Record, path: str, body: Body,
                key: str | None, hang_up: bool = False) -> Record:
     """Send one request and fill `rec` with how it ended. `hang_up`: close the stream after its first content."""
     headers = _headers(key)
-    if isinstance(body, str):
+    if not isinstance(body, dict):
         headers["Content-Type"] = "application/json"
     try:
         async with asyncio.timeout(TIMEOUT):
             async with client.stream("POST", url + path, headers=headers,
-                                     **({"content": body} if isinstance(body, str) else {"json": body})) as r:
+                                     **({"json": body} if isinstance(body, dict) else {"content": body})) as r:
                 rec.status = r.status_code
                 if r.status_code != 200:
                     rec.error = (await r.aread()).decode(errors="replace")[:300]
                 elif rec.stream:
                     await _read_stream(r, rec, hang_up)
+                elif path.startswith("/v1/load_lora_adapter"):
+                    rec.error = (await r.aread()).decode(errors="replace")[:300]  # a load that should have failed
                 else:
                     data = json.loads(await r.aread())
                     choice = data["choices"][0]
@@ -97,7 +114,7 @@ async def _read_stream(r: httpx.Response, rec: Record, hang_up: bool) -> None:
         if "error" in chunk:  # an error after the 200 header arrives in-band
             rec.error = json.dumps(chunk["error"])[:300]
             rec.status = int(chunk["error"].get("code") or 500)
-            rec.outcome = "stream-error"
+            rec.outcome = "4xx" if 400 <= rec.status < 500 else "stream-error"  # a client's error, in-band
             return
         rec.served = chunk.get("system_fingerprint", rec.served)
         for c in chunk.get("choices", []):
@@ -123,10 +140,10 @@ def _outcome(rec: Record) -> str:
 
 # ---- bad requests: (kind, expected statuses, how to send it) ------------------------------------------------
 
-def bad_request(kind: str, base_name: str, keys: Keys, corrupt_dir: str) -> tuple[str, dict[str, Any] | str, str | None,
-                                                                                 tuple[int, ...]]:
+def bad_request(kind: str, base_name: str, keys: Keys, bad: BadInputs) -> tuple[str, Body, str | None, tuple[int, ...]]:
     """(path, body, key, expected statuses) of one bad request of `kind`."""
     chat = {"model": base_name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    corrupt_dir = bad.corrupt_dir
     if kind == "unknown-adapter":
         return "/v1/chat/completions", {**chat, "model": f"nobody-{random.randrange(10**9)}"}, keys.admin, (404,)
     if kind == "bad-params":
@@ -149,11 +166,17 @@ def bad_request(kind: str, base_name: str, keys: Keys, corrupt_dir: str) -> tupl
             return "/v1/chat/completions", {**chat, "model": random.choice(["../etc", "a/../../x", "..", "/abs"])}, \
                 keys.admin, (400, 404)
         return "/v1/load_lora_adapter", {"lora_name": "../escape", "lora_path": corrupt_dir}, keys.admin, (400,)
+    if kind == "huge-scale-adapter":  # alpha / r overflows the scale: refused at load, never in a slot
+        return "/v1/load_lora_adapter", {"lora_name": f"poison-scale{random.randrange(4)}",
+                                         "lora_path": bad.huge_scale_dir}, keys.admin, (400,)
+    if kind == "overflow-adapter":  # runs beside the good requests: it must end in its own error, theirs unchanged
+        body = {**chat, "model": bad.overflow_model, "max_tokens": MAX_TOKENS, "stream": random.random() < 0.5}
+        return "/v1/chat/completions", body, keys.admin, bad.overflow_expected
     raise ValueError(kind)
 
 
 BAD_KINDS = ["unknown-adapter", "bad-params", "long-prompt", "malformed-json", "wrong-key", "forbidden-adapter",
-             "corrupt-adapter", "traversal-name"]
+             "corrupt-adapter", "traversal-name", "huge-scale-adapter", "overflow-adapter"]
 
 
 @dataclass
@@ -165,7 +188,7 @@ class Traffic:
     adapters: list[str]
     weights: list[float]  # Zipf popularity of `adapters`
     keys: Keys
-    corrupt_dir: str
+    bad: BadInputs
     seed: int
     phase: str = "calm"
     chaos: bool = False  # bad requests and hang-ups are part of the chaos phase
@@ -177,11 +200,7 @@ class Traffic:
         rng = random.Random(self.seed * 1000 + i)
         while time.perf_counter() < stop_at:
             if self.chaos and "bad" in self.kinds and rng.random() < 0.10:
-                kind = rng.choice(BAD_KINDS)
-                path, body, key, expected = bad_request(kind, self.base_name, self.keys, self.corrupt_dir)
-                rec = Record(kind, None, "chat", 0, False, time.perf_counter(), self.phase, expected=expected)
-                self.records.append(rec)
-                await send(client, self.url, rec, path, body, key)
+                await self.bad_one(client, rng.choice(BAD_KINDS))
                 continue
             adapter = None if rng.random() < 0.1 else rng.choices(self.adapters, self.weights)[0]
             rec = Record("good", adapter, rng.choice(["chat", "completions"]), rng.randrange(2),
@@ -190,6 +209,17 @@ class Traffic:
             self.records.append(rec)
             path, body = good_body(rec, self.base_name)
             await send(client, self.url, rec, path, body, self.keys.admin, hang_up)
+
+    async def bad_one(self, client: httpx.AsyncClient, kind: str) -> Record:
+        path, body, key, expected = bad_request(kind, self.base_name, self.keys, self.bad)
+        stream = isinstance(body, dict) and bool(body.get("stream"))
+        rec = Record(kind, None, "chat", 0, stream, time.perf_counter(), self.phase, expected=expected)
+        self.records.append(rec)
+        return await send(client, self.url, rec, path, body, key)
+
+    async def every_bad_kind(self, client: httpx.AsyncClient) -> None:
+        """One bad request of each kind at once, as the chaos phase starts: even a short run sends every kind."""
+        await asyncio.gather(*(self.bad_one(client, kind) for kind in BAD_KINDS))
 
     async def burst(self, client: httpx.AsyncClient, size: int) -> None:
         """`size` short requests at once, more than the server admits: the excess must get 503s at once."""

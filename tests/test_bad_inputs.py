@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -151,3 +151,60 @@ def test_bad_sampling_and_empty_prompt(llm: LLM) -> None:
         SamplingParams(top_p=0)
     with pytest.raises(InvalidRequestError, match="empty"):
         llm.generate([[]])
+
+
+# ---- tool-calling shapes that were 500s: now a 400 naming the field, or accepted as vLLM accepts them ----------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server() -> Iterator[tuple[str, str]]:
+    from loraplex import EngineConfig
+    from loraplex.engine.async_engine import AsyncLLMEngine
+    from loraplex.server.app import build_app
+    from server_util import running
+
+    engine = AsyncLLMEngine(EngineConfig(dtype="float32", max_model_len=512, kv_cache_memory=32 << 20))
+    with running(build_app(engine)) as url:
+        yield url, engine.model_name
+
+
+def test_tool_choice_function_as_a_string_is_a_400_naming_the_shape(tool_server: tuple[str, str]) -> None:
+    """{"type": "function", "function": "get_weather"} (the name where OpenAI wants {"name": ...}) was a 500."""
+    import httpx
+
+    url, model = tool_server
+    r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 4,
+        "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": "get_weather"}})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "tool_choice" and '"function": {"name": ...}' in error["message"]
+
+
+def test_assistant_tool_call_arguments_as_an_object_are_accepted_like_json_text(tool_server: tuple[str, str]) -> None:
+    """An earlier call's `arguments` sent as an object (vLLM accepts it; was a 500 here) renders the same prompt as
+    the same arguments sent as JSON text; arguments that are neither are a 400 naming the field."""
+    import httpx
+
+    url, model = tool_server
+
+    def history(arguments: object) -> list[dict[str, object]]:
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        return [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+    as_object = httpx.post(url + "/tokenize", json={"messages": history({"city": "Oslo"})}, timeout=60)
+    as_text = httpx.post(url + "/tokenize", json={"messages": history('{"city": "Oslo"}')}, timeout=60)
+    assert as_object.status_code == 200, as_object.text
+    assert as_object.json()["tokens"] == as_text.json()["tokens"]
+    r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": history({"city": "Oslo"}), "tools": [WEATHER_TOOL], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    for bad, needle in ((42, "must be JSON text or an object, got int"), ("{city", "is not valid JSON")):
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": model, "messages": history(bad), "tools": [WEATHER_TOOL], "max_tokens": 2})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text

@@ -11,13 +11,14 @@ import pytest
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.manager import AdapterManager
+from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.cluster.replica import Claim
 
 
 def _manager(tmp_path: Path, names: list[str]) -> AdapterManager:
     mgr = AdapterManager(AdapterRegistry(), num_slots=4, host_capacity=8,
-                         loader=lambda name, path: path.name)  # type: ignore[arg-type,return-value]
+                         loader=lambda name, path: AdapterWeights(name, path, rank=4))
     for name in names:
         path = tmp_path / name
         path.mkdir()

@@ -62,9 +62,8 @@ def torch_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.
     m = kpos[None, :] <= qpos[:, None]
     if window:
         m &= kpos[None, :] > qpos[:, None] - window
-    bias = torch.zeros(m.shape).masked_fill_(~m, torch.finfo(torch.float32).min)[:, None, None, None, :]
     group = AttentionGroup(token_index=None, start=0, num_seqs=b, q_len=1, block_tables=tables,
-                           masks={window: bias}, valid=None, context_lens=lens)
+                           masks={window: (~m)[:, None, None, None, :]}, valid=None, context_lens=lens)
     out = torch.empty_like(q)
     attn._attend_group(q, out, group)
     return out

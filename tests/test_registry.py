@@ -90,7 +90,7 @@ def test_registry_survives_restart(tmp_path: Path) -> None:
     assert again.resolve(spec("legal")) == (AdapterKey("legal", "2"), a2)
     assert again.resolve(spec("legal@1"))[1] == a1
     assert again.entries["legal"].pinned
-    assert "static" not in again.entries  # start-up modules are not persisted
+    assert "static" not in again.entries  # registered with persistent=False: not saved
 
 
 def test_unreadable_registry_is_a_clear_error(tmp_path: Path) -> None:

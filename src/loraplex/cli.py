@@ -48,6 +48,8 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                    help="budget for the device adapter slots, e.g. 256MiB; start-up fails if --max-loras does not fit")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the K/V of prompt prefixes, never across adapters, versions or cache salts (default: on)")
+    p.add_argument("--max-prepare-seconds", type=float, default=5.0,
+                   help="cap on one request's chat templating, tokenization and grammar compilation; over it: 400")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -55,7 +57,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "dtype": args.dtype,
             "max_model_len": args.max_model_len, "allow_pickle_adapters": args.allow_pickle_adapters,
             "quantization": args.quantize, "double_quant": args.double_quant, "kv_cache_memory": args.kv_cache_memory,
-            "adapter_memory": args.adapter_memory, "enable_prefix_caching": args.enable_prefix_caching}
+            "adapter_memory": args.adapter_memory, "enable_prefix_caching": args.enable_prefix_caching,
+            "max_prepare_seconds": args.max_prepare_seconds}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

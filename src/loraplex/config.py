@@ -34,6 +34,8 @@ class EngineConfig:
     registry_file: str | None = None  # run-time registrations, promotions and pins survive restarts here
     allow_pickle_adapters: bool = False
     max_skips: int = 16  # fairness: how often a waiting request may be passed over by later ones
+    # The cap on one request's templating, tokenization and grammar compilation (engine/prepare.py); over it: 400.
+    max_prepare_seconds: float = 5.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,6 +49,7 @@ class EngineConfig:
             (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
             (self.max_cpu_loras >= 1, "max_cpu_loras must be >= 1"),
             (self.max_skips >= 0, "max_skips must be >= 0"),
+            (self.max_prepare_seconds > 0, f"max_prepare_seconds must be > 0, got {self.max_prepare_seconds}"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.quantization in (None, "nf4", "fp4", "int8"),
              f"quantization must be nf4, fp4 or int8, got {self.quantization!r}"),

@@ -27,6 +27,11 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt (plus the tokens to generate) does not fit the context."""
 
 
+class NonFiniteOutputError(LoraplexError):
+    """A request's own activations became NaN or infinite (its adapter's weights, finite and within the load
+    bound, overflowed on its input): that request ends with this error (HTTP 422), no other is touched."""
+
+
 class AdapterError(LoraplexError):
     """Base class of adapter problems."""
 

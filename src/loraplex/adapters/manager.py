@@ -76,7 +76,7 @@ class AdapterManager:
         t0 = time.perf_counter()
         weights = self._load(spec.name, Path(path))  # raises a named AdapterError; nothing registered then
         with self._lock:
-            key = self.registry.register(spec, Path(path), promote, persistent)
+            key = self.registry.register(spec, Path(path), promote, persistent, weights.digest.hex() or None)
             self.metrics.load("host", time.perf_counter() - t0)
             self._paths[key] = Path(path)
             self._put_host(key, weights)  # a fresh key: versions are never reused, so no slot holds it
@@ -85,6 +85,28 @@ class AdapterManager:
                 self._collect_stale(spec.name)
             self._apply_changes()  # what another engine changed, merged before this registration
         return key
+
+    def register_startup(self, modules: list[tuple[str, Path]]) -> None:
+        """The start-up flags' modules (name, path), each loaded and validated now, registered under
+        adapters/startup.py's rules (never undoing an admin's decision), then the names earlier flags added but
+        these no longer give dropped; one log line per name says what happened."""
+        for name, path in modules:
+            t0 = time.perf_counter()
+            weights = self._load(name, path)  # a bad module fails the start, naming it
+            with self._lock:
+                key, line = self.registry.register_startup(name, path, weights.digest.hex())
+                log.info("start-up adapter %s", line)
+                if key is not None:
+                    if key not in self.host:  # a new version, or the same weights (digest) as that one's
+                        self.metrics.load("host", time.perf_counter() - t0)
+                        self._put_host(key, weights)
+                    self._follow_current(name)
+                    self._collect_stale(name)
+                self._apply_changes()
+        with self._lock:
+            for line in self.registry.drop_startup_leftovers({name for name, _ in modules}):
+                log.info("start-up adapter %s", line)
+            self._free_unregistered()
 
     def promote(self, name: str, version: str) -> None:
         with self._lock:
@@ -134,6 +156,7 @@ class AdapterManager:
         return out
 
     def unregister(self, name: str) -> None:
+        """An admin's unload (a tombstone in the registry: see AdapterRegistry.unregister); running requests finish."""
         with self._lock:
             entry = self.registry.unregister(name)
             self._set_pin(name, None)
@@ -142,6 +165,14 @@ class AdapterManager:
                 if not self.users.get(key):
                     self._free(key)
             self._apply_changes()
+
+    def _free_unregistered(self) -> None:
+        """Unpin and free (where no request uses them) the versions held of names the registry no longer has."""
+        for name in [n for n in self._pins if n not in self.registry.entries]:
+            self._set_pin(name, None)
+        for key in [*self.host.keys(), *self.slots.resident()]:
+            if key.name not in self.registry.entries and not self.users.get(key):
+                self._free(key)
 
     def pin(self, name: str, pinned: bool = True) -> None:
         """Keep `name`'s current version in a device slot (loaded in the background if needed); the pin follows

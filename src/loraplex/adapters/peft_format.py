@@ -78,11 +78,32 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
 
 
 def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
-    # PEFT matches pattern keys against the end of the module's qualified name.
+    # PEFT matches pattern keys against the end of the module's qualified name (keys checked by _patterns).
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
+
+
+def _patterns(cfg: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    """cfg[key] (alpha_pattern, rank_pattern): a JSON object whose keys are valid regular expressions."""
+    patterns = cfg.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(f"adapter {path}: {key} must be a JSON object of module-name patterns, "
+                                 f"not {type(patterns).__name__}")
+    for pattern in patterns:
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as e:
+            raise AdapterFormatError(f"adapter {path}: {key} key {pattern!r} is not a valid regular expression: {e}") from e
+    return patterns
+
+
+def _number(value: Any, what: str, path: Path) -> float:
+    """A config number (lora_alpha, an alpha_pattern value) as a float; a string, list or null is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterFormatError(f"adapter {path}: {what} must be a number, got {value!r}")
+    return float(value)
 
 
 def max_file_bytes(targets: dict[tuple[int, str], tuple[int, int]], max_rank: int) -> int:
@@ -179,8 +200,9 @@ def load_peft_adapter(
     if not pairs:
         raise AdapterFormatError(f"adapter {path}: no LoRA weights found")
 
-    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+    alpha = _number(cfg.get("lora_alpha", cfg.get("r", 8)), "lora_alpha", path)
+    alpha_pattern = _patterns(cfg, "alpha_pattern", path)
+    _patterns(cfg, "rank_pattern", path)  # ranks are read from the tensors' shapes; a broken pattern still refuses
     use_rslora = bool(cfg.get("use_rslora", False))
     weights = AdapterWeights(name=name, path=path, rank=0, base_model_name=cfg.get("base_model_name_or_path"),
                              digest=digest.digest())
@@ -189,8 +211,12 @@ def load_peft_adapter(
             raise AdapterFormatError(f"adapter {path}: layer {layer} {part} lacks lora_{'B' if 'A' in ab else 'A'}")
         a, b = ab["A"], ab["B"]
         in_f, out_f = targets[(layer, part)]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] == 0:
+            raise AdapterFormatError(
+                f"adapter {path}: layer {layer} {part} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "LoRA needs 2-D matrices of rank r >= 1 (lora_A [r, in], lora_B [out, r])")
         r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
+        if a.shape[1] != in_f or b.shape != (out_f, r):
             raise AdapterIncompatibleError(
                 f"adapter {path}: layer {layer} {part} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 f"the base model needs lora_A [r, {in_f}] and lora_B [{out_f}, r]. Was it trained for a different base model?"
@@ -199,23 +225,45 @@ def load_peft_adapter(
             raise AdapterRankError(
                 f"adapter {name!r} has rank {r} > --max-lora-rank {max_rank}; restart with --max-lora-rank {r}"
             )
-        module_alpha = float(_pattern_value(alpha_pattern, f"layers.{layer}.{part}", alpha))
+        module_alpha = _number(_pattern_value(alpha_pattern, f"layers.{layer}.{part}", alpha),
+                               f"the lora_alpha of layer {layer} {part}", path)
         scale = module_alpha / math.sqrt(r) if use_rslora else module_alpha / r
         weights.parts[(layer, part)] = PartWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=scale)
         weights.rank = max(weights.rank, r)
-    _check_finite(weights, path)
+    check_effective_weights(weights, path)
     return weights
 
 
-def _check_finite(weights: AdapterWeights, path: Path) -> None:
-    """Refuse NaN or infinite weights. A slot's weights may be read by a step that does not use it (see
-    lora/mapping.py): 0 * inf would leak into other tenants' tokens, so they never reach a slot.
-    One fused norm over every tensor (a NaN or inf makes its norm non-finite); per tensor only on failure."""
+# The bound on every effective LoRA weight (|A| and |B * scale|, element by element). Trained adapters sit far
+# below it: PEFT starts A at ~1/sqrt(in) and B at 0, and their effective weights stay within ~0.01-10 like the
+# base model's own (tests/conftest.py's adapters and the demo tenants peak near 1). A weight above it is a broken
+# or hostile file (lora_alpha 1e300, weights scaled to overflow); refused, it never reaches a slot. It also lies
+# below every serving dtype's finite range (float16's 65504, bfloat16's and float32's 3.4e38) with room for the
+# activations it multiplies, so B * scale cast to the serving dtype is always finite.
+MAX_EFFECTIVE_WEIGHT = 1e4
+_F32_MAX = float(torch.finfo(torch.float32).max)  # B * scale is computed in float32 (LoRALinear.set_slot)
+
+
+def check_effective_weights(weights: AdapterWeights, path: Path) -> None:
+    """Refuse NaN or infinite weights, a scale that overflows float32, and effective weights (A, B * scale) above
+    MAX_EFFECTIVE_WEIGHT, naming the layer, part and value (AdapterFormatError: HTTP 400). Every route to a slot
+    (start-up --lora-modules, runtime loads, --adapter-dir discovery, cluster replicas) loads through
+    load_peft_adapter, so none skips it. One fused max-abs over every tensor (NaN propagates into it)."""
     keys = list(weights.parts)
     tensors = [t for k in keys for t in (weights.parts[k].a, weights.parts[k].b)]
-    norms = torch.stack(torch._foreach_norm(tensors))
-    if bool(torch.isfinite(norms).all()):
-        return
-    bad = int((~torch.isfinite(norms)).nonzero()[0]) // 2
-    layer, part = keys[bad]
-    raise AdapterFormatError(f"adapter {path}: layer {layer} {part} has NaN or infinite weights")
+    peaks = torch.stack(torch._foreach_norm(tensors, float("inf"))).tolist()  # max |w| per tensor
+    for i, (layer, part) in enumerate(keys):
+        _check_part(f"adapter {path}: layer {layer} {part}", peaks[2 * i], peaks[2 * i + 1], weights.parts[(layer, part)].scale)
+
+
+def _check_part(where: str, peak_a: float, peak_b: float, scale: float) -> None:
+    if not (math.isfinite(peak_a) and math.isfinite(peak_b)):
+        raise AdapterFormatError(f"{where} has NaN or infinite weights")
+    if not math.isfinite(scale) or abs(scale) > _F32_MAX or peak_b * abs(scale) > _F32_MAX:
+        raise AdapterFormatError(f"{where}: lora_alpha/r scale {scale:g} makes B*scale infinite in float32; "
+                                 "check lora_alpha in adapter_config.json")
+    for name, value in (("lora_A", peak_a), ("lora_B * lora_alpha/r", peak_b * abs(scale))):
+        if value > MAX_EFFECTIVE_WEIGHT:
+            raise AdapterFormatError(
+                f"{where}: |{name}| reaches {value:.3g}, above the {MAX_EFFECTIVE_WEIGHT:g} bound on effective LoRA "
+                "weights (trained adapters stay near 1); check lora_alpha and the weights")

@@ -27,6 +27,7 @@ class ModelFacts:
     dtype: DtypeChoice
     device: str
     memory: MemoryPlan
+    max_prepare_seconds: float = 5.0  # EngineConfig.max_prepare_seconds: the ingress caps its templating with it
 
 
 @dataclass(frozen=True, slots=True)

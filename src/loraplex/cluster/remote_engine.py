@@ -257,3 +257,7 @@ class RemoteEngine:
     @property
     def memory(self) -> Any:
         return self.facts.memory
+
+    @property
+    def max_prepare_seconds(self) -> float:
+        return self.facts.max_prepare_seconds

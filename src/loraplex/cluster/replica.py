@@ -122,7 +122,7 @@ class EngineReplica:
     def facts(self) -> ModelFacts:
         e = self.engine
         return ModelFacts(e.model_name, e.model_dir, e.max_model_len, e.block_size, e.max_num_seqs, e.dtype, e.device,
-                          e.memory)
+                          e.memory, e.max_prepare_seconds)
 
     # ---- adapter administration: the registry file on the shared store is the cluster's truth ----------
     async def register_adapter(self, name: str, path: str, version: str | None, promote: bool) -> tuple[AdapterKey, int]:

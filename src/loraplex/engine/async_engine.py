@@ -1,10 +1,12 @@
 """AsyncLLMEngine: runs LLMEngine's step loop on one background thread and streams outputs to asyncio; the
 whole API the HTTP server uses (requests, adapter administration, the model's facts, snapshots for metrics).
 
-Requests (add, abort) and adapter changes run on the engine thread between steps, submitted through `call`;
-errors come back to the awaiting coroutine. An adapter registration reads and validates the files on a
-worker thread so decoding goes on meanwhile; the AdapterManager's lock orders its bookkeeping against the
-engine thread's. The event loop never runs model work, so one process serves many concurrent clients.
+A request is prepared first (validated, tokenized, its grammar compiled: LLMEngine.prepare) on a small pool of
+worker threads under --max-prepare-seconds (engine/prepare.py), then admitted, like aborts and adapter changes,
+on the engine thread between steps, submitted through `call`; errors come back to the awaiting coroutine. An
+adapter registration reads and validates the files on a worker thread so decoding goes on meanwhile; the
+AdapterManager's lock orders its bookkeeping against the engine thread's. The event loop never runs model work,
+templating or tokenization, so one process serves many concurrent clients.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from loraplex.adapters.manager import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.prepare import PreparedRequest, PreparePool, Stage
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.hardware import DtypeChoice
 from loraplex.errors import EngineUnavailableError
@@ -91,6 +94,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
         self._stopped = False
+        # Client-controlled CPU work (tokenizing, bad_words, grammars) runs here, never on the engine thread.
+        self._preparer = PreparePool(self.engine.config.max_prepare_seconds, name="loraplex-prepare")
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
         self._thread.start()
 
@@ -105,16 +110,38 @@ class AsyncLLMEngine:
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
 
-        def add() -> AdapterKey | None:
-            self.engine.add_request(prompt, sampling, adapter, request_id, cache_salt, keep_adapter)
+        def admit(prepared: PreparedRequest) -> AdapterKey | None:
+            self.engine.admit(prepared, request_id)
             return self.engine.requests[request_id].adapter
 
+        admission: concurrent.futures.Future[AdapterKey | None] | None = None
         try:
-            stream.adapter = await self.call(add)
+            prepared = await self._prepare(prompt, sampling, adapter, cache_salt, keep_adapter)
+            admission = self._submit(lambda: admit(prepared))
+            stream.adapter = await asyncio.wrap_future(admission)
         except BaseException:
             stream._close()
+            if admission is not None:  # cancelled while the engine thread admitted it: free it once admitted
+                admission.add_done_callback(self._abort_if_admitted(request_id))
             raise
         return stream
+
+    def _abort_if_admitted(self, request_id: str) -> Callable[[concurrent.futures.Future[Any]], None]:
+        def abort(admission: concurrent.futures.Future[Any]) -> None:
+            if not admission.cancelled() and admission.exception() is None:
+                self._submit(lambda: self.engine.abort_request(request_id))
+        return abort
+
+    async def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None, adapter: str | None,
+                       cache_salt: str | None, keep_adapter: bool) -> PreparedRequest:
+        """LLMEngine.prepare on a prepare worker under --max-prepare-seconds when it would tokenize or compile a
+        grammar; a token-id prompt without either is a bounded id check, done here."""
+        if not self.engine.needs_preparing(prompt, sampling):
+            return self.engine.prepare(prompt, sampling, adapter, cache_salt, keep_adapter)
+        stage = Stage("preparing the request")
+        warm = self.engine.structured.warm if sampling is not None and sampling.structured else None
+        return await self._preparer.run(stage, self.engine.prepare, prompt, sampling, adapter, cache_salt,
+                                        keep_adapter, stage, warm=warm)
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                        adapter: str | None = None, request_id: str | None = None,
@@ -230,6 +257,11 @@ class AsyncLLMEngine:
         return self.engine.memory
 
     @property
+    def max_prepare_seconds(self) -> float:
+        """The cap on one request's templating, tokenization and grammar compilation (--max-prepare-seconds)."""
+        return self.engine.config.max_prepare_seconds
+
+    @property
     def registry_version(self) -> int:
         """The registry file's mtime (ns) as last read or written by this engine (0 without a file)."""
         return self.engine.registry_version
@@ -239,6 +271,7 @@ class AsyncLLMEngine:
         return await asyncio.wrap_future(self._submit(fn))
 
     def shutdown(self) -> None:
+        self._preparer.shutdown()
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
@@ -263,6 +296,8 @@ class AsyncLLMEngine:
                 fn, fut = self._calls.get_nowait()
             except queue.Empty:
                 return
+            if not fut.set_running_or_notify_cancel():  # its caller is gone (e.g. an admission cancelled)
+                continue
             try:
                 fut.set_result(fn())
             except BaseException as e:  # delivered to the caller, never kills the loop

@@ -90,9 +90,14 @@ class BlockManager:
             del self._by_hash[h]
             self._hash[b] = None
 
-    def free(self, req: Request) -> None:
+    def free(self, req: Request, keep_cached: bool = True) -> None:
         """Drop `req`'s references. A block nobody holds any more stays findable (cached) if it was full, else
-        becomes empty. Last blocks first, so a sequence's tail is reclaimed before its head."""
+        becomes empty. Last blocks first, so a sequence's tail is reclaimed before its head.
+        keep_cached=False (a request that failed in a step, its K/V maybe NaN): none of its blocks can be found
+        again; blocks that others still hold stay theirs, and are emptied when they let go."""
+        if not keep_cached:
+            for b in req.block_ids:
+                self._forget(b)
         for b in reversed(req.block_ids):
             self._refs[b] -= 1
             if self._refs[b] == 0:

@@ -89,3 +89,8 @@ class EngineClient(Protocol):
 
     @property
     def memory(self) -> MemoryPlan: ...
+
+    @property
+    def max_prepare_seconds(self) -> float:
+        """The cap on one request's chat templating, tokenization and grammar compilation (--max-prepare-seconds)."""
+        ...

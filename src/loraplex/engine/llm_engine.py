@@ -1,6 +1,7 @@
 """LLMEngine: the synchronous engine. add_request / abort_request / step, nothing else drives the model.
 
-Where a request goes: add_request validates and tokenizes -> Scheduler.waiting -> Scheduler.schedule
+Where a request goes: prepare validates, tokenizes and makes its grammar matcher (any thread), admit queues it
+(the stepping thread; add_request does both) -> Scheduler.waiting -> Scheduler.schedule
 picks the step's tokens (KV blocks, and adapter slots through the AdapterManager) -> ModelRunner.execute
 runs the forward pass and samples -> _process appends tokens, detokenizes, checks stop conditions ->
 RequestOutput. Adapter names are parsed once, here; every registration, slot and reference then goes
@@ -26,13 +27,14 @@ from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.build import build_model
-from loraplex.engine.model_runner import ModelRunner
+from loraplex.engine.model_runner import ModelRunner, StepResult
+from loraplex.engine.prepare import PreparedRequest, Stage
 from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, EngineStats, PrefixCacheSnapshot, RequestOutput
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.engine.step_log import StepLog
 from loraplex.engine.structured import StructuredOutputs
-from loraplex.errors import InvalidRequestError, LoraplexError, PromptTooLongError
+from loraplex.errors import InvalidRequestError, LoraplexError, NonFiniteOutputError, PromptTooLongError
 from loraplex.sampling import SamplingParams, TokenLogprobs
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,12 @@ class LLMEngine:
                                    config.max_skips)
         self.requests: dict[str, Request] = {}
         self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
+        self.nonfinite_requests: dict[str, int] = {}  # model label -> requests ended by NonFiniteOutputError
         self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)
         self.step_log = StepLog(self.model_name)  # the last steps' batch composition, for the dashboard
         self._ids = itertools.count()
-        for name, path in config.lora_modules:
-            self.register_adapter(name, path, persistent=False)
+        # Start-up modules never undo an admin's promotion or unload (adapters/startup.py says the rules).
+        self.adapters.register_startup([(validate_name(name), Path(path)) for name, path in config.lora_modules])
         log.info("%d KV blocks of %d tokens, %d adapter slots of rank %d", self.memory.kv_blocks, config.block_size,
                  config.max_loras, config.max_lora_rank)
 
@@ -147,14 +150,14 @@ class LLMEngine:
             text, token_ids = None, list(prompt)
         if not token_ids:
             raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) >= self.max_model_len:  # first: the id scan below then costs at most max_model_len
             raise PromptTooLongError(
                 f"the prompt has {len(token_ids)} tokens; the context (max_model_len) is {self.max_model_len} tokens, "
                 "which must also leave room for at least one generated token"
             )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         return text, token_ids
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
@@ -178,26 +181,53 @@ class LLMEngine:
                     cache_salt: str | None = None, keep_adapter: bool = True) -> str:
         """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
         Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter).
-        keep_adapter=False: a cold adapter is loaded for this request only and evicts nothing from host memory."""
+        keep_adapter=False: a cold adapter is loaded for this request only and evicts nothing from host memory.
+        prepare + admit in the caller's thread; AsyncLLMEngine runs prepare on a worker, admit on the engine thread."""
+        return self.admit(self.prepare(prompt, sampling, adapter, cache_salt, keep_adapter), request_id)
+
+    def prepare(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                adapter: str | AdapterSpec | None = None, cache_salt: str | None = None, keep_adapter: bool = True,
+                stage: Stage | None = None) -> PreparedRequest:
+        """The part of add_request that depends on the request alone: validation, tokenization, bad_words ids, the
+        grammar matcher (compiled once per schema). Touches no engine state, so it is safe on any thread while
+        another steps; `stage` is kept saying which part runs (for PreparePool's time-cap error)."""
+        stage = stage or Stage("preparing the request")
         sampling = sampling or SamplingParams()
+        stage.doing = "tokenizing the prompt"
         text, token_ids = self._tokens(prompt)
         vocab = self.model_config.vocab_size
         for name, ids in (("stop_token_ids", sampling.stop_token_ids), ("logit_bias", list(sampling.logit_bias)),
                           ("allowed_token_ids", sampling.allowed_token_ids or [])):
             if any(t >= vocab for t in ids):
                 raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab})")
-        key = self._adapter(adapter)
+        spec = AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string")
+        stage.doing = "tokenizing bad_words"
+        bad_words_ids = self._bad_words(sampling.bad_words)
+        matcher = None
+        if sampling.structured is not None:
+            stage.doing = f"compiling the structured output's {sampling.structured.kind}"
+            matcher = self.structured.matcher(sampling.structured)
+        return PreparedRequest(text, token_ids, sampling, spec, cache_salt, keep_adapter, bad_words_ids, matcher)
+
+    def needs_preparing(self, prompt: str | list[int], sampling: SamplingParams | None) -> bool:
+        """Whether prepare would run the tokenizer or the grammar compiler (else it is a bounded id check)."""
+        return isinstance(prompt, str) or (sampling is not None and bool(sampling.bad_words or sampling.structured))
+
+    def admit(self, prepared: PreparedRequest, request_id: str | None = None) -> str:
+        """Queue a prepared request (on the thread that steps). Its adapter version is resolved now, so a promotion
+        that landed while it was prepared applies."""
+        key = self._adapter(prepared.adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise InvalidRequestError("cache_salt must be a non-empty string")
-        req = Request(request_id, token_ids, sampling, key, time.monotonic(), prompt=text, cache_salt=cache_salt,
-                      bad_words_ids=self._bad_words(sampling.bad_words),
-                      matcher=self.structured.matcher(sampling.structured) if sampling.structured else None)
+        req = Request(request_id, prepared.prompt_token_ids, prepared.sampling, key, time.monotonic(),
+                      prompt=prepared.prompt, cache_salt=prepared.cache_salt, bad_words_ids=prepared.bad_words_ids,
+                      matcher=prepared.matcher)
         detokenizer.init_offsets(req)
         if key is not None:
-            self.adapters.acquire(key, keep_adapter)  # starts a background load if the adapter is cold
+            self.adapters.acquire(key, prepared.keep_adapter)  # starts a background load if the adapter is cold
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -207,8 +237,8 @@ class LLMEngine:
         if req is not None and not req.finished:
             self._finish(req, "abort")
 
-    def _finish(self, req: Request, reason: str) -> None:
-        self.scheduler.finish(req, reason)
+    def _finish(self, req: Request, reason: str, keep_cached: bool = True) -> None:
+        self.scheduler.finish(req, reason, keep_cached)
         self.runner.forget(req.request_id)
         self.requests.pop(req.request_id, None)
         if req.adapter is not None:
@@ -229,12 +259,49 @@ class LLMEngine:
                 time.sleep(0.0005)  # only requests waiting for disk loads: don't spin the core they need
             return outputs
         t0 = time.perf_counter()
-        sampled = self.runner.execute(sched.seqs)
+        result = self._execute(sched.seqs)
         self.last_step_tokens = self.step_log.record(sched.seqs, time.perf_counter() - t0,
                                                      self.blocks.num_blocks - self.blocks.num_free,
                                                      len(self.scheduler.waiting))
-        self.scheduler.advance(sched.seqs)
-        return outputs + [self._process(req, token, lp) for req, token, lp in sampled]
+        failed = {id(req) for req, _ in result.failed}
+        self.scheduler.advance([s for s in sched.seqs if id(s.request) not in failed])
+        outputs += [self._fail(req, error) for req, error in result.failed]
+        for req, token, lp in result.sampled:
+            try:
+                outputs.append(self._process(req, token, lp))
+            except Exception as e:  # a bug in one request's detokenizing or stop checks: that request alone
+                log.exception("request %s: processing its token failed", req.request_id)
+                outputs.append(self._fail(req, e))
+        return outputs
+
+    def _execute(self, seqs: list[ScheduledSeq]) -> StepResult:
+        """runner.execute; if the batched work raises, the batch is bisected and each half re-run, so that only the
+        requests that fail alone get the error (log2(batch) extra passes per failing request). Re-running is
+        safe: the scheduler has not advanced, and K/V writes for the same positions repeat the same values."""
+        try:
+            return self.runner.execute(seqs)
+        except Exception as e:
+            if len(seqs) == 1:
+                log.exception("request %s failed alone in a step", seqs[0].request.request_id)
+                return StepResult([], [(seqs[0].request, e)])
+            log.warning("a step of %d sequences failed (%s: %s); re-running it in halves", len(seqs),
+                        type(e).__name__, e)
+        mid = len(seqs) // 2
+        first, second = self._execute(seqs[:mid]), self._execute(seqs[mid:])
+        return StepResult(first.sampled + second.sampled, first.failed + second.failed)
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        """End a request that failed in a step with `error`: its K/V blocks (maybe NaN) never enter the prefix
+        cache; non-finite activations are counted per model (/metrics loraplex_nonfinite_requests_total)."""
+        if isinstance(error, NonFiniteOutputError):
+            label = self.model_name if req.adapter is None else req.adapter.name
+            self.nonfinite_requests[label] = self.nonfinite_requests.get(label, 0) + 1
+            log.warning("%s", error)
+        if not req.finished:
+            self._finish(req, "error", keep_cached=False)
+        out = self._output(req)
+        out.error = error
+        return out
 
     def _collect_loads(self) -> dict[AdapterKey, LoraplexError]:
         """Take in finished adapter loads; fail the requests waiting on one that failed (the next request retries)."""
@@ -348,7 +415,7 @@ class LLMEngine:
         return EngineSnapshot(waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
                               last_step_tokens=self.last_step_tokens, kv_blocks_free=self.blocks.num_free,
                               kv_blocks_total=self.blocks.num_blocks, adapters=self.adapter_stats(),
-                              prefix_cache=prefix)
+                              prefix_cache=prefix, nonfinite_requests=dict(self.nonfinite_requests))
 
     def stats(self) -> EngineStats:
         """The dashboard's view: the snapshot, the adapter tiers, the last steps, requests per model (call it on

@@ -8,6 +8,7 @@ contiguous and needs no gather.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,9 +22,25 @@ from loraplex.models.llama import LlamaForCausalLM
 from loraplex.engine import logits_processors
 from loraplex.engine.sampler import logprobs_of, sample
 from loraplex.engine.structured import StructuredOutputs, apply_bitmask
+from loraplex.errors import NonFiniteOutputError
 from loraplex.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One forward pass's outcome: sampled tokens, and the requests that failed alone (with their error)."""
+
+    sampled: list[tuple[Request, int, TokenLogprobs | None]]
+    failed: list[tuple[Request, Exception]] = field(default_factory=list)
+
+
+def _nonfinite_error(req: Request) -> NonFiniteOutputError:
+    who = "the base model" if req.adapter is None else f"adapter {str(req.adapter)!r}"
+    return NonFiniteOutputError(
+        f"{who} produced non-finite activations (NaN or infinity) for request {req.request_id}: its weights overflow "
+        "on this input; no output can be computed. Other requests are not affected")
 
 
 class ModelRunner:
@@ -62,24 +79,47 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, int, TokenLogprobs | None]]:
+    def execute(self, seqs: list[ScheduledSeq]) -> StepResult:
         """Run one forward pass; return (request, sampled token, its log-probabilities if asked) for every request
-        that reached its last token."""
+        that reached its last token, and the requests that failed alone (non-finite logits, a grammar that
+        refused the token). An exception from the batched work itself propagates (LLMEngine bisects the batch).
+        Safe to re-run on part of the batch: K/V writes repeat the same values, prompt logprobs are kept once."""
         ids, batch, sampled_reqs, prompt_rows = self._prepare(seqs, all_logits=False)
         constrained = [i for i, r in enumerate(sampled_reqs) if r.matcher is not None]
         masks = self.structured.start_masks([sampled_reqs[i].matcher for i in constrained]) if constrained else None
         logits = self.model(ids, batch)  # the grammar masks are computed meanwhile, on the worker thread
+        poisoned = self._nonfinite(logits, [r for r, _ in prompt_rows] + sampled_reqs)
+        failed: list[tuple[Request, Exception]] = [(r, _nonfinite_error(r)) for r in poisoned.values()]
         if prompt_rows:
-            self._prompt_logprobs(logits[: len(prompt_rows)], prompt_rows)
+            keep = [i for i, (r, _) in enumerate(prompt_rows) if id(r) not in poisoned]
+            if keep:
+                self._prompt_logprobs(logits[keep], [prompt_rows[i] for i in keep])
             logits = logits[len(prompt_rows):]
         if not sampled_reqs:
-            return []
+            return StepResult([], failed)
         if masks is not None:
             apply_bitmask(logits, constrained, masks.result())
         tokens, logprobs = self._sample(logits, sampled_reqs)
         for i in constrained:
-            sampled_reqs[i].matcher.consume_token(tokens[i])
-        return list(zip(sampled_reqs, tokens, logprobs))
+            if id(sampled_reqs[i]) in poisoned:
+                continue
+            try:
+                sampled_reqs[i].matcher.consume_token(tokens[i])
+            except Exception as e:  # this request's grammar state only
+                log.exception("request %s: the grammar matcher failed", sampled_reqs[i].request_id)
+                failed.append((sampled_reqs[i], e))
+        gone = {id(r) for r, _ in failed}
+        return StepResult([t for t in zip(sampled_reqs, tokens, logprobs) if id(t[0]) not in gone], failed)
+
+    def _nonfinite(self, logits: torch.Tensor, row_reqs: list[Request]) -> dict[int, Request]:
+        """The requests owning a logits row with NaN or inf (one isfinite over [N, V] and one sync per step).
+        Their rows are set to 0 so that nothing downstream (bitmask, penalties, sampling) sees a NaN; rows are
+        independent, so the other requests' tokens are the same as without them."""
+        bad_rows = (~torch.isfinite(logits).all(-1)).nonzero()[:, 0].tolist()
+        if not bad_rows:
+            return {}
+        logits[bad_rows] = 0.0
+        return {id(row_reqs[i]): row_reqs[i] for i in bad_rows}  # by identity: Request compares by value
 
     @torch.inference_mode()
     def logits(self, seq: ScheduledSeq) -> torch.Tensor:
@@ -167,21 +207,20 @@ class ModelRunner:
         uniform = all(n == q for n in q_lens)
         valid = torch.arange(q)[None, :] < torch.tensor(q_lens)[:, None]  # [B, Q]
         kpos = torch.arange(nb * bs)
-        mask_bias: dict[int | None, torch.Tensor] = {}
+        masked: dict[int | None, torch.Tensor] = {}
         for w in self.windows:
             m = kpos[None, None, :] <= qpos[:, :, None]  # causal over absolute positions: [B, Q, K]
             if w is not None:
                 m &= kpos[None, None, :] > qpos[:, :, None] - w
-            # additive fp32 bias, 0 where a query may attend a key (each query sees at least itself)
-            bias = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, torch.finfo(torch.float32).min)
-            mask_bias[w] = bias[:, None, None].to(self.device)  # [B, 1, 1, Q, K]
+            # True where a query may not attend a key (each query sees at least itself, so no row is all masked)
+            masked[w] = (~m)[:, None, None].to(self.device)  # [B, 1, 1, Q, K]
         return AttentionGroup(
             token_index=None if uniform else token_index.to(self.device),
             start=start,
             num_seqs=b,
             q_len=q,
             block_tables=tables.to(self.device),
-            masks=mask_bias,
+            masks=masked,
             valid=None if uniform else valid.to(self.device),
             context_lens=context_lens.to(self.device),
         )

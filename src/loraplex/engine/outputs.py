@@ -61,6 +61,7 @@ class EngineSnapshot:
     kv_blocks_total: int
     adapters: AdapterStats
     prefix_cache: PrefixCacheSnapshot
+    nonfinite_requests: dict[str, int] = field(default_factory=dict)  # model -> requests ended by NaN/inf activations
 
 
 @dataclass(slots=True)

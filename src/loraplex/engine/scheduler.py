@@ -81,10 +81,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, req: Request, reason: str) -> None:
+    def finish(self, req: Request, reason: str, keep_cached: bool = True) -> None:
+        """keep_cached=False: the request failed in a step, so its K/V blocks never enter the prefix cache."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            self._release(req)
+            self._release(req, keep_cached)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
@@ -96,8 +97,8 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_tokens
             self.blocks.commit(s.request)
 
-    def _release(self, req: Request) -> None:
-        self.blocks.free(req)
+    def _release(self, req: Request, keep_cached: bool = True) -> None:
+        self.blocks.free(req, keep_cached)
         if req.adapter is not None and req.lora_slot >= 0:
             self.adapters.release_slot(req.adapter)
         req.lora_slot = -1

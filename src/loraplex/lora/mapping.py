@@ -6,8 +6,9 @@ requests or adapters: they read the index tensors prepared here.
 Which slots a kernel reads ("kernel slots"): the distinct active slots, gathered per layer with
 index_select (a weight copy), or, when the active slots nearly fill a contiguous range (the slot
 table hands out the lowest free slot, so they usually do), that whole range as a view of the slot
-tensors, with no copy. Slots in the range that no token uses are then read and multiplied by zero:
-adapters with non-finite weights are refused at load, so this never leaks into other tokens.
+tensors, with no copy. Slots in the range that no token uses are then read into padded rows only, and a
+padded row is never added into a token (GroupedBatches.rows): whatever such a slot holds, NaN included, stays
+out of every token's output. The fused kernels read only the slots and ranks in use.
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ class GroupedBatches:
     """The torch grouped kernel's metadata: tokens gathered per kernel slot into padded rows."""
 
     index: torch.Tensor | None  # [S_k, Tmax] token indices per slot (padding -> 0); None: x.view(S_k, Tmax, IN)
-    mask: torch.Tensor | None  # [S_k, Tmax, 1] 0/1 padding mask in the model dtype; None when no row is padded
+    # Where some row is padded: rows [N], the flat positions in [S_k * Tmax] that hold a real token, and
+    # targets [N], those tokens. Only those rows are scattered back: a padded row (computed on token 0's
+    # activations with another slot's weights, maybe non-finite) is selected away, never multiplied by 0.
+    rows: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -77,8 +82,7 @@ def _fused_groups(token_slots: list[int], device: torch.device | str) -> FusedGr
                        max(run[2] for run in runs))
 
 
-def _grouped_batches(token_slots: list[int], slots: list[int], dtype: torch.dtype,
-                     device: torch.device | str) -> GroupedBatches:
+def _grouped_batches(token_slots: list[int], slots: list[int], device: torch.device | str) -> GroupedBatches:
     pos = {s: i for i, s in enumerate(slots)}
     groups: list[list[int]] = [[] for _ in slots]
     for t, s in enumerate(token_slots):
@@ -87,13 +91,14 @@ def _grouped_batches(token_slots: list[int], slots: list[int], dtype: torch.dtyp
     tmax = max(len(g) for g in groups)
     if len(groups) * tmax == len(token_slots) and all(
             len(g) == tmax and g[0] == i * tmax and g[-1] == g[0] + tmax - 1 for i, g in enumerate(groups)):
-        return GroupedBatches(None, None)  # every token in a run of tmax, runs in slot order: a reshape, no index
+        return GroupedBatches(None)  # every token in a run of tmax, runs in slot order: a reshape, no index
     index = torch.tensor([g + [0] * (tmax - len(g)) for g in groups], dtype=torch.long).to(device)
-    mask = None
-    if any(len(g) != tmax for g in groups):
-        valid = [[1.0] * len(g) + [0.0] * (tmax - len(g)) for g in groups]
-        mask = torch.tensor(valid, dtype=dtype).unsqueeze(-1).to(device)
-    return GroupedBatches(index, mask)
+    if all(len(g) == tmax for g in groups):
+        return GroupedBatches(index)
+    rows = [i * tmax + j for i, g in enumerate(groups) for j in range(len(g))]
+    targets = [t for g in groups for t in g]
+    return GroupedBatches(index, torch.tensor(rows, dtype=torch.long).to(device),
+                          torch.tensor(targets, dtype=torch.long).to(device))
 
 
 def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.device | str = "cpu",
@@ -117,5 +122,5 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
         active_slots=torch.tensor(slots, dtype=torch.long).to(device),
         span=span,
         fused=_fused_groups(token_slots, device) if kernel == "fused" else None,
-        grouped=_grouped_batches(token_slots, slots, dtype, device) if kernel == "grouped" else None,
+        grouped=_grouped_batches(token_slots, slots, device) if kernel == "grouped" else None,
     )

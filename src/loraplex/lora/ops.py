@@ -65,8 +65,8 @@ def kernel_weights(a: torch.Tensor, b: torch.Tensor, m: LoRAMapping) -> tuple[to
 
 def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_k, Tmax], two bmm, scatter-add back.
-    FLOPs ~ S_k * Tmax * R * (IN + OUT). With `out`, the result is added into it in place."""
+    """Segmented (SGMV-style): tokens gathered per slot into padded groups [S_k, Tmax], two bmm, the real rows
+    scatter-added back (padded rows are dropped, whatever they hold). FLOPs ~ S_k * Tmax * R * (IN + OUT). With `out`, the result is added into it in place."""
     a_k, b_k = kernel_weights(a, b, m)  # [S_k, R, IN], [S_k, R, OUT]
     g = m.grouped
     assert g is not None
@@ -77,12 +77,13 @@ def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappi
         out.view(a_k.shape[0], -1, out.shape[-1]).baddbmm_(xa, b_k)  # the expand accumulates into the base output
         return out
     xg = x.index_select(0, g.index.view(-1)).view(*g.index.shape, -1)  # [S_k, Tmax, IN]
-    yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k)  # [S_k, Tmax, OUT]
-    if g.mask is not None:
-        yg = yg * g.mask
+    yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k).view(-1, b.shape[-1])  # [S_k * Tmax, OUT]
     if out is None:
         out = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)
-    return out.index_add_(0, g.index.view(-1), yg.view(-1, yg.shape[-1]))
+    if g.rows is None:  # no padded row: every row is a token
+        return out.index_add_(0, g.index.view(-1), yg)
+    assert g.targets is not None
+    return out.index_add_(0, g.targets, yg.index_select(0, g.rows))  # padded rows selected away, never added
 
 
 def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping, layout: SlotLayout,

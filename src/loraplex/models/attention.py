@@ -5,6 +5,10 @@ torch path is the kernel's reference.
 
 Cache layout per layer: k_cache, v_cache: [num_blocks * block_size, KVH, D]; a token's slot is
 block_id * block_size + offset. Gathering by block table gives every sequence its keys in order.
+
+Stale cache rows (freed blocks, the tail of a partial block, table padding) may hold anything, NaN included: no
+path does arithmetic on them. The kernel reads only positions below each context length; the torch path selects
+masked scores to -inf and stale V rows to 0 (tests/test_isolation_numerics.py plants NaN there).
 """
 
 from __future__ import annotations
@@ -71,12 +75,25 @@ class PagedAttention(nn.Module):
         # shapes (the decode group now takes the C++ kernel where it is built). Scores and softmax in fp32.
         qh = qg.permute(0, 2, 1, 3).reshape(b, kvh, grp * ql, d)
         scores = torch.matmul(qh.float(), kg.float().transpose(-1, -2)).view(b, kvh, grp, ql, -1)
-        scores = scores.mul_(self.scale).add_(g.masks[self.sliding_window])  # bias [B, 1, 1, Q, K]
+        # Masked keys are selected away, not biased: a stale K row holding NaN (a freed block) gives a NaN score,
+        # and NaN + bias is NaN; masked_fill replaces it whatever it holds. [B, 1, 1, Q, K] bool, True = masked.
+        scores = scores.mul_(self.scale).masked_fill_(g.masks[self.sliding_window], float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(b, kvh, grp * ql, -1)
-        o = torch.matmul(probs, vg.float()).to(q.dtype)  # [B, KVH, G*Q, D]
+        o = torch.matmul(probs, _live_values(vg, g.context_lens)).to(q.dtype)  # [B, KVH, G*Q, D]
         o = o.view(b, self.num_heads, ql, d).transpose(1, 2)  # [B, Q, H, D]
         if g.token_index is None:
             out[g.start : g.start + b * ql] = o.reshape(b * ql, self.num_heads, self.head_dim)
         else:
             assert g.valid is not None
             out[g.token_index[g.valid]] = o[g.valid]
+
+
+def _live_values(vg: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """vg [B, KVH, K, D] in fp32 with the rows at positions >= each sequence's context length set to 0.
+
+    Those rows are stale (a freed block's old values, the rest of a partial block, block-table padding): their
+    probability is 0, but 0 * NaN = NaN in the matmul, so they are selected away first. Rows below the context
+    length are the sequence's own keys, written before they are attended."""
+    stale = torch.arange(vg.shape[2], device=vg.device)[None, :] >= context_lens[:, None]  # [B, K]
+    # In place: vg is the group's gathered copy (float() copies bf16 once more), never the cache itself.
+    return vg.float().masked_fill_(stale[:, None, :, None], 0.0)

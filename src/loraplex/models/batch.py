@@ -18,7 +18,7 @@ class AttentionGroup:
 
     token_index: [B, Q] index of each query in the flat token axis (padding points at a valid token)
     block_tables: [B, NB] KV block ids of each sequence (padding repeats block 0; masked out)
-    masks: window -> [B, 1, 1, Q, K] fp32 additive bias, 0 where a query may attend a key, else -max
+    masks: window -> [B, 1, 1, Q, K] bool, True where a query may not attend a key (its score is set to -inf)
            (empty for a decode group that the paged decode kernel attends: it needs only context_lens)
     context_lens: [B] long, keys each sequence attends (its last query's position + 1)
     """

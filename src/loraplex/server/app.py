@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from loraplex.engine.client import EngineClient
+from loraplex.engine.prepare import PreparePool
 from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.metrics import ServerMetrics
@@ -23,6 +24,7 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         state.draining = True  # uvicorn has stopped accepting and drained what it could
+        state.prepare.shutdown()
         if shutdown_engine:
             engine.shutdown()
 
@@ -34,6 +36,7 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
         metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device, max_metric_labels),
         served_name=served_name or engine.model_name,
         max_in_flight=engine.max_num_seqs + max_queue,
+        prepare=PreparePool(engine.max_prepare_seconds, name="loraplex-render"),
     )
     app.state.loraplex = state
     errors.install(app)

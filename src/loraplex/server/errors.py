@@ -15,6 +15,7 @@ from loraplex.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     LoraplexError,
+    NonFiniteOutputError,
     StateWriteError,
 )
 
@@ -48,6 +49,8 @@ def status_of(e: BaseException) -> tuple[int, str]:
         return 404, "NotFoundError"
     if isinstance(e, EngineUnavailableError):
         return 503, "ServiceUnavailableError"
+    if isinstance(e, NonFiniteOutputError):  # well-formed, but this adapter cannot compute an answer to it
+        return 422, "UnprocessableEntityError"
     if isinstance(e, (AdapterError, InvalidRequestError)):
         return 400, "BadRequestError"
     if isinstance(e, LoraplexError):

@@ -1,5 +1,6 @@
-"""Turn an HTTP request into engine requests and back: sampling params, chat rendering, the n choices,
-non-streaming collection with disconnect detection, and per-request metrics."""
+"""Turn an HTTP request into engine requests and back: sampling params, chat rendering and tokenization (on a
+prepare worker, never the event loop), the n choices, non-streaming collection with disconnect detection, and
+per-request metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fastapi import Request
 
 from loraplex.engine.client import EngineClient, EngineStream
 from loraplex.engine.outputs import RequestOutput
+from loraplex.engine.prepare import PreparePool, Stage
 from loraplex.errors import InvalidRequestError
 from loraplex.sampling import SamplingParams, StructuredOutput
 from loraplex.server import tools
@@ -151,6 +153,31 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], fns: list[dict[str,
         raise APIError(400, f"the model's chat template cannot render these messages: {e}", "BadRequestError",
                        "messages") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+async def rendered_chat(pool: PreparePool, tokenizer: Any, messages: list[ChatMessage],
+                        fns: list[dict[str, Any]] | None = None) -> list[int]:
+    """render_chat on a prepare worker under --max-prepare-seconds (engine/prepare.py): the event loop never runs
+    a chat template or the tokenizer, so streams and /health go on while a huge conversation renders."""
+    return await pool.run(Stage("rendering the messages through the chat template"), render_chat, tokenizer,
+                          messages, fns)
+
+
+async def encoded(pool: PreparePool, tokenizer: Any, texts: list[str],
+                  add_special_tokens: bool = True) -> list[list[int]]:
+    """The token ids of each text, tokenized on a prepare worker under --max-prepare-seconds."""
+    def encode() -> list[list[int]]:
+        return [list(tokenizer.encode(t, add_special_tokens=add_special_tokens)) for t in texts]
+
+    return await pool.run(Stage("tokenizing the prompt"), encode)
+
+
+async def decoded(pool: PreparePool, tokenizer: Any, token_lists: list[list[int]]) -> list[str]:
+    """The text of each token list, decoded on a prepare worker under --max-prepare-seconds."""
+    def decode() -> list[str]:
+        return [str(tokenizer.decode(ids)) for ids in token_lists]
+
+    return await pool.run(Stage("decoding the tokens"), decode)
 
 
 def check_room(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:

@@ -137,6 +137,9 @@ class _EngineCollector:
                         "model", gate.fold(pc.queries))
         yield _counters("loraplex_prefix_cache_hits", "Prompt tokens found in the prefix cache, by model", "model",
                         gate.fold(pc.hits))
+        yield _counters("loraplex_nonfinite_requests", "Requests ended because their activations became NaN or "
+                        "infinite (HTTP 422; each alone, no other request affected), by model", "model",
+                        gate.fold(s.nonfinite_requests))
         yield GaugeMetricFamily("loraplex_prefix_cache_hit_rate", "Prefix-cache hits / queries (tokens) since start",
                                 value=pc.hit_rate)
         yield GaugeMetricFamily("loraplex_prefix_cache_blocks", "KV blocks findable in the prefix cache",

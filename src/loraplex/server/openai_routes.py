@@ -16,8 +16,8 @@ from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError, error_body, public_message, status_of
 from loraplex.server import logprobs, tools
-from loraplex.server.generation import (Tracker, check_room, choice_params, collect, fingerprint, merged, open_streams, pinned_version,
-                                        render_chat, sampling_params)
+from loraplex.server.generation import (Tracker, check_room, choice_params, collect, decoded, encoded, fingerprint,
+                                        merged, open_streams, pinned_version, rendered_chat, sampling_params)
 from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
@@ -91,7 +91,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.modalities not in (None, ["text"]):
         raise APIError(400, "modalities: only [\"text\"] is supported", "BadRequestError", "modalities")
     tp = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
-    prompt = render_chat(st.engine.tokenizer, body.messages, tp.tools)
+    prompt = await rendered_chat(st.prepare, st.engine.tokenizer, body.messages, tp.tools)
     room = st.engine.max_model_len - len(prompt)
     check_room(len(prompt), body.max_completion_tokens or body.max_tokens, st.engine.max_model_len)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
@@ -119,8 +119,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             c = o.outputs[0]
             message, finish = tools.to_message(c.text, _finish(c.finish_reason), tp)
             choices.append({"index": i, "message": message, "finish_reason": finish,
-                            "logprobs": None if c.logprobs is None else logprobs.chat(st.engine.tokenizer, c.token_ids,
-                                                                                      c.logprobs)})
+                            "logprobs": None if c.logprobs is None else await logprobs.chat(st.engine.tokenizer,
+                                                                                            c.token_ids, c.logprobs)})
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
             "system_fingerprint": fingerprint(firsts, st.served_name),
@@ -156,7 +156,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                 if c.delta_text or out.finished:
                     yield _sse({**base, "choices": [{"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
                                                       "finish_reason": _finish(c.finish_reason),
-                                                      "logprobs": lps.take(i, c.delta_text)}],
+                                                      "logprobs": await lps.take(i, c.delta_text)}],
                                 **_running_usage(continuous, len(prompt), generated)})
                 if out.finished:
                     finals.append(out)
@@ -176,14 +176,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _prompts(body: CompletionRequest, tokenizer: Any) -> list[list[int]]:
+async def _prompts(body: CompletionRequest, st: ServerState) -> list[list[int]]:
     p = body.prompt
     if isinstance(p, str):
-        return [list(tokenizer.encode(p))]
+        return await encoded(st.prepare, st.engine.tokenizer, [p])
     if p and all(isinstance(x, int) for x in p):
         return [list(p)]  # type: ignore[arg-type]
     if p and all(isinstance(x, str) for x in p):
-        return [list(tokenizer.encode(x)) for x in p]  # type: ignore[arg-type]
+        return await encoded(st.prepare, st.engine.tokenizer, p)  # type: ignore[arg-type]
     if p and all(isinstance(x, list) for x in p):
         return [list(x) for x in p]  # type: ignore[arg-type]
     raise InvalidRequestError("prompt must be a string, a list of strings, a list of token ids, or a list of those")
@@ -197,7 +197,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.suffix or (body.best_of not in (None, 1, body.n)):
         raise APIError(400, "suffix and best_of are not supported by this server", "BadRequestError")
     tok = st.engine.tokenizer
-    prompts = _prompts(body, tok)
+    prompts = await _prompts(body, st)
     if len(prompts) > 64:
         raise InvalidRequestError(f"at most 64 prompts per request, got {len(prompts)}")
     for p in prompts:
@@ -206,15 +206,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.echo and sampling.logprobs is not None:  # echo with logprobs: the prompt's tokens are scored too
         sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
     params = choice_params(sampling, body.n)
-    echoes = [tok.decode(p) if body.echo else "" for p in prompts]
+    echoes = await decoded(st.prepare, tok, prompts) if body.echo else [""] * len(prompts)
 
-    def echoed(p_index: int, out: RequestOutput) -> tuple[str, dict[str, Any] | None]:
+    async def echoed(p_index: int, out: RequestOutput) -> tuple[str, dict[str, Any] | None]:
         """The prompt's text and, with logprobs, its tokens' log-probabilities: the start of an echoed choice."""
         if not body.echo:
             return "", None
         part = None
         if out.prompt_logprobs is not None:
-            part = logprobs.prompt_part(tok, out.prompt_token_ids, out.prompt_logprobs)
+            part = await logprobs.prompt_part(tok, out.prompt_token_ids, out.prompt_logprobs)
         return echoes[p_index], part
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     n_total = len(prompts) * body.n
@@ -238,8 +238,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 outs_all.extend(outs)
                 for i, o in enumerate(outs):
                     c = o.outputs[0]
-                    head, head_lps = echoed(p_index, o)
-                    lps = None if c.logprobs is None else logprobs.completion(tok, c.token_ids, c.logprobs, len(head))
+                    head, head_lps = await echoed(p_index, o)
+                    lps = None if c.logprobs is None else await logprobs.completion(tok, c.token_ids, c.logprobs,
+                                                                                    len(head))
                     choices.append({"index": p_index * body.n + i, "text": head + c.text,
                                     "logprobs": logprobs.joined(head_lps, lps),
                                     "finish_reason": _finish(c.finish_reason)})
@@ -268,7 +269,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 async for i, out in merged(firsts, tracker):
                     c = out.outputs[0]
                     index = p_index * body.n + i
-                    head, head_lps = echoed(p_index, out) if index not in started_choices else ("", None)
+                    head, head_lps = await echoed(p_index, out) if index not in started_choices else ("", None)
                     if head:
                         started_choices.add(index)
                         lps.offsets[index] = len(head)
@@ -276,7 +277,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                     generated[index] = len(c.token_ids)
                     if head or c.delta_text or out.finished:
                         yield _sse({**base, "choices": [{"index": index, "text": head + c.delta_text,
-                                                          "logprobs": logprobs.joined(head_lps, lps.take(index, c.delta_text)),
+                                                          "logprobs": logprobs.joined(
+                                                              head_lps, await lps.take(index, c.delta_text)),
                                                           "finish_reason": _finish(c.finish_reason)}],
                                     **_running_usage(continuous, sum(len(p) for p in prompts) * body.n, generated)})
                     if out.finished:
@@ -309,7 +311,8 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     model = body.tenant_id or st.served_name
     adapter = st.resolve_model(model, scope)
     tok = st.engine.tokenizer
-    prompt = render_chat(tok, [ChatMessage(role="user", content=body.prompt)]) if body.chat else list(tok.encode(body.prompt))
+    prompt = (await rendered_chat(st.prepare, tok, [ChatMessage(role="user", content=body.prompt)]) if body.chat
+              else (await encoded(st.prepare, tok, [body.prompt]))[0])
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
     st.admit()
     try:
@@ -332,9 +335,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         raise InvalidRequestError("give exactly one of prompt and messages")
     tok = st.engine.tokenizer
     if body.messages is not None:
-        tokens = render_chat(tok, body.messages)
+        tokens = await rendered_chat(st.prepare, tok, body.messages)
     else:
-        tokens = list(tok.encode(body.prompt, add_special_tokens=body.add_special_tokens))
+        tokens = (await encoded(st.prepare, tok, [body.prompt], body.add_special_tokens))[0]
     return {"count": len(tokens), "max_model_len": st.engine.max_model_len, "tokens": tokens}
 
 
@@ -346,4 +349,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str
     vocab = len(st.engine.tokenizer)
     if any(not 0 <= t < vocab for t in body.tokens):
         raise InvalidRequestError(f"tokens must be in [0, {vocab})")
-    return {"prompt": st.engine.tokenizer.decode(body.tokens)}
+    return {"prompt": (await decoded(st.prepare, st.engine.tokenizer, [body.tokens]))[0]}

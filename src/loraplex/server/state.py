@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from loraplex.engine.client import EngineClient
+from loraplex.engine.prepare import PreparePool
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.errors import APIError
 from loraplex.server.metrics import ServerMetrics
@@ -21,6 +22,8 @@ class ServerState:
     in_flight: int = 0
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    # Chat templating and tokenization of requests, off the event loop under --max-prepare-seconds.
+    prepare: PreparePool = field(default_factory=PreparePool)
 
     def resolve_model(self, model: str, scope: KeyScope) -> str | None:
         """The adapter spec a `model` field names (None = base), after the key's permission check."""

@@ -79,12 +79,22 @@ def plan(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | 
         many = parallel is not False
         schema = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS} if many else one
         return ToolPlan(fns, StructuredOutput("json_schema", json.dumps(schema)), False, many)
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
-    chosen = [f for f in fns if f["name"] == name]
+    chosen = [f for f in fns if f["name"] == _chosen_name(tool_choice)]
     if not chosen:
         raise bad_request(f"tool_choice must be none, auto, required or a function among the tools, got {tool_choice!r}",
                    "tool_choice")
     return ToolPlan(fns, StructuredOutput("json_schema", json.dumps(_call_schema(chosen[0]))), False, False)
+
+
+def _chosen_name(tool_choice: Any) -> str | None:
+    """The function a named tool_choice picks; a 400 for a `function` that is not {"name": ...} (OpenAI's shape)."""
+    if not isinstance(tool_choice, dict):
+        return None
+    fn = tool_choice.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request('tool_choice naming a function must be {"type": "function", "function": {"name": ...}}, '
+                          f"got function {fn!r}", "tool_choice")
+    return fn["name"]
 
 
 def system_prompt(fns: list[dict[str, Any]]) -> str:
@@ -98,13 +108,29 @@ def history_text(content: str | None, tool_calls: list[dict[str, Any]] | None) -
     """An assistant turn's text with its earlier tool calls written as <tool_call> blocks."""
     text = content or ""
     for call in tool_calls or []:
-        fn = call.get("function", {})
-        try:
-            args = json.loads(fn.get("arguments") or "{}")
-        except json.JSONDecodeError:
-            raise bad_request("assistant tool_calls arguments must be JSON text", "messages") from None
-        text += "<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args}) + "</tool_call>"
+        fn = call.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request('assistant tool_calls must each be {"type": "function", "function": {"name": ..., '
+                              f'"arguments": ...}}, got function {fn!r}', "messages")
+        call_json = json.dumps({"name": fn["name"], "arguments": _arguments(fn.get("arguments"))})
+        text += "<tool_call>" + call_json + "</tool_call>"
     return text
+
+
+def _arguments(arguments: Any) -> Any:
+    """An earlier call's arguments: OpenAI sends JSON text; an object (or array) is taken as it is, as vLLM does
+    (clients that replay their own parsed calls send that), and none is {}."""
+    if arguments is None or arguments == "":
+        return {}
+    if isinstance(arguments, (dict, list)):
+        return arguments
+    if not isinstance(arguments, str):
+        raise bad_request(f"assistant tool_calls function.arguments must be JSON text or an object, got "
+                          f"{type(arguments).__name__}", "messages")
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"assistant tool_calls function.arguments is not valid JSON ({e})", "messages") from None
 
 
 def _call(name: str, arguments: Any) -> dict[str, Any]:
