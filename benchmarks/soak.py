@@ -202,13 +202,18 @@ async def soak(args: argparse.Namespace, url: str, pid: int, keys: Keys, weights
             "rss_samples": samples, "overflow_load": overflow_load}
 
 
-def poison_outcomes(records: list[Any]) -> dict[str, tuple[int, int]]:
-    """Per poisoned kind (POISON_KINDS): (requests that got an expected 4xx, requests sent). The other requests'
-    answers are checked against their solo references as always: a poisoned neighbour must not change them."""
+def poison_outcomes(traffic: Any) -> dict[str, tuple[int, int, int]]:
+    """Per poisoned kind (POISON_KINDS): (requests that got an expected 4xx, requests that reached the server's
+    admission, requests shed with a 503 while a burst filled the server). A shed request never met its adapter, so
+    it proves nothing either way; the check needs every admitted one to get its 4xx, and at least one admitted. The
+    other requests' answers are checked against their solo references as always: a poisoned neighbour must not
+    change them."""
     out = {}
     for kind in POISON_KINDS:
-        sent = [r for r in records if r.kind == kind]
-        out[kind] = (sum(r.status in r.expected and r.outcome == "4xx" for r in sent), len(sent))
+        sent = [r for r in traffic.records if r.kind == kind]
+        shed = [r for r in sent if r.outcome == "503" and traffic.during_burst(r)]
+        admitted = [r for r in sent if r not in shed]
+        out[kind] = (sum(r.status in r.expected and r.outcome == "4xx" for r in admitted), len(admitted), len(shed))
     return out
 
 
@@ -273,7 +278,7 @@ def main() -> None:
     kv_used = after['loraplex_kv_cache_blocks{state="used"}']
     internal = sum(1 for line in server_log.read_text().splitlines() if "internal error" in line or "Traceback" in line)
     o = acct["outcomes"]
-    poison = poison_outcomes(records)
+    poison = poison_outcomes(traffic)
     rows = [
         ("requests accounted for", f"sent {acct['sent']} = completed {o.get('completed', 0)} + client-aborted "
          f"{o.get('client-aborted', 0)} + 4xx {o.get('4xx', 0)} + 503 {o.get('503', 0)} + other "
@@ -288,8 +293,8 @@ def main() -> None:
          f"{verdict.distinguishing:.0%} of adapter references differ from the base model's", not verdict.wrong),
         ("poisoned adapters contained",
          f"overflowing adapter load {run['overflow_load']}; " + "; ".join(
-             f"{k} {n_ok}/{n} as expected" for k, (n_ok, n) in poison.items()),
-         all(n_ok == n for n_ok, n in poison.values())),
+             f"{k} {n_ok}/{n} as expected ({shed} shed by bursts)" for k, (n_ok, n, shed) in poison.items()),
+         all(n_ok == n > 0 for n_ok, n, _ in poison.values())),
         ("bursts above --max-queue get 503s", f"{acct['burst_503']} of {acct['bursts_sent']} burst requests",
          acct["burst_503"] > 0 or args.calm_fraction >= 1 or "bursts" not in args.chaos),
         ("admin actions as expected", f"{sum(log.actions.values())} done ({', '.join(f'{k} {v}' for k, v in sorted(log.actions.items()))}); "
@@ -321,7 +326,8 @@ def main() -> None:
                         "references": verdict.references, "distinguishing": verdict.distinguishing,
                         "poison": {"overflow_load_status": run["overflow_load"],
                                    "overflow_expected": list(bad.overflow_expected),
-                                   "outcomes": {k: {"expected": a, "sent": n} for k, (a, n) in poison.items()}}})
+                                   "outcomes": {k: {"expected": a, "admitted": n, "shed": shed}
+                                                for k, (a, n, shed) in poison.items()}}})
     sys.exit(0 if passed else 1)
 
 

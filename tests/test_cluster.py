@@ -206,18 +206,33 @@ def test_requests_stick_to_the_replica_holding_their_adapter(cluster: str) -> No
 
 
 def test_a_hot_adapter_spreads_over_replicas(cluster: str) -> None:
-    """Eight requests at once for one adapter, with 2 in flight per replica as the hot threshold: beyond it
-    requests are routed by queue length, the other replica claims the adapter, and both serve it."""
+    """Two streams for one adapter run on a replica (2 in flight is the hot threshold); six more requests for it,
+    sent while those run, go by queue length (Ray's power of two choices sees the busy holder), the other replica
+    claims the adapter, and both serve it. The first two are started before the rest are sent: eight sent at once
+    would all meet empty queues, and Ray could put every one on the same replica."""
+    body = {"model": "hot", "prompt": "Count slowly:", "max_tokens": 32, "temperature": 0,
+            "extra_body": {"ignore_eos": True}}
+    spilled = metrics(cluster, "loraplex_cluster_routing_total").get('result="spill"', 0.0)
+
+    async def stream(ac: openai.AsyncOpenAI, started: asyncio.Event) -> str:
+        text = ""
+        async for chunk in await ac.completions.create(stream=True, **body):
+            text += chunk.choices[0].text if chunk.choices else ""
+            started.set()
+        return text
+
     async def burst() -> list[str]:
         ac = openai.AsyncOpenAI(base_url=cluster + "/v1", api_key=ADMIN, max_retries=0)
-        rs = await asyncio.gather(*(ac.completions.create(model="hot", prompt="Count slowly:", max_tokens=24,
-                                                          temperature=0, extra_body={"ignore_eos": True})
-                                    for _ in range(8)))
+        events = [asyncio.Event(), asyncio.Event()]
+        first = [asyncio.create_task(stream(ac, e)) for e in events]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), timeout=60)
+        rest = await asyncio.gather(*(ac.completions.create(**body) for _ in range(6)))
+        texts = await asyncio.gather(*first) + [r.choices[0].text for r in rest]
         await ac.close()
-        return [r.choices[0].text for r in rs]
+        return texts
 
     assert len(set(asyncio.run(burst()))) == 1
-    assert metrics(cluster, "loraplex_cluster_routing_total")['result="spill"'] >= 1
+    assert metrics(cluster, "loraplex_cluster_routing_total")['result="spill"'] >= spilled + 1
 
     def shown() -> None:
         assert len(served_by(cluster, "hot")) == 2

@@ -31,7 +31,8 @@ def test_soak_60s(tmp_path: Path) -> None:
     assert set(acct["bad_requests_by_kind"]) >= {"unknown-adapter", "malformed-json", "wrong-key"}
     # Poisoned adapters were sent (each kind at least once as the chaos phase starts), and each got its expected 4xx:
     # huge lora_alpha a 400 at load, the overflowing adapter's requests their own error; the answers of the requests
-    # beside them were checked against solo above.
+    # beside them were checked against solo above. Those shed with a 503 while a burst filled the server never met
+    # their adapter and count for neither side.
     poison = result["poison"]["outcomes"]
-    assert all(o["sent"] > 0 and o["expected"] == o["sent"] for o in poison.values()), poison
+    assert all(o["admitted"] > 0 and o["expected"] == o["admitted"] for o in poison.values()), poison
     assert {"load+promote", "unload"} <= set(result["admin_actions"]) or sum(result["admin_actions"].values()) > 30
