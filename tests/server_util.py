@@ -43,9 +43,10 @@ def running(app: FastAPI) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def metric(url: str, name: str, labels: str = "") -> float:
+def metric(url: str, name: str, labels: str = "", key: str | None = None) -> float:
     """Read one sample from /metrics, e.g. metric(url, "loraplex_kv_cache_blocks", 'state="used"')."""
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    headers = {"Authorization": f"Bearer {key}"} if key else {}  # with keys: the admin or a metrics key
+    for line in httpx.get(url + "/metrics", headers=headers).text.splitlines():
         if line.startswith(name + ("{" + labels + "}" if labels else " ")):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(f"{name}{{{labels}}}")

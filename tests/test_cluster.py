@@ -94,7 +94,7 @@ def chat(url: str, model: str, key: str = ADMIN, **kw: object) -> str:
 def metrics(url: str, name: str) -> dict[str, float]:
     """Every sample of one metric: its label text -> value."""
     out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    for line in httpx.get(url + "/metrics", headers=_auth()).text.splitlines():
         if line.startswith(name + "{"):
             labels, value = line[len(name) + 1:].rsplit("} ", 1)
             out[labels] = float(value)

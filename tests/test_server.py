@@ -184,7 +184,7 @@ def test_queue_full_is_503(server: str) -> None:
 
 def _wait_idle(url: str) -> None:
     for _ in range(200):
-        if metric(url, "loraplex_running_requests") == 0 and metric(url, "loraplex_queue_depth") == 0:
+        if metric(url, "loraplex_running_requests", key=ADMIN) == 0 and metric(url, "loraplex_queue_depth", key=ADMIN) == 0:
             return
         time.sleep(0.05)
     raise AssertionError("requests still in flight")
@@ -194,23 +194,23 @@ def test_disconnect_aborts_and_frees_capacity(server: str) -> None:
     """A streaming client that hangs up, and a non-streaming one that times out, both have their request aborted:
     the metrics show the KV blocks and the running slot freed."""
     _wait_idle(server)
-    used_before = metric(server, "loraplex_kv_cache_blocks", 'state="used"')
+    used_before = metric(server, "loraplex_kv_cache_blocks", 'state="used"', key=ADMIN)
     body = {"model": "t4", "messages": Q, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {ADMIN}"}) as r:
         lines = r.iter_lines()
         for _ in range(7):  # a few events in; the connection stays open
             next(lines)
-        assert metric(server, "loraplex_running_requests") == 1
-        assert metric(server, "loraplex_kv_cache_blocks", 'state="used"') > used_before
+        assert metric(server, "loraplex_running_requests", key=ADMIN) == 1
+        assert metric(server, "loraplex_kv_cache_blocks", 'state="used"', key=ADMIN) > used_before
     _wait_idle(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server + "/v1/chat/completions", json={**body, "stream": False},
                    headers={"Authorization": f"Bearer {ADMIN}"}, timeout=1.0)
     _wait_idle(server)
-    assert metric(server, "loraplex_kv_cache_blocks", 'state="used"') == used_before
+    assert metric(server, "loraplex_kv_cache_blocks", 'state="used"', key=ADMIN) == used_before
     assert STATES[server].in_flight == 0
-    assert metric(server, "loraplex_requests_total", 'model="t4",status="499"') == 2
+    assert metric(server, "loraplex_requests_total", 'model="t4",status="499"', key=ADMIN) == 2
 
 
 def test_64_concurrent_requests_across_8_adapters(server: str) -> None:
@@ -248,7 +248,7 @@ def test_generate_endpoint(server: str) -> None:
 def test_metrics_per_adapter(server: str) -> None:
     """/metrics carries per-adapter request counts, TTFT and per-token latency, and the adapter cache."""
     chat(server, "t6")
-    text = httpx.get(server + "/metrics").text
+    text = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     for needle in ['loraplex_requests_total{model="t6",status="200"}', 'loraplex_time_to_first_token_seconds_count{model="t6"}',
                    'loraplex_time_per_output_token_seconds_count{model="t6"}', 'loraplex_adapter_loads_total{tier="device"}',
                    "loraplex_adapter_load_seconds_bucket", "loraplex_queue_depth", "loraplex_batch_tokens"]:
@@ -270,8 +270,8 @@ def test_prefix_cache_over_http(server: str) -> None:
     assert second >= 96 and second > first  # the whole prompt but its last partial block
     assert cached("t3") < 96, "another adapter found t2's blocks"
     assert cached("t2", extra_body={"cache_salt": "user-1"}) < 96 and cached("t2", extra_body={"cache_salt": "user-1"}) >= 96
-    assert metric(server, "loraplex_prefix_cache_hits_total", 'model="t2"') >= 2 * 96
-    assert 0 < metric(server, "loraplex_prefix_cache_hit_rate") <= 1
+    assert metric(server, "loraplex_prefix_cache_hits_total", 'model="t2"', key=ADMIN) >= 2 * 96
+    assert 0 < metric(server, "loraplex_prefix_cache_hit_rate", key=ADMIN) <= 1
     pc = next(m for m in httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
               if m["parent"] is None)["memory"]["prefix_cache"]
     assert pc["enabled"] and pc["cached_blocks"] > 0 and pc["hits_tokens"] > 0

@@ -75,12 +75,14 @@ def test_sigterm_drains_in_flight_then_exits() -> None:
             proc.kill()
 
 
-def test_open_server_on_public_address_warns() -> None:
+def test_open_server_on_public_address_only_when_asked_and_warns() -> None:
+    """Without keys a public address is refused (tests/test_safe_defaults.py); --insecure-no-api-keys allows it,
+    with a warning in the log."""
     port = free_port()
-    proc = _start(port, "--host", "0.0.0.0")
+    proc = _start(port, "--host", "0.0.0.0", "--insecure-no-api-keys")
     try:
         _wait_up(f"http://127.0.0.1:{port}", proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    assert "no --api-keys file: the server on 0.0.0.0 is open" in out
+    assert "--insecure-no-api-keys: the server on 0.0.0.0 is open" in out

@@ -110,6 +110,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--api-keys", type=Path, default=None, help="JSON file mapping API keys to their adapters")
+    p.add_argument("--insecure-no-api-keys", action="store_true",
+                   help="allow a server without --api-keys on a non-loopback --host (anyone reaching it is admin)")
+    p.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                   help="Host header names to answer besides the bound address (DNS names behind a proxy; '*': any)")
+    p.add_argument("--allowed-adapter-roots", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="directories /v1/load_lora_adapter may read from, besides --adapter-dir (other paths: 403)")
+    p.add_argument("--max-body-size", type=int, default=4 << 20, help="bytes of request body; more is a 413")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request body to arrive; slower is a 408")
+    p.add_argument("--limit-concurrency", type=int, default=1024,
+                   help="open connections and requests at once; more get a 503 (uvicorn)")
     p.add_argument("--adapter-dir", default=None)
     p.add_argument("--registry-file", default=None, help="where run-time adapter registrations persist")
     p.add_argument("--max-cpu-loras", type=int, default=32)
@@ -143,7 +154,11 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                           max_metric_labels=args.max_metric_labels,
-                          torch_threads=args.torch_threads)
+                          torch_threads=args.torch_threads, insecure_no_api_keys=args.insecure_no_api_keys,
+                          allowed_hosts=tuple(args.allowed_hosts),
+                          allowed_adapter_roots=tuple(args.allowed_adapter_roots),
+                          max_body_size=args.max_body_size, body_timeout=args.body_timeout,
+                          limit_concurrency=args.limit_concurrency)
     return engine_config, server
 
 

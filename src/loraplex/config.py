@@ -3,6 +3,7 @@ creation (the CLI builds them from flags; Python users build them directly). No 
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,15 @@ class EngineConfig:
                 raise InvalidRequestError(message)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -72,14 +82,30 @@ class ServerConfig:
     drain_timeout: int = 30  # seconds to finish requests in flight on SIGTERM
     torch_threads: int | None = None  # CPU threads for the model; None = every core
     max_metric_labels: int = 256  # adapters with their own /metrics series; the rest share model="other"
+    insecure_no_api_keys: bool = False  # allow a keyless server on a non-loopback address (anyone is admin)
+    allowed_hosts: tuple[str, ...] = ()  # Host header names answered to besides the bound address ('*': any)
+    allowed_adapter_roots: tuple[Path, ...] = ()  # runtime loads may read here, besides the engine's adapter_dir
+    max_body_size: int = 4 << 20  # bytes of request body; more is a 413
+    body_timeout: float = 30.0  # seconds for a request body to arrive; slower is a 408
+    limit_concurrency: int = 1024  # open connections and requests at once; more get uvicorn's 503
+    timeout_keep_alive: int = 5  # seconds an idle keep-alive connection is held
 
     def __post_init__(self) -> None:
+        if self.api_keys is None and not self.insecure_no_api_keys and not _is_loopback(self.host):
+            raise InvalidRequestError(
+                f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
+                "from the server's disk and read every tenant's traffic. Give --api-keys FILE, bind a loopback "
+                "address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
         checks = [
             (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.drain_timeout >= 0, "drain_timeout must be >= 0"),
             (self.torch_threads is None or self.torch_threads >= 1, "torch_threads must be >= 1"),
             (self.max_metric_labels >= 1, "max_metric_labels must be >= 1"),
+            (self.max_body_size >= 1024, "max_body_size must be >= 1024 bytes"),
+            (self.body_timeout > 0, "body_timeout must be > 0"),
+            (self.limit_concurrency >= 1, "limit_concurrency must be >= 1"),
+            (self.timeout_keep_alive >= 1, "timeout_keep_alive must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import threading
+from pathlib import Path
 
 import ray
 from fastapi import FastAPI
@@ -24,6 +25,7 @@ from loraplex.config import EngineConfig, ServerConfig
 from loraplex.errors import InvalidRequestError
 from loraplex.server.app import build_app
 from loraplex.server.auth import KeyScope
+from loraplex.server.serve import adapter_roots, guard_config
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,16 @@ class Ingress:
     """The OpenAI API of `loraplex serve`, built by server.app.build_app over the replicas."""
 
     async def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, server: ServerConfig,
-                       cluster: ClusterConfig, keys: dict[str, KeyScope] | None) -> None:
+                       cluster: ClusterConfig, keys: dict[str, KeyScope] | None,
+                       roots: tuple[Path, ...]) -> None:
         facts = await replicas.facts.remote()
         self.engine = RemoteEngine(replicas, board, facts, cluster)
-        self.server, self.keys = server, keys
+        self.server, self.keys, self.roots = server, keys, roots
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = build_app(self.engine, self.server.served_model_name, self.keys, self.server.max_queue,
-                        shutdown_engine=False, max_metric_labels=self.server.max_metric_labels)
+                        shutdown_engine=False, max_metric_labels=self.server.max_metric_labels,
+                        guard=guard_config(self.server), adapter_roots=self.roots)
         app.state.loraplex.metrics.registry.register(ClusterCollector(self.engine))
         return app
 
@@ -63,7 +67,8 @@ def application(engine: EngineConfig, server: ServerConfig, cluster: ClusterConf
         graceful_shutdown_timeout_s=server.drain_timeout, graceful_shutdown_wait_loop_s=0.5,
         ray_actor_options={"num_cpus": cluster.cpus_per_replica, "runtime_env": {"env_vars": env}},
     ).bind(engine, cluster, threads, board)
-    return Ingress.options(max_ongoing_requests=100_000).bind(replicas, board, server, cluster, keys)
+    return Ingress.options(max_ongoing_requests=100_000).bind(replicas, board, server, cluster, keys,
+                                                                adapter_roots(engine, server))
 
 
 def start(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig,
@@ -75,7 +80,8 @@ def start(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig,
     # Serve's access log writes a line per call, reports included (4 a second per replica), each forwarded to the
     # driver: off. serve.start's config covers Serve's own actors, serve.run's the application's deployments.
     quiet = LoggingConfig(enable_access_log=False)
-    serve.start(http_options={"host": server.host, "port": server.port}, logging_config=quiet)
+    serve.start(http_options={"host": server.host, "port": server.port,
+                              "keep_alive_timeout_s": server.timeout_keep_alive}, logging_config=quiet)
     serve.run(app, name=cluster.app_name, route_prefix="/", logging_config=quiet)
     url = f"http://{server.host}:{server.port}"
     log.info("cluster %r: %d engine replicas behind %s", cluster.app_name, cluster.replicas, url)

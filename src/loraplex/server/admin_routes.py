@@ -64,6 +64,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResponse:
     """Register (and by default promote) a version of an adapter; it is loaded and validated before this returns."""
     st = _admin(request)
+    st.check_adapter_path(body.lora_path)
     # Loading reads and validates off the event loop and off the engine thread: decoding goes on meanwhile.
     key = await st.engine.register_adapter(body.lora_name, body.lora_path, body.version, body.promote)
     version = key.version
@@ -113,4 +114,5 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     st = _state(request)
+    st.auth.check_metrics(st.auth.scope(request))  # every tenant's name and traffic: admin or metrics scope
     return Response(st.metrics.render(await st.engine.snapshot()), media_type=CONTENT_TYPE_LATEST)

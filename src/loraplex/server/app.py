@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -12,6 +13,7 @@ from loraplex.engine.client import EngineClient
 from loraplex.engine.prepare import PreparePool
 from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
+from loraplex.server.guard import GuardConfig, RequestGuard
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.state import ServerState
 
@@ -19,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
-              max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256) -> FastAPI:
+              max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256,
+              guard: GuardConfig | None = None, adapter_roots: Sequence[Path] | None = None) -> FastAPI:
+    """The app; `guard`: Host names, body cap and timeout checked before any route (server/guard.py);
+    `adapter_roots`: where runtime loads may read from (None: anywhere)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -37,9 +42,11 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
         served_name=served_name or engine.model_name,
         max_in_flight=engine.max_num_seqs + max_queue,
         prepare=PreparePool(engine.max_prepare_seconds, name="loraplex-render"),
+        adapter_roots=None if adapter_roots is None else tuple(Path(r).expanduser().resolve() for r in adapter_roots),
     )
     app.state.loraplex = state
     errors.install(app)
+    app.add_middleware(RequestGuard, config=guard or GuardConfig(), auth=state.auth)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(dashboard_routes.router)

@@ -1,20 +1,25 @@
 """API keys: each key names the adapters it may use; the admin scope guards load, unload, promote and pin.
 
-Keys file (JSON):
+Keys file (JSON), checked strictly (an unknown field, or a value of the wrong type, names itself and stops the
+server from starting):
     {"keys": {"sk-legal": {"adapters": ["legal"]},
               "sk-ops":   {"adapters": ["*"], "admin": true},
-              "sk-demo":  {"adapters": ["poetry"], "base": false}}}
-`base` (default true) allows the base model. Without a keys file the server is open.
+              "sk-prom":  {"adapters": [], "base": false, "metrics": true},
+              "sk-demo":  {"adapters": ["poetry"], "base": false, "cache_group": "demo"}}}
+`base` (default true) allows the base model; `metrics` (default false) allows /metrics, which names every
+tenant (admin keys may read it too). `cache_group`: keys with the same group share prefix-cache entries; by
+default each key has its own, so no key learns from its cache hits (or their timing) what another key sent.
+Without a keys file the server is open: one operator, loopback only unless --insecure-no-api-keys.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError
@@ -25,6 +30,8 @@ class KeyScope:
     adapters: frozenset[str]
     base: bool = True
     admin: bool = False
+    metrics: bool = False  # may read /metrics (every tenant's series); admin keys may too
+    cache_group: str | None = None  # prefix-cache namespace (None: shared with every None, the open server's)
 
     def may_use(self, adapter: str | None) -> bool:
         if adapter is None:
@@ -32,38 +39,83 @@ class KeyScope:
         return "*" in self.adapters or adapter in self.adapters
 
 
-OPEN = KeyScope(frozenset({"*"}), base=True, admin=True)
+OPEN = KeyScope(frozenset({"*"}), base=True, admin=True, metrics=True)
+
+
+class _KeySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    adapters: list[StrictStr] = Field(default_factory=list, max_length=100_000)
+    base: StrictBool = True
+    admin: StrictBool = False
+    metrics: StrictBool = False
+    cache_group: StrictStr | None = Field(default=None, min_length=1, max_length=256)
+
+
+class _KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    keys: dict[StrictStr, _KeySpec] = Field(min_length=1)
 
 
 def load_keys(path: Path) -> dict[str, KeyScope]:
+    """The keys file, validated: a field of the wrong type (`"admin": "false"`, `"adapters": "legal"`) or an
+    unknown one is an InvalidRequestError naming the key's position and the field."""
     try:
-        data = json.loads(path.read_text())
-        keys = {}
-        for key, spec in data["keys"].items():
-            keys[str(key)] = KeyScope(frozenset(spec.get("adapters", [])), bool(spec.get("base", True)),
-                                      bool(spec.get("admin", False)))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InvalidRequestError(f"API keys file {path} is invalid: {e}; expected {{\"keys\": {{KEY: {{\"adapters\": [...]}}}}}}") from e
-    if not keys:
-        raise InvalidRequestError(f"API keys file {path} defines no keys")
+        data = _KeysFile.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise InvalidRequestError(f"API keys file {path} cannot be read: {e}") from e
+    except ValidationError as e:
+        where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise InvalidRequestError(f"API keys file {path} is invalid: {where}; expected "
+                                  '{"keys": {KEY: {"adapters": [...], "base": true, "admin": false, "metrics": '
+                                  'false, "cache_group": null}}}') from e
+    keys = {}
+    for key, spec in data.keys.items():
+        if not key.strip():
+            raise InvalidRequestError(f"API keys file {path}: a key is empty")
+        keys[key] = KeyScope(frozenset(spec.adapters), spec.base, spec.admin, spec.metrics, spec.cache_group)
     return keys
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def own_cache_group(key: str) -> str:
+    """A key's own prefix-cache namespace: derived from the key, which it never reveals."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def cache_salt(scope: KeyScope, requested: str | None) -> str | None:
+    """The prefix-cache salt a request runs under: its key's cache group, then the salt it asked for (vLLM's
+    `cache_salt`), so a request's salt can narrow its sharing but never reach into another group's blocks."""
+    if scope.cache_group is None:
+        return requested
+    return scope.cache_group + "\x00" + (requested or "")
 
 
 class Authenticator:
     def __init__(self, keys: dict[str, KeyScope] | None) -> None:
-        self.keys = keys
+        # A key without a cache_group gets its own namespace.
+        self.keys = None if keys is None else {
+            k: s if s.cache_group is not None else replace(s, cache_group=own_cache_group(k)) for k, s in keys.items()}
+        # Looked up by digest: one dict probe per request, whatever the number of keys, and no comparison of the
+        # secret itself whose timing depends on how much of it matched.
+        self._by_digest = {} if self.keys is None else {_digest(k): s for k, s in self.keys.items()}
 
     def scope(self, request: Request) -> KeyScope:
         """The caller's scope; 401 without a valid bearer key when keys are configured."""
+        return self.scope_of(request.headers.get("authorization", ""))
+
+    def scope_of(self, header: str) -> KeyScope:
+        """The scope an Authorization header grants (OPEN without keys); 401 for a missing or unknown key."""
         if self.keys is None:
             return OPEN
-        header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
-        for key, scope in self.keys.items():
-            if secrets.compare_digest(key.encode(), token.strip().encode()):
-                return scope
+        found = self._by_digest.get(_digest(token.strip()))
+        if found is not None:
+            return found
         raise APIError(401, "invalid API key", "AuthenticationError")
 
     @staticmethod
@@ -75,3 +127,8 @@ class Authenticator:
     def check_admin(scope: KeyScope) -> None:
         if not scope.admin:
             raise APIError(403, "this endpoint needs an API key with the admin scope", "PermissionDeniedError")
+
+    @staticmethod
+    def check_metrics(scope: KeyScope) -> None:
+        if not (scope.admin or scope.metrics):
+            raise APIError(403, "/metrics needs an API key with the admin or the metrics scope", "PermissionDeniedError")

@@ -18,6 +18,7 @@ from loraplex.errors import (
     NonFiniteOutputError,
     StateWriteError,
 )
+from loraplex.server.protocol import CAP_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,22 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
+        errors = e.errors()
+        # A field over its size cap (server/protocol.py) is a 400 naming it and the limit, like any bad value,
+        # whatever else is wrong with the body; any other validation error is the body's shape, a 422.
+        over = next((x for x in errors if x.get("type") in CAP_ERRORS), None)
+        first = over or (errors[0] if errors else {})
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if over is not None:
+            return JSONResponse(error_body(400, f"{where} is over its limit: {over.get('msg')}", "BadRequestError",
+                                           where or None), 400)
         message = f"malformed request body: {where or 'body'}: {first.get('msg', 'invalid')}"
         return JSONResponse(error_body(422, message, "UnprocessableEntityError", where or None), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(e.status_code, str(e.detail), "HTTPError"), e.status_code)
+        kind = {408: "RequestTimeoutError", 413: "RequestTooLargeError"}.get(e.status_code, "HTTPError")
+        return JSONResponse(error_body(e.status_code, str(e.detail), kind), e.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError, error_body, public_message, status_of
-from loraplex.server import logprobs, tools
+from loraplex.server import auth, logprobs, tools
 from loraplex.server.generation import (Tracker, check_room, choice_params, collect, decoded, encoded, fingerprint,
                                         merged, open_streams, pinned_version, rendered_chat, sampling_params)
 from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
@@ -59,8 +59,9 @@ async def _start(st: ServerState, request: Request, prompt: list[int], params: l
                  cache_salt: str | None) -> tuple[Tracker, list]:
     name = st.served_name if adapter is None else st.engine.adapter_spec(adapter).name  # a series per name, not version
     tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt))
+    salt = auth.cache_salt(st.auth.scope(request), cache_salt)  # each key its own prefix-cache namespace
     try:
-        return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, cache_salt)
+        return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt)
     except Exception as e:
         status = status_of(e)[0]
         if status == 404:
@@ -329,8 +330,9 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """vLLM's: the token ids of a prompt (or of chat messages through the chat template), and the context length."""
     st = _state(request)
+    scope = st.auth.scope(request)  # with keys, a key is needed even without a model
     if body.model is not None:
-        st.resolve_model(body.model, st.auth.scope(request))  # the key must be allowed the model it names
+        st.resolve_model(body.model, scope)  # the key must be allowed the model it names
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of prompt and messages")
     tok = st.engine.tokenizer
@@ -344,8 +346,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 @router.post("/detokenize", responses=ERRORS)
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, str]:
     st = _state(request)
+    scope = st.auth.scope(request)
     if body.model is not None:
-        st.resolve_model(body.model, st.auth.scope(request))
+        st.resolve_model(body.model, scope)
     vocab = len(st.engine.tokenizer)
     if any(not 0 <= t < vocab for t in body.tokens):
         raise InvalidRequestError(f"tokens must be in [0, {vocab})")

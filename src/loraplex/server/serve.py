@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from loraplex.config import EngineConfig, ServerConfig
+from loraplex.server.guard import GuardConfig, allowed_hosts
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,20 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.remove(sig)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def guard_config(server: ServerConfig) -> GuardConfig:
+    """What the server checks before any route: Host names (server/guard.py), body size and time."""
+    return GuardConfig(allowed_hosts(server.host, server.allowed_hosts), server.max_body_size, server.body_timeout)
+
+
+def adapter_roots(engine: EngineConfig, server: ServerConfig) -> tuple[Path, ...]:
+    """Where runtime loads may read adapters: --adapter-dir and --allowed-adapter-roots (none: no path loads)."""
+    roots = [Path(engine.adapter_dir)] if engine.adapter_dir else []
+    return tuple(roots + list(server.allowed_adapter_roots))
+
+
+def uvicorn_limits(server: ServerConfig) -> dict[str, Any]:
+    """uvicorn's bounds on connections: how many at once (more get a 503), how long an idle one stays."""
+    return {"limit_concurrency": server.limit_concurrency, "timeout_keep_alive": server.timeout_keep_alive}
 
 
 def torch_threads(requested: int | None) -> int:
@@ -64,12 +72,15 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
         log.info("torch uses %d CPU threads (OpenMP spin count %s)", torch.get_num_threads(),
                  os.environ.get("GOMP_SPINCOUNT", "default"))
     keys = load_keys(server.api_keys) if server.api_keys else None
-    if keys is None and not is_loopback(server.host):
-        log.warning("no --api-keys file: the server on %s is open to anyone who can reach it", server.host)
+    if keys is None and server.insecure_no_api_keys:
+        log.warning("--insecure-no-api-keys: the server on %s is open, as admin, to anyone who can reach it",
+                    server.host)
     engine = AsyncLLMEngine(engine_config)
     app = build_app(engine, server.served_model_name, keys, server.max_queue,
-                    max_metric_labels=server.max_metric_labels)
+                    max_metric_labels=server.max_metric_labels, guard=guard_config(server),
+                    adapter_roots=adapter_roots(engine_config, server))
     log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)
     uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
-                                                   timeout_graceful_shutdown=server.drain_timeout), app)
+                                                   timeout_graceful_shutdown=server.drain_timeout,
+                                                   **uvicorn_limits(server)), app)
     uvicorn_server.run()

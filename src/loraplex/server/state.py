@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from loraplex.engine.client import EngineClient
@@ -24,6 +25,20 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     # Chat templating and tokenization of requests, off the event loop under --max-prepare-seconds.
     prepare: PreparePool = field(default_factory=PreparePool)
+    # Where runtime loads may read adapters from (--adapter-dir, --allowed-adapter-roots); None: anywhere (the
+    # library's default; `serve` and `cluster` always confine).
+    adapter_roots: tuple[Path, ...] | None = None
+
+    def check_adapter_path(self, path: str) -> None:
+        """403 unless `path`, symlinks resolved, lies under one of the adapter roots."""
+        if self.adapter_roots is None:
+            return
+        where = Path(path).expanduser().resolve()
+        if not any(where.is_relative_to(root) for root in self.adapter_roots):
+            roots = ", ".join(str(r) for r in self.adapter_roots) or "none"
+            raise APIError(403, f"lora_path {path!r} is outside the directories adapters may be loaded from at run "
+                           f"time ({roots}); add one with --allowed-adapter-roots", "PermissionDeniedError",
+                           "lora_path")
 
     def resolve_model(self, model: str, scope: KeyScope) -> str | None:
         """The adapter spec a `model` field names (None = base), after the key's permission check."""
