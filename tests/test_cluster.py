@@ -58,8 +58,9 @@ def store(adapter_factory: Callable[..., Path], tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
-def cluster(store: Path) -> Iterator[str]:
-    server = ServerConfig(port=free_port())
+def cluster(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Runtime loads read from the store and from the tests' temporary adapters.
+    server = ServerConfig(port=free_port(), allowed_adapter_roots=(tmp_path_factory.getbasetemp(),))
     url = cluster_app.start(_engine_config(store), server, CLUSTER, KEYS)
     try:
         _wait_for_replicas(url, 2)
@@ -240,12 +241,15 @@ def test_a_hot_adapter_spreads_over_replicas(cluster: str) -> None:
     eventually(shown)
 
 
-def test_bad_adapters_are_clear_errors(cluster: str) -> None:
-    """A corrupt adapter in the store, or a load from a missing path, is a 4xx naming the cause, never a 500."""
+def test_bad_adapters_are_clear_errors(cluster: str, store: Path) -> None:
+    """A corrupt adapter in the store, or a load from a missing path, is a 4xx naming the cause, never a 500; a
+    path outside the adapter roots is a 403."""
     r = _post(cluster, "/v1/chat/completions", {"model": "broken", "messages": Q, "max_tokens": 4})
     assert r.status_code == 400 and "broken" in r.json()["error"]["message"]
-    r = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"})
+    r = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(store / "nonexistent")})
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    r = _post(cluster, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"})
+    assert r.status_code == 403 and "--allowed-adapter-roots" in r.json()["error"]["message"]
     assert _post(cluster, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}, key=LEGAL).status_code == 403
     assert chat(cluster, BASE)  # and everyone else is still served
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["serve", "--port", str(self.port), "--dtype", "float32", "--registry-file", str(registry),
-                "--max-model-len", "128", "--kv-cache-memory", "16MiB", "--max-loras", "4", *extra]
+                "--max-model-len", "128", "--kv-cache-memory", "16MiB", "--max-loras", "4",
+                "--allowed-adapter-roots", tempfile.gettempdir(), *extra]  # the tests' adapters live there
         self.proc = ctx.Process(target=main, args=(args,), daemon=True)
         self.proc.start()
         deadline = time.monotonic() + 120

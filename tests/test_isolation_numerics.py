@@ -431,3 +431,34 @@ def test_nan_appearing_mid_sequence_fails_alone(engine: Engine) -> None:
     assert len(final["poison"].outputs[0].token_ids) == 1
     assert_others_solo(e, final, ["good", "base"])
     later_requests_equal_solo(e, poisoned)
+
+
+def test_a_raising_step_fails_only_the_request_that_raises_alone(engine: Engine) -> None:
+    """A layer that raises whenever one request's rows are in the batch (after its first token): the step is
+    bisected and re-run, that request ends with the error and the token it had, the two beside it get their solo
+    tokens, and later requests too."""
+    e, poisoned, batches = engine, {}, []
+    wrapper = e.llm.engine.runner.lora_targets[(3, "q_proj")]
+
+    def fault(module: torch.nn.Module, args: tuple[object, ...], out: torch.Tensor) -> None:
+        req = e.llm.engine.requests.get("poison")
+        batch = args[1]
+        batches.append(out.shape[0])
+        if req is None or not req.output_token_ids or batch.lora is None:  # type: ignore[attr-defined]
+            return
+        if (batch.lora.token_slots == req.lora_slot).any():  # type: ignore[attr-defined]
+            raise RuntimeError("a kernel fault on this request's rows")
+
+    handle = wrapper.register_forward_hook(fault)
+    try:
+        final = run(e.llm, [("poison", "drift", e.prompts["poison"], e.max_tokens + 2),
+                            ("good", "good", e.prompts["good"], e.max_tokens),
+                            ("base", None, e.prompts["base"], e.max_tokens)], lambda eng: held(eng, "poison", poisoned))
+    finally:
+        handle.remove()
+    out = final["poison"]
+    assert isinstance(out.error, RuntimeError) and "kernel fault" in str(out.error) and out.finished
+    assert len(out.outputs[0].token_ids) == 1
+    assert_others_solo(e, final, ["good", "base"])
+    assert 3 in batches and 1 in batches  # decode steps of all three raised, then their halves ran
+    later_requests_equal_solo(e, poisoned)
