@@ -224,3 +224,27 @@ def test_the_keys_file_refuses_a_wrong_shape(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(InvalidRequestError, match="keys"):
         load_keys(path)
+
+
+# ---- a tenant never sees another's name or traffic -----------------------------------------------------------------
+def test_a_tenant_key_never_sees_another_tenants_name_or_traffic(served: dict) -> None:
+    url, store, source = served["url"], served["store"], served["source"]
+    _copy(source, store / "secret")
+    r = httpx.post(url + "/v1/load_lora_adapter", headers=_auth(ADMIN),
+                   json={"lora_name": "secret-tenant", "lora_path": str(store / "secret")})
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/v1/chat/completions", headers=_auth(ADMIN), timeout=60,
+                   json={"model": "secret-tenant", "messages": LONG, "max_tokens": 2})
+    assert r.status_code == 200
+    for path in ("/v1/models", "/v1/stats"):
+        r = httpx.get(url + path, headers=_auth(ALICE))
+        assert r.status_code == 200 and "secret-tenant" not in r.text, path
+    models = httpx.get(url + "/v1/models", headers=_auth(ALICE)).json()["data"]
+    assert [m["id"] for m in models] == [BASE, "shared"]
+    assert "hits_tokens" not in models[0]["memory"]["prefix_cache"]  # cache totals count every tenant's prompts
+    # Naming another tenant's adapter and naming none that exists read the same: existence is not revealed.
+    seen = [httpx.post(url + "/v1/chat/completions", headers=_auth(ALICE),
+                       json={"model": m, "messages": LONG, "max_tokens": 2}) for m in ("secret-tenant", "no-such")]
+    assert [r.status_code for r in seen] == [403, 403]
+    assert [r.json()["error"]["message"].replace("no-such", "X").replace("secret-tenant", "X") for r in seen] == \
+        [seen[0].json()["error"]["message"].replace("secret-tenant", "X")] * 2

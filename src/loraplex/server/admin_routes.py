@@ -47,6 +47,9 @@ async def list_models(request: Request) -> dict[str, Any]:
     replicas = await engine.replicas()
     base["replicas"] = [{"id": r.id, "running": r.running, "waiting": r.waiting, "adapters_resident": len(r.resident)}
                         for r in replicas]
+    if not scope.admin:  # totals over every tenant's traffic: a tenant key sees its own rows on /v1/stats only
+        base["memory"]["prefix_cache"] = {"enabled": pc.enabled, "block_size": engine.block_size}
+        base["replicas"] = [{"id": r.id} for r in replicas]
     data = [base] if scope.may_use(None) else []
     for a in await engine.list_adapters():
         if scope.may_use(a.name):
