@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import default_model_dir, machine, write_json
 from benchmarks.serving import free_port, stop_server, wait_healthy
 from benchmarks.soak_chaos import AdminLog, Chaos
-from benchmarks.soak_traffic import CHAT_PROMPTS, COMPLETION_PROMPTS, BadInputs, Keys, Traffic
+from benchmarks.soak_traffic import CHAT_PROMPTS, COMPLETION_PROMPTS, MAX_BODY, BadInputs, Keys, Traffic
 from benchmarks.soak_verify import accounting, latency, table, verify
 
 BASE = "base"  # --served-model-name
@@ -255,7 +255,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", str(model_dir), "--port", str(port), "--dtype", "float32",
            "--served-model-name", BASE, "--api-keys", str(work / "keys.json"), "--registry-file",
            str(work / "registry.json"), "--max-loras", str(args.max_loras), "--max-cpu-loras", str(args.max_cpu_loras),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue), "--max-model-len", "1024"]
+           "--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.max_queue), "--max-model-len", "1024",
+           "--allowed-adapter-roots", str(work), "--max-body-size", str(MAX_BODY)]  # every adapter it loads at run time is written there
     import subprocess
 
     with open(server_log, "wb") as f:

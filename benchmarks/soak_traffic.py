@@ -57,6 +57,7 @@ class BadInputs:
     overflow_expected: tuple[int, ...] = (400, 422)  # (404,) if the server refused that adapter at load instead
 
 
+MAX_BODY = 1 << 20  # the soak server's --max-body-size (benchmarks/soak.py)
 Body = dict[str, Any] | str | bytes | AsyncIterator[bytes]  # JSON, raw text, raw bytes, or a chunked upload
 
 
@@ -172,11 +173,21 @@ def bad_request(kind: str, base_name: str, keys: Keys, bad: BadInputs) -> tuple[
     if kind == "overflow-adapter":  # runs beside the good requests: it must end in its own error, theirs unchanged
         body = {**chat, "model": bad.overflow_model, "max_tokens": MAX_TOKENS, "stream": random.random() < 0.5}
         return "/v1/chat/completions", body, keys.admin, bad.overflow_expected
+    if kind == "oversized-body":  # over the server's --max-body-size: declared (Content-Length) or chunked
+        filler = "x" * (MAX_BODY + (32 << 10))
+        text = json.dumps({**chat, "messages": [{"role": "user", "content": filler}]})
+        return "/v1/chat/completions", (text if random.random() < 0.5 else _chunked(text.encode())), keys.admin, (413,)
     raise ValueError(kind)
 
 
+async def _chunked(data: bytes, size: int = 64 << 10) -> AsyncIterator[bytes]:
+    """`data` as a chunked upload: no Content-Length, so the server must count while it reads."""
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
 BAD_KINDS = ["unknown-adapter", "bad-params", "long-prompt", "malformed-json", "wrong-key", "forbidden-adapter",
-             "corrupt-adapter", "traversal-name", "huge-scale-adapter", "overflow-adapter"]
+             "corrupt-adapter", "traversal-name", "huge-scale-adapter", "overflow-adapter", "oversized-body"]
 
 
 @dataclass
