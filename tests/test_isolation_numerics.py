@@ -409,27 +409,43 @@ def test_overflowing_adapter_fails_alone(engine: Engine) -> None:
     later_requests_equal_solo(e, poisoned)
 
 
-def test_nan_appearing_mid_sequence_fails_alone(engine: Engine) -> None:
-    """A finite adapter whose activations turn NaN after it has generated a token (planted by a forward hook
-    on its tokens' rows of one layer): it fails then, with the token it had; the others are untouched."""
-    e, poisoned = engine, {}
-    runner = e.llm.engine.runner
-    wrapper = runner.lora_targets[(15, "v_proj")]
+def run_with_hook_on_poison(e: Engine, layer: tuple[int, str], act: Callable[[torch.Tensor, torch.Tensor], None]
+                            ) -> tuple[dict[str, RequestOutput], dict[str, object], list[int]]:
+    """`poison` (on the finite adapter `drift`), `good` and the base model run together, with `act(out, rows)` called
+    by a forward hook on the LoRA target `layer` whenever the batch holds `poison`'s rows after its first token.
+    Returns the final outputs, `poison`'s blocks and slot (`held`), and the row count of every forward of `layer`."""
+    poisoned: dict[str, object] = {}
+    batches: list[int] = []
 
-    def plant(module: torch.nn.Module, args: tuple[object, ...], out: torch.Tensor) -> None:
+    def hook(module: torch.nn.Module, args: tuple[object, ...], out: torch.Tensor) -> None:
         req = e.llm.engine.requests.get("poison")
         batch = args[1]
+        batches.append(out.shape[0])
         if req is None or not req.output_token_ids or batch.lora is None:  # type: ignore[attr-defined]
             return
-        out[batch.lora.token_slots == req.lora_slot] = float("nan")  # type: ignore[attr-defined]
+        rows = batch.lora.token_slots == req.lora_slot  # type: ignore[attr-defined]
+        if rows.any():
+            act(out, rows)
 
-    handle = wrapper.register_forward_hook(plant)
+    handle = e.llm.engine.runner.lora_targets[layer].register_forward_hook(hook)
     try:
         final = run(e.llm, [("poison", "drift", e.prompts["poison"], e.max_tokens + 2),
                             ("good", "good", e.prompts["good"], e.max_tokens),
                             ("base", None, e.prompts["base"], e.max_tokens)], lambda eng: held(eng, "poison", poisoned))
     finally:
         handle.remove()
+    return final, poisoned, batches
+
+
+def test_nan_appearing_mid_sequence_fails_alone(engine: Engine) -> None:
+    """A finite adapter whose activations turn NaN after it has generated a token (planted by a forward hook
+    on its tokens' rows of one layer): it fails then, with the token it had; the others are untouched."""
+    e = engine
+
+    def plant(out: torch.Tensor, rows: torch.Tensor) -> None:
+        out[rows] = float("nan")
+
+    final, poisoned, _ = run_with_hook_on_poison(e, (15, "v_proj"), plant)
     assert_poisoned(e, final, "drift", poisoned)
     assert len(final["poison"].outputs[0].token_ids) == 1
     assert_others_solo(e, final, ["good", "base"])
@@ -440,25 +456,12 @@ def test_a_raising_step_fails_only_the_request_that_raises_alone(engine: Engine)
     """A layer that raises whenever one request's rows are in the batch (after its first token): the step is
     bisected and re-run, that request ends with the error and the token it had, the two beside it get their solo
     tokens, and later requests too."""
-    e, poisoned, batches = engine, {}, []
-    wrapper = e.llm.engine.runner.lora_targets[(3, "q_proj")]
+    e = engine
 
-    def fault(module: torch.nn.Module, args: tuple[object, ...], out: torch.Tensor) -> None:
-        req = e.llm.engine.requests.get("poison")
-        batch = args[1]
-        batches.append(out.shape[0])
-        if req is None or not req.output_token_ids or batch.lora is None:  # type: ignore[attr-defined]
-            return
-        if (batch.lora.token_slots == req.lora_slot).any():  # type: ignore[attr-defined]
-            raise RuntimeError("a kernel fault on this request's rows")
+    def fault(out: torch.Tensor, rows: torch.Tensor) -> None:
+        raise RuntimeError("a kernel fault on this request's rows")
 
-    handle = wrapper.register_forward_hook(fault)
-    try:
-        final = run(e.llm, [("poison", "drift", e.prompts["poison"], e.max_tokens + 2),
-                            ("good", "good", e.prompts["good"], e.max_tokens),
-                            ("base", None, e.prompts["base"], e.max_tokens)], lambda eng: held(eng, "poison", poisoned))
-    finally:
-        handle.remove()
+    final, poisoned, batches = run_with_hook_on_poison(e, (3, "q_proj"), fault)
     out = final["poison"]
     assert isinstance(out.error, RuntimeError) and "kernel fault" in str(out.error) and out.finished
     assert len(out.outputs[0].token_ids) == 1

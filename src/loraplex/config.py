@@ -63,7 +63,8 @@ class EngineConfig:
                 raise InvalidRequestError(message)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is this machine's loopback."""
     if host == "localhost":
         return True
     try:
@@ -91,7 +92,7 @@ class ServerConfig:
     timeout_keep_alive: int = 5  # seconds an idle keep-alive connection is held
 
     def __post_init__(self) -> None:
-        if self.api_keys is None and not self.insecure_no_api_keys and not _is_loopback(self.host):
+        if self.api_keys is None and not self.insecure_no_api_keys and not is_loopback(self.host):
             raise InvalidRequestError(
                 f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
                 "from the server's disk and read every tenant's traffic. Give --api-keys FILE, bind a loopback "

@@ -82,7 +82,7 @@ def _digest(key: str) -> bytes:
 
 def own_cache_group(key: str) -> str:
     """A key's own prefix-cache namespace: derived from the key, which it never reveals."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+    return "key-" + _digest(key).hex()[:24]
 
 
 def cache_salt(scope: KeyScope, requested: str | None) -> str | None:

@@ -10,7 +10,6 @@ the API key is valid (an unauthenticated client never gets its body parsed); the
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from loraplex.config import is_loopback
 from loraplex.server.auth import Authenticator
 from loraplex.server.errors import APIError, error_body
 
@@ -51,16 +51,9 @@ def allowed_hosts(bind: str, extra: Iterable[str] = ()) -> frozenset[str] | None
     if host in ("0.0.0.0", "::", ""):
         return frozenset(extra) or None
     names = {host} | extra
-    if host in LOOPBACK_NAMES or _is_loopback_ip(host):
+    if is_loopback(host):
         names |= set(LOOPBACK_NAMES)
     return frozenset(names)
-
-
-def _is_loopback_ip(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(header: str) -> str:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loraplex.engine.client import EngineClient
 from loraplex.engine.prepare import PreparePool
