@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch is pinned: 2.13.0 is the CPU build on the machine's disk; an unpinned torch pulls GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "transformers==5.23.0" "peft==0.21.2" "gguf==0.19.0" "safetensors==0.8.0" \
-		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "prometheus-client==0.26.0" \
+		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "httptools==0.9.0" "prometheus-client==0.26.0" \
 		"bitsandbytes==0.50.2" "triton==3.9.0" "llguidance==1.7.6" \
 		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
 		"playwright==1.65.2"

@@ -152,8 +152,8 @@ def test_stats_json_lists_each_replica_and_sums_the_cluster() -> None:
     a, b = ResidentAdapter("x", "1", 8, 1, False), ResidentAdapter("y", "2", 4, 0, True)
     stats = [_engine_stats("r1", a, 2, now - 3), _engine_stats("r2", b, 1, now - 2)]
     engine = cast(EngineClient, _Engine())
-    rows = tenant_rows(TenantStats(), engine, "base", combined(stats), [])
     admin = KeyScope(frozenset({"*"}), admin=True)
+    rows = tenant_rows(TenantStats(), engine, "base", combined(stats), [], admin)
     out = stats_json(engine, "base", 0.0, stats, [], rows, admin)
     assert out["model"]["replicas"] == 2 and out["model"]["prefix_cache"]["cached_blocks"] == 6
     assert out["tenants"][0]["queued"] == 3 and out["tenants"][0]["running"] == 2
@@ -172,3 +172,20 @@ def test_stats_json_lists_each_replica_and_sums_the_cluster() -> None:
     assert all("replica" not in s for s in [*one["adapters"]["slots"], *one["batch"]["steps"]])
     tenant = stats_json(engine, "base", 0.0, stats, [], rows, KeyScope(frozenset()))
     assert set(tenant) == {"object", "scope", "time", "model", "tenants"}
+
+
+def test_each_key_has_its_own_window_and_the_admin_sees_all() -> None:
+    """A tenant's window over every key and one per key: a key's rows never count another key's requests;
+    a request counts as queued until its first token, then running, until it ends."""
+    stats = TenantStats()
+    for owner, n in (("key-a", 1), ("key-b", 3)):
+        for _ in range(n):
+            for w in (stats.window("shared"), stats.window("shared", owner)):
+                w.finished("200", prompt_tokens=10, tpot=None, now=1.0, cached_tokens=5)
+    stats.window("shared", "key-b").waiting += 1
+    assert stats.rows(["shared"], set(), now=1.0)["shared"].requests == 4
+    assert stats.rows(["shared"], set(), now=1.0, owner="key-a")["shared"].requests == 1
+    b = stats.rows(["shared"], set(), now=1.0, owner="key-b")["shared"]
+    assert b.requests == 3 and b.waiting == 1 and b.cached_tokens == 15
+    assert stats.rows(["shared"], set(), now=1.0, owner="key-c") == {}  # no traffic of its own: no row
+    assert stats.rows([], set(), now=1.0) == {} and stats.existing("shared", "key-b") is None  # unregistered: gone

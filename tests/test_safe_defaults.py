@@ -25,6 +25,7 @@ from loraplex.errors import InvalidRequestError
 from loraplex.server.app import build_app
 from loraplex.server.auth import load_keys
 from loraplex.server.guard import GuardConfig, allowed_hosts, host_name
+from loraplex.server.serve import uvicorn_limits
 from server_util import running
 
 ADMIN, ALICE, BOB, CAROL, PROM = "sk-admin", "sk-alice", "sk-bob", "sk-carol", "sk-prom"
@@ -52,7 +53,7 @@ def served(adapter_factory: Callable[..., Path], tmp_path_factory: pytest.TempPa
     engine = AsyncLLMEngine(EngineConfig(dtype="float32", lora_modules=(("shared", str(source)),), max_model_len=512))
     app = build_app(engine, keys=load_keys(keys_path), adapter_roots=[store],
                     guard=GuardConfig(allowed_hosts("127.0.0.1"), MAX_BODY, body_timeout=1.0))
-    with running(app) as url:
+    with running(app, **uvicorn_limits(ServerConfig(header_timeout=1.0, limit_concurrency=64))) as url:
         yield {"url": url, "store": store, "outside": outside, "source": source}
 
 
@@ -184,6 +185,31 @@ def test_a_body_that_does_not_arrive_is_a_408(served: dict) -> None:
     _still_serving(served["url"])
 
 
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a"])
+def test_headers_that_do_not_arrive_are_a_408(served: dict, sent: bytes) -> None:
+    """Slowloris: a connection that sends nothing, or a header it never finishes, is answered 408 (naming
+    --header-timeout) and closed after the deadline (1 s here), so idle sockets cannot fill --limit-concurrency;
+    other clients are served all along."""
+    host, port = served["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(sent)
+        _still_serving(served["url"])  # while the slow one hangs
+        start = time.monotonic()
+        reply = s.recv(4096)
+        assert b"408" in reply.split(b"\r\n", 1)[0] and b"--header-timeout" in reply, reply
+        assert time.monotonic() - start < 5
+        assert s.recv(4096) == b""  # closed
+    _still_serving(served["url"])
+
+
+def test_a_kept_alive_connection_is_not_cut_by_the_header_deadline(served: dict) -> None:
+    """The deadline counts from each request's first byte: one client reusing a connection past it is fine."""
+    with httpx.Client(base_url=served["url"], headers=_auth(ALICE)) as client:
+        for _ in range(2):
+            assert client.get("/v1/models").status_code == 200
+            time.sleep(0.7)  # 1.4 s on one connection, over the 1 s deadline; under the 5 s keep-alive
+
+
 # ---- prefix cache per key ------------------------------------------------------------------------------------------
 def test_each_key_has_its_own_prefix_cache(served: dict) -> None:
     """Alice's repeat finds her blocks; Bob, on the same adapter with the same prompt, finds none of them (his
@@ -248,3 +274,31 @@ def test_a_tenant_key_never_sees_another_tenants_name_or_traffic(served: dict) -
     assert [r.status_code for r in seen] == [403, 403]
     assert [r.json()["error"]["message"].replace("no-such", "X").replace("secret-tenant", "X") for r in seen] == \
         [seen[0].json()["error"]["message"].replace("secret-tenant", "X")] * 2
+
+
+def _own_row(url: str, key: str, model: str) -> dict:
+    body = httpx.get(url + "/v1/stats", headers=_auth(key)).json()
+    assert body["scope"] == ("admin" if key == ADMIN else "tenant"), body["scope"]
+    assert ("hit_rate" in body["model"]["prefix_cache"]) == (key == ADMIN)  # every key's cache hits: admin only
+    rows = {r["tenant"]: r for r in body["tenants"]}
+    return rows.get(model, {"requests": 0, "output_tokens": 0, "queued": 0, "running": 0})
+
+
+def test_a_tenant_keys_stats_count_its_own_requests_only(served: dict) -> None:
+    """Alice and Bob may both use "shared" and the base model: each key's /v1/stats rows count that key's
+    requests alone (requests, tokens, in flight, cache hits), so neither learns the other's traffic from them;
+    the admin's rows count both."""
+    url = served["url"]
+    before = {k: _own_row(url, k, "shared")["requests"] for k in (ALICE, BOB, ADMIN)}
+    bob = [{"role": "user", "content": "Bob's traffic: " + LONG[0]["content"]}]
+    for _ in range(3):
+        assert _chat(url, BOB, bob).status_code == 200
+    assert _chat(url, ALICE, [{"role": "user", "content": "Alice once"}]).status_code == 200
+    alice, bobs = _own_row(url, ALICE, "shared"), _own_row(url, BOB, "shared")
+    assert alice["requests"] - before[ALICE] == 1 and bobs["requests"] - before[BOB] == 3
+    assert alice["queued"] == alice["running"] == 0 == bobs["queued"] == bobs["running"]
+    assert bobs["prefix_cache_hit_rate"] > 0  # his repeats hit his own blocks
+    admin = {r["tenant"]: r for r in httpx.get(url + "/v1/stats", headers=_auth(ADMIN)).json()["tenants"]}
+    assert admin["shared"]["requests"] - before[ADMIN] >= 4
+    base = _own_row(url, PROM, BASE)  # no traffic of its own (and no base scope): no row, not everyone's
+    assert base["requests"] == 0

@@ -119,6 +119,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-size", type=int, default=4 << 20, help="bytes of request body; more is a 413")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds for a request body to arrive; slower is a 408")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's line and headers to arrive (from connecting); slower is a 408")
     p.add_argument("--limit-concurrency", type=int, default=1024,
                    help="open connections and requests at once; more get a 503 (uvicorn)")
     p.add_argument("--adapter-dir", default=None)
@@ -158,7 +160,7 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
                           allowed_hosts=tuple(args.allowed_hosts),
                           allowed_adapter_roots=tuple(args.allowed_adapter_roots),
                           max_body_size=args.max_body_size, body_timeout=args.body_timeout,
-                          limit_concurrency=args.limit_concurrency)
+                          header_timeout=args.header_timeout, limit_concurrency=args.limit_concurrency)
     return engine_config, server
 
 

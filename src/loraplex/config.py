@@ -88,6 +88,7 @@ class ServerConfig:
     allowed_adapter_roots: tuple[Path, ...] = ()  # runtime loads may read here, besides the engine's adapter_dir
     max_body_size: int = 4 << 20  # bytes of request body; more is a 413
     body_timeout: float = 30.0  # seconds for a request body to arrive; slower is a 408
+    header_timeout: float = 10.0  # seconds for a request's line and headers to arrive; slower is a 408
     limit_concurrency: int = 1024  # open connections and requests at once; more get uvicorn's 503
     timeout_keep_alive: int = 5  # seconds an idle keep-alive connection is held
 
@@ -105,6 +106,7 @@ class ServerConfig:
             (self.max_metric_labels >= 1, "max_metric_labels must be >= 1"),
             (self.max_body_size >= 1024, "max_body_size must be >= 1024 bytes"),
             (self.body_timeout > 0, "body_timeout must be > 0"),
+            (self.header_timeout > 0, "header_timeout must be > 0"),
             (self.limit_concurrency >= 1, "limit_concurrency must be >= 1"),
             (self.timeout_keep_alive >= 1, "timeout_keep_alive must be >= 1"),
         ]

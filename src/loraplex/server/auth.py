@@ -32,6 +32,7 @@ class KeyScope:
     admin: bool = False
     metrics: bool = False  # may read /metrics (every tenant's series); admin keys may too
     cache_group: str | None = None  # prefix-cache namespace (None: shared with every None, the open server's)
+    owner: str | None = None  # the key's own id (from its digest): its rows on /v1/stats; None on an open server
 
     def may_use(self, adapter: str | None) -> bool:
         if adapter is None:
@@ -80,8 +81,9 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def own_cache_group(key: str) -> str:
-    """A key's own prefix-cache namespace: derived from the key, which it never reveals."""
+def key_id(key: str) -> str:
+    """A key's own id (its default prefix-cache namespace and its /v1/stats rows): derived from the key, which it
+    never reveals."""
     return "key-" + _digest(key).hex()[:24]
 
 
@@ -95,9 +97,10 @@ def cache_salt(scope: KeyScope, requested: str | None) -> str | None:
 
 class Authenticator:
     def __init__(self, keys: dict[str, KeyScope] | None) -> None:
-        # A key without a cache_group gets its own namespace.
+        # Each key gets its own id; a key without a cache_group gets its own namespace.
         self.keys = None if keys is None else {
-            k: s if s.cache_group is not None else replace(s, cache_group=own_cache_group(k)) for k, s in keys.items()}
+            k: replace(s, owner=key_id(k), cache_group=key_id(k) if s.cache_group is None else s.cache_group)
+            for k, s in keys.items()}
         # Looked up by digest: one dict probe per request, whatever the number of keys, and no comparison of the
         # secret itself whose timing depends on how much of it matched.
         self._by_digest = {} if self.keys is None else {_digest(k): s for k, s in self.keys.items()}

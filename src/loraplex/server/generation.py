@@ -198,7 +198,8 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 @dataclass(slots=True)
 class Tracker:
-    """Per-request timing for TTFT, time per output token and latency, into /metrics and the dashboard's rows."""
+    """Per-request timing for TTFT, time per output token and latency, into /metrics and the dashboard's rows:
+    the tenant's window over every key, and the calling key's own (`owner`)."""
 
     metrics: ServerMetrics
     model: str  # the adapter's name (or the base model's); "unknown" for a name that was not found
@@ -206,9 +207,11 @@ class Tracker:
     first: float | None = None
     tokens: int = 0
     prompt_tokens: int = 0
+    owner: str | None = None  # the calling key's id (server/auth.py key_id); None on an open server
+    cached_tokens: int = 0  # of the prompt, from the prefix cache (the first choice's)
     _label: str | None = None
-    accepted: bool = False  # the engine took the request: only then may it create its tenant's dashboard row
-    _window: TenantWindow | None = None
+    accepted: bool = False  # the engine took the request: only then may it create its tenant's dashboard rows
+    _windows: list[TenantWindow] | None = None
 
     @property
     def label(self) -> str:
@@ -218,26 +221,43 @@ class Tracker:
             self._label = self.metrics.label(self.model)
         return self._label
 
-    def window(self) -> TenantWindow | None:
-        """The dashboard's window of this request's tenant (server/tenant_stats.py): created once the engine has
-        accepted the request; before that only an existing one is used, so a made-up name never makes a row."""
-        if self._window is None:
-            tenants = self.metrics.tenants
-            self._window = tenants.window(self.model) if self.accepted else tenants.existing(self.model)
-        return self._window
+    def windows(self) -> list[TenantWindow]:
+        """The dashboard's windows of this request's tenant (server/tenant_stats.py), every key's and its own:
+        created once the engine has accepted the request; before that only existing ones are used, so a made-up
+        name never makes a row."""
+        if self._windows is None:
+            tenants, owners = self.metrics.tenants, [None] if self.owner is None else [None, self.owner]
+            if self.accepted:
+                self._windows = [tenants.window(self.model, o) for o in owners]
+            else:
+                found = [tenants.existing(self.model, o) for o in owners]
+                self._windows = [w for w in found if w is not None]
+        return self._windows
+
+    def admitted(self) -> None:
+        """The engine took the request: it is in flight, waiting for its first token."""
+        if self.accepted:
+            return
+        self.accepted = True
+        for w in self.windows():
+            w.waiting += 1
 
     def saw(self, out: RequestOutput) -> None:
         new = len(out.outputs[0].delta_token_ids)
         if not new:
             return
-        window = self.window()
+        windows = self.windows()
+        now = time.monotonic()
         if self.first is None:
             self.first = time.perf_counter()
+            self.cached_tokens = out.num_cached_tokens
             self.metrics.ttft.labels(self.label).observe(self.first - self.start)
-            if window is not None:
-                window.first_token(self.first - self.start, time.monotonic())
-        if window is not None:
-            window.tokens(new, time.monotonic())
+            for w in windows:
+                w.first_token(self.first - self.start, now)
+                if self.accepted:
+                    w.waiting, w.streaming = w.waiting - 1, w.streaming + 1
+        for w in windows:
+            w.tokens(new, now)
         self.tokens += new
 
     def done(self, status: str) -> None:
@@ -251,9 +271,13 @@ class Tracker:
         if self.first is not None and self.tokens > 1:
             tpot = (end - self.first) / (self.tokens - 1)
             m.tpot.labels(self.label).observe(tpot)
-        window = self.window()
-        if window is not None:
-            window.finished(status, self.prompt_tokens, tpot, time.monotonic())
+        for w in self.windows():
+            if self.accepted:  # leaves the in-flight count it entered
+                if self.first is None:
+                    w.waiting -= 1
+                else:
+                    w.streaming -= 1
+            w.finished(status, self.prompt_tokens, tpot, time.monotonic(), self.cached_tokens)
 
 
 Started = list[tuple[RequestOutput, EngineStream]]
@@ -283,7 +307,7 @@ async def open_streams(engine: EngineClient, prompt: list[int], params: list[Sam
         for p in params:
             streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt))
             adapter = pinned_version(streams[0], adapter)
-            tracker.accepted = True  # the model resolved: a registered adapter, or the base model
+            tracker.admitted()  # the model resolved: a registered adapter, or the base model
         for s in streams:
             first = await anext(s)
             tracker.saw(first)

@@ -58,8 +58,9 @@ def _sse(data: dict[str, Any] | str) -> str:
 async def _start(st: ServerState, request: Request, prompt: list[int], params: list, adapter: str | None,
                  cache_salt: str | None) -> tuple[Tracker, list]:
     name = st.served_name if adapter is None else st.engine.adapter_spec(adapter).name  # a series per name, not version
-    tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt))
-    salt = auth.cache_salt(st.auth.scope(request), cache_salt)  # each key its own prefix-cache namespace
+    scope = st.auth.scope(request)
+    tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=scope.owner)
+    salt = auth.cache_salt(scope, cache_salt)  # each key its own prefix-cache namespace
     try:
         return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt)
     except Exception as e:

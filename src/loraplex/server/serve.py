@@ -12,6 +12,7 @@ import uvicorn
 
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.server.guard import GuardConfig, allowed_hosts
+from loraplex.server.header_deadline import with_header_timeout
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ def adapter_roots(engine: EngineConfig, server: ServerConfig) -> tuple[Path, ...
 
 
 def uvicorn_limits(server: ServerConfig) -> dict[str, Any]:
-    """uvicorn's bounds on connections: how many at once (more get a 503), how long an idle one stays."""
-    return {"limit_concurrency": server.limit_concurrency, "timeout_keep_alive": server.timeout_keep_alive}
+    """uvicorn's bounds on connections: how many at once (more get a 503), how long an idle one stays, how long
+    a request's headers may take (server/header_deadline.py)."""
+    return {"limit_concurrency": server.limit_concurrency, "timeout_keep_alive": server.timeout_keep_alive,
+            "http": with_header_timeout(server.header_timeout)}
 
 
 def torch_threads(requested: int | None) -> int:

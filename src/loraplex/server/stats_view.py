@@ -3,8 +3,9 @@
 Behind a cluster there is one EngineStats per replica: counters and per-model counts are summed, device slots,
 host entries and steps are listed with the `replica` they are on, throughput is summed per second, and
 `replicas` has one line per replica. One engine's JSON has no `replica` fields and no `replicas` list.
-An admin key (or an open server) gets every section; a tenant key gets the base model's facts and the rows of
-the tenants it may use, nothing that names another tenant (README, "Dashboard").
+An admin key (or an open server) gets every section; a tenant key gets the base model's facts and its own rows:
+the traffic of that key alone on the models it may use (queued, running, rates, latencies, cache hits), nothing
+that names another tenant or counts another key's requests (README, "Dashboard"; docs/security.md).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _on(stats: EngineStats) -> dict[str, str]:
 
 
 def _model(engine: EngineClient, served_name: str, stats: EngineStats, started: float,
-           replicas: int) -> dict[str, Any]:
-    """`memory` is one engine's plan (every replica has the same); the prefix cache is summed over `replicas`."""
+           replicas: int, admin: bool) -> dict[str, Any]:
+    """`memory` is one engine's plan (every replica has the same); the prefix cache is summed over `replicas`
+    (its hit rate and size count every key's prompts: admin only)."""
     mem, pc = engine.memory, stats.snapshot.prefix_cache
     return {
         "id": served_name, "version": __version__, "started": started, "uptime_s": time.time() - started,
@@ -50,20 +52,29 @@ def _model(engine: EngineClient, served_name: str, stats: EngineStats, started: 
         "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
                    "adapter_slots": mem.adapter_slots, "kv_blocks": mem.kv_blocks, "block_size": mem.block_size,
                    "kv_tokens": mem.kv_tokens},
-        "prefix_cache": {"enabled": pc.enabled, "hit_rate": pc.hit_rate, "cached_blocks": pc.cached_blocks},
+        "prefix_cache": {"enabled": pc.enabled, **({"hit_rate": pc.hit_rate, "cached_blocks": pc.cached_blocks}
+                                                   if admin else {})},
     }
 
 
-def _tenant(name: str, label: str, kind: str, row: TenantRow, stats: EngineStats) -> dict[str, Any]:
-    """`label`: the name the engine counts the tenant under (the base model's own name for the base)."""
-    pc = stats.snapshot.prefix_cache
-    queried = pc.queries.get(label, 0)
+def _tenant(name: str, label: str, kind: str, row: TenantRow, stats: EngineStats | None) -> dict[str, Any]:
+    """`label`: the name the engine counts the tenant under (the base model's own name for the base). With
+    `stats` (the admin's view) queue, batch and cache hits are the engine's, over every key; without, they are the
+    row's own: its key's requests in flight (before / after their first token) and its prompts' cached tokens."""
+    if stats is not None:
+        pc = stats.snapshot.prefix_cache
+        queried = pc.queries.get(label, 0)
+        queued, running = stats.queued.get(label, 0), stats.running.get(label, 0)
+        hit_rate = pc.hits.get(label, 0) / queried if queried else None
+    else:
+        queued, running = row.waiting, row.streaming
+        hit_rate = row.cached_tokens / row.prompt_tokens if row.prompt_tokens else None
     return {
-        "tenant": name, "kind": kind, "queued": stats.queued.get(label, 0), "running": stats.running.get(label, 0),
+        "tenant": name, "kind": kind, "queued": queued, "running": running,
         "requests_per_s": row.requests_per_s, "tokens_per_s": row.tokens_per_s, "requests": row.requests,
         "output_tokens": row.output_tokens,
         "prompt_tokens_mean": row.prompt_tokens / row.requests if row.requests else None,
-        "prefix_cache_hit_rate": pc.hits.get(label, 0) / queried if queried else None,
+        "prefix_cache_hit_rate": hit_rate,
         "ttft_p50_s": row.ttft_p50, "ttft_p99_s": row.ttft_p99, "tpot_p50_s": row.tpot_p50, "tpot_p99_s": row.tpot_p99,
         "errors": row.errors,
     }
@@ -126,28 +137,33 @@ def _replicas(stats: list[EngineStats], now: float) -> list[dict[str, Any]]:
 
 
 def tenant_rows(tenants: TenantStats, engine: EngineClient, served_name: str, stats: EngineStats,
-                catalog: list[AdapterInfo]) -> dict[str, TenantRow]:
-    """Rows for the base model, and for each registered adapter with traffic since start or requests now."""
+                catalog: list[AdapterInfo], scope: KeyScope) -> dict[str, TenantRow]:
+    """Rows for the base model, and for each registered adapter with traffic since start or requests now. An
+    admin's rows count every key; a tenant key's only its own requests (its windows), and only its own traffic
+    makes a row appear."""
     busy = {served_name}
-    for name in (*stats.queued, *stats.running):
-        if stats.queued.get(name) or stats.running.get(name):
-            busy.add(served_name if name == engine.model_name else name)
-    return tenants.rows([served_name, *(a.name for a in catalog)], busy)
+    if scope.admin:
+        for name in (*stats.queued, *stats.running):
+            if stats.queued.get(name) or stats.running.get(name):
+                busy.add(served_name if name == engine.model_name else name)
+    return tenants.rows([served_name, *(a.name for a in catalog)], busy, owner=None if scope.admin else scope.owner)
 
 
 def stats_json(engine: EngineClient, served_name: str, started: float, stats: list[EngineStats],
                catalog: list[AdapterInfo], rows: dict[str, TenantRow], scope: KeyScope) -> dict[str, Any]:
     """`stats`: engine.stats() (one per engine); `catalog`: engine.list_adapters(); `rows`: a TenantRow for the
-    base model (served_name) and each adapter (tenant_rows over combined(stats))."""
+    base model (served_name) and each adapter (tenant_rows over combined(stats), for this scope)."""
     total = combined(stats)
     tenants = []
     for name, row in rows.items():
         base = name == served_name
         if scope.may_use(None if base else name):
-            tenants.append(_tenant(name, engine.model_name if base else name, "base" if base else "adapter", row, total))
+            tenants.append(_tenant(name, engine.model_name if base else name, "base" if base else "adapter", row,
+                                   total if scope.admin else None))
     now = time.time()
     out: dict[str, Any] = {"object": "stats", "scope": "admin" if scope.admin else "tenant", "time": now,
-                           "model": _model(engine, served_name, total, started, len(stats)), "tenants": tenants}
+                           "model": _model(engine, served_name, total, started, len(stats), scope.admin),
+                           "tenants": tenants}
     if scope.admin:
         out["adapters"] = _adapters(stats, total, catalog)
         out["batch"] = _batch(stats, total)

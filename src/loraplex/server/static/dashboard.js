@@ -192,7 +192,8 @@ function renderModel(m) {
     ["KV cache", `${mem.kv_blocks} blocks × ${mem.block_size} = ${mem.kv_tokens} tokens`],
     ...(m.replicas > 1 ? [["replicas", `${m.replicas} (memory per replica)`]] : []),
     ["adapter slots", m.replicas > 1 ? `${mem.adapter_slots} per replica` : `${mem.adapter_slots}`],
-    ["prefix cache", m.prefix_cache.enabled ? `${pct(m.prefix_cache.hit_rate)} hit, ${m.prefix_cache.cached_blocks} blocks` : "off"],
+    ["prefix cache", !m.prefix_cache.enabled ? "off" : m.prefix_cache.hit_rate === undefined ? "on (your hits: table)"
+      : `${pct(m.prefix_cache.hit_rate)} hit, ${m.prefix_cache.cached_blocks} blocks`],
     ["uptime", duration(m.uptime_s)], ["version", `loraplex ${m.version}`],
   ]);
   const parts = [["weights", mem.weights_bytes, "var(--weights)"], ["KV cache", mem.kv_cache_bytes, "var(--kv)"],
