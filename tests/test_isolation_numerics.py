@@ -287,12 +287,7 @@ TEXTS = {"poison": "Write a long story about a dragon who guards a library of an
                    "and a child who visits every winter.",
          "good": "What is the capital of France?", "base": "Name three colours, please.",
          "other": "Who wrote Hamlet? Say it."}
-# bf16 on the torch kernels is left out for now: there a good request batched beside others differed from its solo
-# answer at the second token; whether that is bf16 rounding of the batch's shape or the poison is not yet settled.
-# bf16 on the torch path is left out: there, batching alone changes a greedy answer (measured on an AVX2 EPYC,
-# emulated bf16: `good` batched with the base model or with another adapter, no poison anywhere, gave tokens
-# [216, 33] against [216, 216] solo), so "equals its solo answer" cannot be the test of a poisoned neighbour.
-COMBOS = [("float32", "native"), ("float32", "torch"), ("bfloat16", "native")]
+COMBOS = [("float32", "native"), ("float32", "torch"), ("bfloat16", "native"), ("bfloat16", "torch")]
 
 
 @pytest.fixture(scope="module")

@@ -166,3 +166,24 @@ def test_build_mapping_default_kernel_and_unknown_kernel() -> None:
     assert build_mapping([0, 1, 1], torch.float32, device="meta").kernel == "grouped"  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="bogus"):
         build_mapping([0], torch.float32, kernel="bogus")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_tokens_result_does_not_depend_on_its_batch(dtype: torch.dtype) -> None:
+    """Added into a base output, an adapter's tokens get the same bits alone (equal runs: the view path) as beside
+    base-model tokens and other adapters' (the gather path, with padded rows): in bf16 the two paths once rounded
+    base + LoRA differently, and a greedy answer changed with the batch's make-up. (fp32 GEMMs round by their
+    blocking, which can follow the batch's shape: there the two agree to float32 rounding, not bit for bit.)"""
+    x, a, b = make_weights(dtype, 11, seed=3)
+    base = torch.randn(11, OUT, generator=torch.Generator().manual_seed(4)).to(dtype)
+    alone = build_mapping([2] * 5, dtype, kernel="grouped")
+    mixed = build_mapping([2] * 5 + [-1, -1, 5, 5, 5, 5], dtype, kernel="grouped")
+    assert alone is not None and mixed is not None
+    assert alone.grouped.index is None and mixed.grouped.rows is not None  # the two paths
+    solo = lora_grouped(x[:5], a, b, alone, out=base[:5].clone())
+    batched = lora_grouped(x, a, b, mixed, out=base.clone())
+    if dtype == torch.bfloat16:
+        assert torch.equal(solo, batched[:5])
+    else:
+        torch.testing.assert_close(solo, batched[:5], rtol=1e-6, atol=1e-6)
+    assert torch.equal(batched[5:7], base[5:7])

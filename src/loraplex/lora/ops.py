@@ -77,13 +77,17 @@ def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappi
         out.view(a_k.shape[0], -1, out.shape[-1]).baddbmm_(xa, b_k)  # the expand accumulates into the base output
         return out
     xg = x.index_select(0, g.index.view(-1)).view(*g.index.shape, -1)  # [S_k, Tmax, IN]
-    yg = torch.bmm(torch.bmm(xg, a_k.transpose(1, 2)), b_k).view(-1, b.shape[-1])  # [S_k * Tmax, OUT]
+    xa = torch.bmm(xg, a_k.transpose(1, 2))  # [S_k, Tmax, R]
     if out is None:
         out = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)
+    # The expand accumulates into the gathered base rows (one rounding of base + LoRA, as the view path above
+    # does), and each token's row is written back once: a token's result does not depend on whether its batch
+    # took this path or that one, which in bf16 changed greedy answers with the batch's make-up.
+    yg = out.index_select(0, g.index.view(-1)).view(*g.index.shape, -1).baddbmm_(xa, b_k).view(-1, out.shape[-1])
     if g.rows is None:  # no padded row: every row is a token
-        return out.index_add_(0, g.index.view(-1), yg)
+        return out.index_copy_(0, g.index.view(-1), yg)
     assert g.targets is not None
-    return out.index_add_(0, g.targets, yg.index_select(0, g.rows))  # padded rows selected away, never added
+    return out.index_copy_(0, g.targets, yg.index_select(0, g.rows))  # padded rows selected away, never written
 
 
 def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping, layout: SlotLayout,
