@@ -22,8 +22,8 @@ from loraplex.hardware import resolve_dtype
 from loraplex.lora import cpu_kernel
 from loraplex.models import cpu_gemm
 from loraplex.lora.mapping import build_mapping
-from loraplex.lora.ops import SlotLayout, lora_fused, lora_grouped
-from loraplex.lora.slot_layout import SlotShape
+from loraplex.lora.ops import lora_fused, lora_grouped
+from loraplex.lora.slot_layout import SlotLayout, SlotShape
 
 # (name, IN, part widths, rank): the default model (hidden 576, 9 heads of 64, 3 KV heads), rank 16 q/k/v/o.
 SHAPES = [("qkv_proj", 576, (576, 192, 192), 16), ("o_proj", 576, (576,), 16)]

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from loraplex.lora.mapping import LoRAMapping
-from loraplex.lora.ops import SlotLayout
-from loraplex.lora.slot_layout import SlotShape
+from loraplex.lora.slot_layout import SlotLayout, SlotShape
 from loraplex.models.loader import resolve_model
 from loraplex.training.synthetic import random_adapter
 

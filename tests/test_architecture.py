@@ -32,7 +32,7 @@ def imports(path: Path, top_level_only: bool) -> set[str]:
             found.update(a.name for a in node.names if a.name.startswith("loraplex"))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("loraplex"):
             found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from loraplex.lora import fused`
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from loraplex.lora import kernel_choice`
     return found
 
 

@@ -14,7 +14,8 @@ from conftest import ALL, POPULARITY, SHAPES, assert_like_reference, fused_input
 from loraplex import LLM, SamplingParams, native
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
-from loraplex.lora.ops import SlotLayout, lora_apply, lora_reference
+from loraplex.lora.ops import lora_apply, lora_reference
+from loraplex.lora.slot_layout import SlotLayout
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C++ compiler to build the kernel")
 

@@ -2,11 +2,10 @@
 
 glibc serves allocations above its mmap threshold with mmap, but raises the threshold to the size of each mmapped
 block that is freed (up to 32 MiB). Blocks of a size seen before then come from the heap, and a server that sees
-ever new prompt lengths and batch sizes leaves more and more freed, fragmented heap pages resident. Measured on
-the default model (600 distinct prefill lengths, one after another): RSS grew 1.6 GiB with glibc's defaults;
-with malloc_trim every 50 requests it grew 0.23 GiB and then stayed flat. Holding the threshold fixed instead
-(mallopt) bounded it less (0.4 GiB) and cost 6-11% of decode throughput, since every large temporary is then
-mapped and unmapped. So the engine thread returns freed heap pages to the system at most every TRIM_EVERY_S.
+ever new prompt lengths and batch sizes leaves more and more freed, fragmented heap pages resident. Trimming
+(malloc_trim) returns them and lets RSS level off; holding the threshold fixed instead (mallopt) bounds it less
+and costs decode throughput, since every large temporary is then mapped and unmapped (benchmarks/soak.py watches
+RSS over a long run). So the engine thread returns freed heap pages to the system at most every TRIM_EVERY_S.
 
 The oneDNN kernels behind the prepacked linears (models/cpu_gemm.py) are compiled per input shape and kept in two
 caches: PyTorch's ideep layer (LRU_CACHE_CAPACITY) and oneDNN's own (ONEDNN_PRIMITIVE_CACHE_CAPACITY), 1,024
@@ -14,7 +13,7 @@ entries each by default, about 0.45 MiB of code and descriptors per shape. Each 
 (batch size, chunked-prefill length) adds entries until both are full: on the default model that was a few hundred
 MiB, and the soak's RSS growth under chaos (profiled with memray: all of it in these two caches). One step needs
 about a dozen entries (one per distinct linear shape; the layers share them), so 64 each keeps every step's kernels
-cached (measured: no change in tokens/s, fp32 or bf16) and bounds the two caches at ~60 MiB.
+cached, at the same throughput, and bounds the two caches at ~60 MiB.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ engine, training, merge, quantization and the benchmarks all call `resolve_dtype
 
 - CUDA: bf16 where the GPU multiplies it natively (sm80+), else fp16.
 - CPU: bf16 only where bf16 matmul is native (AVX512-BF16 or AMX-BF16, and allowed to torch's kernels);
-  else float32. Without native support bf16 is emulated: on a 2-core AVX2 EPYC a 2048^3 bf16 matmul ran
-  at 0.3 GFLOP/s against 88 in fp32, and a demo-tenant training step took 198 s under bf16 autocast.
+  else float32. Without native support bf16 is emulated, far slower than fp32 for serving and training alike
+  (an explicit bf16 there is warned about with the figure measured at run time: `warn_if_emulated` below).
 
 torch's own view is honoured, so `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` on an AVX-512 machine
 resolves exactly as an AVX2-only CPU does (the way this project approximates one; the fused LoRA kernel

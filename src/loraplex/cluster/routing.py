@@ -9,19 +9,20 @@ the long tail on one. Ray alone moves a model to another replica only once every
 (max_ongoing_requests), so a hot adapter otherwise queues on one replica while another idles. A request spilled for
 a busy holder is served on a transient copy instead (unless that replica claims the adapter already): a claim there
 would last, since Ray then sends the adapter's requests to both holders and keeps both claims fresh, and each such
-duplicate takes a place from the long tail for good (measured: 4 of 48 places after 1,500 requests).
+duplicate takes a place from the long tail for good, and such duplicates add up over a run (benchmarks/cluster.py
+counts the transient copies that avoid them; docs/benchmarks/REPORT.md).
 
 An adapter with fewer requests in flight than `spill_margin` never spills for a busy holder: its holder is busy with
-other adapters' requests, and a copy elsewhere would cost a cold load for a wait of a request or two (measured in
-benchmarks/cluster.py: spilling on load alone gave 1.9x fewer cold loads than queue-length routing; this rule, the
-figure in the README). Also the routing counters /metrics shows. No Ray.
+other adapters' requests, and a copy elsewhere would cost a cold load for a wait of a request or two: spilling on
+load alone cost cold loads this rule avoids (benchmarks/cluster.py compares the routings' cold loads; the figures
+are in docs/benchmarks/REPORT.md). Also the routing counters /metrics shows. No Ray.
 
 A *popular* adapter, one with `replicate_share` or more of the recent requests, is kept on one more replica for each
 `replicate_share` it has (two, on two replicas): while fewer hold it, a request whose holders are all busier than a
 replica that does not hold it goes by queue length, and the replica it reaches claims it. Ray then chooses between
 the holders by queue length, so the most requested adapters, a large part of the traffic under Zipf popularity, go
-wherever there is room, which balances the replicas' load that affinity alone leaves uneven (measured: with one
-holder each, 38% of requests went to the busier replica, against 3% by queue length; the figures in the README). It
+wherever there is room, which balances the replicas' load that affinity alone leaves uneven (the busier replica's
+share of the requests, traced on benchmarks/cluster.py's stream, is in docs/cluster.md). It
 costs the long tail a place per copy, the popular adapter's cold load once.
 
 The ingress also counts each adapter's requests (`popularity`: sent with the request for the replica's claim

@@ -154,9 +154,6 @@ class AsyncLLMEngine:
         finally:
             stream.abort()
 
-    async def abort(self, request_id: str) -> None:
-        await self.call(lambda: self.engine.abort_request(request_id))
-
     # ---- adapters --------------------------------------------------------------------------------
     @staticmethod
     def adapter_spec(model: str) -> AdapterSpec:

@@ -3,8 +3,8 @@ client-controlled CPU work (chat templating, tokenization, bad_words, grammar co
 the PreparedRequest it hands to the engine thread, which only admits ready requests.
 
 Why threads help: tokenizers and llguidance do this work in Rust and drop the GIL meanwhile (the fast tokenizer's
-encode, LLMatcher's constructor; measured: a Python loop kept its full speed while each ran), so streams, /health
-and decoding go on. Why bounded: a flood of expensive schemas queues here instead of taking every core from the
+encode, LLMatcher's constructor), so streams, /health and decoding go on (benchmarks/prepare_isolation.py measures
+a stream's gaps meanwhile). Why bounded: a flood of expensive schemas queues here instead of taking every core from the
 forward pass. Why the cap counts from the moment a worker starts the job, not from submission: a request waiting
 behind another tenant's schema is not at fault (its wait is bounded by the server's admission queue, and a client
 that goes away cancels a job not yet started). A running job cannot be interrupted: past the cap its caller gets

@@ -9,9 +9,10 @@ tokens. A grammar is compiled once per spec into a matcher at its start (an LRU 
 request gets a deep copy of it (microseconds), so a popular schema is never compiled again. Compiling runs where
 the request is prepared (engine/prepare.py: a worker thread, never the engine thread; llguidance drops the GIL
 while it builds a matcher) under llguidance's limits (_limits), which bound the work a schema can cause: past
-max_grammar_size it is refused ("schema too large"); the largest schema under it took ~2 s to compile here (one
-AVX2 EPYC core). Each step, the masks of the step's constrained rows are computed on a worker thread while the
-forward pass runs, then applied to those rows' logits; unconstrained rows are never touched.
+max_grammar_size it is refused ("schema too large"), which bounds how long one schema can hold a prepare worker
+(benchmarks/structured.py times schema compiles and the tokenizer's set-up). Each step, the masks of the step's
+constrained rows are computed on a worker thread while the forward pass runs, then applied to those rows' logits;
+unconstrained rows are never touched.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class StructuredOutputs:
         self._hf = hf_tokenizer
         self.vocab_size = vocab_size
         self._eos = eos_ids
-        self._tokenizer: Any = None  # llguidance.LLTokenizer, built on first use (~1 s)
+        self._tokenizer: Any = None  # llguidance.LLTokenizer, built on first use (it takes the whole vocabulary in)
         self._executor: Any = None
         # (kind, value) -> (grammar text, a matcher at its start that requests copy). A compiled matcher holds its
         # lexer: ~45 bytes per character of grammar text (18 MiB for benchmarks/prepare_isolation.py's
@@ -72,8 +73,9 @@ class StructuredOutputs:
 
         tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size, eos_token=self._eos[0])
         self._executor = llguidance.LLExecutor()
-        # The first mask pays a one-time set-up (~0.8 s here): pay it now, while the first constrained request is
-        # prepared (outside its time cap: PreparePool's `warm`), not inside a decode step that other requests share.
+        # The first mask pays a one-time set-up (benchmarks/structured.py times it with the tokenizer's): pay it now,
+        # while the first constrained request is prepared (outside its time cap: PreparePool's `warm`), not inside a
+        # decode step that other requests share.
         warm = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}),
                                     log_level=0)
         fill_next_token_bitmask_par(self._executor, [(warm, 0)], allocate_token_bitmask(1, self.vocab_size))

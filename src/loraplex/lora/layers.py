@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.lora import fused
-from loraplex.lora.ops import SlotLayout, lora_apply
-from loraplex.lora.slot_layout import SlotShape
+from loraplex.lora import kernel_choice
+from loraplex.lora.ops import lora_apply
+from loraplex.lora.slot_layout import SlotLayout, SlotShape
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
@@ -31,7 +31,7 @@ def slot_layout(parts: tuple[tuple[str, int], ...], in_features: int, max_rank: 
                 device: torch.device) -> SlotShape:
     """A layer's slot layout: B compact where the fused kernel serves this dtype and device (the model runner's
     mapping picks the kernel by the same test), else block-diagonal."""
-    return SlotShape(tuple(size for _, size in parts), in_features, max_rank, fused.supported(dtype, device))
+    return SlotShape(tuple(size for _, size in parts), in_features, max_rank, kernel_choice.supported(dtype, device))
 
 
 class LoRALinear(nn.Module):

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.lora import fused
+from loraplex.lora import kernel_choice
 
-# Kernel choice: where the fused kernel runs (lora/fused.py: C++ on CPU in float32/bfloat16, Triton on CUDA) it
-# serves every step: it reads each group's A and compact B once, and on CPU was 1.5-3x faster than the torch
-# kernels at every batch benchmarks/lora_kernels.py measures. Elsewhere one torch kernel serves: the grouped
+# Kernel choice: where the fused kernel runs (lora/kernel_choice.py: C++ on CPU in float32/bfloat16, Triton on
+# CUDA) it serves every step: it reads each group's A and compact B once and skips the unused ranks, where the torch
+# kernels read the zeros and pay a gather and a scatter (benchmarks/lora_kernels.py times both at every batch;
+# the profile is in docs/benchmarks/REPORT.md). Elsewhere one torch kernel serves: the grouped
 # (SGMV-style) bmm, ~ S_k * Tmax * R * (IN + OUT) FLOPs plus a gather and a scatter that vanish when decode
 # tokens come sorted by slot (the model runner sorts them).
 KERNELS = ("fused", "grouped")
@@ -106,13 +107,15 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
     """Return the mapping for one step, or None if no token uses an adapter. `kernel` forces one (tests,
     benchmarks); by default the fused kernel where it serves this dtype and device, else the grouped one.
 
-    Built with Python lists and one tensor per field: ~30-45 us for a batch of 64 (benchmarks)."""
+    Built with Python lists and one tensor per field, not many small tensor ops: it runs on the engine thread once
+    per step, for every adapter in it (benchmarks/lora_kernels.py times it; docs/benchmarks/REPORT.md, "Switching
+    cost")."""
     active = sorted(set(token_slots))
     if active and active[0] < 0:
         active = active[1:]
     if not active:
         return None
-    kernel = kernel or ("fused" if fused.supported(dtype, device) else "grouped")
+    kernel = kernel or ("fused" if kernel_choice.supported(dtype, device) else "grouped")
     if kernel not in KERNELS:
         raise ValueError(f"unknown LoRA kernel {kernel!r}; one of {', '.join(KERNELS)}")
     slots, span = kernel_slots(active)

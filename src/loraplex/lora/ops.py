@@ -5,45 +5,16 @@ Semantics (all paths):
 Shapes:
     x: [T, IN]    A: [S, R, IN]    B: [S, R, OUT]    token_slots s: [T]    y: [T, OUT]
 R is the slot's padded rank (packed layers stack their parts' ranks); the LoRA scaling is folded into B.
-The fused kernels (C++ on CPU, Triton on CUDA) read B compact instead: [S, max_rank*OUT], see SlotLayout.
+The fused kernels (C++ on CPU, Triton on CUDA) read B compact instead: [S, max_rank*OUT], see lora/slot_layout.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import LoRAMapping
-from loraplex.lora.slot_layout import SlotShape
-
-
-@dataclass(frozen=True, slots=True)
-class SlotLayout:
-    """A layer's slot layout (lora/slot_layout.py) with what the kernels read on the device to skip the zeros:
-    part p of slot s uses ranks[s, p] of its max_rank rows, and B's columns [offsets[p], offsets[p+1])."""
-    shape: SlotShape
-    ranks: torch.Tensor  # [S, P] int32, rows in use per slot and part (0: the adapter leaves the part alone)
-    offsets: torch.Tensor  # [P+1] long, the parts' output column bounds
-
-    @classmethod
-    def on(cls, shape: SlotShape, slots: int, device: torch.device | str, ranks: torch.Tensor | None = None) -> SlotLayout:
-        zeros = torch.zeros(slots, len(shape.part_sizes), dtype=torch.int32)
-        return cls(shape, (zeros if ranks is None else ranks.to(torch.int32)).to(device),
-                   torch.tensor(shape.offsets, dtype=torch.long, device=device))
-
-    @property
-    def part_sizes(self) -> tuple[int, ...]:
-        return self.shape.part_sizes
-
-    @property
-    def max_rank(self) -> int:
-        return self.shape.max_rank
-
-    @property
-    def compact(self) -> bool:
-        return self.shape.compact
+from loraplex.lora.slot_layout import SlotLayout
 
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""SlotShape: where a layer's device slots hold an adapter's weights — the one place this layout is written down.
+"""SlotShape: where a layer's device slots hold an adapter's weights — the one place this layout is written down;
+SlotLayout: a SlotShape with the per-slot ranks and part offsets the kernels read on the device.
 The LoRA layers fill it (lora/layers.py), the kernels read it (lora/ops.py, cpu_kernel, triton_ops), memory
 accounting sizes it (engine/memory.py).
 
@@ -74,3 +75,30 @@ class SlotShape:
             for p in range(len(self.part_sizes)):
                 compact.b_part(out[s], p).copy_(diagonal.b_part(b[s], p))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLayout:
+    """A layer's SlotShape with what the kernels read on the device to skip the zeros:
+    part p of slot s uses ranks[s, p] of its max_rank rows, and B's columns [offsets[p], offsets[p+1])."""
+    shape: SlotShape
+    ranks: torch.Tensor  # [S, P] int32, rows in use per slot and part (0: the adapter leaves the part alone)
+    offsets: torch.Tensor  # [P+1] long, the parts' output column bounds
+
+    @classmethod
+    def on(cls, shape: SlotShape, slots: int, device: torch.device | str, ranks: torch.Tensor | None = None) -> SlotLayout:
+        zeros = torch.zeros(slots, len(shape.part_sizes), dtype=torch.int32)
+        return cls(shape, (zeros if ranks is None else ranks.to(torch.int32)).to(device),
+                   torch.tensor(shape.offsets, dtype=torch.long, device=device))
+
+    @property
+    def part_sizes(self) -> tuple[int, ...]:
+        return self.shape.part_sizes
+
+    @property
+    def max_rank(self) -> int:
+        return self.shape.max_rank
+
+    @property
+    def compact(self) -> bool:
+        return self.shape.compact

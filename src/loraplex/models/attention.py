@@ -66,13 +66,15 @@ class PagedAttention(nn.Module):
         nb = g.block_tables.shape[1]
         kvh, grp, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         shape = (-1, self.block_size, kvh, d)
-        # [B*NB, BS, KVH, D] -> [B, KVH, K=NB*BS, D]; index_select, ~5x faster than advanced indexing on CPU
+        # [B*NB, BS, KVH, D] -> [B, KVH, K=NB*BS, D]; index_select: one contiguous copy per block, faster than
+        # advanced indexing on CPU
         blocks = g.block_tables.view(-1)
         kg = self.k_cache.view(shape).index_select(0, blocks).view(b, nb * self.block_size, kvh, d).transpose(1, 2)
         vg = self.v_cache.view(shape).index_select(0, blocks).view(b, nb * self.block_size, kvh, d).transpose(1, 2)
         # Grouped-query attention as two batched matmuls: the G query heads that share a KV head are
-        # stacked as rows, [B, KVH, G*Q, D]. On CPU this was ~10x faster than SDPA with a mask at decode
-        # shapes (the decode group now takes the C++ kernel where it is built). Scores and softmax in fp32.
+        # stacked as rows, [B, KVH, G*Q, D], so each KV head is read once for its G query heads; on CPU this beat
+        # SDPA with a mask at decode shapes (the decode group now takes the C++ kernel where it is built). Scores
+        # and softmax in fp32.
         qh = qg.permute(0, 2, 1, 3).reshape(b, kvh, grp * ql, d)
         scores = torch.matmul(qh.float(), kg.float().transpose(-1, -2)).view(b, kvh, grp, ql, -1)
         # Masked keys are selected away, not biased: a stale K row holding NaN (a freed block) gives a NaN score,

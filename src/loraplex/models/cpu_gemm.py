@@ -1,11 +1,10 @@
 """bf16 and fp32 linear layers on CPU through oneDNN with the weight re-laid once at load ("prepacked").
 
-bf16: F.linear re-lays the weight for oneDNN on every call; packing once makes the decode-shaped GEMMs of
-the default model 1.5-1.9x faster on an AVX-512 bf16 CPU, with bit-identical outputs.
-fp32: F.linear calls MKL's sgemm; oneDNN's packed fp32 GEMM ran the default model's decode-shaped linears
-(32 rows) 1.3-2x faster and its LM head 2.6x faster, with AVX2 kernels as with AVX-512
-(benchmarks/lora_kernels.py measures both). The sums run in another order, so fp32 outputs match F.linear
-to rounding, not bit for bit.
+bf16: F.linear re-lays the weight for oneDNN on every call; packing once saves that work on every
+decode-shaped GEMM, with bit-identical outputs.
+fp32: F.linear calls MKL's sgemm; oneDNN's packed fp32 GEMM is faster on the default model's decode-shaped
+linears and its LM head, with AVX2 kernels as with AVX-512. The sums run in another order, so fp32 outputs
+match F.linear to rounding, not bit for bit.
 This is what torch.compile's CPU weight prepacking does, without compiling the model. The reference is
 `F.linear(x, weight, bias)`; tests/test_cpu_gemm.py holds the two equal.
 """

@@ -1,7 +1,8 @@
 """QuantLinear: a base Linear whose weight is stored 4-bit (NF4/FP4) or 8-bit, by bitsandbytes.
 
 Swapped in for `models.layers.Linear` by module replacement at load (`quantize_model`), before the
-LoRA wrappers go on top: LoRA stays in the model dtype (bf16) and sees a QuantLinear as its base.
+LoRA wrappers go on top: LoRA runs in the resolved serving dtype (bf16, fp16 or fp32) and sees a QuantLinear
+as its base.
 
 - nf4 / fp4: `bitsandbytes.functional.quantize_4bit`, blocks of 64, optional double quantization of
   the block scales. Each packed part (q, k, v; gate, up) is quantized on its own, as transformers
@@ -9,8 +10,8 @@ LoRA wrappers go on top: LoRA stays in the model dtype (bf16) and sees a QuantLi
   QLoRA base holds. Forward: dequantize the parts (bitsandbytes), concatenate, one GEMM in the
   activation dtype: what `bitsandbytes.matmul_4bit` computes, in one GEMM instead of one per part.
 - int8: `bitsandbytes.functional.int8_vectorwise_quant`, one absmax scale per output row (LLM.int8's
-  weight format). Forward is weight-only int8: activations stay bf16, y = x (W_int8 * scale)^T, by
-  torch's `_weight_int8pack_mm` CPU kernel when present, else by dequantizing.
+  weight format). Forward is weight-only int8: activations stay in the serving dtype, y = x (W_int8 * scale)^T,
+  by torch's `_weight_int8pack_mm` CPU kernel in bf16 when present, else by dequantizing.
 Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_quant.py.
 """
 

@@ -57,8 +57,9 @@ def uvicorn_limits(server: ServerConfig) -> dict[str, Any]:
 def torch_threads(requested: int | None) -> int:
     """The engine's torch threads on CPU: every core. The HTTP event loop needs a core only between steps,
     and gets one because OpenMP's threads stop spinning soon after a step (GOMP_SPINCOUNT, set by the CLI
-    before torch loads). On 2 cores, 64 streams over 8 adapters made 340 tok/s so against 271 with one
-    core left to the event loop, with the same time per output token at 4 req/s (benchmarks/serving.py)."""
+    before torch loads), so a core left to the event loop would only be taken from the forward pass: every
+    core gives more throughput at the same time per output token (benchmarks/serving.py measures both and
+    records the server's thread count)."""
     return requested if requested is not None else os.cpu_count() or 1
 
 

@@ -3,7 +3,7 @@
 A plain loop rather than transformers' Trainer: one seed fixes shuffling, dropout and init, so two
 runs with the same --seed write the same adapter. Computation runs in the dtype `hardware.resolve_dtype`
 picks for the device (autocast to bf16 where the CPU or GPU multiplies it natively, fp16 with loss
-scaling on older GPUs, plain fp32 elsewhere: emulated bf16 made a step ~100x slower on an AVX2 CPU);
+scaling on older GPUs, plain fp32 elsewhere, where bf16 would be emulated and far slower: hardware.py);
 the LoRA weights and the optimizer stay fp32.
 """
 

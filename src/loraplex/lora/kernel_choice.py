@@ -23,6 +23,7 @@ def triton_available() -> bool:
 
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """The fused kernel runs in `dtype` on `device` (else the torch grouped kernel serves)."""
     if torch.device(device).type == "cuda":
         if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
             return False  # Triton's bf16 dot needs sm80+; older GPUs take the torch kernels
