@@ -1,5 +1,5 @@
 """The soak's clients: good requests (chat and completions, streaming and not, Zipf over the adapters, some
-hung up on mid-stream) and bad ones (every kind the README lists, poisoned adapters
+hung up on mid-stream) and bad ones (every kind docs/reliability.md lists, poisoned adapters
 included), each ending in one Record."""
 
 from __future__ import annotations

@@ -215,7 +215,8 @@ def test_keys_file_requires_a_key(browser: Any, keyed_url: str) -> None:
 
 
 def test_screenshots(browser: Any, open_url: str, tmp_path: Path) -> None:
-    """The README's screenshots (full page at 1280x800), taken while four tenants decode in the same batches."""
+    """The screenshots of README.md and docs/dashboard.md (full page at 1280x800), taken while four tenants
+    decode in the same batches."""
     out = Path(os.environ.get("LORAPLEX_SCREENSHOTS") or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
     light, dark = open_page(browser, open_url), open_page(browser, open_url, dark=True)

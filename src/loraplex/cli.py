@@ -41,7 +41,7 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--allow-pickle-adapters", action="store_true", help="accept adapter_model.bin (weights_only)")
     p.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
-                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA stays bf16")
+                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA runs in --dtype")
     p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: quantize the block scales too")
     p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache budget, e.g. 1GiB (default)")
     p.add_argument("--adapter-memory", type=_size, default=None,
@@ -263,7 +263,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"wrote {merge(args.adapter, args.output, args.base, args.overwrite)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and its flags, without running anything (tests/test_docs_cli.py checks the docs against it)."""
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,8 +324,11 @@ def main(argv: list[str] | None = None) -> None:
 
     info = sub.add_parser("info", help="this machine's CPU class, the dtype auto resolves to, the C++ kernels")
     info.set_defaults(fn=cmd_info)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     verbose = args.verbose or args.command in ("serve", "cluster")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

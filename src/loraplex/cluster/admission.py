@@ -9,7 +9,7 @@ would evict (`ClaimAdmission`). Otherwise it serves the request on a transient c
 request and dropped after it, which evicts no claimed adapter there (its run takes a device slot, as any request's
 does). Every request is served; only what stays in memory changes.
 
-Measured in benchmarks/cluster.py (and simulated, cluster_sim.py): see the README's cluster section. No Ray."""
+Measured in benchmarks/cluster.py (and simulated, cluster_sim.py): see docs/cluster.md. No Ray."""
 
 from __future__ import annotations
 

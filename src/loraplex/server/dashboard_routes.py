@@ -1,5 +1,5 @@
 """GET /dashboard (a live page, no build step: HTML, CSS and JS served from server/static) and GET /v1/stats,
-the JSON it polls every second, documented for scripts (README, "Dashboard").
+the JSON it polls every second, documented for scripts (docs/dashboard.md).
 
 The page holds no data: it asks /v1/stats with the key typed into its login field (kept in the tab's
 sessionStorage, sent as a bearer header, never in a URL). Its admin actions call the existing admin routes.

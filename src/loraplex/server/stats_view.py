@@ -5,7 +5,7 @@ host entries and steps are listed with the `replica` they are on, throughput is 
 `replicas` has one line per replica. One engine's JSON has no `replica` fields and no `replicas` list.
 An admin key (or an open server) gets every section; a tenant key gets the base model's facts and its own rows:
 the traffic of that key alone on the models it may use (queued, running, rates, latencies, cache hits), nothing
-that names another tenant or counts another key's requests (README, "Dashboard"; docs/security.md).
+that names another tenant or counts another key's requests (docs/dashboard.md; docs/security.md).
 """
 
 from __future__ import annotations
