@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup serve demo test browser screenshots clean vllm-venv llama-cpp bench soak
+.PHONY: all setup serve demo test test-fast browser screenshots clean vllm-venv llama-cpp bench soak
 
 # The README's first command: set up on a fresh machine, then serve the default model with the demo tenants.
 all: serve
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "transformers==5.23.0" "peft==0.21.2" "gguf==0.19.0" "safetensors==0.8.0" \
 		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "httptools==0.9.0" "prometheus-client==0.26.0" \
 		"bitsandbytes==0.50.2" "triton==3.9.0" "llguidance==1.7.6" \
-		"pytest==9.0.3" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
+		"pytest==9.0.3" "pytest-xdist==3.8.0" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
 		"playwright==1.65.2"
 	# playwright: drives Chromium in the dashboard's browser tests (the browser itself: `make browser`).
 	# Ray Serve: `loraplex cluster` (src/loraplex/cluster/), engine replicas behind one endpoint.
@@ -53,12 +53,18 @@ screenshots: setup browser
 	LORAPLEX_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q tests/test_dashboard.py -k screenshots
 
 # The README's second command; .ci/run calls exactly this.
+# One pytest-xdist worker per core (TEST_WORKERS), a test file per worker at a time (module fixtures shared).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)  # at most 4: each holds models
 test: setup browser
 	$(BIN)/loraplex info
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
+
+# The fast set, under 5 minutes on 2 cores: every test not marked slow (pyproject.toml).
+test-fast: setup browser
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The 10-minute soak with chaos (benchmarks/soak.py; docs/reliability.md): a table of what was sent, lost, wrong or
-# leaked, into results/<cpu class>/soak.json; exit status 1 if any check fails. A 60 s version runs in `make test`.
+# leaked, into results/<cpu class>/soak.json; exit status 1 if any check fails. A 40 s version runs in `make test`.
 soak: setup
 	LORAPLEX_RESULTS=results/$$($(BIN)/python -c 'from benchmarks.common import class_slug; print(class_slug())') \
 		$(BIN)/python -m benchmarks.soak

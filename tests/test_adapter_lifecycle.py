@@ -228,6 +228,7 @@ def test_stats_count_tiers_and_requests(root: Path) -> None:
     assert s.load_latency["host"].n == 2 and s.load_latency["device"].n == 2
 
 
+@pytest.mark.slow
 def test_registration_racing_decoding_is_safe(root: Path, solo: dict[str, list[int]]) -> None:
     """A thread registers, promotes, pins, unpins and unregisters versions of an adapter as fast as it can while
     the engine thread decodes requests on it: every request either is refused at admission (unregistered at that

@@ -46,6 +46,7 @@ def _growth_mib(mode: str) -> float:
 
 @pytest.mark.skipif(not (sys.platform == "linux" and cpu_gemm.available(__import__("torch").float32)),
                     reason="needs oneDNN's prepacked linear and /proc (Linux)")
+@pytest.mark.slow
 def test_kernel_caches_are_bounded_with_new_row_counts() -> None:
     bounded, unbounded = _growth_mib("bounded"), _growth_mib("default")
     assert bounded < 100, f"RSS grew {bounded:.0f} MiB over 300 new row counts with the caches bounded"

@@ -39,6 +39,7 @@ async def _collect(engine: AsyncLLMEngine, prompt: list[int], adapter: str | Non
     return "".join(deltas), final.outputs[0].token_ids, final.outputs[0].text
 
 
+@pytest.mark.slow
 def test_concurrent_streams_match_sequential(engine: AsyncLLMEngine) -> None:
     """12 concurrent streams over 2 adapters + base equal the same requests run one at a time; deltas add up to the text."""
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)

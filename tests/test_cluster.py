@@ -29,6 +29,8 @@ ray = pytest.importorskip("ray")
 from loraplex.cluster import app as cluster_app  # noqa: E402
 from loraplex.cluster.config import ClusterConfig  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the whole file: its tests share a Ray cluster of two replicas (~40 s to start)
+
 BASE = "SmolLM2-135M-Instruct"
 ADMIN, LEGAL = "sk-admin", "sk-legal"
 KEYS = {ADMIN: KeyScope(frozenset({"*"}), admin=True), LEGAL: KeyScope(frozenset({"t0"}))}

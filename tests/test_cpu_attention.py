@@ -94,6 +94,7 @@ def test_kernel_matches_reference(dtype: torch.dtype, shape: tuple[int, int, int
         assert_close(out, reference(q, k, v, tables, ctx, window), torch_path(q, k, v, tables, ctx, window))
 
 
+@pytest.mark.slow
 def test_the_avx2_build_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The kernel as built for AVX2-only CPUs (8-lane vectors), checked here whatever this CPU has."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
@@ -119,6 +120,7 @@ def test_what_the_kernel_does_not_handle_is_refused() -> None:
         cpu_attention.paged_decode(q, k, v, tables, ctx, BS, None, 0.125, torch.empty_like(q))
 
 
+@pytest.mark.slow
 def test_engine_decodes_the_same_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Greedy tokens equal and decode logits within fp32 tolerance, kernel or torch path, over a batch whose
     sequences have different lengths."""

@@ -87,6 +87,7 @@ def test_silu_mul(lib, dtype: torch.dtype, width: int) -> None:  # type: ignore[
     assert_same(cpu_fused.silu_mul(gate_up, lib=lib), F.silu(gate) * up)
 
 
+@pytest.mark.slow
 def test_model_decodes_the_same_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
     """Greedy tokens equal, fused ops or torch ops, in fp32 over a batch of different lengths."""
     prompts = ["Write a haiku about rivers.", "List three prime numbers, then explain why each is prime.", "Hi."]

@@ -1,4 +1,4 @@
-"""The adapter registry survives kill -9 at any moment: 20 times, a server under load is killed while admin calls
+"""The adapter registry survives kill -9 at any moment: 8 times (LORAPLEX_CRASH_KILLS for more), a server under load is killed while admin calls
 register and promote versions, then restarted on the same registry file; each time the file reads, every adapter
 is at the version of its last acknowledged change or of the change in flight, and serves. A full disk during a
 registry write is a 507 that names the cause, and the old state stays.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import tempfile
 import threading
@@ -24,7 +25,7 @@ from conftest import fill_disk
 from server_util import free_port
 
 ADAPTERS = ["t0", "t1", "t2"]
-KILLS = 20
+KILLS = int(os.environ.get("LORAPLEX_CRASH_KILLS", "8"))  # each a random moment of the registrations
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,7 @@ def check_state(url: str, registry: Path, truth: Truth) -> None:
     truth.pending.clear()
 
 
+@pytest.mark.slow
 def test_registry_survives_kill_9_under_load(forkserver: multiprocessing.context.ForkServerContext, tmp_path: Path,
                                              adapter_factory: Callable[..., Path]) -> None:
     weights = [adapter_factory(f"crash{i}", r=4, alpha=8, targets=["q_proj", "v_proj"], seed=300 + i) for i in range(3)]

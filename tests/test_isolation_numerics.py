@@ -251,6 +251,7 @@ def test_effective_weights_and_config_mistakes_are_refused_at_load(
         load_peft_adapter(case, path, shapes, 16)
 
 
+@pytest.mark.slow
 def test_real_adapters_sit_far_below_the_bound(adapter_factory: Callable[..., Path],
                                                shapes: dict[tuple[int, str], tuple[int, int]]) -> None:
     """The bound leaves room: the test suite's PEFT adapters (rank 4-64, rsLoRA, alpha_pattern) peak at under a
@@ -391,6 +392,7 @@ def assert_poisoned(e: Engine, final: dict[str, RequestOutput], adapter: str, po
     assert e.llm.engine.nonfinite_requests.get(adapter, 0) >= 1
 
 
+@pytest.mark.slow
 def test_overflowing_adapter_fails_alone(engine: Engine) -> None:
     """Weights that overflow on the request's input: that request ends with NonFiniteOutputError (no empty
     text), the base-model and `good` requests in its batch get their solo tokens, and so do later ones."""
@@ -432,6 +434,7 @@ def run_with_hook_on_poison(e: Engine, layer: tuple[int, str], act: Callable[[to
     return final, poisoned, batches
 
 
+@pytest.mark.slow
 def test_nan_appearing_mid_sequence_fails_alone(engine: Engine) -> None:
     """A finite adapter whose activations turn NaN after it has generated a token (planted by a forward hook
     on its tokens' rows of one layer): it fails then, with the token it had; the others are untouched."""
@@ -447,6 +450,7 @@ def test_nan_appearing_mid_sequence_fails_alone(engine: Engine) -> None:
     later_requests_equal_solo(e, poisoned)
 
 
+@pytest.mark.slow
 def test_a_raising_step_fails_only_the_request_that_raises_alone(engine: Engine) -> None:
     """A layer that raises whenever one request's rows are in the batch (after its first token): the step is
     bisected and re-run, that request ends with the error and the token it had, the two beside it get their solo

@@ -45,6 +45,7 @@ def test_max_tokens_beyond_the_context_is_refused(server: tuple[str, ServerState
     assert r.status_code == 400 and "n must be in [1, 16]" in r.text
 
 
+@pytest.mark.slow
 def test_many_choices_over_a_small_kv_cache_all_finish(server: tuple[str, ServerState]) -> None:
     """16 choices of 200 tokens each, on a cache that holds 2 such sequences: they queue and all complete."""
     url, _ = server
@@ -73,6 +74,7 @@ def _model_labels(url: str) -> set[str]:
     return set(re.findall(r'^loraplex_requests_total\{model="([^"]*)"', httpx.get(url + "/metrics").text, re.M))
 
 
+@pytest.mark.slow
 def test_thousands_of_unknown_names_grow_nothing(server: tuple[str, ServerState]) -> None:
     url, st = server
     manager = st.engine.engine.adapters  # type: ignore[attr-defined]

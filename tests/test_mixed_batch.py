@@ -62,6 +62,7 @@ def solo(tenants: dict[str, Path]) -> tuple[LLM, list, list[list[int]]]:
     return llm, jobs, alone
 
 
+@pytest.mark.slow
 def test_batched_equals_alone(solo: tuple[LLM, list, list[list[int]]], tenants: dict[str, Path]) -> None:
     """All 12 requests in one batch: each gets its solo tokens; again, with their prompts found in the prefix
     cache (each adapter's own blocks only), they still do."""

@@ -83,6 +83,7 @@ def test_hits_give_the_tokens_of_a_full_computation(reference: LLM, adapters: di
     assert sum(hits(staggered).values()) > 0
 
 
+@pytest.mark.slow
 def test_no_block_crosses_a_namespace(reference: LLM, adapters: dict[str, Path], tmp_path: Path) -> None:
     llm = small(lora_modules={"A": str(adapters["A"]), "B": str(adapters["B"])})
     p = prompt(llm, QUESTIONS[0])

@@ -116,6 +116,7 @@ def _greedy_agreement(ours: torch.Tensor, ids: list[int], n: int) -> tuple[int, 
     return int((ours[n - 1 : -1].argmax(-1) == cont).sum()), len(cont)
 
 
+@pytest.mark.slow
 def test_nf4_adapter_matches_peft_fp32(peft_nf4: Callable[[torch.dtype], torch.nn.Module], nf4_adapter: Path) -> None:
     """fp32: PEFT over transformers' bitsandbytes NF4 (double-quant) base, through bitsandbytes' general
     dequantize-then-matmul path, and loraplex with --quantize nf4 --double-quant hold the same codes. With an
@@ -136,6 +137,7 @@ def test_nf4_adapter_matches_peft_fp32(peft_nf4: Callable[[torch.dtype], torch.n
     assert matched / total >= 0.95, f"greedy agreement {matched}/{total}"
 
 
+@pytest.mark.slow
 def test_nf4_adapter_in_bf16_is_as_close_to_the_reference_as_peft(
         peft_nf4: Callable[[torch.dtype], torch.nn.Module], nf4_adapter: Path) -> None:
     """bf16 (the serving default): the reference is PEFT in fp32 on the same NF4 codes. loraplex in bf16 must be
@@ -161,6 +163,7 @@ def test_nf4_adapter_in_bf16_is_as_close_to_the_reference_as_peft(
     assert matched >= peft_matched - 2 and matched / total >= 0.8, f"agreement ours {matched}, PEFT bf16 {peft_matched} of {total}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_mixed_batch_guarantee_on_a_quantized_base(adapter_factory: Callable[..., Path], method: str) -> None:
     """4 adapters and base requests in one batch on a quantized base: every request gets its solo tokens."""

@@ -213,6 +213,7 @@ def test_disconnect_aborts_and_frees_capacity(server: str) -> None:
     assert metric(server, "loraplex_requests_total", 'model="t4",status="499"', key=ADMIN) == 2
 
 
+@pytest.mark.slow
 def test_64_concurrent_requests_across_8_adapters(server: str) -> None:
     """64 concurrent requests over 8 adapters all succeed, each with its solo answer."""
     prompts = ["Name a colour.", "What is 2 + 2?"]

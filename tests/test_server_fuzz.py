@@ -52,6 +52,7 @@ WELL_FORMED = {
 }
 
 
+@pytest.mark.slow
 def test_no_server_errors(fuzz_schema: schemathesis.BaseSchema) -> None:
     """Whatever the body, path or parameters of any operation — well-formed or not — the answer is never a 5xx."""
     operations = [result.ok() for result in fuzz_schema.get_all_operations()]

@@ -3,6 +3,8 @@ are refused while draining; a non-loopback bind without keys warns."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -38,6 +40,7 @@ def _wait_up(url: str, proc: subprocess.Popen[str]) -> None:
     raise AssertionError("server did not come up")
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_then_exits() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -54,6 +54,7 @@ def constrained(kind: str, value: str = "", max_tokens: int = 60) -> SamplingPar
     return SamplingParams(max_tokens=max_tokens, temperature=0, structured=StructuredOutput(kind, value))
 
 
+@pytest.mark.slow
 def test_every_kind_holds_in_a_mixed_batch(llm: LLM) -> None:
     plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     jobs = [(ask(llm, "Describe a person as JSON."), constrained("json_schema", json.dumps(PERSON)), "a"),
@@ -125,6 +126,7 @@ def test_parse_with_a_pydantic_model_on_base_and_adapter(server: str) -> None:
     assert all(isinstance(x, City) for x in cities)
 
 
+@pytest.mark.slow
 def test_hundred_schema_requests_over_adapters_all_validate(server: str) -> None:
     import asyncio
 

@@ -54,6 +54,7 @@ def check_calls(calls: list, allowed: set[str]) -> None:
         jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["SmolLM2-135M-Instruct", "a"])
 def test_required_and_named_calls_always_parse(server: str, model: str) -> None:
     """Sampled (two seeds) and greedy, parallel and single, required and named: sent together, so they share

@@ -21,6 +21,8 @@ from loraplex.training.tenants import demo_recipe
 from loraplex.training.config import TrainConfig
 from loraplex.training.trainer import train
 
+pytestmark = pytest.mark.slow  # the whole file: its tests share trainings of ~30 s on 2 cores
+
 TINY = dict(rank=8, alpha=16.0, dropout=0.0, epochs=4, lr=3e-3, batch_size=8, max_length=96, seed=0, progress=False)
 
 
