@@ -5,6 +5,7 @@ engine, models/ knows nothing of LoRA or adapters, and the modules that must loa
 from __future__ import annotations
 
 import ast
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,23 @@ def test_scheduler_and_flags_load_without_torch() -> None:
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('loraplex'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_cluster_ingress_loads_without_torch(default_model_dir: Path, tmp_path: Path) -> None:
+    """The Ray ingress (cluster/app.py: routes, keys, routing, the remote engine) runs on a CPU-only process
+    without the model: importing it and the HTTP app, and unpickling a replica's facts and tokenizer as Ray hands
+    them over, import no torch, so the ingress pays neither torch's start nor its memory."""
+    from transformers import AutoTokenizer
+
+    from loraplex.engine.facts import EngineFacts, MemoryPlan
+
+    facts = EngineFacts("m", default_model_dir, 512, 16, 8, "float32", "auto", "cpu",
+                        MemoryPlan("none", 1, 1, 1, 16, 512, 1, 1), 5.0)
+    handed = tmp_path / "facts.pkl"
+    handed.write_bytes(pickle.dumps((facts, AutoTokenizer.from_pretrained(default_model_dir))))
+    code = ("import pickle, sys, loraplex.cluster.app, loraplex.cluster.remote_engine, loraplex.server.app\n"
+            f"facts, tokenizer = pickle.loads(open({str(handed)!r}, 'rb').read())\n"
+            "tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True)\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('loraplex'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]

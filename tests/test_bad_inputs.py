@@ -168,7 +168,7 @@ def tool_server() -> Iterator[tuple[str, str]]:
 
     engine = AsyncLLMEngine(EngineConfig(dtype="float32", max_model_len=512, kv_cache_memory=32 << 20))
     with running(build_app(engine)) as url:
-        yield url, engine.model_name
+        yield url, engine.facts.model_name
 
 
 def test_tool_choice_function_as_a_string_is_a_400_naming_the_shape(tool_server: tuple[str, str]) -> None:

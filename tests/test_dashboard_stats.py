@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import cast
 
 import numpy as np
@@ -20,7 +19,7 @@ from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.tiers import ResidentAdapter, TierView
 from loraplex.engine.client import EngineClient
-from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.facts import EngineFacts, MemoryPlan
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, PrefixCacheSnapshot
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq
@@ -138,11 +137,8 @@ def _engine_stats(replica: str | None, slot: ResidentAdapter | None, queued: int
 class _Engine:
     """The model facts stats_json reads from an EngineClient."""
 
-    model_name = "base"
-    device = "cpu"
-    max_model_len = 512
-    dtype = SimpleNamespace(name="float32")
-    memory = MemoryPlan("none", 100, 200, 10, 16, 512, 8, 2)
+    facts = EngineFacts("base", Path("base"), 512, 16, 8, "float32", "requested", "cpu",
+                        MemoryPlan("none", 100, 200, 10, 16, 512, 8, 2), 5.0)
 
 
 def test_stats_json_lists_each_replica_and_sums_the_cluster() -> None:

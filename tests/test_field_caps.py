@@ -129,7 +129,7 @@ def server() -> Iterator[str]:
     from server_util import running
 
     engine = AsyncLLMEngine(EngineConfig(dtype="float32", max_model_len=512, kv_cache_memory=32 << 20))
-    assert engine.model_name == BASE
+    assert engine.facts.model_name == BASE
     # A body cap above the largest field cap, so that each field's own cap is what refuses it (not the 413).
     with running(build_app(engine, guard=GuardConfig(max_body_size=16 << 20))) as url:
         yield url

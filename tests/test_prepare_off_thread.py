@@ -100,12 +100,12 @@ def _post_in_thread(url: str, path: str, body: dict[str, Any]) -> Callable[[], h
 def test_health_and_streams_go_on_while_a_schema_compiles_and_the_cap_is_a_400(
         server: str, engine: AsyncLLMEngine, gate: dict[str, Any]) -> None:
     chunks: queue.Queue[str | None] = queue.Queue()
-    streamer = threading.Thread(target=_stream, args=(server, engine.model_name, chunks), daemon=True)
+    streamer = threading.Thread(target=_stream, args=(server, engine.facts.model_name, chunks), daemon=True)
     streamer.start()
     assert chunks.get(timeout=120) is not None  # the stream is running
     late_before = engine._preparer.late
     slow = _post_in_thread(server, "/v1/chat/completions", {
-        "model": engine.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "model": engine.facts.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
         "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SLOW}}})
     assert gate["entered"].wait(120), "the slow schema never started compiling"
     # The compile is held open: everything below happens while it runs.
@@ -138,14 +138,14 @@ def test_engine_thread_and_event_loop_never_template_tokenize_or_compile(
 
         monkeypatch.setattr(tok, name, spy)
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 8}}, "required": ["answer"]}
-    chat = {"model": engine.model_name, "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 6,
+    chat = {"model": engine.facts.model_name, "messages": [{"role": "user", "content": "Say yes."}], "max_tokens": 6,
             "temperature": 0,
             "bad_words": ["no", "never"], "logprobs": True, "top_logprobs": 2}
     for body in ({**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}},
                  {**chat, "stream": True}):
         r = httpx.post(server + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
-    r = httpx.post(server + "/v1/completions", json={"model": engine.model_name, "prompt": "One, two,", "max_tokens": 4,
+    r = httpx.post(server + "/v1/completions", json={"model": engine.facts.model_name, "prompt": "One, two,", "max_tokens": 4,
                                                      "echo": True, "logprobs": 1, "bad_words": ["three"]}, timeout=120)
     assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["tokens"], r.text
     assert httpx.post(server + "/tokenize", json={"prompt": "hello"}, timeout=60).status_code == 200
@@ -179,7 +179,7 @@ def test_a_schema_is_compiled_once(server: str, engine: AsyncLLMEngine, monkeypa
     monkeypatch.setattr(llguidance, "LLMatcher", counting)
     schema = {"type": "object", "properties": {"once": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["once"], "additionalProperties": False}
-    body = {"model": engine.model_name, "messages": [{"role": "user", "content": "A digit?"}], "max_tokens": 12,
+    body = {"model": engine.facts.model_name, "messages": [{"role": "user", "content": "A digit?"}], "max_tokens": 12,
             "temperature": 0,
             "response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}}
     outputs = []

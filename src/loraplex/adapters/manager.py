@@ -16,14 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
-from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
 from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.adapters.tiers import ResidentAdapter, TierView
 from loraplex.errors import AdapterError, InvalidRequestError
@@ -31,17 +30,6 @@ from loraplex.errors import AdapterError, InvalidRequestError
 log = logging.getLogger(__name__)
 
 Loader = Callable[[str, Path], AdapterWeights]
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterInfo:
-    """A registered adapter as /v1/models lists it."""
-
-    name: str
-    current: str
-    versions: tuple[str, ...]
-    pinned: bool
-    path: Path  # the current version's directory
 
 
 class AdapterManager:

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.adapters import startup
@@ -35,6 +36,18 @@ from loraplex.adapters.startup import ADMIN, STARTUP
 from loraplex.errors import AdapterNotFoundError, AdapterVersionExistsError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterInfo:
+    """A registered adapter as /v1/models lists it (the catalog's view: no weights, no torch, so the cluster's
+    ingress reads it without the engine)."""
+
+    name: str
+    current: str
+    versions: tuple[str, ...]
+    pinned: bool
+    path: Path  # the current version's directory
 
 
 class AdapterRegistry:

@@ -38,8 +38,9 @@ class Ingress:
     async def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, server: ServerConfig,
                        cluster: ClusterConfig, keys: dict[str, KeyScope] | None,
                        roots: tuple[Path, ...]) -> None:
-        facts = await replicas.facts.remote()
-        self.engine = RemoteEngine(replicas, board, facts, cluster)
+        # A replica's facts and tokenizer, unpickled here: the tokenizer's class module only, never torch or the model.
+        facts, tokenizer = await replicas.facts.remote(), await replicas.tokenizer.remote()
+        self.engine = RemoteEngine(replicas, board, facts, tokenizer, cluster)
         self.server, self.keys, self.roots = server, keys, roots
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -4,30 +4,9 @@ No Ray, no torch at import."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from loraplex.adapters.key import AdapterKey
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView
-
-if TYPE_CHECKING:
-    from loraplex.engine.memory import MemoryPlan
-    from loraplex.hardware import DtypeChoice
-
-
-@dataclass(frozen=True, slots=True)
-class ModelFacts:
-    """The base model's facts, fixed at start, the same on every replica: what the ingress serves under."""
-
-    model_name: str
-    model_dir: Path
-    max_model_len: int
-    block_size: int
-    max_num_seqs: int
-    dtype: DtypeChoice
-    device: str
-    memory: MemoryPlan
-    max_prepare_seconds: float = 5.0  # EngineConfig.max_prepare_seconds: the ingress caps its templating with it
 
 
 @dataclass(frozen=True, slots=True)

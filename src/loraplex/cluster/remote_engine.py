@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ from ray import exceptions as ray_errors
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from loraplex.adapters.key import AdapterKey, AdapterSpec
-from loraplex.adapters.manager import AdapterInfo
+from loraplex.adapters.key import AdapterKey
+from loraplex.adapters.registry import AdapterInfo
 from loraplex.cluster.admission import Popularity
 from loraplex.cluster.config import ClusterConfig
-from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo
+from loraplex.cluster.messages import ReplicaReport, RouteInfo
 from loraplex.cluster.routing import AdapterRouting
+from loraplex.engine.client import AdapterTarget
+from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.engine.totals import merge
 from loraplex.errors import EngineUnavailableError
@@ -89,16 +92,17 @@ class RemoteStream:
 
 
 class RemoteEngine:
-    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, facts: ModelFacts,
+    def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, facts: EngineFacts, tokenizer: Any,
                  cluster: ClusterConfig) -> None:
-        from transformers import AutoTokenizer
-
-        self.handle, self.board, self.facts, self.cluster = replicas, board, facts, cluster
+        """`facts` and `tokenizer`: a replica's (EngineReplica.facts, .tokenizer)."""
+        self.handle, self.board, self.cluster = replicas, board, cluster
+        # One replica's facts (every replica has the same), with the cluster's running capacity: every batch.
+        self.facts = replace(facts, max_num_seqs=facts.max_num_seqs * cluster.replicas)
         self.routing = AdapterRouting(cluster.hot_adapter_threshold, cluster.spill_margin, cluster.affinity,
                                       popularity=Popularity(cluster.popularity_half_life_s),
                                       replicate_share=cluster.replicate_share)
         self.reports: list[ReplicaReport] = []  # as of the latest snapshot(): what the cluster collector renders
-        self._tokenizer = AutoTokenizer.from_pretrained(facts.model_dir)
+        self._tokenizer = tokenizer
         self._admin = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it
         self._watch = asyncio.get_running_loop().create_task(self._watch_replicas())
 
@@ -113,9 +117,13 @@ class RemoteEngine:
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     # ---- requests --------------------------------------------------------------------------------
-    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: str | None = None,
+    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
                   request_id: str | None = None, cache_salt: str | None = None) -> RemoteStream:
+        """`adapter` as the server resolved it, sent to the replica as it is; its text ("legal@2") keys the routing
+        and Ray's multiplexed model id."""
         tokens = list(self._tokenizer.encode(prompt)) if isinstance(prompt, str) else prompt
+        target = adapter
+        adapter = None if target is None else str(target)  # type: ignore[assignment]
         label = adapter or self.facts.model_name
         error: BaseException | None = None
         popularity = self.routing.requested(adapter, time.time())
@@ -123,7 +131,7 @@ class RemoteEngine:
         for _ in range(ATTEMPTS):
             sent = self.routing.dispatch(adapter, popularity)
             options = self.handle.options(stream=True, multiplexed_model_id=sent.model_id)
-            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, admission,
+            gen = options.generate.remote(tokens, sampling or SamplingParams(), target, cache_salt, admission,
                                           sent.claim)
             try:
                 route = await gen.__anext__()
@@ -140,10 +148,6 @@ class RemoteEngine:
             self.routing.started(adapter, label, route, sent.claim)
             return RemoteStream(gen, route, lambda: self.routing.finished(adapter, route))
         raise unwrapped(error) if error else EngineUnavailableError("no engine replica answered")
-
-    @staticmethod
-    def adapter_spec(model: str) -> AdapterSpec:
-        return AdapterSpec.parse(model)
 
     # ---- adapters: through one replica; the shared registry carries the change to the others -----------
     async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
@@ -220,44 +224,7 @@ class RemoteEngine:
     def shutdown(self) -> None:
         """Nothing to stop here: the replicas belong to Ray Serve."""
 
-    # ---- the model's facts ---------------------------------------------------------------------
+    # ---- the tokenizer (the facts: self.facts) -------------------------------------------------
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
-
-    @property
-    def model_name(self) -> str:
-        return self.facts.model_name
-
-    @property
-    def model_dir(self) -> Path:
-        return self.facts.model_dir
-
-    @property
-    def max_model_len(self) -> int:
-        return self.facts.max_model_len
-
-    @property
-    def block_size(self) -> int:
-        return self.facts.block_size
-
-    @property
-    def max_num_seqs(self) -> int:
-        """The cluster's running capacity: every replica's batch."""
-        return self.facts.max_num_seqs * self.cluster.replicas
-
-    @property
-    def dtype(self) -> Any:
-        return self.facts.dtype
-
-    @property
-    def device(self) -> str:
-        return self.facts.device
-
-    @property
-    def memory(self) -> Any:
-        return self.facts.memory
-
-    @property
-    def max_prepare_seconds(self) -> float:
-        return self.facts.max_prepare_seconds

@@ -16,16 +16,19 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from loraplex.adapters.key import AdapterKey
-from loraplex.adapters.manager import AdapterInfo
+from loraplex.adapters.registry import AdapterInfo
 from loraplex.cluster.admission import ClaimAdmission
 from loraplex.cluster.config import ClusterConfig
-from loraplex.cluster.messages import ModelFacts, ReplicaReport, RouteInfo, lean
+from loraplex.cluster.messages import ReplicaReport, RouteInfo, lean
 from loraplex.config import EngineConfig
+from loraplex.engine.client import AdapterTarget
+from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import RequestOutput
 from loraplex.sampling import SamplingParams
 
@@ -87,7 +90,7 @@ class EngineReplica:
         self.claim: Callable[[str], Awaitable[Claim]] = serve.multiplexed(
             max_num_models_per_replica=cluster.max_adapters_per_replica)(claim)
         self._tasks = [asyncio.create_task(self._watch_registry()), asyncio.create_task(self._report_loop())]
-        log.info("engine replica %s (pid %d) serving %s", self.id, os.getpid(), self.engine.model_name)
+        log.info("engine replica %s (pid %d) serving %s", self.id, os.getpid(), self.engine.facts.model_name)
 
     def __del__(self) -> None:  # Serve calls it when it stops the replica
         for task in getattr(self, "_tasks", []):
@@ -96,22 +99,24 @@ class EngineReplica:
             self.engine.shutdown()
 
     # ---- requests --------------------------------------------------------------------------------
-    async def generate(self, prompt: list[int], sampling: SamplingParams, adapter: str | None,
+    async def generate(self, prompt: list[int], sampling: SamplingParams, target: AdapterTarget,
                        cache_salt: str | None, popularity: float | None = None, claim: bool = True
                        ) -> AsyncIterator[RouteInfo | RequestOutput]:
         """RouteInfo, then the request's outputs. Cancelled by the ingress (client gone): the request is aborted.
         `popularity`: the adapter's request count at the ingress, for claim admission (None: always claim);
-        claim=False (a request spilled for a busy holder): a transient copy, unless this replica claims it already."""
-        resident = adapter is None or self.engine.is_resident(adapter)
+        claim=False (a request spilled for a busy holder): a transient copy, unless this replica claims it already.
+        `target`: the adapter as the ingress resolved it (its text keys admission and Ray's model ids)."""
+        adapter = None if target is None else str(target)
+        resident = target is None or self.engine.is_resident(target)
         now = time.time()
         keep = adapter is None or (self.admission.admit(adapter, popularity, now) if claim
                                    else self.admission.holds(adapter))
         if adapter is not None and keep:
             await self.claim(adapter)
             self.admission.claimed(adapter, popularity, now)
-        label = adapter or self.engine.model_name
+        label = adapter or self.engine.facts.model_name
         self.served[label] = self.served.get(label, 0) + 1
-        stream = await self.engine.add(prompt, sampling, adapter, cache_salt=cache_salt, keep_adapter=keep)
+        stream = await self.engine.add(prompt, sampling, target, cache_salt=cache_salt, keep_adapter=keep)
         try:
             yield RouteInfo(self.id, resident, stream.adapter, keep)
             async for out in stream:
@@ -119,10 +124,13 @@ class EngineReplica:
         finally:
             stream.abort()
 
-    def facts(self) -> ModelFacts:
-        e = self.engine
-        return ModelFacts(e.model_name, e.model_dir, e.max_model_len, e.block_size, e.max_num_seqs, e.dtype, e.device,
-                          e.memory, e.max_prepare_seconds)
+    def facts(self) -> EngineFacts:
+        return self.engine.facts
+
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer, for the ingress (pickled by Ray: it needs no transformers AutoTokenizer, whose
+        import brings torch)."""
+        return self.engine.tokenizer
 
     # ---- adapter administration: the registry file on the shared store is the cluster's truth ----------
     async def register_adapter(self, name: str, path: str, version: str | None, promote: bool) -> tuple[AdapterKey, int]:

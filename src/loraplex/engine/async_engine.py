@@ -23,13 +23,13 @@ from typing import Any, TypeVar
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.allocator import HeapTrimmer
-from loraplex.adapters.manager import AdapterInfo
+from loraplex.adapters.registry import AdapterInfo
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.client import AdapterTarget
+from loraplex.engine.facts import EngineFacts
 from loraplex.engine.prepare import PreparedRequest, PreparePool, Stage
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
-from loraplex.hardware import DtypeChoice
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
 
@@ -101,7 +101,7 @@ class AsyncLLMEngine:
 
     # ---- public API (event loop side) -------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                  adapter: str | None = None, request_id: str | None = None,
+                  adapter: str | AdapterTarget = None, request_id: str | None = None,
                   cache_salt: str | None = None, keep_adapter: bool = True) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
         `stream.adapter` is the version it was admitted on: pass str() of it to give a sibling the same version.
@@ -155,11 +155,6 @@ class AsyncLLMEngine:
             stream.abort()
 
     # ---- adapters --------------------------------------------------------------------------------
-    @staticmethod
-    def adapter_spec(model: str) -> AdapterSpec:
-        """A request's `model` as an adapter spec ('name' or 'name@version'); InvalidAdapterNameError if malformed."""
-        return AdapterSpec.parse(model)
-
     async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
                                promote: bool = True) -> AdapterKey:
         """Load, validate and register a version (promoted by default); returns its key once it is servable."""
@@ -195,7 +190,7 @@ class AsyncLLMEngine:
         """Apply what other engines sharing the registry file changed (a file read: off the event loop)."""
         return await asyncio.to_thread(self.engine.sync_adapters)
 
-    def is_resident(self, model: str) -> bool:
+    def is_resident(self, model: AdapterSpec | AdapterKey) -> bool:
         """Whether a request for `model` would find its adapter version in memory (the manager's lock: any thread)."""
         return self.engine.is_resident(model)
 
@@ -221,42 +216,8 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     @property
-    def model_name(self) -> str:
-        return self.engine.model_name
-
-    @property
-    def model_dir(self) -> Path:
-        return self.engine.model_dir
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def block_size(self) -> int:
-        return self.engine.config.block_size
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self.engine.config.max_num_seqs
-
-    @property
-    def dtype(self) -> DtypeChoice:
-        return self.engine.dtype_choice
-
-    @property
-    def device(self) -> str:
-        """What the dtype was resolved for: the CPU and its class, or the GPU."""
-        return self.engine.device_description
-
-    @property
-    def memory(self) -> MemoryPlan:
-        return self.engine.memory
-
-    @property
-    def max_prepare_seconds(self) -> float:
-        """The cap on one request's templating, tokenization and grammar compilation (--max-prepare-seconds)."""
-        return self.engine.config.max_prepare_seconds
+    def facts(self) -> EngineFacts:
+        return self.engine.facts
 
     @property
     def registry_version(self) -> int:

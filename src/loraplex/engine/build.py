@@ -14,7 +14,8 @@ import torch
 
 from loraplex.allocator import bound_kernel_caches
 from loraplex.config import EngineConfig
-from loraplex.engine.memory import MemoryPlan, plan
+from loraplex.engine.facts import MemoryPlan
+from loraplex.engine.memory import plan
 from loraplex.hardware import DtypeChoice, cpu, resolve_dtype, warn_if_emulated
 from loraplex.lora.layers import LoRALinear, attach_lora
 from loraplex.models.config import ModelConfig, load_model_config

@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.adapters.registry import AdapterInfo  # what list_adapters returns (no torch: the catalog's view)
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from loraplex.adapters.manager import AdapterInfo
-    from loraplex.engine.memory import MemoryPlan
-    from loraplex.hardware import DtypeChoice
+    from loraplex.engine.facts import EngineFacts
+
+
+# What a request runs on, as the server resolved its `model` field once: an adapter spec ("legal", "legal@2"), the
+# key of a version a sibling request was admitted on, or None for the base model.
+AdapterTarget = AdapterSpec | AdapterKey | None
 
 
 class EngineStream(Protocol):
@@ -32,11 +36,8 @@ class EngineStream(Protocol):
 
 
 class EngineClient(Protocol):
-    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: str | None = None,
+    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
                   request_id: str | None = None, cache_salt: str | None = None) -> EngineStream: ...
-
-    @staticmethod
-    def adapter_spec(model: str) -> AdapterSpec: ...
 
     async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
                                promote: bool = True) -> AdapterKey: ...
@@ -62,35 +63,9 @@ class EngineClient(Protocol):
 
     def shutdown(self) -> None: ...
 
-    # The model's facts, fixed at start.
+    # What the engine serves, fixed at start (a cluster: max_num_seqs over every replica), and its tokenizer.
+    @property
+    def facts(self) -> EngineFacts: ...
+
     @property
     def tokenizer(self) -> Any: ...
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def model_dir(self) -> Path: ...
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def block_size(self) -> int: ...
-
-    @property
-    def max_num_seqs(self) -> int: ...
-
-    @property
-    def dtype(self) -> DtypeChoice: ...
-
-    @property
-    def device(self) -> str: ...
-
-    @property
-    def memory(self) -> MemoryPlan: ...
-
-    @property
-    def max_prepare_seconds(self) -> float:
-        """The cap on one request's chat templating, tokenization and grammar compilation (--max-prepare-seconds)."""
-        ...

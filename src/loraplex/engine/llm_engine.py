@@ -19,12 +19,14 @@ from typing import Any
 import torch
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
-from loraplex.adapters.manager import AdapterInfo, AdapterManager
+from loraplex.adapters.manager import AdapterManager
+from loraplex.adapters.registry import AdapterInfo
 from loraplex.adapters.metrics import AdapterStats
-from loraplex.adapters.peft_format import AdapterWeights, load_peft_adapter
+from loraplex.adapters.loader import AdapterLoader
 from loraplex.adapters.registry import AdapterRegistry
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
+from loraplex.engine.facts import EngineFacts
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner, StepResult
@@ -49,6 +51,9 @@ class LLMEngine:
         self.device, self.device_description = built.device, built.device_description
         self.max_model_len, self.memory = built.max_model_len, built.memory
         self.lora_shapes = built.lora_shapes
+        self.facts = EngineFacts(self.model_name, self.model_dir, self.max_model_len, config.block_size,
+                                 config.max_num_seqs, built.dtype.name, built.dtype.describe(),
+                                 built.device_description, built.memory, config.max_prepare_seconds)
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
@@ -60,7 +65,9 @@ class LLMEngine:
             Path(config.adapter_dir) if config.adapter_dir else None,
             Path(config.registry_file) if config.registry_file else None,
         )
-        self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, self._load_adapter)
+        loader = AdapterLoader(self.lora_shapes, config.max_lora_rank, config.allow_pickle_adapters, self.model_name,
+                               self.model_dir, config.enable_lora)
+        self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, loader)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_skips)
         self.requests: dict[str, Request] = {}
@@ -75,16 +82,6 @@ class LLMEngine:
                  config.max_loras, config.max_lora_rank)
 
     # ---- adapters: names validated here, state owned by self.adapters -----------------------------
-    def _load_adapter(self, name: str, path: Path) -> AdapterWeights:
-        """Read + validate one adapter from disk (runs on the manager's loader thread, or a registering one)."""
-        if not self.config.enable_lora:
-            raise InvalidRequestError("LoRA is disabled (enable_lora=False)")
-        weights = load_peft_adapter(name, path, self.lora_shapes, self.config.max_lora_rank,
-                                    self.config.allow_pickle_adapters)
-        if weights.base_model_name and not self._is_our_base(weights.base_model_name):
-            log.warning("adapter %r was trained for %r, serving it on %r", name, weights.base_model_name, self.model_name)
-        return weights
-
     def register_adapter(self, name: str, path: str | Path, version: str | None = None, promote: bool = True,
                          persistent: bool = True) -> AdapterKey:
         """Load, validate and register a version of `name` (the next integer if none is given). Requests already
@@ -118,10 +115,10 @@ class LLMEngine:
         """"name@version" -> the tiers holding it ("device", "host"). Safe from any thread."""
         return {str(k): tiers for k, tiers in self.adapters.resident().items()}
 
-    def is_resident(self, model: str) -> bool:
-        """Whether the version a request for `model` ("name" or "name@version") would run on is in memory now."""
+    def is_resident(self, model: AdapterSpec | AdapterKey) -> bool:
+        """Whether the version a request for `model` would run on is in memory now."""
         try:
-            key = self.adapters.resolve(AdapterSpec.parse(model))
+            key = self.adapters.resolve(model)
         except LoraplexError:
             return False
         return key in self.adapters.resident()
@@ -134,12 +131,6 @@ class LLMEngine:
         """Drop `model` ("name" or "name@version") from host memory, except versions a request uses or a pin holds;
         returns the versions dropped. Safe from any thread."""
         return self.adapters.evict(AdapterSpec.parse(model))
-
-    def _is_our_base(self, base: str) -> bool:
-        """Whether an adapter's base_model_name_or_path names this model (a path to it, its name, or a hub id ending in it)."""
-        names = {self.model_name, self.model_dir.name}
-        tail = base.rstrip("/").rsplit("/", 1)[-1]
-        return tail in names or Path(base).resolve() == self.model_dir.resolve()
 
     # ---- requests -------------------------------------------------------------------------------
     def _tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

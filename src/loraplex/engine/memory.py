@@ -7,12 +7,11 @@ the figures logged at start, published on /metrics and reported by benchmarks ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from loraplex.config import EngineConfig
+from loraplex.engine.facts import MemoryPlan
 from loraplex.errors import InvalidRequestError
 from loraplex.models.config import ModelConfig
 from loraplex.models.layers import Linear, layer_index
@@ -72,37 +71,6 @@ def available_memory(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryPlan:
-    quantization: str  # "none", "nf4", "nf4+double-quant", "fp4", "int8"
-    weights: int  # bytes of the base model as held
-    kv_cache: int  # bytes of the KV cache (num_blocks * block bytes)
-    kv_blocks: int
-    block_size: int
-    max_model_len: int
-    adapter_slot: int  # bytes of one device slot
-    adapter_slots: int
-
-    @property
-    def adapters(self) -> int:
-        return self.adapter_slot * self.adapter_slots
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.kv_blocks * self.block_size
-
-    @property
-    def kv_sequences_at_max_len(self) -> int:
-        """Sequences of max_model_len tokens the KV cache holds at once (shorter ones: proportionally more)."""
-        return self.kv_blocks // -(-self.max_model_len // self.block_size)
-
-    def describe(self) -> str:
-        return (f"memory: base weights {human(self.weights)} ({self.quantization}); KV cache {human(self.kv_cache)} = "
-                f"{self.kv_tokens} tokens, {self.kv_sequences_at_max_len} concurrent sequences at the full "
-                f"{self.max_model_len}-token context; adapters {human(self.adapters)} = {self.adapter_slots} device "
-                f"slots of {human(self.adapter_slot)}")
 
 
 def plan(model: nn.Module, cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device,

@@ -31,16 +31,16 @@ async def list_models(request: Request) -> dict[str, Any]:
     """The base model and every adapter the caller's key may use, each adapter with its parent (as vLLM lists them)."""
     st = _state(request)
     scope = st.auth.scope(request)
-    engine, mem = st.engine, st.engine.memory
+    engine, mem = st.engine, st.engine.facts.memory
     pc = (await engine.snapshot()).prefix_cache
     base = {"id": st.served_name, "object": "model", "created": st.created, "owned_by": "loraplex",
-            "root": str(engine.model_dir), "parent": None, "max_model_len": engine.max_model_len,
-            "dtype": engine.dtype.name, "dtype_reason": engine.dtype.describe(), "device": engine.device,
+            "root": str(engine.facts.model_dir), "parent": None, "max_model_len": engine.facts.max_model_len,
+            "dtype": engine.facts.dtype, "dtype_reason": engine.facts.dtype_reason, "device": engine.facts.device,
             "quantization": mem.quantization,
             "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache,
                        "adapter_slots_bytes": mem.adapters, "adapter_slots": mem.adapter_slots,
                        "prefix_cache": {"enabled": pc.enabled, "cached_blocks": pc.cached_blocks,
-                                        "block_size": engine.block_size, "hit_rate": pc.hit_rate,
+                                        "block_size": engine.facts.block_size, "hit_rate": pc.hit_rate,
                                         "queries_tokens": sum(pc.queries.values()),
                                         "hits_tokens": sum(pc.hits.values())}}}
     # Where each adapter is held: the engine's tiers, or, behind a cluster, each replica's.
@@ -48,7 +48,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     base["replicas"] = [{"id": r.id, "running": r.running, "waiting": r.waiting, "adapters_resident": len(r.resident)}
                         for r in replicas]
     if not scope.admin:  # totals over every tenant's traffic: a tenant key sees its own rows on /v1/stats only
-        base["memory"]["prefix_cache"] = {"enabled": pc.enabled, "block_size": engine.block_size}
+        base["memory"]["prefix_cache"] = {"enabled": pc.enabled, "block_size": engine.facts.block_size}
         base["replicas"] = [{"id": r.id} for r in replicas]
     data = [base] if scope.may_use(None) else []
     for a in await engine.list_adapters():

@@ -38,10 +38,10 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
     state = ServerState(
         engine=engine,
         auth=Authenticator(keys),
-        metrics=ServerMetrics(engine.memory, engine.dtype.name, engine.device, max_metric_labels),
-        served_name=served_name or engine.model_name,
-        max_in_flight=engine.max_num_seqs + max_queue,
-        prepare=PreparePool(engine.max_prepare_seconds, name="loraplex-render"),
+        metrics=ServerMetrics(engine.facts.memory, engine.facts.dtype, engine.facts.device, max_metric_labels),
+        served_name=served_name or engine.facts.model_name,
+        max_in_flight=engine.facts.max_num_seqs + max_queue,
+        prepare=PreparePool(engine.facts.max_prepare_seconds, name="loraplex-render"),
         adapter_roots=None if adapter_roots is None else tuple(Path(r).expanduser().resolve() for r in adapter_roots),
     )
     app.state.loraplex = state

@@ -1,28 +1,19 @@
-"""Turn an HTTP request into engine requests and back: sampling params, chat rendering and tokenization (on a
-prepare worker, never the event loop), the n choices, non-streaming collection with disconnect detection, and
-per-request metrics."""
+"""A request body as engine inputs: sampling params (and structured outputs), chat rendering and tokenization (on a
+prepare worker, never the event loop), the n choices, the room left in the context. The streams themselves:
+server/request_job.py; each request's metrics: server/tracker.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from fastapi import Request
-
-from loraplex.engine.client import EngineClient, EngineStream
-from loraplex.engine.outputs import RequestOutput
 from loraplex.engine.prepare import PreparePool, Stage
 from loraplex.errors import InvalidRequestError
 from loraplex.sampling import SamplingParams, StructuredOutput
 from loraplex.server import tools
 from loraplex.server.errors import APIError, bad_request
-from loraplex.server.metrics import ServerMetrics
 from loraplex.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
-from loraplex.server.tenant_stats import TenantWindow
 
 
 def _logprobs(body: SamplingFields) -> int | None:
@@ -194,184 +185,3 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     if n < 1 or n > 16:
         raise InvalidRequestError(f"n must be in [1, 16], got {n}")
     return [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
-
-
-@dataclass(slots=True)
-class Tracker:
-    """Per-request timing for TTFT, time per output token and latency, into /metrics and the dashboard's rows:
-    the tenant's window over every key, and the calling key's own (`owner`)."""
-
-    metrics: ServerMetrics
-    model: str  # the adapter's name (or the base model's); "unknown" for a name that was not found
-    start: float = field(default_factory=time.perf_counter)
-    first: float | None = None
-    tokens: int = 0
-    prompt_tokens: int = 0
-    owner: str | None = None  # the calling key's id (server/auth.py key_id); None on an open server
-    cached_tokens: int = 0  # of the prompt, from the prefix cache (the first choice's)
-    _label: str | None = None
-    accepted: bool = False  # the engine took the request: only then may it create its tenant's dashboard rows
-    _windows: list[TenantWindow] | None = None
-
-    @property
-    def label(self) -> str:
-        """The model label of this request's series, taken through the metrics' LabelGate at first use: only once
-        the engine has accepted the name (or it is "unknown"), so a made-up name never takes a series."""
-        if self._label is None:
-            self._label = self.metrics.label(self.model)
-        return self._label
-
-    def windows(self) -> list[TenantWindow]:
-        """The dashboard's windows of this request's tenant (server/tenant_stats.py), every key's and its own:
-        created once the engine has accepted the request; before that only existing ones are used, so a made-up
-        name never makes a row."""
-        if self._windows is None:
-            tenants, owners = self.metrics.tenants, [None] if self.owner is None else [None, self.owner]
-            if self.accepted:
-                self._windows = [tenants.window(self.model, o) for o in owners]
-            else:
-                found = [tenants.existing(self.model, o) for o in owners]
-                self._windows = [w for w in found if w is not None]
-        return self._windows
-
-    def admitted(self) -> None:
-        """The engine took the request: it is in flight, waiting for its first token."""
-        if self.accepted:
-            return
-        self.accepted = True
-        for w in self.windows():
-            w.waiting += 1
-
-    def saw(self, out: RequestOutput) -> None:
-        new = len(out.outputs[0].delta_token_ids)
-        if not new:
-            return
-        windows = self.windows()
-        now = time.monotonic()
-        if self.first is None:
-            self.first = time.perf_counter()
-            self.cached_tokens = out.num_cached_tokens
-            self.metrics.ttft.labels(self.label).observe(self.first - self.start)
-            for w in windows:
-                w.first_token(self.first - self.start, now)
-                if self.accepted:
-                    w.waiting, w.streaming = w.waiting - 1, w.streaming + 1
-        for w in windows:
-            w.tokens(new, now)
-        self.tokens += new
-
-    def done(self, status: str) -> None:
-        end = time.perf_counter()
-        m = self.metrics
-        m.requests.labels(self.label, status).inc()
-        m.latency.labels(self.label).observe(end - self.start)
-        m.generation_tokens.labels(self.label).inc(self.tokens)
-        m.prompt_tokens.labels(self.label).inc(self.prompt_tokens)
-        tpot = None
-        if self.first is not None and self.tokens > 1:
-            tpot = (end - self.first) / (self.tokens - 1)
-            m.tpot.labels(self.label).observe(tpot)
-        for w in self.windows():
-            if self.accepted:  # leaves the in-flight count it entered
-                if self.first is None:
-                    w.waiting -= 1
-                else:
-                    w.streaming -= 1
-            w.finished(status, self.prompt_tokens, tpot, time.monotonic(), self.cached_tokens)
-
-
-Started = list[tuple[RequestOutput, EngineStream]]
-
-
-def pinned_version(stream: EngineStream, adapter: str | None) -> str | None:
-    """The spec that admits a sibling of `stream` (another choice or prompt of one HTTP request) on its version."""
-    return adapter if stream.adapter is None else str(stream.adapter)
-
-
-def fingerprint(firsts: Started, base_name: str) -> str:
-    """OpenAI's system_fingerprint, naming the backend the answer came from: the adapter version ("legal@2"), or
-    the base model's served name."""
-    key = firsts[0][1].adapter if firsts else None
-    return base_name if key is None else str(key)
-
-
-async def open_streams(engine: EngineClient, prompt: list[int], params: list[SamplingParams], adapter: str | None,
-                       tracker: Tracker, cache_salt: str | None = None) -> Started:
-    """Start one engine request per choice and wait for each one's first output, so that an invalid request
-    (unknown adapter, prompt too long, adapter that fails to load) surfaces as an error status before any
-    streaming begins. Every choice runs on the adapter version the first was admitted on, even if a promotion
-    lands between their admissions."""
-    streams: list[EngineStream] = []
-    firsts: Started = []
-    try:
-        for p in params:
-            streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt))
-            adapter = pinned_version(streams[0], adapter)
-            tracker.admitted()  # the model resolved: a registered adapter, or the base model
-        for s in streams:
-            first = await anext(s)
-            tracker.saw(first)
-            firsts.append((first, s))
-    except BaseException:
-        for s in streams:
-            s.abort()
-        raise
-    return firsts
-
-
-async def merged(firsts: Started, tracker: Tracker) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave the choices' outputs as they come: (choice index, output). Leaving early aborts them all."""
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException] | None] = asyncio.Queue()
-
-    async def pump(i: int, first: RequestOutput, stream: EngineStream) -> None:
-        try:
-            await queue.put((i, first))
-            async for out in stream:
-                tracker.saw(out)
-                await queue.put((i, out))
-        except Exception as e:
-            await queue.put((i, e))
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.create_task(pump(i, f, s)) for i, (f, s) in enumerate(firsts)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-                continue
-            i, value = item
-            if isinstance(value, BaseException):
-                raise value
-            yield i, value
-    finally:
-        for t in tasks:
-            t.cancel()
-        for _, s in firsts:
-            s.abort()  # synchronous: works even while this task is being cancelled
-
-
-async def collect(request: Request, firsts: Started, tracker: Tracker) -> list[RequestOutput]:
-    """Run every choice to the end; abort them all if the client disconnects first."""
-    finals: list[RequestOutput | None] = [None] * len(firsts)
-
-    async def run() -> None:
-        async for i, out in merged(firsts, tracker):
-            if out.finished:
-                finals[i] = out
-
-    task = asyncio.create_task(run())
-    try:
-        while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.1)
-            if not done and await request.is_disconnected():
-                raise APIError(499, "client disconnected", "ClientClosedRequest")
-        task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-        for _, s in firsts:
-            s.abort()  # no-op for finished requests; frees the rest at once
-    return [f for f in finals if f is not None]

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from loraplex.engine.memory import MemoryPlan
+from loraplex.engine.facts import MemoryPlan
 from loraplex.engine.outputs import EngineSnapshot
 from loraplex.server.tenant_stats import TenantStats
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,10 +13,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
-from loraplex.server.errors import APIError, error_body, public_message, status_of
-from loraplex.server import auth, logprobs, tools
-from loraplex.server.generation import (Tracker, check_room, choice_params, collect, decoded, encoded, fingerprint,
-                                        merged, open_streams, pinned_version, rendered_chat, sampling_params)
+from loraplex.server.errors import APIError
+from loraplex.server import logprobs, tools
+from loraplex.server.generation import check_room, choice_params, decoded, encoded, rendered_chat, sampling_params
+from loraplex.server.request_job import RequestJob
 from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
@@ -51,37 +50,6 @@ def _finish(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length") else "stop"
 
 
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-async def _start(st: ServerState, request: Request, prompt: list[int], params: list, adapter: str | None,
-                 cache_salt: str | None) -> tuple[Tracker, list]:
-    name = st.served_name if adapter is None else st.engine.adapter_spec(adapter).name  # a series per name, not version
-    scope = st.auth.scope(request)
-    tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=scope.owner)
-    salt = auth.cache_salt(scope, cache_salt)  # each key its own prefix-cache namespace
-    try:
-        return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt)
-    except Exception as e:
-        status = status_of(e)[0]
-        if status == 404:
-            tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label or a dashboard row
-        tracker.done(str(status))
-        raise
-
-
-async def _collect(request: Request, firsts: list, tracker: Tracker) -> list[RequestOutput]:
-    """Run the choices to the end and record the outcome (499 when the client hung up)."""
-    try:
-        outs = await collect(request, firsts, tracker)
-    except BaseException as e:
-        tracker.done(str(status_of(e)[0]) if isinstance(e, Exception) else "499")
-        raise
-    tracker.done("200")
-    return outs
-
-
 @router.post("/v1/chat/completions", responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     st = _state(request)
@@ -94,8 +62,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         raise APIError(400, "modalities: only [\"text\"] is supported", "BadRequestError", "modalities")
     tp = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     prompt = await rendered_chat(st.prepare, st.engine.tokenizer, body.messages, tp.tools)
-    room = st.engine.max_model_len - len(prompt)
-    check_room(len(prompt), body.max_completion_tokens or body.max_tokens, st.engine.max_model_len)
+    room = st.engine.facts.max_model_len - len(prompt)
+    check_room(len(prompt), body.max_completion_tokens or body.max_tokens, st.engine.facts.max_model_len)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
     sampling = sampling_params(body, max_tokens)
     if tp.constraint is not None:
@@ -105,17 +73,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         sampling = replace(sampling, structured=tp.constraint)
     params = choice_params(sampling, body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    st.admit(body.n)
-    try:
-        tracker, firsts = await _start(st, request, prompt, params, adapter, body.cache_salt)
-    except BaseException:
-        st.leave(body.n)
-        raise
+    job = RequestJob(st, request, adapter, body.cache_salt)
+    await job.start([prompt], params)
     if not body.stream:
-        try:
-            outs = await _collect(request, firsts, tracker)
-        finally:
-            st.leave(body.n)
+        outs = (await job.collect())[0]
         choices = []
         for i, o in enumerate(outs):
             c = o.outputs[0]
@@ -125,58 +86,44 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                                                                             c.token_ids, c.logprobs)})
         return {
             "id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
-            "system_fingerprint": fingerprint(firsts, st.served_name),
-            "usage": _usage(len(prompt), outs, per_prompt=len(outs)),
+            "system_fingerprint": job.fingerprint, "usage": _usage(len(prompt), outs, per_prompt=len(outs)),
         }
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    async def events() -> AsyncIterator[str]:
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "system_fingerprint": fingerprint(firsts, st.served_name)}
+                "system_fingerprint": job.fingerprint}
         finals: list[RequestOutput] = []
-        status, completed = "200", False
         lps = logprobs.Stream(st.engine.tokenizer, "chat")
         generated: dict[int, int] = {}
-        try:
-            for i in range(len(firsts)):
-                yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None, "logprobs": None}]})
-            async for i, out in merged(firsts, tracker):
-                c = out.outputs[0]
-                lps.add(i, c.delta_token_ids, c.delta_logprobs)
-                generated[i] = len(c.token_ids)
-                if tp.active:  # tool calls are known once the output is: sent as deltas at its end
-                    if out.finished:
-                        message, finish = tools.to_message(c.text, _finish(c.finish_reason), tp)
-                        for delta in [*tools.stream_deltas(message), {}]:
-                            yield _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                                              "finish_reason": None if delta else finish}],
-                                        **_running_usage(continuous, len(prompt), generated)})
-                        finals.append(out)
-                    continue
-                if c.delta_text or out.finished:
-                    yield _sse({**base, "choices": [{"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
-                                                      "finish_reason": _finish(c.finish_reason),
-                                                      "logprobs": await lps.take(i, c.delta_text)}],
-                                **_running_usage(continuous, len(prompt), generated)})
+        for i in range(len(params)):
+            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None, "logprobs": None}]}
+        async for _, i, out in job.outputs():
+            c = out.outputs[0]
+            lps.add(i, c.delta_token_ids, c.delta_logprobs)
+            generated[i] = len(c.token_ids)
+            if tp.active:  # tool calls are known once the output is: sent as deltas at its end
                 if out.finished:
+                    message, finish = tools.to_message(c.text, _finish(c.finish_reason), tp)
+                    for delta in [*tools.stream_deltas(message), {}]:
+                        yield {**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                    "finish_reason": None if delta else finish}],
+                               **_running_usage(continuous, len(prompt), generated)}
                     finals.append(out)
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(len(prompt), finals, per_prompt=max(len(finals), 1))})
-            yield _sse("[DONE]")
-            completed = True
-        except Exception as e:  # an error after streaming began: report it in-band, as vLLM does
-            code, type_ = status_of(e)
-            status = str(code)
-            yield _sse(error_body(code, public_message(e), type_))
-            yield _sse("[DONE]")
-        finally:
-            tracker.done(status if completed or status != "200" else "499")  # 499: the client went away
-            st.leave(body.n)
+                continue
+            if c.delta_text or out.finished:
+                yield {**base, "choices": [{"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
+                                            "finish_reason": _finish(c.finish_reason),
+                                            "logprobs": await lps.take(i, c.delta_text)}],
+                       **_running_usage(continuous, len(prompt), generated)}
+            if out.finished:
+                finals.append(out)
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage(len(prompt), finals, per_prompt=max(len(finals), 1))}
 
-    return StreamingResponse(events(), media_type="text/event-stream")
-
+    return StreamingResponse(job.stream(chunks()), media_type="text/event-stream")
 
 async def _prompts(body: CompletionRequest, st: ServerState) -> list[list[int]]:
     p = body.prompt
@@ -203,7 +150,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if len(prompts) > 64:
         raise InvalidRequestError(f"at most 64 prompts per request, got {len(prompts)}")
     for p in prompts:
-        check_room(len(p), body.max_tokens, st.engine.max_model_len)
+        check_room(len(p), body.max_tokens, st.engine.facts.max_model_len)
     sampling = sampling_params(body, body.max_tokens or 16)
     if body.echo and sampling.logprobs is not None:  # echo with logprobs: the prompt's tokens are scored too
         sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
@@ -219,91 +166,51 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
             part = await logprobs.prompt_part(tok, out.prompt_token_ids, out.prompt_logprobs)
         return echoes[p_index], part
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    n_total = len(prompts) * body.n
-    st.admit(n_total)
-    started: list[tuple[Tracker, list]] = []
-    try:
-        for prompt in prompts:
-            started.append(await _start(st, request, prompt, params, adapter, body.cache_salt))
-            adapter = pinned_version(started[0][1][0][1], adapter)  # every prompt on the first one's version
-    except BaseException:
-        for tracker, firsts in started:
-            for _, s in firsts:
-                s.abort()
-        st.leave(n_total)
-        raise
+    prompt_tokens = sum(len(p) for p in prompts) * body.n
+    job = RequestJob(st, request, adapter, body.cache_salt)
+    await job.start(prompts, params)
     if not body.stream:
-        try:
-            choices, outs_all = [], []
-            for p_index, (tracker, firsts) in enumerate(started):
-                outs = await _collect(request, firsts, tracker)
-                outs_all.extend(outs)
-                for i, o in enumerate(outs):
-                    c = o.outputs[0]
-                    head, head_lps = await echoed(p_index, o)
-                    lps = None if c.logprobs is None else await logprobs.completion(tok, c.token_ids, c.logprobs,
-                                                                                    len(head))
-                    choices.append({"index": p_index * body.n + i, "text": head + c.text,
-                                    "logprobs": logprobs.joined(head_lps, lps),
-                                    "finish_reason": _finish(c.finish_reason)})
-        finally:
-            for _, firsts in started:  # after an error or a hang-up, the other prompts' requests stop too
-                for _, stream in firsts:
-                    stream.abort()
-            st.leave(n_total)
-        prompt_tokens = sum(len(p) for p in prompts) * body.n
+        choices, outs_all = [], []
+        for p_index, outs in enumerate(await job.collect()):
+            outs_all.extend(outs)
+            for i, o in enumerate(outs):
+                c = o.outputs[0]
+                head, head_lps = await echoed(p_index, o)
+                lps = None if c.logprobs is None else await logprobs.completion(tok, c.token_ids, c.logprobs, len(head))
+                choices.append({"index": p_index * body.n + i, "text": head + c.text,
+                                "logprobs": logprobs.joined(head_lps, lps), "finish_reason": _finish(c.finish_reason)})
         return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "system_fingerprint": fingerprint(started[0][1], st.served_name),
-                "choices": choices, "usage": _usage(prompt_tokens, outs_all)}
+                "system_fingerprint": job.fingerprint, "choices": choices, "usage": _usage(prompt_tokens, outs_all)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    async def events() -> AsyncIterator[str]:
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "system_fingerprint": fingerprint(started[0][1], st.served_name)}
+                "system_fingerprint": job.fingerprint}
         finals: list[RequestOutput] = []
-        done_trackers = 0
         lps = logprobs.Stream(st.engine.tokenizer, "completion")
         generated: dict[int, int] = {}
         started_choices: set[int] = set()
-        try:
-            for p_index, (tracker, firsts) in enumerate(started):
-                async for i, out in merged(firsts, tracker):
-                    c = out.outputs[0]
-                    index = p_index * body.n + i
-                    head, head_lps = await echoed(p_index, out) if index not in started_choices else ("", None)
-                    if head:
-                        started_choices.add(index)
-                        lps.offsets[index] = len(head)
-                    lps.add(index, c.delta_token_ids, c.delta_logprobs)
-                    generated[index] = len(c.token_ids)
-                    if head or c.delta_text or out.finished:
-                        yield _sse({**base, "choices": [{"index": index, "text": head + c.delta_text,
-                                                          "logprobs": logprobs.joined(
-                                                              head_lps, await lps.take(index, c.delta_text)),
-                                                          "finish_reason": _finish(c.finish_reason)}],
-                                    **_running_usage(continuous, sum(len(p) for p in prompts) * body.n, generated)})
-                    if out.finished:
-                        finals.append(out)
-                tracker.done("200")
-                done_trackers += 1
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(sum(len(p) for p in prompts) * body.n, finals)})
-            yield _sse("[DONE]")
-        except Exception as e:
-            code, type_ = status_of(e)
-            yield _sse(error_body(code, public_message(e), type_))
-            yield _sse("[DONE]")
-            for tracker, _ in started[done_trackers:]:
-                tracker.done(str(code))
-            done_trackers = len(started)
-        finally:
-            for tracker, _ in started[done_trackers:]:
-                tracker.done("499")  # the client went away
-            st.leave(n_total)
+        async for p_index, i, out in job.outputs():
+            c = out.outputs[0]
+            index = p_index * body.n + i
+            head, head_lps = await echoed(p_index, out) if index not in started_choices else ("", None)
+            if head:
+                started_choices.add(index)
+                lps.offsets[index] = len(head)
+            lps.add(index, c.delta_token_ids, c.delta_logprobs)
+            generated[index] = len(c.token_ids)
+            if head or c.delta_text or out.finished:
+                yield {**base, "choices": [{"index": index, "text": head + c.delta_text,
+                                            "logprobs": logprobs.joined(head_lps, await lps.take(index, c.delta_text)),
+                                            "finish_reason": _finish(c.finish_reason)}],
+                       **_running_usage(continuous, prompt_tokens, generated)}
+            if out.finished:
+                finals.append(out)
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage(prompt_tokens, finals)}
 
-    return StreamingResponse(events(), media_type="text/event-stream")
-
+    return StreamingResponse(job.stream(chunks()), media_type="text/event-stream")
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> Any:
@@ -316,12 +223,9 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     prompt = (await rendered_chat(st.prepare, tok, [ChatMessage(role="user", content=body.prompt)]) if body.chat
               else (await encoded(st.prepare, tok, [body.prompt]))[0])
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
-    st.admit()
-    try:
-        tracker, firsts = await _start(st, request, prompt, [params], adapter, body.cache_salt)
-        outs = await _collect(request, firsts, tracker)
-    finally:
-        st.leave()
+    job = RequestJob(st, request, adapter, body.cache_salt)
+    await job.start([prompt], [params])
+    outs = (await job.collect())[0]
     c = outs[0].outputs[0]
     return JSONResponse({"response": c.text, "tenant_id": body.tenant_id, "finish_reason": _finish(c.finish_reason),
                          "usage": _usage(len(prompt), outs)})
@@ -341,7 +245,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         tokens = await rendered_chat(st.prepare, tok, body.messages)
     else:
         tokens = (await encoded(st.prepare, tok, [body.prompt], body.add_special_tokens))[0]
-    return {"count": len(tokens), "max_model_len": st.engine.max_model_len, "tokens": tokens}
+    return {"count": len(tokens), "max_model_len": st.engine.facts.max_model_len, "tokens": tokens}
 
 
 @router.post("/detokenize", responses=ERRORS)

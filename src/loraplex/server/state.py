@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.engine.client import EngineClient
+from loraplex.engine.client import AdapterSpec, EngineClient
 from loraplex.engine.prepare import PreparePool
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.errors import APIError
@@ -40,14 +40,15 @@ class ServerState:
                            f"time ({roots}); add one with --allowed-adapter-roots", "PermissionDeniedError",
                            "lora_path")
 
-    def resolve_model(self, model: str, scope: KeyScope) -> str | None:
-        """The adapter spec a `model` field names (None = base), after the key's permission check."""
-        if model in (self.served_name, self.engine.model_name):
+    def resolve_model(self, model: str, scope: KeyScope) -> AdapterSpec | None:
+        """What a `model` field names, parsed once for the whole request (None: the base model), after the key's
+        permission check; the spec goes down to the engine as it is, never as text to parse again."""
+        if model in (self.served_name, self.engine.facts.model_name):
             self.auth.check_model(scope, None, model)
             return None
-        spec = self.engine.adapter_spec(model)  # InvalidAdapterNameError -> 400
+        spec = AdapterSpec.parse(model)  # InvalidAdapterNameError -> 400
         self.auth.check_model(scope, spec.name, model)
-        return model
+        return spec
 
     def admit(self, n: int = 1) -> None:
         """Take n places in the bounded queue, or refuse with 503."""

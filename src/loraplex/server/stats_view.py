@@ -15,8 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from loraplex import __version__
-from loraplex.engine.async_engine import AdapterInfo
-from loraplex.engine.client import EngineClient
+from loraplex.engine.client import AdapterInfo, EngineClient
 from loraplex.engine.outputs import EngineStats
 from loraplex.engine.totals import summed
 from loraplex.server.auth import KeyScope
@@ -43,12 +42,12 @@ def _model(engine: EngineClient, served_name: str, stats: EngineStats, started: 
            replicas: int, admin: bool) -> dict[str, Any]:
     """`memory` is one engine's plan (every replica has the same); the prefix cache is summed over `replicas`
     (its hit rate and size count every key's prompts: admin only)."""
-    mem, pc = engine.memory, stats.snapshot.prefix_cache
+    mem, pc = engine.facts.memory, stats.snapshot.prefix_cache
     return {
         "id": served_name, "version": __version__, "started": started, "uptime_s": time.time() - started,
         "replicas": replicas,
-        "dtype": engine.dtype.name, "device": engine.device, "quantization": mem.quantization,
-        "max_model_len": engine.max_model_len,
+        "dtype": engine.facts.dtype, "device": engine.facts.device, "quantization": mem.quantization,
+        "max_model_len": engine.facts.max_model_len,
         "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
                    "adapter_slots": mem.adapter_slots, "kv_blocks": mem.kv_blocks, "block_size": mem.block_size,
                    "kv_tokens": mem.kv_tokens},
@@ -145,7 +144,7 @@ def tenant_rows(tenants: TenantStats, engine: EngineClient, served_name: str, st
     if scope.admin:
         for name in (*stats.queued, *stats.running):
             if stats.queued.get(name) or stats.running.get(name):
-                busy.add(served_name if name == engine.model_name else name)
+                busy.add(served_name if name == engine.facts.model_name else name)
     return tenants.rows([served_name, *(a.name for a in catalog)], busy, owner=None if scope.admin else scope.owner)
 
 
@@ -158,7 +157,7 @@ def stats_json(engine: EngineClient, served_name: str, started: float, stats: li
     for name, row in rows.items():
         base = name == served_name
         if scope.may_use(None if base else name):
-            tenants.append(_tenant(name, engine.model_name if base else name, "base" if base else "adapter", row,
+            tenants.append(_tenant(name, engine.facts.model_name if base else name, "base" if base else "adapter", row,
                                    total if scope.admin else None))
     now = time.time()
     out: dict[str, Any] = {"object": "stats", "scope": "admin" if scope.admin else "tenant", "time": now,
