@@ -38,12 +38,24 @@ def _usage(prompt: int, outs: list[RequestOutput], per_prompt: int = 1) -> dict[
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _running_usage(on: bool, prompt: int, generated: dict[int, int]) -> dict[str, Any]:
+def _running_usage(on: bool, prompt: int, generated: dict[tuple[int, int], int]) -> dict[str, Any]:
     """stream_options.continuous_usage_stats (vLLM's): the usage so far, on every chunk."""
     if not on:
         return {}
     completion = sum(generated.values())
     return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+def _usage_options(body: ChatCompletionRequest | CompletionRequest) -> tuple[bool, bool]:
+    """stream_options: include_usage (a last chunk with the usage), continuous_usage_stats (vLLM's: on every chunk)."""
+    o = body.stream_options
+    include = bool(o and o.include_usage)
+    return include, include and bool(o and o.continuous_usage_stats)
+
+
+def _head(rid: str, kind: str, created: int, model: str, job: RequestJob) -> dict[str, Any]:
+    """The fields every response and chunk of a request carries."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": job.fingerprint}
 
 
 def _finish(reason: str | None) -> str | None:
@@ -84,44 +96,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             choices.append({"index": i, "message": message, "finish_reason": finish,
                             "logprobs": None if c.logprobs is None else await logprobs.chat(st.engine.tokenizer,
                                                                                             c.token_ids, c.logprobs)})
-        return {
-            "id": rid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
-            "system_fingerprint": job.fingerprint, "usage": _usage(len(prompt), outs, per_prompt=len(outs)),
-        }
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        return {**_head(rid, "chat.completion", created, body.model, job), "choices": choices,
+                "usage": _usage(len(prompt), outs, per_prompt=len(outs))}
+    include_usage, continuous = _usage_options(body)
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "system_fingerprint": job.fingerprint}
-        finals: list[RequestOutput] = []
+        base = _head(rid, "chat.completion.chunk", created, body.model, job)
         lps = logprobs.Stream(st.engine.tokenizer, "chat")
-        generated: dict[int, int] = {}
         for i in range(len(params)):
             yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
         async for _, i, out in job.outputs():
             c = out.outputs[0]
             lps.add(i, c.delta_token_ids, c.delta_logprobs)
-            generated[i] = len(c.token_ids)
             if tp.active:  # tool calls are known once the output is: sent as deltas at its end
                 if out.finished:
                     message, finish = tools.to_message(c.text, _finish(c.finish_reason), tp)
                     for delta in [*tools.stream_deltas(message), {}]:
                         yield {**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
                                                     "finish_reason": None if delta else finish}],
-                               **_running_usage(continuous, len(prompt), generated)}
-                    finals.append(out)
+                               **_running_usage(continuous, len(prompt), job.generated)}
                 continue
             if c.delta_text or out.finished:
                 yield {**base, "choices": [{"index": i, "delta": {"content": c.delta_text} if c.delta_text else {},
                                             "finish_reason": _finish(c.finish_reason),
                                             "logprobs": await lps.take(i, c.delta_text)}],
-                       **_running_usage(continuous, len(prompt), generated)}
-            if out.finished:
-                finals.append(out)
+                       **_running_usage(continuous, len(prompt), job.generated)}
         if include_usage:
-            yield {**base, "choices": [], "usage": _usage(len(prompt), finals, per_prompt=max(len(finals), 1))}
+            yield {**base, "choices": [], "usage": _usage(len(prompt), job.finals, per_prompt=max(len(job.finals), 1))}
 
     return StreamingResponse(job.stream(chunks()), media_type="text/event-stream")
 
@@ -179,17 +181,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 lps = None if c.logprobs is None else await logprobs.completion(tok, c.token_ids, c.logprobs, len(head))
                 choices.append({"index": p_index * body.n + i, "text": head + c.text,
                                 "logprobs": logprobs.joined(head_lps, lps), "finish_reason": _finish(c.finish_reason)})
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "system_fingerprint": job.fingerprint, "choices": choices, "usage": _usage(prompt_tokens, outs_all)}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    continuous = include_usage and bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        return {**_head(rid, "text_completion", created, body.model, job), "choices": choices,
+                "usage": _usage(prompt_tokens, outs_all)}
+    include_usage, continuous = _usage_options(body)
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "system_fingerprint": job.fingerprint}
-        finals: list[RequestOutput] = []
-        lps = logprobs.Stream(st.engine.tokenizer, "completion")
-        generated: dict[int, int] = {}
+        base, lps = _head(rid, "text_completion", created, body.model, job), logprobs.Stream(tok, "completion")
         started_choices: set[int] = set()
         async for p_index, i, out in job.outputs():
             c = out.outputs[0]
@@ -199,16 +196,13 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 started_choices.add(index)
                 lps.offsets[index] = len(head)
             lps.add(index, c.delta_token_ids, c.delta_logprobs)
-            generated[index] = len(c.token_ids)
             if head or c.delta_text or out.finished:
                 yield {**base, "choices": [{"index": index, "text": head + c.delta_text,
                                             "logprobs": logprobs.joined(head_lps, await lps.take(index, c.delta_text)),
                                             "finish_reason": _finish(c.finish_reason)}],
-                       **_running_usage(continuous, prompt_tokens, generated)}
-            if out.finished:
-                finals.append(out)
+                       **_running_usage(continuous, prompt_tokens, job.generated)}
         if include_usage:
-            yield {**base, "choices": [], "usage": _usage(prompt_tokens, finals)}
+            yield {**base, "choices": [], "usage": _usage(prompt_tokens, job.finals)}
 
     return StreamingResponse(job.stream(chunks()), media_type="text/event-stream")
 

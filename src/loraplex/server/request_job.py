@@ -132,6 +132,9 @@ class RequestJob:
     cache_salt: str | None = None
     started: list[tuple[Tracker, Started]] = field(default_factory=list)  # per prompt: its tracker, its choices
     places: int = 0
+    # While streaming (`outputs`): each choice's tokens so far, keyed (prompt, choice), and the finished outputs.
+    generated: dict[tuple[int, int], int] = field(default_factory=dict)
+    finals: list[RequestOutput] = field(default_factory=list)
     _recorded: int = 0  # prompts whose outcome is recorded (in order)
 
     async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
@@ -186,9 +189,13 @@ class RequestJob:
             self.st.leave(self.places)
 
     async def outputs(self) -> AsyncIterator[tuple[int, int, RequestOutput]]:
-        """(prompt index, choice index, output) as they come, prompt after prompt (for `stream`)."""
+        """(prompt index, choice index, output) as they come, prompt after prompt (for `stream`); `generated` and
+        `finals` are up to date at each."""
         for p, (tracker, firsts) in enumerate(self.started):
             async for i, out in merged(firsts, tracker):
+                self.generated[(p, i)] = len(out.outputs[0].token_ids)
+                if out.finished:
+                    self.finals.append(out)
                 yield p, i, out
             tracker.done("200")
             self._recorded += 1
