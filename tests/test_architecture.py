@@ -69,7 +69,8 @@ def test_no_import_cycles() -> None:
 def test_the_layers_point_one_way() -> None:
     """server/ talks to the engine, never to adapters/ directly; models/ never imports lora, adapters, quant,
     engine or server; the cluster (server and engine over Ray Serve) sits above the server, and only the CLI
-    imports it; nothing below the server imports it or the CLI."""
+    imports it; of adapters/ it sees the names and keys (adapters/key.py) only, the rest through the engine;
+    nothing below the server imports it or the CLI."""
     for m, p in MODULES.items():
         used = imports(p, top_level_only=False)
         if m.startswith("loraplex.server"):
@@ -77,8 +78,10 @@ def test_the_layers_point_one_way() -> None:
         if m.startswith("loraplex.models"):
             banned = ("loraplex.lora", "loraplex.adapters", "loraplex.quant", "loraplex.engine", "loraplex.server")
             assert not {u for u in used if u.startswith(banned)}, m
-        if m.startswith("loraplex.cluster"):  # the engine's model code and kernels only through the engine
+        if m.startswith("loraplex.cluster"):  # the engine's model code, kernels and adapter state only through it
             assert not {u for u in used if u.startswith(("loraplex.models", "loraplex.lora", "loraplex.quant"))}, m
+            internals = {u for u in used if u.startswith("loraplex.adapters") and not u.startswith("loraplex.adapters.key")}
+            assert not internals, (m, internals)  # adapter names and keys, never the registry, tiers or manager
         if not m.startswith(("loraplex.server", "loraplex.cli", "loraplex.cluster")):
             assert not {u for u in used if u.startswith(("loraplex.server", "loraplex.cli"))}, m
         if not m.startswith(("loraplex.cli", "loraplex.cluster")):

@@ -21,12 +21,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from loraplex.adapters.key import AdapterKey
-from loraplex.adapters.registry import AdapterInfo
 from loraplex.cluster.admission import Popularity
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ReplicaReport, RouteInfo
 from loraplex.cluster.routing import AdapterRouting
-from loraplex.engine.client import AdapterTarget
+from loraplex.engine.client import AdapterInfo, AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
 from loraplex.engine.totals import merge

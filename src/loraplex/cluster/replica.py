@@ -22,12 +22,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from loraplex.adapters.key import AdapterKey
-from loraplex.adapters.registry import AdapterInfo
 from loraplex.cluster.admission import ClaimAdmission
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ReplicaReport, RouteInfo, lean
 from loraplex.config import EngineConfig
-from loraplex.engine.client import AdapterTarget
+from loraplex.engine.client import AdapterInfo, AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import RequestOutput
 from loraplex.sampling import SamplingParams
