@@ -26,8 +26,8 @@ from loraplex.engine.scheduler import ScheduledSeq
 from loraplex.engine.step_log import BatchHistory, StepLog, StepRecord, ThroughputPoint
 from loraplex.sampling import SamplingParams
 from loraplex.server.auth import KeyScope
-from loraplex.server.stats_view import combined, stats_json, tenant_rows
-from loraplex.server.tenant_stats import LATENCY_SAMPLES, LATENCY_WINDOW_S, RATE_WINDOW_S, TenantStats, percentile
+from loraplex.server.stats.view import combined, stats_json, tenant_rows
+from loraplex.server.stats.tenants import LATENCY_SAMPLES, LATENCY_WINDOW_S, RATE_WINDOW_S, TenantStats, percentile
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100, 513])

@@ -14,7 +14,7 @@ from loraplex.engine.prepare import PreparePool
 from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.guard import GuardConfig, RequestGuard
-from loraplex.server.metrics import ServerMetrics
+from loraplex.server.stats.prometheus import ServerMetrics
 from loraplex.server.state import ServerState
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from loraplex.server.errors import APIError
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.state import ServerState
-from loraplex.server.stats_view import combined, stats_json, tenant_rows
+from loraplex.server.stats.view import combined, stats_json, tenant_rows
 
 router = APIRouter()
 STATIC = Path(__file__).parent / "static"

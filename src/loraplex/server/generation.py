@@ -1,6 +1,6 @@
 """A request body as engine inputs: sampling params (and structured outputs), chat rendering and tokenization (on a
 prepare worker, never the event loop), the n choices, the room left in the context. The streams themselves:
-server/request_job.py; each request's metrics: server/tracker.py."""
+server/request_job.py; each request's metrics: server/stats/tracker.py."""
 
 from __future__ import annotations
 

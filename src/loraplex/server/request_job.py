@@ -20,7 +20,7 @@ from loraplex.sampling import SamplingParams
 from loraplex.server import auth
 from loraplex.server.errors import APIError, error_body, public_message, status_of
 from loraplex.server.state import ServerState
-from loraplex.server.tracker import Tracker
+from loraplex.server.stats.tracker import Tracker
 
 Started = list[tuple[RequestOutput, EngineStream]]
 

@@ -10,7 +10,7 @@ from loraplex.engine.client import AdapterSpec, EngineClient
 from loraplex.engine.prepare import PreparePool
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.errors import APIError
-from loraplex.server.metrics import ServerMetrics
+from loraplex.server.stats.prometheus import ServerMetrics
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from loraplex.engine.client import AdapterInfo, EngineClient
 from loraplex.engine.outputs import EngineStats
 from loraplex.engine.totals import summed
 from loraplex.server.auth import KeyScope
-from loraplex.server.tenant_stats import TenantRow, TenantStats
+from loraplex.server.stats.tenants import TenantRow, TenantStats
 
 RATE_S = 10  # a replica's tokens_per_s: over its last seconds of throughput
 

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from loraplex.engine.outputs import RequestOutput
-from loraplex.server.metrics import ServerMetrics
-from loraplex.server.tenant_stats import TenantWindow
+from loraplex.server.stats.prometheus import ServerMetrics
+from loraplex.server.stats.tenants import TenantWindow
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ class Tracker:
         return self._label
 
     def windows(self) -> list[TenantWindow]:
-        """The dashboard's windows of this request's tenant (server/tenant_stats.py), every key's and its own:
+        """The dashboard's windows of this request's tenant (server/stats/tenants.py), every key's and its own:
         created once the engine has accepted the request; before that only existing ones are used, so a made-up
         name never makes a row."""
         if self._windows is None:

@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from loraplex.engine.facts import MemoryPlan
 from loraplex.engine.outputs import EngineSnapshot
-from loraplex.server.tenant_stats import TenantStats
+from loraplex.server.stats.tenants import TenantStats
 
 disable_created_metrics()  # the *_created series only add noise here
 
