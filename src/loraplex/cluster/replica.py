@@ -21,7 +21,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from loraplex.adapters.key import AdapterKey
+from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.cluster.admission import ClaimAdmission
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ReplicaReport, RouteInfo, lean
@@ -83,8 +83,11 @@ class EngineReplica:
         async def claim(model_id: str) -> Claim:
             # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
             # adapter, so no replica claims one; the load itself runs in the background, in the engine's tiers.
-            await self.engine.prefetch_adapter(model_id)
+            # The request's own target (`generate`) is used as it is: Ray hands over only its text.
+            await self.engine.prefetch_adapter(self._claiming.get(model_id) or model_id)
             return Claim(model_id, unclaim)
+
+        self._claiming: dict[str, AdapterSpec | AdapterKey] = {}  # model id -> the target of a request claiming it
 
         self.claim: Callable[[str], Awaitable[Claim]] = serve.multiplexed(
             max_num_models_per_replica=cluster.max_adapters_per_replica)(claim)
@@ -110,8 +113,12 @@ class EngineReplica:
         now = time.time()
         keep = adapter is None or (self.admission.admit(adapter, popularity, now) if claim
                                    else self.admission.holds(adapter))
-        if adapter is not None and keep:
-            await self.claim(adapter)
+        if target is not None and adapter is not None and keep:
+            self._claiming[adapter] = target
+            try:
+                await self.claim(adapter)
+            finally:
+                self._claiming.pop(adapter, None)
             self.admission.claimed(adapter, popularity, now)
         label = adapter or self.engine.facts.model_name
         self.served[label] = self.served.get(label, 0) + 1

@@ -205,7 +205,7 @@ class AsyncLLMEngine:
         """Drop `model` from host memory unless a request uses or a pin holds it (the manager's lock: any thread)."""
         return self.engine.evict_adapter(model)
 
-    async def prefetch_adapter(self, model: str) -> AdapterKey:
+    async def prefetch_adapter(self, model: str | AdapterSpec | AdapterKey) -> AdapterKey:
         """Resolve `model` ("name" or "name@version"; AdapterNotFoundError if unknown) and start loading it into
         host memory, so the first request finds it loading or loaded."""
         return await asyncio.to_thread(self.engine.prefetch_adapter, model)

@@ -123,9 +123,10 @@ class LLMEngine:
             return False
         return key in self.adapters.resident()
 
-    def prefetch_adapter(self, model: str) -> AdapterKey:
-        """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory."""
-        return self.adapters.prefetch(AdapterSpec.parse(model))
+    def prefetch_adapter(self, model: str | AdapterSpec | AdapterKey) -> AdapterKey:
+        """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory; text
+        ("name", "name@version") is parsed, a spec or key used as it is."""
+        return self.adapters.prefetch(AdapterSpec.parse(model) if isinstance(model, str) else model)
 
     def evict_adapter(self, model: str) -> int:
         """Drop `model` ("name" or "name@version") from host memory, except versions a request uses or a pin holds;
