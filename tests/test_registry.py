@@ -102,15 +102,16 @@ def test_unreadable_registry_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_host_cache_lru_refs_and_pins() -> None:
     """Capacity holds; LRU goes first; referenced and pinned entries are never evicted."""
-    cache: HostCache[str, int] = HostCache(capacity=2)
+    held: set[str] = set()  # what the owner (the manager) says a request or a pin holds
+    cache: HostCache[str, int] = HostCache(capacity=2, held=held.__contains__)
     assert cache.put("a", 1) == [] and cache.put("b", 2) == []
     cache.get("a")  # a is now most recently used
     assert cache.put("c", 3) == ["b"]
-    cache.ref("a")
-    cache.pinned.add("c")
-    assert cache.put("d", 4) == []  # a held, c pinned: over capacity rather than evict either
+    held.add("a")  # a request uses it
+    held.add("c")  # a pin holds it
+    assert cache.put("d", 4) == []  # a and c held: over capacity rather than evict either
     assert sorted(cache.keys()) == ["a", "c", "d"]
-    cache.unref("a")
+    held.discard("a")
     assert cache.put("e", 5) == ["a", "d"]
     assert sorted(cache.keys()) == ["c", "e"]
 

@@ -82,10 +82,11 @@ def test_acquire_returns_none_when_every_slot_is_busy_and_changes_nothing() -> N
 
 def test_pinned_adapter_is_never_evicted() -> None:
     """A pinned idle adapter keeps its slot even when it is the LRU; with only pinned idle slots, acquire fails."""
-    t = SlotTable(2)
+    pins: set[str] = set()
+    t = SlotTable(2, pins.__contains__)
     sa = t.acquire("a").slot  # type: ignore[union-attr]
     sb = t.acquire("b").slot  # type: ignore[union-attr]
-    t.pinned.add("a")
+    pins.add("a")
     t.release("a")  # a is LRU but pinned
     t.release("b")
     g = t.acquire("c")

@@ -5,7 +5,7 @@ not claim that way: it must not evict a claimed one for it). No torch use."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -13,11 +13,12 @@ V = TypeVar("V")
 
 
 class HostCache(Generic[K, V]):
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, held: Callable[[K], bool] = lambda key: False) -> None:
+        """`held(key)`: a request or a pin holds the adapter, so it is never evicted. The owner (the manager) keeps
+        those counts and pins; the cache only asks."""
         self.capacity = capacity
         self._entries: OrderedDict[K, V] = OrderedDict()  # least recently used first
-        self.refs: dict[K, int] = {}
-        self.pinned: set[K] = set()
+        self.held = held
         self.transient: set[K] = set()  # entries outside the capacity, dropped when their last request ends
 
     def __contains__(self, key: K) -> bool:
@@ -64,21 +65,10 @@ class HostCache(Generic[K, V]):
         for k in list(self._entries):
             if len(self._entries) - len(self.transient) <= self.capacity:
                 break
-            if k != keep and not self.refs.get(k) and k not in self.pinned and k not in self.transient:
+            if k != keep and not self.held(k) and k not in self.transient:
                 del self._entries[k]
                 evicted.append(k)
         return evicted
-
-    def ref(self, key: K) -> None:
-        self.refs[key] = self.refs.get(key, 0) + 1
-
-    def unref(self, key: K) -> int:
-        n = self.refs.get(key, 0) - 1
-        if n <= 0:
-            self.refs.pop(key, None)
-            return 0
-        self.refs[key] = n
-        return n
 
     def drop(self, key: K) -> None:
         self._entries.pop(key, None)

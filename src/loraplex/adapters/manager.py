@@ -35,8 +35,10 @@ Loader = Callable[[str, Path], AdapterWeights]
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, num_slots: int, host_capacity: int, loader: Loader) -> None:
         self.registry = registry
-        self.slots: SlotTable[AdapterKey] = SlotTable(num_slots)  # read-only outside this class
-        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(host_capacity)
+        # Pins and request counts live here only; the tiers ask through these predicates.
+        self.slots: SlotTable[AdapterKey] = SlotTable(num_slots, self.is_pinned)  # read-only outside this class
+        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(
+            host_capacity, lambda key: bool(self.users.get(key)) or self.is_pinned(key))
         self.metrics = AdapterMetrics()
         self._load = loader
         self._lock = threading.RLock()
@@ -49,6 +51,10 @@ class AdapterManager:
         for name, entry in registry.entries.items():
             if entry.pinned:
                 self._set_pin(name, AdapterKey(name, entry.current))
+
+    def is_pinned(self, key: AdapterKey) -> bool:
+        """A pin holds this version (a pin holds its name's current version only)."""
+        return self._pins.get(key.name) == key
 
     # ---- names and versions ---------------------------------------------------------------------
     def resolve(self, spec: AdapterSpec) -> AdapterKey:
@@ -178,14 +184,9 @@ class AdapterManager:
 
     def _set_pin(self, name: str, key: AdapterKey | None) -> None:
         """Move `name`'s pin to `key` (None: unpin it): the tiers hold the pinned version, and only that one."""
-        old = self._pins.pop(name, None)
-        if old is not None:
-            self.host.pinned.discard(old)
-            self.slots.pinned.discard(old)
+        self._pins.pop(name, None)
         if key is not None:
             self._pins[name] = key
-            self.host.pinned.add(key)
-            self.slots.pinned.add(key)
             if key not in self.host:
                 self._start_load(key)
             else:
@@ -203,10 +204,8 @@ class AdapterManager:
         adapter is held for its requests only (a transient host entry, dropped when the last one ends), so it
         evicts nothing there; a later acquire with keep=True makes it a cached entry. A pinned adapter is kept."""
         with self._lock:
-            keep = keep or key in self.host.pinned
-            self.users[key] = self.users.get(key, 0) + 1
-            if self.users[key] == 1:
-                self.host.ref(key)  # one host reference while any request uses the adapter
+            keep = keep or self.is_pinned(key)
+            self.users[key] = self.users.get(key, 0) + 1  # the host tier never evicts it while any request does
             if self.host.get(key) is not None:  # get() also marks it most recently used
                 self.metrics.hit("host")
                 if keep:
@@ -222,7 +221,6 @@ class AdapterManager:
                 self.users[key] = n
                 return
             self.users.pop(key, None)
-            self.host.unref(key)
             if self.registry.current(key.name) != key.version:
                 self._free(key)  # superseded or unregistered: free once unused
             elif key in self.host.transient:  # held for its requests only: the tier never counted it
@@ -236,7 +234,7 @@ class AdapterManager:
         so that the tier holds what Ray routes there. Returns how many were dropped."""
         with self._lock:
             drop = [k for k in self.host.keys() if k.name == spec.name and spec.version in (None, k.version)
-                    and not self.users.get(k) and k not in self.host.pinned]
+                    and not self.users.get(k) and not self.is_pinned(k)]
             for key in drop:
                 self.host.drop(key)
                 self.metrics.evict("host")
@@ -276,7 +274,7 @@ class AdapterManager:
         """Give every pinned, loaded adapter that is not resident a slot; returns (slot, key) to fill now."""
         fills = []
         with self._lock:
-            for key in sorted(self.slots.pinned):
+            for key in sorted(self._pins.values()):
                 if key in self.host and key not in self.slots.slot_of:
                     grant = self.slots.acquire(key)
                     if grant is not None:
@@ -307,7 +305,7 @@ class AdapterManager:
             def view(key: AdapterKey, refs: int) -> ResidentAdapter:
                 weights = self.host.peek(key)
                 return ResidentAdapter(key.name, key.version, None if weights is None else weights.rank, refs,
-                                       key in self.host.pinned)
+                                       self.is_pinned(key))
 
             slots: list[ResidentAdapter | None] = [None] * self.slots.num_slots
             for key, slot in self.slots.slot_of.items():

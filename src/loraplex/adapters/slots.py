@@ -8,7 +8,7 @@ needed for another adapter.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -24,11 +24,12 @@ class SlotGrant:
 class SlotTable(Generic[K]):
     """Not thread-safe by itself: its owner (adapters.manager.AdapterManager) serialises every call."""
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, pinned: Callable[[K], bool] = lambda key: False) -> None:
+        """`pinned(key)`: a pin holds the adapter's slot even while idle (the owner, the manager, keeps the pins)."""
         self.num_slots = num_slots
         self.slot_of: dict[K, int] = {}
-        self.refs: dict[K, int] = {}
-        self.pinned: set[K] = set()
+        self.refs: dict[K, int] = {}  # scheduled requests referencing each resident adapter's slot
+        self.pinned = pinned
         self._free = list(range(num_slots - 1, -1, -1))
         self._idle: OrderedDict[K, None] = OrderedDict()  # resident, unreferenced, LRU first
         self.evictions = 0
@@ -36,7 +37,7 @@ class SlotTable(Generic[K]):
         self.misses = 0  # acquire had to copy it in
 
     def can_acquire(self, key: K) -> bool:
-        return key in self.slot_of or bool(self._free) or any(k not in self.pinned for k in self._idle)
+        return key in self.slot_of or bool(self._free) or any(not self.pinned(k) for k in self._idle)
 
     def acquire(self, key: K) -> SlotGrant | None:
         """Reference `key`'s slot, assigning one (LRU eviction of an idle adapter) if needed; None if all are busy."""
@@ -48,7 +49,7 @@ class SlotTable(Generic[K]):
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next((k for k in self._idle if k not in self.pinned), None)
+            victim = next((k for k in self._idle if not self.pinned(k)), None)
             if victim is None:
                 return None
             del self._idle[victim]
