@@ -302,3 +302,18 @@ def test_a_tenant_keys_stats_count_its_own_requests_only(served: dict) -> None:
     assert admin["shared"]["requests"] - before[ADMIN] >= 4
     base = _own_row(url, PROM, BASE)  # no traffic of its own (and no base scope): no row, not everyone's
     assert base["requests"] == 0
+
+
+def test_a_refused_later_prompt_leaves_no_request_in_flight_on_the_stats(served: dict) -> None:
+    """Completions with two prompts, the second refused by the engine (a token id past the vocabulary) after the
+    first has started: a 400, and the first prompt's request is recorded as ended too, so the key's row shows
+    nothing queued or running afterwards (it once stayed "running" for good)."""
+    url = served["url"]
+    before = _own_row(url, ALICE, "shared")
+    r = httpx.post(url + "/v1/completions", headers=_auth(ALICE), timeout=60,
+                   json={"model": "shared", "prompt": [[1, 2, 3], [10**7]], "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 400 and "token ids" in r.json()["error"]["message"], r.text
+    after = _own_row(url, ALICE, "shared")
+    assert after["queued"] == after["running"] == 0, after
+    assert after["requests"] - before["requests"] == 2 and after["errors"].get("400", 0) >= 2, after
+    _still_serving(url)

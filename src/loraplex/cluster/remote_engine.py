@@ -121,31 +121,30 @@ class RemoteEngine:
         """`adapter` as the server resolved it, sent to the replica as it is; its text ("legal@2") keys the routing
         and Ray's multiplexed model id."""
         tokens = list(self._tokenizer.encode(prompt)) if isinstance(prompt, str) else prompt
-        target = adapter
-        adapter = None if target is None else str(target)  # type: ignore[assignment]
-        label = adapter or self.facts.model_name
+        model = None if adapter is None else str(adapter)  # the routing's and Ray's key for it
+        label = model or self.facts.model_name
         error: BaseException | None = None
-        popularity = self.routing.requested(adapter, time.time())
+        popularity = self.routing.requested(model, time.time())
         admission = popularity if self.cluster.claim_policy == "frequency" else None  # None: the replica claims
         for _ in range(ATTEMPTS):
-            sent = self.routing.dispatch(adapter, popularity)
+            sent = self.routing.dispatch(model, popularity)
             options = self.handle.options(stream=True, multiplexed_model_id=sent.model_id)
-            gen = options.generate.remote(tokens, sampling or SamplingParams(), target, cache_salt, admission,
+            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, admission,
                                           sent.claim)
             try:
                 route = await gen.__anext__()
             except _GONE as e:  # nothing reached the client yet: another replica may take it
                 gen.cancel()
-                self.routing.abandoned(adapter)
+                self.routing.abandoned(model)
                 error = e
                 log.warning("a replica failed before answering (%s); sending the request again", type(e).__name__)
                 continue
             except BaseException as e:
                 gen.cancel()
-                self.routing.abandoned(adapter)
+                self.routing.abandoned(model)
                 raise unwrapped(e) from None
-            self.routing.started(adapter, label, route, sent.claim)
-            return RemoteStream(gen, route, lambda: self.routing.finished(adapter, route))
+            self.routing.started(model, label, route, sent.claim)
+            return RemoteStream(gen, route, lambda: self.routing.finished(model, route))
         raise unwrapped(error) if error else EngineUnavailableError("no engine replica answered")
 
     # ---- adapters: through one replica; the shared registry carries the change to the others -----------

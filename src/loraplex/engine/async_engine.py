@@ -104,7 +104,7 @@ class AsyncLLMEngine:
                   adapter: str | AdapterTarget = None, request_id: str | None = None,
                   cache_salt: str | None = None, keep_adapter: bool = True) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
-        `stream.adapter` is the version it was admitted on: pass str() of it to give a sibling the same version.
+        `stream.adapter` is the version it was admitted on: pass it as `adapter` to give a sibling the same version.
         keep_adapter=False: a cold adapter is held in host memory for this request only (LLMEngine.add_request)."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())

@@ -20,10 +20,9 @@ import torch
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
 from loraplex.adapters.manager import AdapterManager
-from loraplex.adapters.registry import AdapterInfo
 from loraplex.adapters.metrics import AdapterStats
 from loraplex.adapters.loader import AdapterLoader
-from loraplex.adapters.registry import AdapterRegistry
+from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
 from loraplex.engine.facts import EngineFacts

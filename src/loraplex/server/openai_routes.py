@@ -85,7 +85,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         sampling = replace(sampling, structured=tp.constraint)
     params = choice_params(sampling, body.n)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    job = RequestJob(st, request, adapter, body.cache_salt)
+    job = RequestJob(st, request, scope, adapter, body.cache_salt)
     await job.start([prompt], params)
     if not body.stream:
         outs = (await job.collect())[0]
@@ -169,7 +169,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return echoes[p_index], part
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(p) for p in prompts) * body.n
-    job = RequestJob(st, request, adapter, body.cache_salt)
+    job = RequestJob(st, request, scope, adapter, body.cache_salt)
     await job.start(prompts, params)
     if not body.stream:
         choices, outs_all = [], []
@@ -217,7 +217,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     prompt = (await rendered_chat(st.prepare, tok, [ChatMessage(role="user", content=body.prompt)]) if body.chat
               else (await encoded(st.prepare, tok, [body.prompt]))[0])
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
-    job = RequestJob(st, request, adapter, body.cache_salt)
+    job = RequestJob(st, request, scope, adapter, body.cache_salt)
     await job.start([prompt], [params])
     outs = (await job.collect())[0]
     c = outs[0].outputs[0]

@@ -18,6 +18,7 @@ from loraplex.engine.client import AdapterTarget, EngineClient, EngineStream
 from loraplex.engine.outputs import RequestOutput
 from loraplex.sampling import SamplingParams
 from loraplex.server import auth
+from loraplex.server.auth import KeyScope
 from loraplex.server.errors import APIError, error_body, public_message, status_of
 from loraplex.server.state import ServerState
 from loraplex.server.stats.tracker import Tracker
@@ -120,6 +121,11 @@ async def collect(request: Request, firsts: Started, tracker: Tracker) -> list[R
     return [f for f in finals if f is not None]
 
 
+def _outcome(e: BaseException) -> str:
+    """The status a request that ended with `e` is recorded with (499: cancelled, the client went away)."""
+    return str(status_of(e)[0]) if isinstance(e, Exception) else "499"
+
+
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -128,6 +134,7 @@ def sse(data: dict[str, Any] | str) -> str:
 class RequestJob:
     st: ServerState
     request: Request
+    scope: KeyScope  # the caller's, checked once by the route
     adapter: AdapterTarget  # as resolved from the body's `model`, once
     cache_salt: str | None = None
     started: list[tuple[Tracker, Started]] = field(default_factory=list)  # per prompt: its tracker, its choices
@@ -144,21 +151,21 @@ class RequestJob:
         self.st.admit(self.places)
         try:
             adapter = self.adapter
+            salt = auth.cache_salt(self.scope, self.cache_salt)  # each key its own prefix-cache namespace
             for prompt in prompts:
-                self.started.append(await self._open(prompt, params, adapter))
+                self.started.append(await self._open(prompt, params, adapter, salt))
                 adapter = pinned_version(self.started[0][1][0][1], adapter)  # every prompt on the first's version
-        except BaseException:
+        except BaseException as e:
+            self._record(_outcome(e))  # the prompts already started end with the request's refusal
             self._abort()
             self.st.leave(self.places)
             raise
 
-    async def _open(self, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget
+    async def _open(self, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget, salt: str | None
                     ) -> tuple[Tracker, Started]:
         st = self.st
         name = st.served_name if adapter is None else adapter.name  # a series per name, not version
-        scope = st.auth.scope(self.request)
-        tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=scope.owner)
-        salt = auth.cache_salt(scope, self.cache_salt)  # each key its own prefix-cache namespace
+        tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner)
         try:
             return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt)
         except Exception as e:
@@ -182,7 +189,7 @@ class RequestJob:
                 self._recorded += 1
             return outs
         except BaseException as e:
-            self._record(str(status_of(e)[0]) if isinstance(e, Exception) else "499")
+            self._record(_outcome(e))
             raise
         finally:
             self._abort()  # after an error or a hang-up, the other prompts' requests stop too
