@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "transformers==5.23.0" "peft==0.21.2" "gguf==0.19.0" "safetensors==0.8.0" \
 		"accelerate==1.15.0" tqdm "fastapi==0.165.0" "uvicorn==0.54.0" "httptools==0.9.0" "prometheus-client==0.26.0" \
-		"bitsandbytes==0.50.2" "triton==3.9.0" "llguidance==1.7.6" \
-		"pytest==9.0.3" "pytest-xdist==3.8.0" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
+		"bitsandbytes==0.50.2" "triton==3.9.0" "llguidance==1.7.6" "filelock==4.3.2" \
+		"pytest==9.0.3" "pytest-xdist==3.8.0" "pytest-timeout==2.4.0" "openai==3.54.0" "httpx==0.28.1" "schemathesis==4.32.5" "jsonschema==4.26.0" \
 		"playwright==1.65.2"
 	# playwright: drives Chromium in the dashboard's browser tests (the browser itself: `make browser`).
 	# Ray Serve: `loraplex cluster` (src/loraplex/cluster/), engine replicas behind one endpoint.
@@ -53,11 +53,12 @@ screenshots: setup browser
 	LORAPLEX_SCREENSHOTS=docs/images $(BIN)/python -m pytest -q tests/test_dashboard.py -k screenshots
 
 # The README's second command; .ci/run calls exactly this.
-# One pytest-xdist worker per core (TEST_WORKERS), a test file per worker at a time (module fixtures shared).
+# One pytest-xdist worker per core (TEST_WORKERS), a test file per worker at a time (module fixtures shared); the
+# 15 slowest tests are listed at the end; a test past its time limit (pyproject.toml) fails with a traceback.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)  # at most 4: each holds models
 test: setup browser
 	$(BIN)/loraplex info
-	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # The fast set, under 5 minutes on 2 cores: every test not marked slow (pyproject.toml).
 test-fast: setup browser

@@ -17,6 +17,9 @@ from loraplex.lora.slot_layout import SlotLayout, SlotShape
 from loraplex.models.loader import resolve_model
 from loraplex.training.synthetic import random_adapter
 
+# A test over its time limit (pyproject.toml: pytest-timeout) fails with every thread's stack (tests/hang_guard.py).
+pytest_plugins = ["hang_guard"]
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`make test`: one worker per core), each worker's torch gets its share of the cores:
     two workers of two OpenMP threads each on two cores spin against each other and ran slower than one."""

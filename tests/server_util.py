@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,21 +31,33 @@ def running(app: FastAPI, **options: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    try:
+    try:  # stopped on every way out: a start that fails, a test that fails, a fixture torn down
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if not thread.is_alive():
+                raise RuntimeError("server exited while starting (its error is logged above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 30 s")
+            time.sleep(0.05)
         yield url
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def dies_with_this_process() -> None:
+    """A child's preexec_fn: the kernel sends it SIGKILL when the process that started it ends, however it ends
+    (pytest-timeout ends a hung test's worker with os._exit, which runs no `finally`). Linux only; a no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def metric(url: str, name: str, labels: str = "", key: str | None = None) -> float:

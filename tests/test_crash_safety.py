@@ -50,6 +50,13 @@ class Server:
                 "--allowed-adapter-roots", tempfile.gettempdir(), *extra]  # the tests' adapters live there
         self.proc = ctx.Process(target=main, args=(args,), daemon=True)
         self.proc.start()
+        try:
+            self._wait_up()
+        except BaseException:  # a server that failed to come up does not outlive its test
+            self.kill()
+            raise
+
+    def _wait_up(self) -> None:
         deadline = time.monotonic() + 120
         while True:
             try:

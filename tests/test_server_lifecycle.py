@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from server_util import free_port
+from server_util import dies_with_this_process, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def _start(port: int, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port), "--max-model-len", "512",
            "--drain-timeout", "20", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=dies_with_this_process)
 
 
 def _wait_up(url: str, proc: subprocess.Popen[str]) -> None:

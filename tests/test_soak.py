@@ -5,25 +5,38 @@ zero 5xx, zero hangs and no leak after draining."""
 
 from __future__ import annotations
 
-import pytest
-
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from server_util import dies_with_this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_soak_40s(tmp_path: Path) -> None:
     env = {**os.environ, "LORAPLEX_RESULTS": str(tmp_path), "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--duration", "40", "--calm-fraction", "0.25",
-                           "--warmup", "15", "--clients", "16", "--adapters", "16", "--burst-every", "12",
-                           "--chaos-interval", "1.5", "--work-dir", str(tmp_path / "work")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # Its own process group, so that the server it starts is stopped with it, even when this test fails.
+    soak = subprocess.Popen([sys.executable, "-m", "benchmarks.soak", "--duration", "40", "--calm-fraction", "0.25",
+                             "--warmup", "15", "--clients", "16", "--adapters", "16", "--burst-every", "12",
+                             "--chaos-interval", "1.5", "--work-dir", str(tmp_path / "work")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=dies_with_this_process)
+    try:
+        stdout, stderr = soak.communicate(timeout=360)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(soak.pid, signal.SIGKILL)
+    done = subprocess.CompletedProcess(soak.args, soak.returncode, stdout, stderr)
     print(done.stdout)
     result = json.loads((tmp_path / "soak.json").read_text())
     failed = [c for c in result["checks"] if not c["passed"]]

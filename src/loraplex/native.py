@@ -16,11 +16,11 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from loraplex import hardware
+from loraplex.cache import cache_dir, ensure
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +50,23 @@ def library_path(source: Path, cxx: list[str], flags: list[str]) -> Path:
     cpu_flags = " ".join(sorted(hardware.cpu().flags))
     headers = [h.read_text() for h in sorted(INCLUDE.glob("*.h"))]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, version, cpu_flags]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
-    return root / "kernels" / f"{source.stem}-{key}.so"
+    return cache_dir() / "kernels" / f"{source.stem}-{key}.so"
 
 
 def build(source: Path, cxx: list[str], flags: list[str] | None = None) -> Path:
-    """Compile `source` unless this machine's build is cached; return the library's path."""
+    """Compile `source` unless this machine's build is cached; return the library's path. Processes starting at
+    once build it once (loraplex/cache.py); the others wait for that build and load it."""
     flags = machine_flags() if flags is None else flags
-    path = library_path(source, cxx, flags)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)  # concurrent builders each write their own
-    os.close(fd)
-    try:
-        proc = subprocess.run([*cxx, *flags, f"-I{INCLUDE}", str(source), "-o", tmp], capture_output=True,
-                              text=True, check=False, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cxx)} failed to build {source.name}:\n{proc.stderr[-2000:]}")
-        os.chmod(tmp, 0o755)  # mkstemp made it 0600: a shared cache must be readable by every user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return ensure(library_path(source, cxx, flags), Path.is_file, lambda tmp: _compile(source, cxx, flags, tmp),
+                  what=f"the build of {source.name}")
+
+
+def _compile(source: Path, cxx: list[str], flags: list[str], out: Path) -> None:
+    proc = subprocess.run([*cxx, *flags, f"-I{INCLUDE}", str(source), "-o", str(out)], capture_output=True,
+                          text=True, check=False, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cxx)} failed to build {source.name}:\n{proc.stderr[-2000:]}")
+    os.chmod(out, 0o755)  # a shared cache must be readable by every user, whatever the umask of its builder
 
 
 def load_or_none(source: Path, declare: Callable[[Path], ctypes.CDLL], what: str, fallback: str,

