@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -48,6 +49,20 @@ def running(app: FastAPI, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def wait_up(url: str, proc: subprocess.Popen[str], within: float = 60.0) -> None:
+    """Until a server process answers /health; its output in the failure if it exits first."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.1)
+    raise AssertionError(f"server did not come up within {within:g} s")
 
 
 def dies_with_this_process() -> None:

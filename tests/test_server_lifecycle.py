@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from server_util import dies_with_this_process, free_port
+from server_util import dies_with_this_process, free_port, wait_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,25 +28,13 @@ def _start(port: int, *extra: str) -> subprocess.Popen[str]:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=dies_with_this_process)
 
 
-def _wait_up(url: str, proc: subprocess.Popen[str]) -> None:
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        time.sleep(0.1)
-    raise AssertionError("server did not come up")
-
-
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_then_exits() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start(port)
     try:
-        _wait_up(url, proc)
+        wait_up(url, proc)
         events: list[str] = []
         body = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Tell me a story."}],
                 "max_tokens": 60, "ignore_eos": True, "stream": True}
@@ -84,7 +72,7 @@ def test_open_server_on_public_address_only_when_asked_and_warns() -> None:
     port = free_port()
     proc = _start(port, "--host", "0.0.0.0", "--insecure-no-api-keys")
     try:
-        _wait_up(f"http://127.0.0.1:{port}", proc)
+        wait_up(f"http://127.0.0.1:{port}", proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -17,7 +17,10 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from loraplex.units import parse_bytes  # noqa: E402
+from loraplex.cli_forms import (CommandLineError, LoraModule, api_keys_from, apply_config_file,  # noqa: E402
+                                chat_template_text, check_lineage, parse_lora_modules)
 from loraplex.cluster.config import CLAIM_POLICIES  # noqa: E402
+from loraplex.config import LOG_LEVELS  # noqa: E402
 from loraplex.errors import LoraplexError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -31,60 +34,92 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+QUANTIZATIONS = ["nf4", "fp4", "int8"]
+# vLLM's --quantization names for what loraplex does: bitsandbytes' in-flight quantization is 4-bit NF4 there too.
+QUANTIZATION_ALIASES = {"bitsandbytes": "nf4"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, as vLLM's does (each flag has a help text: tests/test_cli_vllm.py checks),
+    unless its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
         p.add_argument("--model", default=None, help="HF model directory, .gguf file, or omitted for the embedded default")
-    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to register at start")
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where the model runs; auto: the first CUDA GPU where torch sees one, else the CPU")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="accepted for vLLM's command lines: LoRA is always on here (every request may name an adapter)")
+    p.add_argument("--lora-modules", nargs="+", action="extend", default=[], metavar="NAME=PATH|JSON",
+                   help="adapters to register at start: NAME=PATH, or vLLM's JSON "
+                        "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
+    p.add_argument("--max-loras", type=int, default=8, help="device adapter slots: distinct adapters in one step")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank served; higher is refused")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="model dtype; auto: bf16 where the hardware multiplies it natively, else fp32 (fp16 on older GPUs)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (prompt + output); default: the model's, at most 4096")
     p.add_argument("--allow-pickle-adapters", action="store_true", help="accept adapter_model.bin (weights_only)")
-    p.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
-                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA runs in --dtype")
+    p.add_argument("--quantize", "--quantization", dest="quantize", default=None,
+                   choices=QUANTIZATIONS + list(QUANTIZATION_ALIASES),
+                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA runs in --dtype "
+                        "(vLLM's --quantization bitsandbytes: nf4)")
     p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: quantize the block scales too")
-    p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache budget, e.g. 1GiB (default)")
+    p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache budget, e.g. 1GiB")
     p.add_argument("--adapter-memory", type=_size, default=None,
                    help="budget for the device adapter slots, e.g. 256MiB; start-up fails if --max-loras does not fit")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the K/V of prompt prefixes, never across adapters, versions or cache salts (default: on)")
+                   help="reuse the K/V of prompt prefixes, never across adapters, versions or cache salts")
     p.add_argument("--max-prepare-seconds", type=float, default=5.0,
                    help="cap on one request's chat templating, tokenization and grammar compilation; over it: 400")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="a Jinja chat template (a file, or the template text) in place of the model's own")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """EngineConfig fields from the flags `_engine_args` adds (shared by generate, serve and demo)."""
-    return {"max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank, "dtype": args.dtype,
-            "max_model_len": args.max_model_len, "allow_pickle_adapters": args.allow_pickle_adapters,
-            "quantization": args.quantize, "double_quant": args.double_quant, "kv_cache_memory": args.kv_cache_memory,
-            "adapter_memory": args.adapter_memory, "enable_prefix_caching": args.enable_prefix_caching,
-            "max_prepare_seconds": args.max_prepare_seconds}
+    if args.enable_lora:
+        logging.getLogger(__name__).info("--enable-lora: LoRA is always on in loraplex")
+    return {"device": args.device, "max_loras": args.max_loras, "max_lora_rank": args.max_lora_rank,
+            "dtype": args.dtype, "max_model_len": args.max_model_len, "allow_pickle_adapters": args.allow_pickle_adapters,
+            "quantization": QUANTIZATION_ALIASES.get(args.quantize, args.quantize), "double_quant": args.double_quant,
+            "kv_cache_memory": args.kv_cache_memory, "adapter_memory": args.adapter_memory,
+            "enable_prefix_caching": args.enable_prefix_caching, "max_prepare_seconds": args.max_prepare_seconds,
+            "chat_template": chat_template_text(args.chat_template)}
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", nargs="*", default=[])
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of this mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: all")
+    p.add_argument("--seed", type=int, default=None, help="a per-request seed, for reproducible sampling")
+    p.add_argument("--stop", nargs="*", default=[], help="strings that end the generation")
 
 
-def _parse_modules(items: list[str]) -> dict[str, str]:
-    modules = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--lora-modules expects NAME=PATH, got {item!r}")
-        modules[name] = path
-    return modules
+def _modules(args: argparse.Namespace) -> dict[str, str]:
+    """--lora-modules as name -> path (a later module of the same name wins), its lineage checked."""
+    modules: list[LoraModule] = parse_lora_modules(args.lora_modules)
+    model = getattr(args, "model", None)
+    if any(m.base_model_name for m in modules):
+        from loraplex.models.loader import DEFAULT_MODEL
+
+        names = (model or DEFAULT_MODEL, Path(model).name if model else None, getattr(args, "served_model_name", None))
+        check_lineage(modules, {n for n in names if n})
+    return {m.name: m.path for m in modules}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from loraplex.llm import LLM
     from loraplex.sampling import SamplingParams
 
-    modules = _parse_modules(args.lora_modules)
+    modules = _modules(args)
     adapter = args.adapter
     if adapter is not None and adapter not in modules:
         if not Path(adapter).is_dir():
@@ -105,11 +140,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="HF model directory or .gguf file (default: the embedded model)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("model_arg", nargs="?", default=None, metavar="model",
+                   help="HF model directory or .gguf file (default: the embedded model); or --model")
+    p.add_argument("--model", default=None, help="the same as the positional model (vLLM takes either)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
+                   help="flags from a YAML file, vLLM's format ('port: 8000', 'enable-lora: true'); the command "
+                        "line's own flags win")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; not loopback: needs --api-keys or --api-key")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--served-model-name", default=None, help="the base model's name in the API (default: its own)")
     p.add_argument("--api-keys", type=Path, default=None, help="JSON file mapping API keys to their adapters")
+    p.add_argument("--api-key", nargs="+", action="extend", default=None, metavar="KEY",
+                   help="keys with full access (every adapter, admin, metrics), as vLLM's --api-key; default: "
+                        "$LORAPLEX_API_KEY, else $VLLM_API_KEY")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="loraplex's and uvicorn's log level")
+    p.add_argument("--version", action="version", version=f"loraplex {version()}")
     p.add_argument("--insecure-no-api-keys", action="store_true",
                    help="allow a server without --api-keys on a non-loopback --host (anyone reaching it is admin)")
     p.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
@@ -123,11 +168,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds for a request's line and headers to arrive (from connecting); slower is a 408")
     p.add_argument("--limit-concurrency", type=int, default=1024,
                    help="open connections and requests at once; more get a 503 (uvicorn)")
-    p.add_argument("--adapter-dir", default=None)
+    p.add_argument("--adapter-dir", default=None,
+                   help="serve every adapter directory under it (<dir>/<name>/), loaded on its first request")
     p.add_argument("--registry-file", default=None, help="where run-time adapter registrations persist")
-    p.add_argument("--max-cpu-loras", type=int, default=32)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-cpu-loras", type=int, default=32, help="adapters kept in host memory (LRU)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens in one step; longer prompts are prefilled in chunks")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
     p.add_argument("--max-metric-labels", type=int, default=256,
                    help="adapters with their own series on /metrics; later ones are counted under model=\"other\"")
@@ -142,7 +189,10 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
     """The engine and server configs from `serve`'s flags (shared by serve and cluster)."""
     from loraplex.config import EngineConfig, ServerConfig
 
-    modules = _parse_modules(args.lora_modules)
+    if args.model and args.model_arg and args.model != args.model_arg:
+        raise CommandLineError(f"the model is given twice, as {args.model_arg!r} and --model {args.model!r}")
+    args.model = args.model or args.model_arg
+    modules = _modules(args)
     if args.demo_adapters:
         from loraplex.demo import demo_adapters
 
@@ -154,7 +204,7 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
         **engine_kwargs(args),  # type: ignore[arg-type]
     )
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          api_keys=args.api_keys, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                          api_keys=args.api_keys, admin_keys=api_keys_from(args.api_key), log_level=args.log_level, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                           max_metric_labels=args.max_metric_labels,
                           torch_threads=args.torch_threads, insecure_no_api_keys=args.insecure_no_api_keys,
                           allowed_hosts=tuple(args.allowed_hosts),
@@ -197,7 +247,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
     from loraplex.cluster.app import run
     from loraplex.cluster.config import ClusterConfig
-    from loraplex.server.auth import load_keys
+    from loraplex.server.auth import server_keys
 
     if args.adapter_dir is None and args.ray_address is not None:
         raise SystemExit("--adapter-dir is required with --ray-address: a directory every node mounts, the "
@@ -213,7 +263,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
                                 claim_policy=args.claim_policy, popularity_half_life_s=args.popularity_half_life,
                                 replicate_share=args.replicate_share)
         logging.getLogger(__name__).info("adapter store: %s (registry %s)", adapter_dir, registry)
-        run(engine_config, server, cluster, load_keys(server.api_keys) if server.api_keys else None)
+        run(engine_config, server, cluster, server_keys(server.api_keys, server.admin_keys))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -265,76 +315,99 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and its flags, without running anything (tests/test_docs_cli.py checks the docs against it)."""
-    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    # allow_abbrev=False: a flag is taken only as written (vLLM's --api-key must not be read as --api-keys).
+    options = {"formatter_class": HelpFormatter, "allow_abbrev": False}
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference", **options)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at info level (serve and cluster always do)")
+    parser.add_argument("--version", action="version", version=f"loraplex {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate once, optionally with an adapter")
-    gen.add_argument("--prompt", required=True)
+    gen = sub.add_parser("generate", **options, help="generate once, optionally with an adapter")
+    gen.add_argument("--prompt", required=True, help="the user message (sent through the chat template)")
     gen.add_argument("--adapter", default=None, help="a --lora-modules name or a PEFT adapter directory")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="send the prompt raw, without the chat template")
     _engine_args(gen)
     _sampling_args(gen)
     gen.set_defaults(fn=cmd_generate)
 
-    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    srv = sub.add_parser("serve", **options, help="the OpenAI-compatible HTTP server")
     _serve_args(srv)
     _engine_args(srv, with_model=False)
     srv.set_defaults(fn=cmd_serve)
 
-    cl = sub.add_parser("cluster", help="the same server over several engine replicas on Ray Serve")
+    cl = sub.add_parser("cluster", **options, help="the same server over several engine replicas on Ray Serve")
     _serve_args(cl)
     _engine_args(cl, with_model=False)
     _cluster_args(cl)
     cl.set_defaults(fn=cmd_cluster)
 
-    demo = sub.add_parser("demo", help="the same questions to the base model and two trained tenants, side by side")
+    demo = sub.add_parser("demo", **options, help="the same questions to the base model and two trained tenants, side by side")
     demo.add_argument("--url", default="http://127.0.0.1:8000", help="a running `loraplex serve` (else offline)")
-    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--max-tokens", type=int, default=64, help="tokens per answer at most")
     demo.set_defaults(fn=cmd_demo)
 
     from loraplex.training.config import TARGETS
 
-    tr = sub.add_parser("train", help="train a LoRA (or QLoRA) adapter with PEFT")
+    tr = sub.add_parser("train", **options, help="train a LoRA (or QLoRA) adapter with PEFT")
     tr.add_argument("--data", type=Path, required=True, help="JSONL: messages, prompt+completion, or text")
-    tr.add_argument("--output", type=Path, required=True)
+    tr.add_argument("--output", type=Path, required=True, help="the adapter directory to write (PEFT's format)")
     tr.add_argument("--base", default=None, help="base model (default: the embedded model)")
-    tr.add_argument("--rank", type=int, default=16)
-    tr.add_argument("--alpha", type=float, default=32.0)
-    tr.add_argument("--dropout", type=float, default=0.05)
-    tr.add_argument("--targets", nargs="+", default=list(TARGETS), metavar="MODULE")
+    tr.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    tr.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    tr.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    tr.add_argument("--targets", nargs="+", default=list(TARGETS), metavar="MODULE", help="the modules LoRA adapts")
     tr.add_argument("--layers", type=int, nargs="+", default=None, metavar="N",
                     help="LoRA on these decoder layers only (PEFT's layers_to_transform); default: every layer")
     tr.add_argument("--qlora", action="store_true", help="train on a 4-bit NF4 base (bitsandbytes)")
-    tr.add_argument("--epochs", type=int, default=3)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--max-length", type=int, default=512)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--eval-data", type=Path, default=None)
-    tr.add_argument("--overwrite", action="store_true")
+    tr.add_argument("--epochs", type=int, default=3, help="passes over the data")
+    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    tr.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    tr.add_argument("--max-length", type=int, default=512, help="tokens per example; longer ones are cut")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    tr.add_argument("--eval-data", type=Path, default=None, help="JSONL scored after training (eval loss)")
+    tr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     tr.set_defaults(fn=cmd_train)
 
-    mg = sub.add_parser("merge", help="fold an adapter into its base: a standalone model directory")
-    mg.add_argument("--adapter", type=Path, required=True)
-    mg.add_argument("--output", type=Path, required=True)
-    mg.add_argument("--base", default=None)
-    mg.add_argument("--overwrite", action="store_true")
+    mg = sub.add_parser("merge", **options, help="fold an adapter into its base: a standalone model directory")
+    mg.add_argument("--adapter", type=Path, required=True, help="a PEFT LoRA directory")
+    mg.add_argument("--output", type=Path, required=True, help="the merged model directory to write")
+    mg.add_argument("--base", default=None, help="base model (default: the embedded model)")
+    mg.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     mg.set_defaults(fn=cmd_merge)
 
-    info = sub.add_parser("info", help="this machine's CPU class, the dtype auto resolves to, the C++ kernels")
+    info = sub.add_parser("info", **options, help="this machine's CPU class, the dtype auto resolves to, the C++ kernels")
     info.set_defaults(fn=cmd_info)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    verbose = args.verbose or args.command in ("serve", "cluster")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
     try:
+        return installed("loraplex")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a `--config FILE.yaml` read in as the command's defaults (the flags given win)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        apply_config_file(subparsers.choices[args.command], args.config)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse(argv)
+        level = getattr(args, "log_level", None) or ("info" if args.verbose else "warning")
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         args.fn(args)
-    except LoraplexError as e:  # a user's mistake: say what and why, no stack trace
+    except (LoraplexError, CommandLineError) as e:  # a user's mistake: say what and why, no stack trace
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -4,19 +4,22 @@ creation (the CLI builds them from flags; Python users build them directly). No 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraplex.errors import InvalidRequestError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")  # auto: a GPU where torch sees one (hardware.resolve_device)
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # None = the embedded default model
     dtype: str = "auto"  # auto: resolved from the hardware (hardware.resolve_dtype)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto (a GPU where there is one)
     max_model_len: int | None = None  # None = min(model's max_position_embeddings, 4096)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
@@ -37,11 +40,14 @@ class EngineConfig:
     max_skips: int = 16  # fairness: how often a waiting request may be passed over by later ones
     # The cap on one request's templating, tokenization and grammar compilation (engine/prepare.py); over it: 400.
     max_prepare_seconds: float = 5.0
+    chat_template: str | None = None  # a Jinja chat template in place of the tokenizer's own (vLLM's --chat-template)
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (DEVICE_FORM.fullmatch(self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.block_size >= 1, "block_size must be >= 1"),
@@ -79,6 +85,7 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None  # None = the model's own name
     api_keys: Path | None = None  # JSON file mapping API keys to their adapters; None = an open server
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)  # keys with full access (vLLM's --api-key); secret
     max_queue: int = 256  # waiting requests beyond the engine's max_num_seqs before 503
     drain_timeout: int = 30  # seconds to finish requests in flight on SIGTERM
     torch_threads: int | None = None  # CPU threads for the model; None = every core
@@ -91,13 +98,19 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive; slower is a 408
     limit_concurrency: int = 1024  # open connections and requests at once; more get uvicorn's 503
     timeout_keep_alive: int = 5  # seconds an idle keep-alive connection is held
+    log_level: str = "info"  # loraplex's and uvicorn's
+
+    @property
+    def keyed(self) -> bool:
+        """Whether requests need a key (a keys file or --api-key); else the server is open, as admin."""
+        return self.api_keys is not None or bool(self.admin_keys)
 
     def __post_init__(self) -> None:
-        if self.api_keys is None and not self.insecure_no_api_keys and not is_loopback(self.host):
+        if not self.keyed and not self.insecure_no_api_keys and not is_loopback(self.host):
             raise InvalidRequestError(
                 f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
-                "from the server's disk and read every tenant's traffic. Give --api-keys FILE, bind a loopback "
-                "address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
+                "from the server's disk and read every tenant's traffic. Give --api-keys FILE (or --api-key KEY), "
+                "bind a loopback address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
         checks = [
             (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
@@ -109,6 +122,8 @@ class ServerConfig:
             (self.header_timeout > 0, "header_timeout must be > 0"),
             (self.limit_concurrency >= 1, "limit_concurrency must be >= 1"),
             (self.timeout_keep_alive >= 1, "timeout_keep_alive must be >= 1"),
+            (all(k.strip() for k in self.admin_keys), "an --api-key is empty"),
+            (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -119,6 +119,21 @@ class DtypeChoice:
         return f"dtype {self.requested} -> {self.name}: {self.reason}"
 
 
+def resolve_device(spec: str = "auto") -> str:
+    """The torch device for `spec` (config.DEVICE_FORM): auto takes the first CUDA GPU where torch sees one, else
+    the CPU; a named GPU must exist."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        index = int(spec.partition(":")[2] or 0)
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= visible:
+            built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            raise InvalidRequestError(f"device {spec!r}: torch sees {visible} CUDA device(s) ({built}); use --device "
+                                      "cpu, or auto to take a GPU only where there is one")
+    return spec
+
+
 def resolve_dtype(name: str = "auto", device: str | torch.device = "cpu") -> DtypeChoice:
     """The model dtype for `name` ("auto" or a dtype name) on `device`, with the reason. An explicit 16-bit
     dtype the CPU only emulates is honoured, with native=False (the engine warns, naming the slowdown)."""

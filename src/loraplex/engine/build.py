@@ -16,7 +16,7 @@ from loraplex.allocator import bound_kernel_caches
 from loraplex.config import EngineConfig
 from loraplex.engine.facts import MemoryPlan
 from loraplex.engine.memory import plan
-from loraplex.hardware import DtypeChoice, cpu, resolve_dtype, warn_if_emulated
+from loraplex.hardware import DtypeChoice, cpu, resolve_device, resolve_dtype, warn_if_emulated
 from loraplex.lora.layers import LoRALinear, attach_lora
 from loraplex.models.config import ModelConfig, load_model_config
 from loraplex.models.llama import LlamaForCausalLM
@@ -47,8 +47,8 @@ def build_model(config: EngineConfig) -> BuiltModel:
     """Everything the engine runs, before the KV cache exists; raises naming the figures if a budget does not fit."""
     t0 = time.perf_counter()
     bound_kernel_caches()  # before the first oneDNN kernel: a server sees ever new row counts (allocator.py)
-    dtype = resolve_dtype(config.dtype, config.device)
-    device = torch.device(config.device)
+    device = torch.device(resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, device)
     where = cpu().describe() if device.type == "cpu" else str(device)
     log.info("%s on %s", dtype.describe(), where)
     warn_if_emulated(dtype)

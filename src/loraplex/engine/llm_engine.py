@@ -27,6 +27,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.chat_template import use_chat_template
 from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner, StepResult
 from loraplex.engine.prepare import PreparedRequest, Stage
@@ -56,6 +57,8 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
+        if config.chat_template is not None:
+            use_chat_template(self.tokenizer, config.chat_template)
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, list(self.model_config.eos_token_ids))
         self.runner = ModelRunner(built.model, built.lora_targets, self.memory.kv_blocks, config.block_size,
                                   self.dtype, self.device, config.seed, self.structured)

@@ -77,6 +77,19 @@ def load_keys(path: Path) -> dict[str, KeyScope]:
     return keys
 
 
+def server_keys(api_keys: Path | None, admin_keys: tuple[str, ...] = ()) -> dict[str, KeyScope] | None:
+    """The keys a server accepts: its keys file's and its full-access keys (vLLM's --api-key: every adapter, the
+    admin and metrics scopes); None without either (an open server). A key given both ways is refused: its scope
+    would be ambiguous."""
+    keys = load_keys(api_keys) if api_keys is not None else {}
+    for key in admin_keys:
+        if key in keys:
+            raise InvalidRequestError(f"a key given by --api-key is also in the API keys file {api_keys}: give each "
+                                      "key once")
+        keys[key] = OPEN
+    return keys or None
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 

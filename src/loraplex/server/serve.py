@@ -69,13 +69,15 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
 
     from loraplex.engine.async_engine import AsyncLLMEngine  # torch and the model: not needed for --help
     from loraplex.server.app import build_app
-    from loraplex.server.auth import load_keys
+    from loraplex.server.auth import server_keys
 
-    if engine_config.device == "cpu":
+    from loraplex.hardware import resolve_device
+
+    if resolve_device(engine_config.device) == "cpu":
         torch.set_num_threads(torch_threads(server.torch_threads))
         log.info("torch uses %d CPU threads (OpenMP spin count %s)", torch.get_num_threads(),
                  os.environ.get("GOMP_SPINCOUNT", "default"))
-    keys = load_keys(server.api_keys) if server.api_keys else None
+    keys = server_keys(server.api_keys, server.admin_keys)
     if keys is None and server.insecure_no_api_keys:
         log.warning("--insecure-no-api-keys: the server on %s is open, as admin, to anyone who can reach it",
                     server.host)
@@ -84,7 +86,7 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
                     max_metric_labels=server.max_metric_labels, guard=guard_config(server),
                     adapter_roots=adapter_roots(engine_config, server))
     log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)
-    uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
+    uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                                                    timeout_graceful_shutdown=server.drain_timeout,
                                                    **uvicorn_limits(server)), app)
     uvicorn_server.run()
