@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import openai
 import pytest
 
@@ -86,6 +87,26 @@ def test_a_keyed_server_may_bind_a_public_address() -> None:
     assert configs("--host", "0.0.0.0", "--api-key", "k")[1].host == "0.0.0.0"
     with pytest.raises(InvalidRequestError, match="--api-key KEY"):
         configs("--host", "0.0.0.0")
+
+
+def test_cors_and_root_path_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    _, server = configs("--root-path", "/api", "--allowed-origins", "https://ui.example", "http://localhost:3000")
+    assert server.root_path == "/api" and server.allowed_origins == ("https://ui.example", "http://localhost:3000")
+    assert configs("--allowed-origins", "*", "--api-key", "k")[1].allowed_origins == ("*",)
+    with pytest.raises(InvalidRequestError, match="refusing --allowed-origins '\\*' without API keys"):
+        configs("--allowed-origins", "*")  # any page a visitor opens could drive an open server as admin
+    with pytest.raises(InvalidRequestError, match="root_path must start with '/'"):
+        configs("--root-path", "api/")
+    with pytest.raises(InvalidRequestError, match="scheme://host"):
+        configs("--allowed-origins", "ui.example/path")
+
+
+def test_the_dashboard_uses_relative_urls_only() -> None:
+    """Behind a proxy's --root-path the page's own URLs must stay under the prefix."""
+    static = REPO / "src" / "loraplex" / "server" / "static"
+    for name in ("dashboard.html", "dashboard.js"):
+        text = (static / name).read_text()
+        assert '"/v1' not in text and '"/dashboard' not in text, name
 
 
 @pytest.mark.parametrize("module, message", [
@@ -212,7 +233,8 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
     proc = subprocess.Popen(
         [sys.executable, "-m", "loraplex.cli", "serve", "--model", "SmolLM2-135M-Instruct", "--port", str(port),
          "--config", str(tmp_path / "serve.yaml"), "--enable-lora",
-         "--chat-template", str(tmp_path / "chat.jinja"), "--dtype", "float32", "--log-level", "warning"],
+         "--chat-template", str(tmp_path / "chat.jinja"), "--dtype", "float32", "--log-level", "warning",
+         "--root-path", "/api", "--allowed-origins", "https://ui.example"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=dies_with_this_process,
         env={**os.environ, "VLLM_API_KEY": "sk-vllm", "PYTHONUNBUFFERED": "1"})
     try:
@@ -230,6 +252,18 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
         assert chat.usage.prompt_tokens == prompt.usage.prompt_tokens
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+        # --root-path: the proxy strips /api before forwarding; /health stays public, the schema names the prefix.
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/openapi.json").json()["servers"] == [{"url": "/api"}]
+        # --allowed-origins: a browser's preflight (no key) is answered for that origin only.
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+        ok = httpx.options(url + "/v1/chat/completions", headers={"Origin": "https://ui.example", **preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://ui.example"
+        other = httpx.options(url + "/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in other.headers
+        listed = httpx.get(url + "/v1/models", headers={"Origin": "https://ui.example",
+                                                        "Authorization": "Bearer sk-vllm"})
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "https://ui.example"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -154,6 +154,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="keys with full access (every adapter, admin, metrics), as vLLM's --api-key; default: "
                         "$LORAPLEX_API_KEY, else $VLLM_API_KEY")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="loraplex's and uvicorn's log level")
+    p.add_argument("--root-path", default="", metavar="/PREFIX",
+                   help="the path prefix a reverse proxy serves this under (and strips before forwarding)")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="CORS: web origins (https://host[:port]) whose pages may call the API; default: none, CORS off;"
+                        " '*' needs API keys")
     p.add_argument("--version", action="version", version=f"loraplex {version()}")
     p.add_argument("--insecure-no-api-keys", action="store_true",
                    help="allow a server without --api-keys on a non-loopback --host (anyone reaching it is admin)")
@@ -204,7 +209,8 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
         **engine_kwargs(args),  # type: ignore[arg-type]
     )
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
-                          api_keys=args.api_keys, admin_keys=api_keys_from(args.api_key), log_level=args.log_level, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                          api_keys=args.api_keys, admin_keys=api_keys_from(args.api_key), log_level=args.log_level,
+                          root_path=args.root_path, allowed_origins=tuple(args.allowed_origins), max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                           max_metric_labels=args.max_metric_labels,
                           torch_threads=args.torch_threads, insecure_no_api_keys=args.insecure_no_api_keys,
                           allowed_hosts=tuple(args.allowed_hosts),

@@ -12,6 +12,7 @@ from loraplex.errors import InvalidRequestError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+ORIGIN_FORM = re.compile(r"https?://[^/\s]+")  # a web origin: scheme, host and port, no path
 DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")  # auto: a GPU where torch sees one (hardware.resolve_device)
 
 
@@ -99,6 +100,8 @@ class ServerConfig:
     limit_concurrency: int = 1024  # open connections and requests at once; more get uvicorn's 503
     timeout_keep_alive: int = 5  # seconds an idle keep-alive connection is held
     log_level: str = "info"  # loraplex's and uvicorn's
+    root_path: str = ""  # the path prefix a proxy serves this under and strips before forwarding (ASGI root_path)
+    allowed_origins: tuple[str, ...] = ()  # CORS: web origins whose pages may call the API; none by default
 
     @property
     def keyed(self) -> bool:
@@ -111,6 +114,10 @@ class ServerConfig:
                 f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
                 "from the server's disk and read every tenant's traffic. Give --api-keys FILE (or --api-key KEY), "
                 "bind a loopback address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
+        if "*" in self.allowed_origins and not self.keyed:
+            raise InvalidRequestError(
+                "refusing --allowed-origins '*' without API keys: any web page its visitors open could use this "
+                "server as admin. Give --api-keys FILE (or --api-key KEY), or name the origins you trust")
         checks = [
             (0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
@@ -123,6 +130,10 @@ class ServerConfig:
             (self.limit_concurrency >= 1, "limit_concurrency must be >= 1"),
             (self.timeout_keep_alive >= 1, "timeout_keep_alive must be >= 1"),
             (all(k.strip() for k in self.admin_keys), "an --api-key is empty"),
+            (self.root_path == "" or (self.root_path.startswith("/") and not self.root_path.endswith("/")),
+             f"root_path must start with '/' and not end with one (e.g. /api), got {self.root_path!r}"),
+            (all(o == "*" or ORIGIN_FORM.fullmatch(o) for o in self.allowed_origins),
+             f"each allowed origin is '*' or scheme://host[:port], got {list(self.allowed_origins)}"),
             (self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"),
         ]
         for ok, message in checks:

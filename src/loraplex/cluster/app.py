@@ -29,6 +29,11 @@ from loraplex.server.serve import adapter_roots, guard_config
 
 log = logging.getLogger(__name__)
 
+# Serve's controller kills an HTTP proxy that is not ready within 5 s (then 10, 15...), and serve.start fails with
+# ActorDiedError. On a 2-core machine busy with other work (a second test worker, chromium) the proxy took longer
+# than that to start: allow a minute. The controller reads it from its environment; a value in ours wins.
+SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")}
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress()
@@ -46,7 +51,8 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = build_app(self.engine, self.server.served_model_name, self.keys, self.server.max_queue,
                         shutdown_engine=False, max_metric_labels=self.server.max_metric_labels,
-                        guard=guard_config(self.server), adapter_roots=self.roots)
+                        guard=guard_config(self.server), adapter_roots=self.roots,
+                        allowed_origins=self.server.allowed_origins)
         app.state.loraplex.metrics.registry.register(ClusterCollector(self.engine))
         return app
 
@@ -82,7 +88,9 @@ def start(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig,
     # driver: off. serve.start's config covers Serve's own actors, serve.run's the application's deployments.
     quiet = LoggingConfig(enable_access_log=False)
     serve.start(http_options={"host": server.host, "port": server.port,
-                              "keep_alive_timeout_s": server.timeout_keep_alive}, logging_config=quiet)
+                              "keep_alive_timeout_s": server.timeout_keep_alive, "root_path": server.root_path},
+                logging_config=quiet,
+                controller_options={"runtime_env": {"env_vars": SERVE_ENV}})
     serve.run(app, name=cluster.app_name, route_prefix="/", logging_config=quiet)
     url = f"http://{server.host}:{server.port}"
     log.info("cluster %r: %d engine replicas behind %s", cluster.app_name, cluster.replicas, url)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from loraplex.engine.client import EngineClient
 from loraplex.engine.prepare import PreparePool
@@ -22,9 +23,10 @@ log = logging.getLogger(__name__)
 
 def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
               max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256,
-              guard: GuardConfig | None = None, adapter_roots: Sequence[Path] | None = None) -> FastAPI:
+              guard: GuardConfig | None = None, adapter_roots: Sequence[Path] | None = None,
+              allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The app; `guard`: Host names, body cap and timeout checked before any route (server/guard.py);
-    `adapter_roots`: where runtime loads may read from (None: anywhere)."""
+    `adapter_roots`: where runtime loads may read from (None: anywhere); `allowed_origins`: CORS (none: off)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -47,6 +49,9 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
     app.state.loraplex = state
     errors.install(app)
     app.add_middleware(RequestGuard, config=guard or GuardConfig(), auth=state.auth)
+    if allowed_origins:  # outside the guard: a browser's preflight carries no key, and is answered here
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)  # keys are bearer headers, never cookies
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(dashboard_routes.router)

@@ -83,6 +83,9 @@ class RequestGuard:
             return APIError(400, f"Host header {headers.get('host', '')!r} is not a name this server answers to "
                             "(start it with --allowed-hosts NAME to add one)", "InvalidHostError")
         path: str = scope.get("path", "")
+        root: str = scope.get("root_path", "")  # behind --root-path the server prepends it to every path
+        if root and path.startswith(root):
+            path = path[len(root):]
         if not any(path == p or path.startswith(p + "/") for p in PUBLIC_PATHS):
             try:
                 self.auth.scope_of(headers.get("authorization", ""))

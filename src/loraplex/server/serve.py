@@ -84,9 +84,10 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
     engine = AsyncLLMEngine(engine_config)
     app = build_app(engine, server.served_model_name, keys, server.max_queue,
                     max_metric_labels=server.max_metric_labels, guard=guard_config(server),
-                    adapter_roots=adapter_roots(engine_config, server))
+                    adapter_roots=adapter_roots(engine_config, server), allowed_origins=server.allowed_origins)
     log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)
     uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
+                                                   root_path=server.root_path,
                                                    timeout_graceful_shutdown=server.drain_timeout,
                                                    **uvicorn_limits(server)), app)
     uvicorn_server.run()

@@ -96,7 +96,8 @@ function redrawn(id, value) {
 async function poll() {
   clearTimeout(ui.timer);
   try {
-    const r = await fetch("/v1/stats", { headers: authHeaders(), cache: "no-store" });
+    // Relative URLs (as every URL of this page): behind a proxy's --root-path they stay under the prefix.
+    const r = await fetch("v1/stats", { headers: authHeaders(), cache: "no-store" });
     if (r.status === 401) {
       const msg = (await r.json()).error?.message || "the key was refused";
       return showLogin(key() ? `Key refused: ${msg}` : "");
@@ -400,15 +401,15 @@ function renderDisk(disk) {
                                   on: { change: (e) => { ui.promoteChoice[a.name] = e.target.value; promote.disabled = e.target.value === a.current; } } },
       ...a.versions.map((v) => el("option", { value: v, textContent: v, selected: v === choice })));
     const promote = el("button", { type: "button", class: "promote", textContent: "Promote", disabled: choice === a.current,
-      on: { click: () => admin("/v1/promote_lora_adapter", { lora_name: a.name, version: select.value },
+      on: { click: () => admin("v1/promote_lora_adapter", { lora_name: a.name, version: select.value },
                                `${a.name}: version ${select.value} promoted`) } });
     const pin = el("button", { type: "button", class: "pin-toggle", textContent: a.pinned ? "Unpin" : "Pin",
       title: a.pinned ? "let it leave its device slot" : "keep it in a device slot",
-      on: { click: () => admin("/v1/pin_lora_adapter", { lora_name: a.name, pinned: !a.pinned },
+      on: { click: () => admin("v1/pin_lora_adapter", { lora_name: a.name, pinned: !a.pinned },
                                `${a.name} ${a.pinned ? "unpinned" : "pinned"}`) } });
     const unload = el("button", { type: "button", class: "danger", textContent: "Unload",
       on: { click: () => confirm(`Unload adapter ${a.name}? New requests for it will get 404.`) &&
-                         admin("/v1/unload_lora_adapter", { lora_name: a.name }, `${a.name} unloaded`) } });
+                         admin("v1/unload_lora_adapter", { lora_name: a.name }, `${a.name} unloaded`) } });
     return el("tr", { "data-adapter": a.name }, el("td", { class: "name" }, dot(a.name), a.name, a.pinned ? el("span", { class: "pin", textContent: " 📌" }) : null),
       el("td", { textContent: a.current, class: "current" }), el("td", {}, select),
       el("td", {}, el("div", { class: "actions" }, promote, pin, unload)));
