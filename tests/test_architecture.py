@@ -82,7 +82,7 @@ def test_the_layers_point_one_way() -> None:
             assert not {u for u in used if u.startswith(("loraplex.models", "loraplex.lora", "loraplex.quant"))}, m
             internals = {u for u in used if u.startswith("loraplex.adapters") and not u.startswith("loraplex.adapters.key")}
             assert not internals, (m, internals)  # adapter names and keys, never the registry, tiers or manager
-        if not m.startswith(("loraplex.server", "loraplex.cli", "loraplex.cluster")):
+        if not m.startswith(("loraplex.server", "loraplex.cli", "loraplex.cluster", "loraplex.entrypoints")):
             assert not {u for u in used if u.startswith(("loraplex.server", "loraplex.cli"))}, m
         if not m.startswith(("loraplex.cli", "loraplex.cluster")):
             assert not {u for u in used if u.startswith("loraplex.cluster")}, m

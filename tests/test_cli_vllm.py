@@ -158,6 +158,15 @@ def test_a_missing_config_file_is_named(capsys: pytest.CaptureFixture[str], tmp_
     assert "cannot read it" in refused(capsys, "--config", str(tmp_path / "nope.yaml"))
 
 
+def test_the_module_form_is_serve() -> None:
+    """`python -m loraplex.entrypoints.openai.api_server` takes serve's flags and refuses as serve does."""
+    module = [sys.executable, "-m", "loraplex.entrypoints.openai.api_server"]
+    version = subprocess.run([*module, "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("loraplex ")
+    bad = subprocess.run([*module, "--lora-modules", '{"name": "a"}'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "needs a non-empty string 'path'" in bad.stderr
+
+
 def _every_action(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
     found = []
     for action in parser._actions:
@@ -222,8 +231,9 @@ def test_chat_template_is_a_file_or_the_text(capsys: pytest.CaptureFixture[str],
 
 @pytest.mark.slow
 def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[..., Path], tmp_path: Path) -> None:
-    """vLLM's LoRA command line, from a --config file and flags, serves the openai client: the JSON module's
-    adapter answers, lineage shows in /v1/models, the key is required, the chat template is the one given."""
+    """vLLM's LoRA command line, in vLLM's module form, from a --config file and flags, serves the openai client:
+    the JSON module's adapter answers, lineage shows in /v1/models, the key is required, the chat template is the
+    one given, the root path and CORS hold."""
     adapter = adapter_factory("vllm-cli", r=8, seed=5)
     (tmp_path / "serve.yaml").write_text(f"enable-lora: true\nmax-lora-rank: 64\nmax-model-len: 512\n"
                                          f"lora-modules:\n  - '{json.dumps({'name': 'tenant', 'path': str(adapter)})}'\n")
@@ -231,7 +241,8 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loraplex.cli", "serve", "--model", "SmolLM2-135M-Instruct", "--port", str(port),
+        [sys.executable, "-m", "loraplex.entrypoints.openai.api_server", "--model", "SmolLM2-135M-Instruct",
+         "--port", str(port),
          "--config", str(tmp_path / "serve.yaml"), "--enable-lora",
          "--chat-template", str(tmp_path / "chat.jinja"), "--dtype", "float32", "--log-level", "warning",
          "--root-path", "/api", "--allowed-origins", "https://ui.example"],

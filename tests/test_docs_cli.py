@@ -93,14 +93,22 @@ def tokens(text: str) -> list[str]:
         return words[: next((n for n, w in enumerate(words) if w.startswith("#")), len(words))]
 
 
+API_SERVER = "loraplex.entrypoints.openai.api_server"  # `python -m` it: the same as `loraplex serve`
+
+
+def _module(word: str) -> str:
+    """A module name as prose writes it: without the quoting backticks and the punctuation after it."""
+    return word.strip("`").rstrip("`:,.;)")
+
+
 def _is_loraplex(words: list[str], n: int) -> int:
     """How many tokens at `n` name the loraplex program (0: none)."""
     w = words[n].strip("`")
     if w == "loraplex" or w.endswith("/loraplex"):
         return 1
     if re.fullmatch(r"(.*/)?python[\d.]*", w) and words[n + 1 : n + 2] == ["-m"] and n + 2 < len(words):
-        module = words[n + 2]
-        if module == "loraplex.cli":
+        module = _module(words[n + 2])
+        if module in ("loraplex.cli", API_SERVER):
             return 3
         if module.split(".")[0] == "loraplex":  # `python -m loraplex` (no __main__) or another module: not the CLI
             raise AssertionError(f"`python -m {module}` does not run the CLI; show `python -m loraplex.cli`")
@@ -117,8 +125,8 @@ def commands(snippet: Snippet) -> list[Command]:
         if not width:
             n += 1
             continue
+        args: list[str] = ["serve"] if _module(words[n + width - 1]) == API_SERVER else []  # vLLM's module form of serve
         n += width
-        args: list[str] = []
         while n < len(words) and words[n] not in SEPARATORS:
             args.append(words[n].strip("`"))
             n += 1
