@@ -167,6 +167,67 @@ def test_the_module_form_is_serve() -> None:
     assert bad.returncode == 2 and "needs a non-empty string 'path'" in bad.stderr
 
 
+def test_vllms_flags_are_accepted_mapped_or_refused_never_dropped(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(["serve", "--enforce-eager", "-tp", "1", "--trust-remote-code", "--disable-log-requests", "my-model",
+                  "--seed", "7", "--gpu-memory-utilization", "0.5", "--block-size", "32", "--max-num-seqs", "8",
+                  "--max-cpu-loras", "4", "--uvicorn-log-level", "WARNING"])
+    engine, server = _server_configs(args)
+    assert engine.model == "my-model"  # "-tp 1" is vLLM's flag and its value, never the positional model
+    assert (engine.seed, engine.gpu_memory_utilization, engine.block_size) == (7, 0.5, 32)
+    assert engine.max_num_seqs == 8 and engine.max_cpu_loras == 4 and server.log_level == "warning"
+    notes = "\n".join(args.vllm_notes)
+    for logged in ("--enforce-eager: accepted", "--tensor-parallel-size 1: accepted", "--trust-remote-code: accepted",
+                   "--disable-log-requests: accepted", "--seed 7: sets loraplex's engine_seed"):
+        assert notes.count(logged) == 1, logged
+    assert "never runs code from a model's repository" in notes
+    for argv, reason in [(["--tensor-parallel-size", "2"], "loraplex cluster --replicas N"),
+                         (["-pp=2"], "one engine on one device"),
+                         (["--ssl-keyfile", "k.pem"], "terminate TLS in a reverse proxy"),
+                         (["--limit-mm-per-prompt", "{}"], "text-only models"),
+                         (["--no-enforce-eager"], "no CUDA graphs"),
+                         (["--kv-cache-dtype", "fp8"], "model's dtype")]:
+        err = refused(capsys, *argv)
+        assert f"vLLM's {argv[0].split('=')[0].replace('-pp', '--pipeline-parallel-size')}" in err and reason in err
+    assert "unrecognized arguments: --no-such-flag" in refused(capsys, "--no-such-flag")
+
+
+def test_accepted_flags_are_in_the_servers_log() -> None:
+    """The notes reach the log: here ahead of a refusal that stops the start before the model loads."""
+    done = subprocess.run([sys.executable, "-m", "loraplex.cli", "serve", "--enforce-eager", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "refusing to serve 0.0.0.0" in done.stderr
+    assert "vLLM's --enforce-eager: accepted, loraplex captures no CUDA graphs" in done.stderr
+
+
+def test_vllms_flags_in_a_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    config = tmp_path / "vllm.yaml"
+    config.write_text("enforce-eager: true\ntensor-parallel-size: 1\ngpu-memory-utilization: 0.8\nseed: 3\n")
+    engine, _ = configs("--config", str(config), "--seed", "4")
+    assert engine.gpu_memory_utilization == 0.8 and engine.seed == 4  # the command line's own flag wins
+    config.write_text("tensor-parallel-size: 2\n")
+    assert "vLLM's --tensor-parallel-size 2 is refused" in refused(capsys, "--config", str(config))
+
+
+def test_every_vllm_flag_has_one_documented_outcome() -> None:
+    """docs/vllm_flags.md is the table cli_vllm.py makes (rerun `.venv/bin/python src/loraplex/cli_vllm.py`)."""
+    from loraplex.cli_vllm import CATALOG, flag_doc
+    from loraplex.vllm_serve_flags import SERVE_FLAGS
+
+    assert len(SERVE_FLAGS) > 300 and {"--enforce-eager", "-tp", "--gpu-memory-utilization"} <= set(CATALOG)
+    assert (REPO / "docs" / "vllm_flags.md").read_text() == flag_doc()
+
+
+def test_gpu_memory_utilization_sizes_the_kv_cache() -> None:
+    from loraplex.engine.memory import utilization_budget
+
+    gib = 1 << 30
+    assert utilization_budget(0.9, 80 * gib, 10 * gib, 2 * gib) == int(0.9 * 80 * gib) - 12 * gib
+    with pytest.raises(InvalidRequestError, match="nothing is left for the KV cache"):
+        utilization_budget(0.1, 80 * gib, 10 * gib, 0)
+    with pytest.raises(InvalidRequestError, match="gpu_memory_utilization must be in"):
+        EngineConfig(gpu_memory_utilization=1.5)
+
+
 def _every_action(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
     found = []
     for action in parser._actions:
@@ -245,7 +306,9 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
          "--port", str(port),
          "--config", str(tmp_path / "serve.yaml"), "--enable-lora",
          "--chat-template", str(tmp_path / "chat.jinja"), "--dtype", "float32", "--log-level", "warning",
-         "--root-path", "/api", "--allowed-origins", "https://ui.example"],
+         "--root-path", "/api", "--allowed-origins", "https://ui.example", "--enforce-eager",
+         "--tensor-parallel-size", "1", "--trust-remote-code", "--disable-log-requests",
+         "--gpu-memory-utilization", "0.9"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=dies_with_this_process,
         env={**os.environ, "VLLM_API_KEY": "sk-vllm", "PYTHONUNBUFFERED": "1"})
     try:

@@ -30,6 +30,9 @@ MAKEFILE = ROOT / "Makefile"
 # Bare `--flag` spans in prose that belong to a benchmark script rather than to `loraplex`: the flag -> the
 # script that must define it.
 FOREIGN_FLAGS = {"--chaos": "benchmarks/soak.py", "--skip": "benchmarks/prefix_cache.py"}
+# vLLM's serve flags, each with what loraplex does with it: generated from cli_vllm.py and checked against it
+# (tests/test_cli_vllm.py), so its spans name vLLM's flags, most of which loraplex refuses by name.
+VLLM_FLAG_TABLE = "docs/vllm_flags.md"
 
 SEPARATORS = {"|", "||", "&&", ";", "&", ">", ">>", "2>&1", "<"}
 FENCE = re.compile(r"^\s*(```|~~~)\s*([\w+-]*)")
@@ -264,12 +267,19 @@ def make_problems(snips: list[Snippet], targets: set[str]) -> list[str]:
     return found
 
 
+def vllm_flags_served() -> set[str]:
+    """vLLM's flags that `loraplex serve` accepts or maps (cli_vllm.py): real flags of serve, though not its own."""
+    from loraplex.cli_vllm import ACCEPTED, CATALOG, MAPPED, ONLY, canonical
+
+    return {n for flag in CATALOG.values() if canonical(flag) in {*ACCEPTED, *ONLY, *MAPPED} for n in flag.names}
+
+
 def prose_flag_problems(snips: list[Snippet], parser: argparse.ArgumentParser) -> list[str]:
     """Inline spans that start with a flag (`--max-loras`, `--quantize nf4`): an option of some subcommand."""
-    known = options(parser).union(*(options(p) for p in subparsers(parser).values()))
+    known = options(parser).union(*(options(p) for p in subparsers(parser).values()), vllm_flags_served())
     found = []
     for snip in snips:
-        if snip.fenced:
+        if snip.fenced or snip.where.startswith(VLLM_FLAG_TABLE + ":"):
             continue
         words = tokens(snip.text)
         if not words or not words[0].startswith("--"):

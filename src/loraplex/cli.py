@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 from loraplex.units import parse_bytes  # noqa: E402
 from loraplex.cli_forms import (CommandLineError, LoraModule, api_keys_from, apply_config_file,  # noqa: E402
                                 chat_template_text, check_lineage, parse_lora_modules)
+from loraplex.cli_vllm import apply_vllm_flags, split_vllm_flags  # noqa: E402
 from loraplex.cluster.config import CLAIM_POLICIES  # noqa: E402
 from loraplex.config import LOG_LEVELS  # noqa: E402
 from loraplex.errors import LoraplexError  # noqa: E402
@@ -66,7 +67,7 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (prompt + output); default: the model's, at most 4096")
     p.add_argument("--allow-pickle-adapters", action="store_true", help="accept adapter_model.bin (weights_only)")
-    p.add_argument("--quantize", "--quantization", dest="quantize", default=None,
+    p.add_argument("--quantize", "--quantization", "-q", dest="quantize", default=None,
                    choices=QUANTIZATIONS + list(QUANTIZATION_ALIASES),
                    help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA runs in --dtype "
                         "(vLLM's --quantization bitsandbytes: nf4)")
@@ -206,7 +207,7 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(modules.items()),
         adapter_dir=adapter_dir or args.adapter_dir, registry_file=registry_file or args.registry_file,
-        **engine_kwargs(args),  # type: ignore[arg-type]
+        **engine_kwargs(args), **_mapped_vllm_settings(args),  # type: ignore[arg-type]
     )
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           api_keys=args.api_keys, admin_keys=api_keys_from(args.api_key), log_level=args.log_level,
@@ -218,6 +219,14 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
                           max_body_size=args.max_body_size, body_timeout=args.body_timeout,
                           header_timeout=args.header_timeout, limit_concurrency=args.limit_concurrency)
     return engine_config, server
+
+
+def _mapped_vllm_settings(args: argparse.Namespace) -> dict[str, object]:
+    """EngineConfig fields that only vLLM's flags set (cli_vllm.MAPPED: --seed, --block-size,
+    --gpu-memory-utilization), where they were given."""
+    given = {"seed": getattr(args, "engine_seed", None), "block_size": getattr(args, "block_size", None),
+             "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -397,13 +406,24 @@ def version() -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with a `--config FILE.yaml` read in as the command's defaults (the flags given win)."""
+    """The command line. For serve and cluster: vLLM's flags that loraplex does not have are taken out first and
+    accepted, mapped or refused (cli_vllm.py), and a `--config FILE.yaml` is read in as the command's defaults (the
+    flags given win)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((w for w in argv if w in subparsers.choices), None)
+    sub = subparsers.choices[command] if command in ("serve", "cluster") else None
+    if sub is None:
+        return parser.parse_args(argv)
+    ours = set(sub._option_string_actions) | set(parser._option_string_actions)
+    argv, vllm = split_vllm_flags(argv, ours)
     args = parser.parse_args(argv)
-    if getattr(args, "config", None) is not None:
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        apply_config_file(subparsers.choices[args.command], args.config)
+    if args.config is not None:
+        _, from_file = split_vllm_flags(apply_config_file(sub, args.config), ours)
         args = parser.parse_args(argv)
+        vllm = from_file + vllm  # the command line's own come last: they win
+    args.vllm_notes = apply_vllm_flags(vllm, lambda dest, value: setattr(args, dest, value))
     return args
 
 
@@ -412,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         args = parse(argv)
         level = getattr(args, "log_level", None) or ("info" if args.verbose else "warning")
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for note in getattr(args, "vllm_notes", []):  # each of vLLM's flags accepted or mapped, once
+            logging.getLogger(__name__).info("%s", note)
         args.fn(args)
     except (LoraplexError, CommandLineError) as e:  # a user's mistake: say what and why, no stack trace
         print(f"error: {e}", file=sys.stderr)

@@ -96,10 +96,13 @@ def chat_template_text(value: str | None) -> str | None:
     return value
 
 
-def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> None:
+def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
     """Make `path`'s settings (YAML, vLLM's format: a flag's name without its dashes, and its value) `parser`'s
-    defaults, so that the command line's own flags win over the file, as in vLLM."""
+    defaults, so that the command line's own flags win over the file, as in vLLM. Returns the settings that are
+    vLLM's flags rather than loraplex's, as command-line words, for cli_vllm to accept, map or refuse."""
     import yaml
+
+    from loraplex.cli_vllm import CATALOG, split_vllm_flags
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -108,36 +111,47 @@ def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> None:
     except yaml.YAMLError as e:
         raise CommandLineError(f"--config {path} is not valid YAML: {e}") from None
     if data is None:
-        return
+        return []
     if not isinstance(data, dict):
         raise CommandLineError(f"--config {path} must map flag names to values, e.g. 'port: 8000'")
     argv: list[str] = []
     for key, value in data.items():
-        argv += _setting_as_argv(parser, path, str(key), value)
+        flag = "--" + str(key).replace("_", "-")
+        if flag in ("--config", "--help", "--version"):
+            raise CommandLineError(f"--config {path}: {key!r} cannot be set from a config file")
+        action = parser._option_string_actions.get(flag)  # argparse keeps no public map from a flag to its action
+        if action is None and flag not in CATALOG:
+            raise CommandLineError(f"--config {path}: unknown setting {key!r} (neither loraplex nor vLLM has {flag})")
+        argv += _setting_as_argv(path, str(key), flag, value, action)
+    ours, vllm = split_vllm_flags(argv, set(parser._option_string_actions))
     try:
-        given = parser.parse_args(argv)
+        given = parser.parse_args(ours)
     except SystemExit:
         raise CommandLineError(f"--config {path}: a value above is refused by its flag") from None
     parser.set_defaults(**{dest: v for dest, v in vars(given).items() if v != parser.get_default(dest)})
+    return [word for flag, values in vllm for word in (flag.name, *values)]
 
 
-def _setting_as_argv(parser: argparse.ArgumentParser, path: Path, key: str, value: Any) -> list[str]:
-    flag = "--" + key.replace("_", "-")
-    action = parser._option_string_actions.get(flag)  # argparse keeps no public map from a flag to its action
-    if action is None or flag in ("--config", "--help", "--version"):
-        raise CommandLineError(f"--config {path}: unknown setting {key!r} (this command has no flag {flag})")
+def _setting_as_argv(path: Path, key: str, flag: str, value: Any, action: argparse.Action | None) -> list[str]:
+    """One setting as command-line words; `action` is loraplex's (None: a vLLM flag, a switch when its value is a
+    boolean)."""
     if value is None:
         return []
-    if isinstance(action, argparse.BooleanOptionalAction):
+    switch = action.nargs == 0 if action is not None else isinstance(value, bool)
+    if action is None and value is False:  # a vLLM switch turned off: its --no- form where it has one
+        from loraplex.cli_vllm import CATALOG
+
+        return ["--no-" + flag[2:]] if "--no-" + flag[2:] in CATALOG else []
+    if isinstance(action, argparse.BooleanOptionalAction) or (action is None and isinstance(value, bool)):
         if not isinstance(value, bool):
             raise CommandLineError(f"--config {path}: {key} takes true or false, got {value!r}")
         return [flag if value else "--no-" + flag[2:]]
-    if action.nargs == 0:  # store_true
+    if switch:  # store_true
         if not isinstance(value, bool):
             raise CommandLineError(f"--config {path}: {key} takes true or false, got {value!r}")
         return [flag] if value else []
     values = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and action.nargs in (None, "?"):
+    if isinstance(value, list) and action is not None and action.nargs in (None, "?"):
         raise CommandLineError(f"--config {path}: {key} takes one value, got a list")
     return [flag, *(json.dumps(v) if isinstance(v, dict) else str(v).lower() if isinstance(v, bool) else str(v)
                     for v in values)]

@@ -26,6 +26,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for K and V of all layers
+    # On a GPU: the share of its memory this engine may fill (weights, slots, KV cache), which then sizes the KV
+    # cache in place of kv_cache_memory (vLLM's --gpu-memory-utilization); the rest is left to activations.
+    gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks, per adapter version (block_manager.py)
     quantization: str | None = None  # None (model dtype), "nf4", "fp4" or "int8": the base linears, by bitsandbytes
     double_quant: bool = False  # 4-bit only: quantize the block scales too (~0.4 bit/weight saved)
@@ -53,6 +56,8 @@ class EngineConfig:
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
             (self.block_size >= 1, "block_size must be >= 1"),
             (self.kv_cache_memory > 0, "kv_cache_memory must be > 0"),
+            (self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             (self.max_loras >= 1, "max_loras must be >= 1"),
             (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
             (self.max_cpu_loras >= 1, "max_cpu_loras must be >= 1"),

@@ -1,5 +1,5 @@
-"""The engine's model, built in one pipeline: resolve the dtype -> load the weights -> quantize -> prepack ->
-move to the device -> plan the memory -> attach the LoRA wrappers. Each step is its package's own function;
+"""The engine's model, built in one pipeline: resolve the dtype -> load the weights -> quantize -> move to
+the device -> prepack (CPU only: a packed weight cannot move) -> plan the memory -> attach the LoRA wrappers. Each step is its package's own function;
 this is the one place that says in which order they run.
 """
 
@@ -63,8 +63,8 @@ def build_model(config: EngineConfig) -> BuiltModel:
         log.info("quantized the decoder linears to %s%s: %.1f MiB -> %.1f MiB (%.2fx smaller)", config.quantization,
                  " with double quantization" if config.double_quant else "", before / 2**20, after / 2**20,
                  before / after)
-    model.prepack()  # on CPU: oneDNN's layout for every remaining linear (a no-op elsewhere)
     model.to(device)
+    model.prepack()  # on CPU: oneDNN's layout for every remaining linear; on a GPU nothing (packing is CPU-only)
     memory = plan(model, mcfg, config, dtype.dtype, device, max_model_len)
     log.info("%s", memory.describe())
     targets = attach_lora(model, config.max_loras, config.max_lora_rank, dtype.dtype) if config.enable_lora else {}

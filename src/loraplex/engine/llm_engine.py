@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        built = build_model(config)  # dtype -> weights -> quantize -> prepack -> device -> memory plan -> LoRA
+        built = build_model(config)  # dtype -> weights -> quantize -> device -> prepack -> memory plan -> LoRA
         self.model_dir, self.model_config, self.model_name = built.model_dir, built.config, built.config.name
         self.dtype_choice, self.dtype = built.dtype, built.dtype.dtype
         self.device, self.device_description = built.device, built.device_description

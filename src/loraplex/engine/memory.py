@@ -7,6 +7,8 @@ the figures logged at start, published on /metrics and reported by benchmarks ar
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ from loraplex.errors import InvalidRequestError
 from loraplex.models.config import ModelConfig
 from loraplex.models.layers import Linear, layer_index
 from loraplex.units import human
+
+log = logging.getLogger(__name__)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -80,13 +84,34 @@ def plan(model: nn.Module, cfg: ModelConfig, config: EngineConfig, dtype: torch.
     kv_block = cfg.num_layers * 2 * config.block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     one_slot = slot_bytes(model, config.max_lora_rank, dtype) if config.enable_lora else 0
     slots = config.max_loras if config.enable_lora else 0
-    blocks = check_budgets(kv_budget=config.kv_cache_memory, kv_block_bytes=kv_block, block_size=config.block_size,
+    kv_budget = config.kv_cache_memory
+    if config.gpu_memory_utilization is not None:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            kv_budget = utilization_budget(config.gpu_memory_utilization, total, total - free, slots * one_slot)
+        else:
+            log.info("--gpu-memory-utilization applies to a GPU; on the %s --kv-cache-memory (%s) sizes the KV cache",
+                     device.type, human(kv_budget))
+    blocks = check_budgets(kv_budget=kv_budget, kv_block_bytes=kv_block, block_size=config.block_size,
                            max_model_len=max_model_len, max_loras=slots, one_slot=one_slot,
                            adapter_budget=config.adapter_memory, free=available_memory(device))
     quant = (config.quantization or "none") + ("+double-quant" if config.double_quant else "")
     return MemoryPlan(quantization=quant, weights=weight_bytes(model), kv_cache=blocks * kv_block, kv_blocks=blocks,
                       block_size=config.block_size, max_model_len=max_model_len, adapter_slot=one_slot,
                       adapter_slots=slots)
+
+
+def utilization_budget(utilization: float, total: int, used: int, slots: int) -> int:
+    """The KV cache's bytes when this engine may fill `utilization` of a GPU's `total` memory: what is left of that
+    share after what is `used` already (the weights, other processes) and the adapter slots (vLLM's
+    --gpu-memory-utilization; the remaining share is the activations' headroom)."""
+    budget = int(utilization * total) - used - slots
+    if budget <= 0:
+        raise InvalidRequestError(
+            f"--gpu-memory-utilization {utilization} allows {human(int(utilization * total))} of {human(total)}, but "
+            f"{human(used)} is in use already and the adapter slots need {human(slots)}: nothing is left for the KV "
+            f"cache; raise it, lower --max-loras, or quantize the base (--quantize nf4)")
+    return budget
 
 
 def check_budgets(*, kv_budget: int, kv_block_bytes: int, block_size: int, max_model_len: int, max_loras: int,
