@@ -89,6 +89,25 @@ def test_a_keyed_server_may_bind_a_public_address() -> None:
         configs("--host", "0.0.0.0")
 
 
+def test_vllms_runtime_lora_switch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """VLLM_ALLOW_RUNTIME_LORA_UPDATING=True lets runtime loads read any path; without it they stay confined to
+    --adapter-dir and --allowed-adapter-roots; an open server with it stays on loopback."""
+    from loraplex.server.serve import adapter_roots
+
+    engine, server = configs("--adapter-dir", "/srv/adapters")
+    assert not server.any_adapter_path and adapter_roots(engine, server) == (Path("/srv/adapters"),)
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    engine, server = configs("--adapter-dir", "/srv/adapters")
+    assert server.any_adapter_path and adapter_roots(engine, server) is None  # None: any path the server can read
+    assert configs("--host", "0.0.0.0", "--api-key", "k")[1].any_adapter_path
+    with pytest.raises(InvalidRequestError, match="refusing VLLM_ALLOW_RUNTIME_LORA_UPDATING on 0.0.0.0"):
+        configs("--host", "0.0.0.0", "--insecure-no-api-keys")
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "false")
+    assert not configs()[1].any_adapter_path
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "maybe")
+    assert "set it to True or False" in refused(capsys)
+
+
 def test_cors_and_root_path_forms(capsys: pytest.CaptureFixture[str]) -> None:
     _, server = configs("--root-path", "/api", "--allowed-origins", "https://ui.example", "http://localhost:3000")
     assert server.root_path == "/api" and server.allowed_origins == ("https://ui.example", "http://localhost:3000")
@@ -310,7 +329,8 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
          "--tensor-parallel-size", "1", "--trust-remote-code", "--disable-log-requests",
          "--gpu-memory-utilization", "0.9"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=dies_with_this_process,
-        env={**os.environ, "VLLM_API_KEY": "sk-vllm", "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "VLLM_API_KEY": "sk-vllm", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+             "PYTHONUNBUFFERED": "1"})
     try:
         wait_up(url, proc, within=120)
         client = openai.OpenAI(base_url=url + "/v1", api_key="sk-vllm")
@@ -326,6 +346,13 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
         assert chat.usage.prompt_tokens == prompt.usage.prompt_tokens
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+        # vLLM's switch: a runtime load from a path under no adapter root (there is none) is allowed, for the admin.
+        later = adapter_factory("vllm-cli-later", r=4, seed=6)
+        loaded = httpx.post(url + "/v1/load_lora_adapter", headers={"Authorization": "Bearer sk-vllm"},
+                            json={"lora_name": "later", "lora_path": str(later)}, timeout=60)
+        assert loaded.status_code == 200, loaded.text
+        out = client.chat.completions.create(model="later", messages=messages, max_tokens=2)
+        assert out.usage.completion_tokens > 0
         # --root-path: the proxy strips /api before forwarding; /health stays public, the schema names the prefix.
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/openapi.json").json()["servers"] == [{"url": "/api"}]

@@ -17,8 +17,8 @@ from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 from loraplex.units import parse_bytes  # noqa: E402
-from loraplex.cli_forms import (CommandLineError, LoraModule, api_keys_from, apply_config_file,  # noqa: E402
-                                chat_template_text, check_lineage, parse_lora_modules)
+from loraplex.cli_forms import (CommandLineError, LoraModule, any_adapter_path, api_keys_from,  # noqa: E402
+                                apply_config_file, chat_template_text, check_lineage, parse_lora_modules)
 from loraplex.cli_vllm import apply_vllm_flags, split_vllm_flags  # noqa: E402
 from loraplex.cluster.config import CLAIM_POLICIES  # noqa: E402
 from loraplex.config import LOG_LEVELS  # noqa: E402
@@ -211,7 +211,8 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
     )
     server = ServerConfig(host=args.host, port=args.port, served_model_name=args.served_model_name,
                           api_keys=args.api_keys, admin_keys=api_keys_from(args.api_key), log_level=args.log_level,
-                          root_path=args.root_path, allowed_origins=tuple(args.allowed_origins), max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                          root_path=args.root_path, allowed_origins=tuple(args.allowed_origins),
+                          any_adapter_path=any_adapter_path(), max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                           max_metric_labels=args.max_metric_labels,
                           torch_threads=args.torch_threads, insecure_no_api_keys=args.insecure_no_api_keys,
                           allowed_hosts=tuple(args.allowed_hosts),

@@ -81,6 +81,19 @@ def api_keys_from(flag: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(os.environ[v] for v in API_KEY_ENV if os.environ.get(v)))
 
 
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def any_adapter_path() -> bool:
+    """vLLM's switch for runtime LoRA loads, honoured: set true, they may read any path the server can read."""
+    value = os.environ.get(RUNTIME_LORA_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise CommandLineError(f"{RUNTIME_LORA_ENV}={os.environ[RUNTIME_LORA_ENV]!r}: set it to True or False")
+
+
 def chat_template_text(value: str | None) -> str | None:
     """`--chat-template`: a file's path (read), else the template itself, as vLLM takes it."""
     if value is None:

@@ -99,6 +99,9 @@ class ServerConfig:
     insecure_no_api_keys: bool = False  # allow a keyless server on a non-loopback address (anyone is admin)
     allowed_hosts: tuple[str, ...] = ()  # Host header names answered to besides the bound address ('*': any)
     allowed_adapter_roots: tuple[Path, ...] = ()  # runtime loads may read here, besides the engine's adapter_dir
+    # vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=True: runtime loads may read any path the server can (admin keys only,
+    # or an open server on loopback only)
+    any_adapter_path: bool = False
     max_body_size: int = 4 << 20  # bytes of request body; more is a 413
     body_timeout: float = 30.0  # seconds for a request body to arrive; slower is a 408
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive; slower is a 408
@@ -119,6 +122,11 @@ class ServerConfig:
                 f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
                 "from the server's disk and read every tenant's traffic. Give --api-keys FILE (or --api-key KEY), "
                 "bind a loopback address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
+        if self.any_adapter_path and not self.keyed and not is_loopback(self.host):
+            raise InvalidRequestError(
+                f"refusing VLLM_ALLOW_RUNTIME_LORA_UPDATING on {self.host} without API keys: anyone who reaches the "
+                "server could make it read any file it can. Give --api-keys FILE (or --api-key KEY), or bind a "
+                "loopback address")
         if "*" in self.allowed_origins and not self.keyed:
             raise InvalidRequestError(
                 "refusing --allowed-origins '*' without API keys: any web page its visitors open could use this "

@@ -42,7 +42,7 @@ class Ingress:
 
     async def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, server: ServerConfig,
                        cluster: ClusterConfig, keys: dict[str, KeyScope] | None,
-                       roots: tuple[Path, ...]) -> None:
+                       roots: tuple[Path, ...] | None) -> None:
         # A replica's facts and tokenizer, unpickled here: the tokenizer's class module only, never torch or the model.
         facts, tokenizer = await replicas.facts.remote(), await replicas.tokenizer.remote()
         self.engine = RemoteEngine(replicas, board, facts, tokenizer, cluster)
@@ -82,6 +82,8 @@ def start(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig,
           keys: dict[str, KeyScope] | None = None) -> str:
     """Join Ray (or start it here), deploy the application; returns its URL once every replica is up."""
     app = application(engine, server, cluster, keys)  # a bad combination of flags fails before Ray starts
+    if server.any_adapter_path:
+        log.warning("VLLM_ALLOW_RUNTIME_LORA_UPDATING: runtime loads may read any path the replicas can read")
     if not ray.is_initialized():
         ray.init(address=cluster.ray_address, include_dashboard=False, logging_level=logging.WARNING)
     # Serve's access log writes a line per call, reports included (4 a second per replica), each forwarded to the

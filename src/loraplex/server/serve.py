@@ -41,8 +41,11 @@ def guard_config(server: ServerConfig) -> GuardConfig:
     return GuardConfig(allowed_hosts(server.host, server.allowed_hosts), server.max_body_size, server.body_timeout)
 
 
-def adapter_roots(engine: EngineConfig, server: ServerConfig) -> tuple[Path, ...]:
-    """Where runtime loads may read adapters: --adapter-dir and --allowed-adapter-roots (none: no path loads)."""
+def adapter_roots(engine: EngineConfig, server: ServerConfig) -> tuple[Path, ...] | None:
+    """Where runtime loads may read adapters: --adapter-dir and --allowed-adapter-roots (none: no path loads);
+    None, anywhere the server can read, under vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING (ServerConfig.any_adapter_path)."""
+    if server.any_adapter_path:
+        return None
     roots = [Path(engine.adapter_dir)] if engine.adapter_dir else []
     return tuple(roots + list(server.allowed_adapter_roots))
 
@@ -81,6 +84,9 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
     if keys is None and server.insecure_no_api_keys:
         log.warning("--insecure-no-api-keys: the server on %s is open, as admin, to anyone who can reach it",
                     server.host)
+    if server.any_adapter_path:
+        log.warning("VLLM_ALLOW_RUNTIME_LORA_UPDATING: runtime loads may read any path this process can read (%s)",
+                    "admin keys only" if keys else "an open server, on loopback only")
     engine = AsyncLLMEngine(engine_config)
     app = build_app(engine, server.served_model_name, keys, server.max_queue,
                     max_metric_labels=server.max_metric_labels, guard=guard_config(server),
