@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import loraplex
 from conftest import ATTN
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncLLMEngine
@@ -274,6 +275,27 @@ def test_a_tenant_key_never_sees_another_tenants_name_or_traffic(served: dict) -
     assert [r.status_code for r in seen] == [403, 403]
     assert [r.json()["error"]["message"].replace("no-such", "X").replace("secret-tenant", "X") for r in seen] == \
         [seen[0].json()["error"]["message"].replace("secret-tenant", "X")] * 2
+
+
+def test_retrieving_a_model_reveals_no_other_tenants_name(served: dict) -> None:
+    """GET /v1/models/{id}: one entry of the caller's own list; another tenant's adapter reads as an unknown name."""
+    url, store, source = served["url"], served["store"], served["source"]
+    _copy(source, store / "hidden")
+    assert httpx.post(url + "/v1/load_lora_adapter", headers=_auth(ADMIN),
+                      json={"lora_name": "hidden-tenant", "lora_path": str(store / "hidden")}).status_code == 200
+    mine = httpx.get(url + "/v1/models/shared", headers=_auth(ALICE))
+    assert mine.status_code == 200 and mine.json()["id"] == "shared" and mine.json()["parent"] == BASE
+    assert httpx.get(url + "/v1/models/hidden-tenant", headers=_auth(ADMIN)).status_code == 200
+    seen = [httpx.get(url + f"/v1/models/{m}", headers=_auth(ALICE)) for m in ("hidden-tenant", "no-such")]
+    assert [r.status_code for r in seen] == [404, 404]
+    assert seen[0].text.replace("hidden-tenant", "X") == seen[1].text.replace("no-such", "X")
+    assert httpx.get(url + "/v1/models/shared").status_code == 401  # a key is still needed
+
+
+def test_ping_and_version_are_public_as_health_is(served: dict) -> None:
+    url = served["url"]
+    assert httpx.get(url + "/ping").json() == {"status": "ok"} and httpx.post(url + "/ping").status_code == 200
+    assert httpx.get(url + "/version").json() == {"version": loraplex.__version__}
 
 
 def _own_row(url: str, key: str, model: str) -> dict:

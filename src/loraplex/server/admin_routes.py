@@ -1,4 +1,5 @@
-"""GET /v1/models, adapter management (vLLM's load/unload bodies, plus promote and pin), /health, /metrics."""
+"""GET /v1/models (and one by id), adapter management (vLLM's load/unload bodies, plus promote and pin), /health,
+/ping, /version, /metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+import loraplex
+from loraplex.server.errors import APIError
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.protocol import LoadLoRARequest, PinLoRARequest, PromoteLoRARequest, UnloadLoRARequest
 from loraplex.server.state import ServerState
@@ -29,6 +32,19 @@ def _admin(request: Request) -> ServerState:
 @router.get("/v1/models", responses=ERRORS)
 async def list_models(request: Request) -> dict[str, Any]:
     """The base model and every adapter the caller's key may use, each adapter with its parent (as vLLM lists them)."""
+    return {"object": "list", "data": await _models(request)}
+
+
+@router.get("/v1/models/{model_id:path}", responses=ERRORS)
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One entry of /v1/models (OpenAI's retrieve). Another tenant's adapter is as unknown as a name never served."""
+    for entry in await _models(request):
+        if entry["id"] == model_id:
+            return entry
+    raise APIError(404, f"The model '{model_id}' does not exist", "NotFoundError", "model")
+
+
+async def _models(request: Request) -> list[dict[str, Any]]:
     st = _state(request)
     scope = st.auth.scope(request)
     engine, mem = st.engine, st.engine.facts.memory
@@ -60,7 +76,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                                          for r in replicas for key, tiers in r.resident.items()
                                          if key.partition("@")[0] == a.name],
                          "replica_versions": {r.id: r.versions.get(a.name) for r in replicas}})
-    return {"object": "list", "data": data}
+    return data
 
 
 @router.post("/v1/load_lora_adapter", responses=ERRORS)
@@ -112,6 +128,18 @@ async def health(request: Request) -> JSONResponse:
     if st.draining:
         return JSONResponse({"status": "draining"}, 503)
     return JSONResponse({"status": "ok"})
+
+
+@router.api_route("/ping", methods=["GET", "POST"])
+async def ping(request: Request) -> JSONResponse:
+    """vLLM's (and SageMaker's) health check: the same answer as /health."""
+    return await health(request)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """The server's version, as vLLM's /version gives it (public, as /health is)."""
+    return {"version": loraplex.__version__}
 
 
 @router.get("/metrics")

@@ -29,7 +29,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: a 128k-token prompt as text is ~0.5 MiB, as token ids ~1 MiB
 # No key: the liveness probe, the dashboard page (it asks for one), the API's schema pages.
-PUBLIC_PATHS = ("/health", "/dashboard", "/docs", "/redoc", "/openapi.json")
+PUBLIC_PATHS = ("/health", "/ping", "/version", "/dashboard", "/docs", "/redoc", "/openapi.json")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
