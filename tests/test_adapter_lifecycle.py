@@ -12,6 +12,7 @@ import pytest
 from conftest import ALL, ATTN, MLP
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.errors import AdapterFormatError, AdapterNotFoundError, InvalidAdapterNameError, InvalidRequestError
 
@@ -123,20 +124,23 @@ def test_lru_order_in_both_tiers(root: Path) -> None:
 
 
 def test_a_transient_adapter_evicts_nothing_and_leaves_with_its_request(root: Path, solo: dict[str, list[int]]) -> None:
-    """keep_adapter=False (a cluster replica serving an adapter it does not claim): with the host tier full, the
-    adapter loads beside it, answers as usual and is gone afterwards; the cached entries stay. A request that
-    keeps it while it is held makes it a cached entry (evicting the least recently used one then)."""
-    e = engine(root, max_loras=2, max_cpu_loras=2)
+    """An adapter the host admission policy does not cache (a cluster replica serving one it does not claim): with
+    the host tier full, it loads beside the cached entries, answers as usual and is gone afterwards; the cached
+    entries stay. Once the policy caches it (a claim), a request's copy becomes a cached entry, evicting the least
+    recently used one."""
+    claimed = {"g0", "g1"}
+    e = LLMEngine(EngineConfig(dtype="float32", adapter_dir=str(root), max_loras=2, max_cpu_loras=2),
+                  host_admission=lambda key: key.name in claimed)
     for name in ["g0", "g1"]:
         run(e, {name: (prompt(e), name)})
     cached = [AdapterKey("g0", "1"), AdapterKey("g1", "1")]
-    e.add_request(prompt(e), PARAMS, "g2", request_id="t1", keep_adapter=False)
+    e.add_request(prompt(e), PARAMS, "g2", request_id="t1")
     assert run(e, {})["t1"] == solo["g2"]
     assert sorted(e.adapters.host.keys()) == cached and e.adapters.metrics.evictions["host"] == 0
-    assert e.adapters.metrics.loads["host"] == 3 and not e.adapters.host.transient
-    e.add_request(prompt(e), PARAMS, "g2", request_id="t2", keep_adapter=False)
-    e.add_request(prompt(e), PARAMS, "g2", request_id="k")  # kept: the transient copy becomes the tier's
-    assert run(e, {})["k"] == solo["g2"]
+    assert e.adapters.metrics.loads["host"] == 3 and not e.adapters.host.uncached()
+    e.add_request(prompt(e), PARAMS, "g2", request_id="t2")
+    claimed.add("g2")  # claimed while its copy is in use: the copy becomes the tier's
+    assert run(e, {})["t2"] == solo["g2"]
     assert sorted(e.adapters.host.keys()) == [AdapterKey("g1", "1"), AdapterKey("g2", "1")]
     assert e.adapters.metrics.loads["host"] == 4 and e.adapters.metrics.evictions["host"] == 1
     assert not e.adapters.users  # the one count of requests per version (the host tier asks it)

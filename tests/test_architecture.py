@@ -103,7 +103,8 @@ def test_scheduler_and_flags_load_without_torch() -> None:
     `loraplex --help` import no torch."""
     code = ("import sys, loraplex, loraplex.config, loraplex.units, loraplex.engine.scheduler, "
             "loraplex.engine.block_manager, loraplex.adapters.slots, loraplex.adapters.registry, "
-            "loraplex.adapters.host_cache, loraplex.adapters.key, loraplex.training.config, loraplex.cli\n"
+            "loraplex.adapters.host_cache, loraplex.adapters.residency, loraplex.adapters.key, loraplex.training.config, "
+            "loraplex.cli\n"
             "try:\n    loraplex.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('loraplex'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -116,18 +116,18 @@ def test_host_cache_lru_refs_and_pins() -> None:
     assert sorted(cache.keys()) == ["c", "e"]
 
 
-def test_host_cache_transient_entries_sit_outside_the_capacity() -> None:
-    """A transient entry neither counts nor evicts, and is never evicted; keep() makes it an ordinary entry."""
-    cache: HostCache[str, int] = HostCache(capacity=2)
+def test_host_cache_uncached_entries_sit_outside_the_capacity() -> None:
+    """An entry the owner's policy does not cache neither counts nor evicts, and is never evicted; once the policy
+    caches it, it is an ordinary entry (counting, and evicting the least recently used one)."""
+    uncached = {"t"}  # the owner's admission policy: everything but t
+    cache: HostCache[str, int] = HostCache(capacity=2, cached=lambda k: k not in uncached)
     cache.put("a", 1)
     cache.put("b", 2)
-    assert cache.put("t", 3, keep=False) == [] and sorted(cache.keys()) == ["a", "b", "t"]
-    assert cache.shrink() == [] and cache.put("c", 4) == ["a"]  # t is skipped: b, c and the transient t remain
-    assert cache.keep("t") == ["b"] and cache.transient == set()
-    cache.put("u", 5, keep=False)
-    cache.drop("u")
-    assert cache.put("c", 6, keep=False) == [] and cache.transient == set()  # a cached entry stays cached
-    assert sorted(cache.keys()) == ["c", "t"] and cache.transient == set()
+    assert cache.put("t", 3) == [] and sorted(cache.keys()) == ["a", "b", "t"] and cache.uncached() == ["t"]
+    assert cache.shrink() == [] and cache.put("c", 4) == ["a"]  # t is skipped: b, c and the uncached t remain
+    uncached.clear()  # the policy now caches t
+    assert cache.shrink() == ["b"] and cache.uncached() == []
+    assert sorted(cache.keys()) == ["c", "t"]
 
 
 def test_retired_versions_stay_retired_across_restarts(tmp_path: Path) -> None:

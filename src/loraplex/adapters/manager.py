@@ -1,5 +1,7 @@
 """AdapterManager: the one owner of adapter state — names and versions (the registry), the host tier (LRU),
-the device slots and their reference counts — and the only API the engine uses for adapters.
+the device slots and their reference counts — and the only API the engine uses for adapters. What it knows of each
+version it holds or is asked for is one Residency record (adapters/residency.py); the tiers only place weights and ask
+it about users, pins and the host admission policy.
 
 Disk reads and validation run on a loader thread (or, for a registration, on the caller's thread), never on
 the engine's step loop; the engine calls `poll()` between steps to collect finished loads, and copies host
@@ -14,8 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from loraplex.adapters.host_cache import HostCache
@@ -23,6 +26,7 @@ from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
+from loraplex.adapters.residency import HostAdmission, Residency, admit_all
 from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.adapters.tiers import ResidentAdapter, TierView
 from loraplex.errors import AdapterError, InvalidRequestError
@@ -33,35 +37,67 @@ Loader = Callable[[str, Path], AdapterWeights]
 
 
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, num_slots: int, host_capacity: int, loader: Loader) -> None:
+    def __init__(self, registry: AdapterRegistry, num_slots: int, host_capacity: int, loader: Loader,
+                 admits: HostAdmission = admit_all) -> None:
+        """`admits`: the host tier's admission policy (adapters/residency.py); call `readmit()` when it changes."""
         self.registry = registry
-        # Pins and request counts live here only; the tiers ask through these predicates.
+        self.records: dict[AdapterKey, Residency] = {}  # read-only outside this class
+        # The tiers place weights; users, pins and the policy are the records' and `admits`', asked through these.
         self.slots: SlotTable[AdapterKey] = SlotTable(num_slots, self.is_pinned)  # read-only outside this class
-        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(
-            host_capacity, lambda key: bool(self.users.get(key)) or self.is_pinned(key))
+        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(host_capacity, self._held, self.cached)
+        self.admits = admits
         self.metrics = AdapterMetrics()
         self._load = loader
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-loader")
-        self._loading: dict[AdapterKey, tuple[Future[AdapterWeights], float]] = {}
-        self._paths: dict[AdapterKey, Path] = {}
-        self._transient_loads: set[AdapterKey] = set()  # loading for requests that keep it only while they run
-        self.users: dict[AdapterKey, int] = {}  # requests queued or running on each version
-        self._pins: dict[str, AdapterKey] = {}  # pinned name -> the version its pin holds: always the current one
         for name, entry in registry.entries.items():
             if entry.pinned:
                 self._set_pin(name, AdapterKey(name, entry.current))
 
+    # ---- residency records ----------------------------------------------------------------------
+    def _record(self, key: AdapterKey) -> Residency:
+        rec = self.records.get(key)
+        if rec is None:
+            rec = self.records[key] = Residency()
+        return rec
+
+    def _users(self, key: AdapterKey) -> int:
+        rec = self.records.get(key)
+        return 0 if rec is None else rec.users
+
     def is_pinned(self, key: AdapterKey) -> bool:
         """A pin holds this version (a pin holds its name's current version only)."""
-        return self._pins.get(key.name) == key
+        rec = self.records.get(key)
+        return rec is not None and rec.pinned
+
+    def _held(self, key: AdapterKey) -> bool:
+        return bool(self._users(key)) or self.is_pinned(key)
+
+    def cached(self, key: AdapterKey) -> bool:
+        """Whether the host tier keeps `key` after its requests (the one place that decides): a pin keeps it, else
+        the admission policy says."""
+        return self.is_pinned(key) or self.admits(key)
+
+    @property
+    def users(self) -> dict[AdapterKey, int]:
+        """Requests queued or running on each version (a copy, for reports and tests)."""
+        return {k: r.users for k, r in self.records.items() if r.users}
+
+    def _pinned_names(self) -> set[str]:
+        return {k.name for k, r in self.records.items() if r.pinned}
+
+    def _tidy(self, key: AdapterKey) -> None:
+        """Forget `key`'s record once nothing refers to it and neither tier holds it."""
+        rec = self.records.get(key)
+        if rec is not None and rec.idle and key not in self.host and key not in self.slots.slot_of:
+            del self.records[key]
 
     # ---- names and versions ---------------------------------------------------------------------
     def resolve(self, spec: AdapterSpec) -> AdapterKey:
         """The version a new request for `spec` runs on (the current one unless the spec names a version)."""
         key, path = self.registry.resolve(spec)
         with self._lock:
-            self._paths[key] = path
+            self._record(key).path = path  # registered versions only (an unknown name raised): a bounded set
         return key
 
     def register(self, spec: AdapterSpec, path: Path, promote: bool = True, persistent: bool = True) -> AdapterKey:
@@ -72,7 +108,7 @@ class AdapterManager:
         with self._lock:
             key = self.registry.register(spec, Path(path), promote, persistent, weights.digest.hex() or None)
             self.metrics.load("host", time.perf_counter() - t0)
-            self._paths[key] = Path(path)
+            self._record(key).path = Path(path)
             self._put_host(key, weights)  # a fresh key: versions are never reused, so no slot holds it
             if promote:
                 self._follow_current(spec.name)
@@ -124,7 +160,7 @@ class AdapterManager:
                 self._set_pin(name, None)
                 held = {k for k in [*self.host.keys(), *self.slots.resident()] if k.name == name}
                 for key in held:
-                    if not self.users.get(key):
+                    if not self._users(key):
                         self._free(key)
                 continue
             self._set_pin(name, AdapterKey(name, entry.current) if entry.pinned else None)
@@ -156,16 +192,16 @@ class AdapterManager:
             self._set_pin(name, None)
             for version in entry.versions:
                 key = AdapterKey(name, version)
-                if not self.users.get(key):
+                if not self._users(key):
                     self._free(key)
             self._apply_changes()
 
     def _free_unregistered(self) -> None:
         """Unpin and free (where no request uses them) the versions held of names the registry no longer has."""
-        for name in [n for n in self._pins if n not in self.registry.entries]:
+        for name in [n for n in self._pinned_names() if n not in self.registry.entries]:
             self._set_pin(name, None)
         for key in [*self.host.keys(), *self.slots.resident()]:
-            if key.name not in self.registry.entries and not self.users.get(key):
+            if key.name not in self.registry.entries and not self._users(key):
                 self._free(key)
 
     def pin(self, name: str, pinned: bool = True) -> None:
@@ -173,7 +209,7 @@ class AdapterManager:
         later promotions. One slot always stays unpinned, for everyone else."""
         key = self.resolve(AdapterSpec(name))
         with self._lock:
-            if pinned and len(set(self._pins) | {name}) >= self.slots.num_slots:
+            if pinned and len(self._pinned_names() | {name}) >= self.slots.num_slots:
                 raise InvalidRequestError(
                     f"cannot pin {name!r}: at most {self.slots.num_slots - 1} adapters may be pinned with "
                     f"--max-loras {self.slots.num_slots}; raise --max-loras"
@@ -184,60 +220,67 @@ class AdapterManager:
 
     def _set_pin(self, name: str, key: AdapterKey | None) -> None:
         """Move `name`'s pin to `key` (None: unpin it): the tiers hold the pinned version, and only that one."""
-        self._pins.pop(name, None)
+        for old in [k for k, r in self.records.items() if k.name == name and r.pinned and k != key]:
+            self.records[old].pinned = False
+            self._settle(old)
         if key is not None:
-            self._pins[name] = key
+            self._record(key).pinned = True
             if key not in self.host:
                 self._start_load(key)
             else:
-                self._keep(key)  # a pin keeps it: no longer a copy for its requests only
+                self._count_evictions(self.host.shrink(keep=key))  # a pin caches it: it now counts
 
     def _follow_current(self, name: str) -> None:
         """After a promotion: a pinned name's pin moves to its new current version."""
-        if name in self._pins:
+        if name in self._pinned_names():
             current = self.registry.current(name)
             self._set_pin(name, None if current is None else AdapterKey(name, current))
 
     # ---- request references ---------------------------------------------------------------------
-    def acquire(self, key: AdapterKey, keep: bool = True) -> None:
-        """A request now needs `key`: count it and start loading it from disk if it is cold. keep=False: a cold
-        adapter is held for its requests only (a transient host entry, dropped when the last one ends), so it
-        evicts nothing there; a later acquire with keep=True makes it a cached entry. A pinned adapter is kept."""
+    def acquire(self, key: AdapterKey) -> None:
+        """A request now needs `key`: count it and start loading it from disk if it is cold. The host tier never
+        evicts it while any request does; whether it stays after them is the admission policy's (`cached`)."""
         with self._lock:
-            keep = keep or self.is_pinned(key)
-            self.users[key] = self.users.get(key, 0) + 1  # the host tier never evicts it while any request does
+            self._record(key).users += 1
             if self.host.get(key) is not None:  # get() also marks it most recently used
                 self.metrics.hit("host")
-                if keep:
-                    self._keep(key)
+                self._count_evictions(self.host.shrink(keep=key))  # the policy may cache it now: it counts
             else:
                 self.metrics.miss("host")
-                self._start_load(key, keep)
+                self._start_load(key)
 
     def release(self, key: AdapterKey) -> None:
         with self._lock:
-            n = self.users.get(key, 0) - 1
-            if n > 0:
-                self.users[key] = n
+            rec = self.records.get(key)
+            if rec is None or rec.users <= 0:
+                log.error("adapter %s released more often than acquired", key)
                 return
-            self.users.pop(key, None)
+            rec.users -= 1
+            if rec.users:
+                return
             if self.registry.current(key.name) != key.version:
                 self._free(key)  # superseded or unregistered: free once unused
-            elif key in self.host.transient:  # held for its requests only: the tier never counted it
-                self.host.drop(key)
-                self.slots.invalidate_if_idle(key)  # nor should its idle device slot outlast it (a false "resident")
+            else:
+                self._settle(key)
             self._count_evictions(self.host.shrink())  # a burst of in-use adapters may have overfilled the tier
 
-    def evict(self, spec: AdapterSpec) -> int:
-        """Drop `spec`'s versions (all of its name's, unless it names one) from the host tier now, except those a
-        request uses or a pin holds. A cluster replica calls it when Ray Serve's multiplexing unclaims the adapter,
-        so that the tier holds what Ray routes there. Returns how many were dropped."""
+    def _settle(self, key: AdapterKey) -> None:
+        """`key` is no longer held: if the policy does not cache it, it leaves the host tier, and its idle device slot
+        with it (a slot whose weights left host memory would read as a false "resident")."""
+        if not self._held(key) and not self.cached(key):
+            self.host.drop(key)
+            self.slots.invalidate_if_idle(key)
+        self._tidy(key)
+
+    def readmit(self) -> int:
+        """The admission policy changed (a cluster replica's claims did): drop what it no longer caches, except
+        versions a request uses or a pin holds, and make room for what it now caches. Returns how many were dropped."""
         with self._lock:
-            drop = [k for k in self.host.keys() if k.name == spec.name and spec.version in (None, k.version)
-                    and not self.users.get(k) and not self.is_pinned(k)]
+            drop = [k for k in self.host.keys() if not self.cached(k) and not self._held(k)]
             for key in drop:
-                self.host.drop(key)
+                self._settle(key)
                 self.metrics.evict("host")
+            self._count_evictions(self.host.shrink())
             return len(drop)
 
     def prefetch(self, spec: AdapterSpec) -> AdapterKey:
@@ -246,8 +289,6 @@ class AdapterManager:
         with self._lock:
             if key not in self.host:
                 self._start_load(key)
-            else:
-                self._keep(key)
         return key
 
     # ---- device slots (the scheduler's and the engine's only way to them) --------------------------
@@ -270,11 +311,34 @@ class AdapterManager:
         with self._lock:
             self.slots.release(key)
 
+    @contextmanager
+    def borrow(self, key: AdapterKey, timeout: float = 60.0) -> Iterator[SlotGrant]:
+        """One use of `key` outside the scheduler (a prompt's logits), the way a request's is: reference it, wait for
+        its load, take a device slot. Yields the grant (the caller fills it if needs_load); both are released after.
+        A failed load raises its AdapterError; a busy slot table raises InvalidRequestError."""
+        self.acquire(key)  # starts its load if it is cold
+        try:
+            self.wait([key], timeout)
+            failure = self.poll([key]).get(key)
+            if failure is not None:
+                raise failure
+            if not self.ready(key):
+                raise AdapterError(f"adapter {key} did not load within {timeout:g} s")
+            grant = self.take_slot(key)
+            if grant is None:
+                raise InvalidRequestError("every adapter slot is busy; call prompt_logits when no requests are running")
+            try:
+                yield grant
+            finally:
+                self.release_slot(key)
+        finally:
+            self.release(key)
+
     def place_pinned(self) -> list[tuple[int, AdapterKey]]:
         """Give every pinned, loaded adapter that is not resident a slot; returns (slot, key) to fill now."""
         fills = []
         with self._lock:
-            for key in sorted(self._pins.values()):
+            for key in sorted(k for k, r in self.records.items() if r.pinned):
                 if key in self.host and key not in self.slots.slot_of:
                     grant = self.slots.acquire(key)
                     if grant is not None:
@@ -293,7 +357,7 @@ class AdapterManager:
                 misses={"host": m.misses["host"], "device": self.slots.misses},
                 evictions={"host": m.evictions["host"], "device": self.slots.evictions},
                 resident={"host": len(self.host), "device": len(self.slots.slot_of)},
-                loading=len(self._loading),
+                loading=len(self.loading),
                 slot_refs=sum(self.slots.refs.values()),
                 queued=queued,
                 running=running,
@@ -310,8 +374,8 @@ class AdapterManager:
             slots: list[ResidentAdapter | None] = [None] * self.slots.num_slots
             for key, slot in self.slots.slot_of.items():
                 slots[slot] = view(key, self.slots.refs.get(key, 0))
-            host = [view(key, self.users.get(key, 0)) for key in self.host.keys()]
-            return TierView(slots, host, self.host.capacity, [(k.name, k.version) for k in self._loading])
+            host = [view(key, self._users(key)) for key in self.host.keys()]
+            return TierView(slots, host, self.host.capacity, [(k.name, k.version) for k in self.loading])
 
     def digest(self, key: AdapterKey) -> bytes:
         """The loaded weights' digest (peft_format): with the key, the prefix cache's namespace for the adapter."""
@@ -325,44 +389,40 @@ class AdapterManager:
         return w
 
     # ---- loading --------------------------------------------------------------------------------
-    def _start_load(self, key: AdapterKey, keep: bool = True) -> None:
-        if keep:
-            self._transient_loads.discard(key)
-        if key in self._loading:
+    def _start_load(self, key: AdapterKey) -> None:
+        rec = self._record(key)
+        if rec.loading is not None:
             return
-        if not keep:
-            self._transient_loads.add(key)
-        path = self._paths.get(key)
-        if path is None:
-            path = self.registry.resolve(key)[1]
-            self._paths[key] = path
-        self._loading[key] = (self._executor.submit(self._load, key.name, path), time.perf_counter())
+        if rec.path is None:
+            rec.path = self.registry.resolve(key)[1]
+        rec.loading, rec.load_started = self._executor.submit(self._load, key.name, rec.path), time.perf_counter()
 
-    def poll(self) -> dict[AdapterKey, AdapterError]:
-        """Collect finished background loads; return the keys whose load failed, with their errors."""
+    def poll(self, keys: list[AdapterKey] | None = None) -> dict[AdapterKey, AdapterError]:
+        """Collect finished background loads (of `keys`; default: all); return the keys whose load failed, with
+        their errors."""
         failed: dict[AdapterKey, AdapterError] = {}
         with self._lock:
-            for key, (fut, t0) in list(self._loading.items()):
-                if not fut.done():
+            for key, rec in list(self.records.items()):
+                fut = rec.loading
+                if fut is None or not fut.done() or (keys is not None and key not in keys):
                     continue
-                del self._loading[key]
-                keep = key not in self._transient_loads
-                self._transient_loads.discard(key)
+                rec.loading = None
                 err = fut.exception()
                 if err is None:
-                    self.metrics.load("host", time.perf_counter() - t0)
-                    if keep or self.users.get(key):  # a transient load whose requests all ended is not kept
-                        self._put_host(key, fut.result(), keep)
+                    self.metrics.load("host", time.perf_counter() - rec.load_started)
+                    self._put_host(key, fut.result())
                 else:
                     self.metrics.failure()
                     log.warning("adapter %s failed to load: %s", key, err)
                     failed[key] = err if isinstance(err, AdapterError) else AdapterError(f"adapter {key}: {err}")
+                self._tidy(key)
         return failed
 
     def wait(self, keys: list[AdapterKey] | None = None, timeout: float = 60.0) -> None:
         """Block until the loads of `keys` (default: all) have finished; `poll()` then collects them."""
         with self._lock:
-            futures = [f for k, (f, _) in self._loading.items() if keys is None or k in keys]
+            futures = [r.loading for k, r in self.records.items()
+                       if r.loading is not None and (keys is None or k in keys)]
         deadline = time.monotonic() + timeout
         for fut in futures:
             try:
@@ -373,33 +433,30 @@ class AdapterManager:
     @property
     def loading(self) -> list[AdapterKey]:
         with self._lock:
-            return list(self._loading)
+            return [k for k, r in self.records.items() if r.loading is not None]
 
-    def _put_host(self, key: AdapterKey, weights: AdapterWeights, keep: bool = True) -> None:
-        self._count_evictions(self.host.put(key, weights, keep))
-
-    def _keep(self, key: AdapterKey) -> None:
-        """A transient host entry becomes a cached one (which may evict the least recently used); others stay."""
-        if key in self.host.transient:
-            self._count_evictions(self.host.keep(key))
+    def _put_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
+        """Loaded weights enter the host tier if a request waits for them or the policy caches them."""
+        if self._held(key) or self.cached(key):
+            self._count_evictions(self.host.put(key, weights))
 
     def _count_evictions(self, evicted: list[AdapterKey]) -> None:
         for key in evicted:
             self.metrics.evict("host")
+            self._tidy(key)
             log.debug("evicted adapter %s from host memory", key)
 
     def _collect_stale(self, name: str) -> None:
         entry = self.registry.entries.get(name)
         for version in (entry.versions if entry else {}):
             key = AdapterKey(name, version)
-            if entry is not None and version != entry.current and not self.users.get(key):
+            if entry is not None and version != entry.current and not self._users(key):
                 self._free(key)
 
     def _free(self, key: AdapterKey) -> None:
         self.host.drop(key)
         self.slots.invalidate_if_idle(key)
-        if key not in self._loading:
-            self._paths.pop(key, None)  # resolved again (from the registry) if a request names the version later
+        self._tidy(key)  # the record goes too: its path is resolved again if a request names the version later
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TIERS = ("device", "host")
@@ -25,6 +25,13 @@ class Histogram:
         self.n += 1
         if len(self.samples) < 100_000:
             self.samples.append(value)
+
+    @classmethod
+    def summed(cls, values: list[Histogram]) -> Histogram:
+        """Several engines' histograms of one quantity, bucket by bucket (a cluster's totals; no samples)."""
+        first = values[0]
+        return replace(first, counts=[sum(c) for c in zip(*(h.counts for h in values))],
+                       total=sum(h.total for h in values), n=sum(h.n for h in values), samples=[])
 
     def percentile(self, q: float) -> float:
         if not self.samples:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from loraplex.adapters.key import AdapterKey
-from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView
+from loraplex.engine.client import ReplicaView
+from loraplex.engine.outputs import EngineSnapshot, EngineStats
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,10 +27,10 @@ from loraplex.cluster.messages import ReplicaReport, RouteInfo
 from loraplex.cluster.routing import AdapterRouting
 from loraplex.engine.client import AdapterInfo, AdapterTarget
 from loraplex.engine.facts import EngineFacts
-from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
-from loraplex.engine.totals import merge
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
+from loraplex.server.stats.totals import merge
 
 log = logging.getLogger(__name__)
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, this many times in all

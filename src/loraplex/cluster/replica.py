@@ -37,20 +37,20 @@ REGISTRY_POLL_S = 0.1  # how often the shared registry file is stat'ed: promotio
 
 class Claim:
     """What Ray Serve's multiplexing keeps per adapter id on a replica. Ray calls `__del__` when its LRU of ids
-    drops this one (in a worker thread): the engine then drops the adapter from its host tier too, unless a request
-    uses it, so the tier and Ray's routing agree on what this replica holds. Otherwise the two LRUs, updated at
-    different moments, pick different victims, and Ray routes requests to a replica that has just evicted their
-    adapter (a cold load Ray counts as a hit)."""
+    drops this one (in a worker thread): the replica forgets the claim, and the engine's host tier drops what its
+    admission policy no longer caches unless a request uses it, so the tier and Ray's routing agree on what this
+    replica holds. Otherwise the two LRUs, updated at different moments, pick different victims, and Ray routes
+    requests to a replica that has just evicted their adapter (a cold load Ray counts as a hit)."""
 
-    def __init__(self, model_id: str, evict: Callable[[str], int]) -> None:
-        self.model_id, self._evict = model_id, evict
+    def __init__(self, model_id: str, unclaim: Callable[[str], int]) -> None:
+        self.model_id, self._unclaim = model_id, unclaim
         self._released = False
 
     def __del__(self) -> None:  # Ray calls it on eviction; the garbage collector calls it again later: once only
         if not self._released:
             self._released = True
             try:
-                self._evict(self.model_id)
+                self._unclaim(self.model_id)
             except Exception:  # an exception would fail the load Ray evicts for: the tier's own LRU frees it later
                 log.exception("dropping unclaimed adapter %s from host memory failed", self.model_id)
 
@@ -64,7 +64,10 @@ class EngineReplica:
         from loraplex.engine.async_engine import AsyncLLMEngine
 
         torch.set_num_threads(torch_threads)
-        self.engine = AsyncLLMEngine(engine_config)
+        # The host tier caches what this replica claims (and keeps what a request uses): an adapter it serves only
+        # now and then, unclaimed, evicts no claimed one and leaves with its last request.
+        self.admission = ClaimAdmission(cluster.max_adapters_per_replica, cluster.popularity_half_life_s)
+        self.engine = AsyncLLMEngine(engine_config, host_admission=self._claims)
         ctx = serve.get_replica_context()
         self.id = ctx.replica_id.unique_id
         self.actor_name = ctx.replica_id.to_full_id_str()
@@ -74,11 +77,9 @@ class EngineReplica:
         self.acked, self.last_result = -1, 0
         self._reporting = asyncio.Lock()  # one report (and its commands) at a time: each command runs once
 
-        self.admission = ClaimAdmission(cluster.max_adapters_per_replica, cluster.popularity_half_life_s)
-
         def unclaim(model_id: str) -> int:
             self.admission.unclaimed(model_id)
-            return self.engine.evict_adapter(model_id)
+            return self.engine.readmit_adapters()
 
         async def claim(model_id: str) -> Claim:
             # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
@@ -94,6 +95,10 @@ class EngineReplica:
         self._tasks = [asyncio.create_task(self._watch_registry()), asyncio.create_task(self._report_loop())]
         log.info("engine replica %s (pid %d) serving %s", self.id, os.getpid(), self.engine.facts.model_name)
 
+    def _claims(self, key: AdapterKey) -> bool:
+        """The host admission policy: a claim by name covers its current version, one by "name@version" that one."""
+        return self.admission.holds(key.name) or self.admission.holds(str(key))
+
     def __del__(self) -> None:  # Serve calls it when it stops the replica
         for task in getattr(self, "_tasks", []):
             task.cancel()
@@ -106,7 +111,8 @@ class EngineReplica:
                        ) -> AsyncIterator[RouteInfo | RequestOutput]:
         """RouteInfo, then the request's outputs. Cancelled by the ingress (client gone): the request is aborted.
         `popularity`: the adapter's request count at the ingress, for claim admission (None: always claim);
-        claim=False (a request spilled for a busy holder): a transient copy, unless this replica claims it already.
+        claim=False (a request spilled for a busy holder): served without a claim (its weights leave with its last
+        request), unless this replica claims it already.
         `target`: the adapter as the ingress resolved it (its text keys admission and Ray's model ids)."""
         adapter = None if target is None else str(target)
         resident = target is None or self.engine.is_resident(target)
@@ -114,15 +120,21 @@ class EngineReplica:
         keep = adapter is None or (self.admission.admit(adapter, popularity, now) if claim
                                    else self.admission.holds(adapter))
         if target is not None and adapter is not None and keep:
+            # Recorded first, so the host tier caches the load the claim starts (the policy asks the claims).
+            held_before = self.admission.holds(adapter)
+            self.admission.claimed(adapter, popularity, now)
             self._claiming[adapter] = target
             try:
                 await self.claim(adapter)
+            except BaseException:
+                if not held_before:
+                    self.admission.unclaimed(adapter)
+                raise
             finally:
                 self._claiming.pop(adapter, None)
-            self.admission.claimed(adapter, popularity, now)
         label = adapter or self.engine.facts.model_name
         self.served[label] = self.served.get(label, 0) + 1
-        stream = await self.engine.add(prompt, sampling, target, cache_salt=cache_salt, keep_adapter=keep)
+        stream = await self.engine.add(prompt, sampling, target, cache_salt=cache_salt)
         try:
             yield RouteInfo(self.id, resident, stream.adapter, keep)
             async for out in stream:

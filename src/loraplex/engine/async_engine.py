@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.allocator import HeapTrimmer
 from loraplex.adapters.registry import AdapterInfo
+from loraplex.adapters.residency import HostAdmission, admit_all
 from loraplex.config import EngineConfig
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.client import AdapterTarget
+from loraplex.engine.client import AdapterTarget, ReplicaView
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.prepare import PreparedRequest, PreparePool, Stage
-from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
 
@@ -88,8 +89,9 @@ class EngineDeadError(EngineUnavailableError):
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
-        self.engine = engine or LLMEngine(config or EngineConfig())
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
+                 host_admission: HostAdmission = admit_all) -> None:
+        self.engine = engine or LLMEngine(config or EngineConfig(), host_admission)
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._wake = threading.Event()
@@ -102,10 +104,9 @@ class AsyncLLMEngine:
     # ---- public API (event loop side) -------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                   adapter: str | AdapterTarget = None, request_id: str | None = None,
-                  cache_salt: str | None = None, keep_adapter: bool = True) -> RequestStream:
+                  cache_salt: str | None = None) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
-        `stream.adapter` is the version it was admitted on: pass it as `adapter` to give a sibling the same version.
-        keep_adapter=False: a cold adapter is held in host memory for this request only (LLMEngine.add_request)."""
+        `stream.adapter` is the version it was admitted on: pass it as `adapter` to give a sibling the same version."""
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
@@ -116,7 +117,7 @@ class AsyncLLMEngine:
 
         admission: concurrent.futures.Future[AdapterKey | None] | None = None
         try:
-            prepared = await self._prepare(prompt, sampling, adapter, cache_salt, keep_adapter)
+            prepared = await self._prepare(prompt, sampling, adapter, cache_salt)
             admission = self._submit(lambda: admit(prepared))
             stream.adapter = await asyncio.wrap_future(admission)
         except BaseException:
@@ -133,15 +134,15 @@ class AsyncLLMEngine:
         return abort
 
     async def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None, adapter: str | None,
-                       cache_salt: str | None, keep_adapter: bool) -> PreparedRequest:
+                       cache_salt: str | None) -> PreparedRequest:
         """LLMEngine.prepare on a prepare worker under --max-prepare-seconds when it would tokenize or compile a
         grammar; a token-id prompt without either is a bounded id check, done here."""
         if not self.engine.needs_preparing(prompt, sampling):
-            return self.engine.prepare(prompt, sampling, adapter, cache_salt, keep_adapter)
+            return self.engine.prepare(prompt, sampling, adapter, cache_salt)
         stage = Stage("preparing the request")
         warm = self.engine.structured.warm if sampling is not None and sampling.structured else None
         return await self._preparer.run(stage, self.engine.prepare, prompt, sampling, adapter, cache_salt,
-                                        keep_adapter, stage, warm=warm)
+                                        stage, warm=warm)
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                        adapter: str | None = None, request_id: str | None = None,
@@ -201,9 +202,9 @@ class AsyncLLMEngine:
         return [ReplicaView("local", snap.running, snap.waiting, self.engine.resident_adapters(), versions,
                             self.engine.registry_version)]
 
-    def evict_adapter(self, model: str) -> int:
-        """Drop `model` from host memory unless a request uses or a pin holds it (the manager's lock: any thread)."""
-        return self.engine.evict_adapter(model)
+    def readmit_adapters(self) -> int:
+        """The host admission policy changed: drop what it no longer caches (the manager's lock: any thread)."""
+        return self.engine.readmit_adapters()
 
     async def prefetch_adapter(self, model: str | AdapterSpec | AdapterKey) -> AdapterKey:
         """Resolve `model` ("name" or "name@version"; AdapterNotFoundError if unknown) and start loading it into

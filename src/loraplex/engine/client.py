@@ -5,12 +5,13 @@ routes, keys, errors and streaming serve one engine or many. No torch."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.registry import AdapterInfo  # what list_adapters returns (no torch: the catalog's view)
-from loraplex.engine.outputs import EngineSnapshot, EngineStats, ReplicaView, RequestOutput
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
 from loraplex.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -20,6 +21,18 @@ if TYPE_CHECKING:
 # What a request runs on, as the server resolved its `model` field once: an adapter spec ("legal", "legal@2"), the
 # key of a version a sibling request was admitted on, or None for the base model.
 AdapterTarget = AdapterSpec | AdapterKey | None
+
+
+@dataclass(slots=True)
+class ReplicaView:
+    """One engine behind the server, as /v1/models lists it: the engine in this process, or a cluster replica."""
+
+    id: str
+    running: int
+    waiting: int
+    resident: dict[str, list[str]]  # "name@version" -> the tiers holding it ("device", "host")
+    versions: dict[str, str]  # adapter name -> its current version as this engine's registry has it
+    registry_version: int = 0  # the registry file's mtime (ns) as this engine last read or wrote it; 0: no file
 
 
 class EngineStream(Protocol):

@@ -23,6 +23,7 @@ from loraplex.adapters.manager import AdapterManager
 from loraplex.adapters.metrics import AdapterStats
 from loraplex.adapters.loader import AdapterLoader
 from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
+from loraplex.adapters.residency import HostAdmission, admit_all
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
 from loraplex.engine.facts import EngineFacts
@@ -43,7 +44,9 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, host_admission: HostAdmission = admit_all) -> None:
+        """`host_admission`: which loaded adapters the host tier caches after their requests (adapters/residency.py;
+        a cluster replica's claims); every one by default."""
         self.config = config
         built = build_model(config)  # dtype -> weights -> quantize -> device -> prepack -> memory plan -> LoRA
         self.model_dir, self.model_config, self.model_name = built.model_dir, built.config, built.config.name
@@ -69,7 +72,7 @@ class LLMEngine:
         )
         loader = AdapterLoader(self.lora_shapes, config.max_lora_rank, config.allow_pickle_adapters, self.model_name,
                                self.model_dir, config.enable_lora)
-        self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, loader)
+        self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, loader, host_admission)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_skips)
         self.requests: dict[str, Request] = {}
@@ -130,10 +133,10 @@ class LLMEngine:
         ("name", "name@version") is parsed, a spec or key used as it is."""
         return self.adapters.prefetch(AdapterSpec.parse(model) if isinstance(model, str) else model)
 
-    def evict_adapter(self, model: str) -> int:
-        """Drop `model` ("name" or "name@version") from host memory, except versions a request uses or a pin holds;
-        returns the versions dropped. Safe from any thread."""
-        return self.adapters.evict(AdapterSpec.parse(model))
+    def readmit_adapters(self) -> int:
+        """The host admission policy changed: drop from host memory what it no longer caches (except versions a
+        request uses or a pin holds); returns how many were dropped. Safe from any thread."""
+        return self.adapters.readmit()
 
     # ---- requests -------------------------------------------------------------------------------
     def _tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -172,15 +175,14 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     adapter: str | AdapterSpec | None = None, request_id: str | None = None,
-                    cache_salt: str | None = None, keep_adapter: bool = True) -> str:
+                    cache_salt: str | None = None) -> str:
         """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
         Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter).
-        keep_adapter=False: a cold adapter is loaded for this request only and evicts nothing from host memory.
         prepare + admit in the caller's thread; AsyncLLMEngine runs prepare on a worker, admit on the engine thread."""
-        return self.admit(self.prepare(prompt, sampling, adapter, cache_salt, keep_adapter), request_id)
+        return self.admit(self.prepare(prompt, sampling, adapter, cache_salt), request_id)
 
     def prepare(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                adapter: str | AdapterSpec | None = None, cache_salt: str | None = None, keep_adapter: bool = True,
+                adapter: str | AdapterSpec | None = None, cache_salt: str | None = None,
                 stage: Stage | None = None) -> PreparedRequest:
         """The part of add_request that depends on the request alone: validation, tokenization, bad_words ids, the
         grammar matcher (compiled once per schema). Touches no engine state, so it is safe on any thread while
@@ -203,7 +205,7 @@ class LLMEngine:
         if sampling.structured is not None:
             stage.doing = f"compiling the structured output's {sampling.structured.kind}"
             matcher = self.structured.matcher(sampling.structured)
-        return PreparedRequest(text, token_ids, sampling, spec, cache_salt, keep_adapter, bad_words_ids, matcher)
+        return PreparedRequest(text, token_ids, sampling, spec, cache_salt, bad_words_ids, matcher)
 
     def needs_preparing(self, prompt: str | list[int], sampling: SamplingParams | None) -> bool:
         """Whether prepare would run the tokenizer or the grammar compiler (else it is a bounded id check)."""
@@ -221,7 +223,7 @@ class LLMEngine:
                       matcher=prepared.matcher)
         detokenizer.init_offsets(req)
         if key is not None:
-            self.adapters.acquire(key, prepared.keep_adapter)  # starts a background load if the adapter is cold
+            self.adapters.acquire(key)  # starts a background load if the adapter is cold
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -369,24 +371,11 @@ class LLMEngine:
             raise InvalidRequestError("the KV cache is busy; call prompt_logits when no requests are running")
         if key is None:
             return self._logits(req, n)
-        self.adapters.acquire(key)  # starts its load if it is cold
-        try:
-            self.adapters.wait([key])
-            failure = self._collect_loads().get(key)
-            if failure is not None:
-                raise failure
-            grant = self.adapters.take_slot(key)
-            if grant is None:
-                raise InvalidRequestError("every adapter slot is busy; call prompt_logits when no requests are running")
-            try:
-                if grant.needs_load:
-                    self.runner.load_adapter(grant.slot, self.adapters.weights(key))
-                req.lora_slot = grant.slot
-                return self._logits(req, n)
-            finally:
-                self.adapters.release_slot(key)
-        finally:
-            self.adapters.release(key)
+        with self.adapters.borrow(key) as grant:  # referenced, loaded and in a slot, as a request's would be
+            if grant.needs_load:
+                self.runner.load_adapter(grant.slot, self.adapters.weights(key))
+            req.lora_slot = grant.slot
+            return self._logits(req, n)
 
     def _logits(self, req: Request, n: int) -> torch.Tensor:
         self.blocks.allocate(req, n)

@@ -65,18 +65,6 @@ class EngineSnapshot:
 
 
 @dataclass(slots=True)
-class ReplicaView:
-    """One engine behind the server, as /v1/models lists it: the engine in this process, or a cluster replica."""
-
-    id: str
-    running: int
-    waiting: int
-    resident: dict[str, list[str]]  # "name@version" -> the tiers holding it ("device", "host")
-    versions: dict[str, str]  # adapter name -> its current version as this engine's registry has it
-    registry_version: int = 0  # the registry file's mtime (ns) as this engine last read or wrote it; 0: no file
-
-
-@dataclass(slots=True)
 class EngineStats:
     """What the dashboard shows of the engine, read in one call between two steps."""
 

@@ -56,7 +56,6 @@ class PreparedRequest:
     sampling: SamplingParams
     adapter: AdapterSpec | None  # None: the base model
     cache_salt: str | None
-    keep_adapter: bool
     bad_words_ids: list[list[int]]
     matcher: Any  # llguidance.LLMatcher when sampling.structured is set, else None
 

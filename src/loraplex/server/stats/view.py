@@ -17,7 +17,7 @@ from typing import Any
 from loraplex import __version__
 from loraplex.engine.client import AdapterInfo, EngineClient
 from loraplex.engine.outputs import EngineStats
-from loraplex.engine.totals import summed
+from loraplex.server.stats.totals import summed
 from loraplex.server.auth import KeyScope
 from loraplex.server.stats.tenants import TenantRow, TenantStats
 

@@ -1,12 +1,12 @@
 """Totals over several engines' state (a cluster's replicas): snapshots and per-model counts summed field by
-field, for /metrics and /v1/stats. No torch."""
+field, for /metrics and /v1/stats. A type that knows how to sum itself (a histogram's buckets) has a `summed`
+classmethod, so this module needs no engine or adapter type. No torch."""
 
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
-from loraplex.adapters.metrics import Histogram
 from loraplex.engine.outputs import EngineSnapshot
 
 
@@ -17,7 +17,7 @@ def merge(snapshots: list[EngineSnapshot]) -> EngineSnapshot | None:
 
 def summed(values: list[Any]) -> Any:
     """Field by field over values of one type (at least one): numbers summed, flags or-ed, dicts key by key,
-    histograms bucket by bucket; anything else (strings, lists) is the first value's."""
+    a type with a `summed` classmethod (histograms) by it; anything else (strings, lists) is the first value's."""
     first = values[0]
     if isinstance(first, bool):
         return any(values)
@@ -26,9 +26,9 @@ def summed(values: list[Any]) -> Any:
     if isinstance(first, dict):
         keys = dict.fromkeys(k for v in values for k in v)
         return {k: summed([v[k] for v in values if k in v]) for k in keys}
-    if isinstance(first, Histogram):
-        return replace(first, counts=[sum(c) for c in zip(*(h.counts for h in values))],
-                       total=sum(h.total for h in values), n=sum(h.n for h in values), samples=[])
+    own = getattr(type(first), "summed", None)
+    if own is not None:
+        return own(values)
     if is_dataclass(first):
         return replace(first, **{f.name: summed([getattr(v, f.name) for v in values]) for f in fields(first)})
     return first
