@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,7 +71,12 @@ def bad_adapters(good: Path, hf_base: torch.nn.Module, tmp_path_factory: pytest.
     key = sorted(k for k in tensors if "lora_B" in k)[0]
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(nan / "adapter_model.safetensors"))
+    config_rank = root / "config_rank"  # the config says r = 1024 over rank-8 tensors: PEFT cannot load it either
+    shutil.copytree(good, config_rank)
+    cfg = json.loads((config_rank / "adapter_config.json").read_text())
+    (config_rank / "adapter_config.json").write_text(json.dumps({**cfg, "r": 1024}))
     return {
+        "config_rank": config_rank,
         "corrupt": corrupt,
         "other_base": random_adapter(tiny, root / "other_base", r=4, targets=ATTN),
         "rank16": random_adapter(hf_base, root / "rank16", r=16, targets=ATTN),
@@ -96,6 +102,7 @@ CASES = [
     ("ia3", UnsupportedAdapterFeatureError, "PEFT method IA3"),
     ("pickled", AdapterFormatError, "safetensors is required"),
     ("nan", AdapterFormatError, "NaN or infinite weights"),
+    ("config_rank", AdapterFormatError, "adapter_config.json says r = 1024, but layer .* has rank 8"),
 ]
 
 

@@ -202,7 +202,10 @@ def load_peft_adapter(
 
     alpha = _number(cfg.get("lora_alpha", cfg.get("r", 8)), "lora_alpha", path)
     alpha_pattern = _patterns(cfg, "alpha_pattern", path)
-    _patterns(cfg, "rank_pattern", path)  # ranks are read from the tensors' shapes; a broken pattern still refuses
+    rank_pattern = _patterns(cfg, "rank_pattern", path)  # ranks are read from the tensors' shapes
+    # The config's r must be the tensors' rank, as PEFT requires (it fails to load such an adapter). Checked where
+    # no rank_pattern gives modules ranks of their own; a broken pattern still refuses above.
+    declared = None if rank_pattern or "r" not in cfg else _number(cfg["r"], "r", path)
     use_rslora = bool(cfg.get("use_rslora", False))
     weights = AdapterWeights(name=name, path=path, rank=0, base_model_name=cfg.get("base_model_name_or_path"),
                              digest=digest.digest())
@@ -216,6 +219,10 @@ def load_peft_adapter(
                 f"adapter {path}: layer {layer} {part} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 "LoRA needs 2-D matrices of rank r >= 1 (lora_A [r, in], lora_B [out, r])")
         r = a.shape[0]
+        if declared is not None and r != declared:
+            raise AdapterFormatError(
+                f"adapter {path}: adapter_config.json says r = {declared:g}, but layer {layer} {part}'s lora_A has "
+                f"rank {r}; the config and the weights must agree (PEFT refuses this adapter too)")
         if a.shape[1] != in_f or b.shape != (out_f, r):
             raise AdapterIncompatibleError(
                 f"adapter {path}: layer {layer} {part} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
