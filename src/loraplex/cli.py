@@ -16,6 +16,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
+import loraplex  # noqa: E402
 from loraplex.units import parse_bytes  # noqa: E402
 from loraplex.cli_forms import (CommandLineError, LoraModule, any_adapter_path, api_keys_from,  # noqa: E402
                                 apply_config_file, chat_template_text, check_lineage, parse_lora_modules)
@@ -160,7 +161,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="CORS: web origins (https://host[:port]) whose pages may call the API; default: none, CORS off;"
                         " '*' needs API keys")
-    p.add_argument("--version", action="version", version=f"loraplex {version()}")
+    p.add_argument("--version", action="version", version=f"loraplex {loraplex.__version__}")
     p.add_argument("--insecure-no-api-keys", action="store_true",
                    help="allow a server without --api-keys on a non-loopback --host (anyone reaching it is admin)")
     p.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     options = {"formatter_class": HelpFormatter, "allow_abbrev": False}
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA inference", **options)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at info level (serve and cluster always do)")
-    parser.add_argument("--version", action="version", version=f"loraplex {version()}")
+    parser.add_argument("--version", action="version", version=f"loraplex {loraplex.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", **options, help="generate once, optionally with an adapter")
@@ -396,16 +397,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("loraplex")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line. For serve and cluster: vLLM's flags that loraplex does not have are taken out first and
     accepted, mapped or refused (cli_vllm.py), and a `--config FILE.yaml` is read in as the command's defaults (the
@@ -421,7 +412,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     argv, vllm = split_vllm_flags(argv, ours)
     args = parser.parse_args(argv)
     if args.config is not None:
-        _, from_file = split_vllm_flags(apply_config_file(sub, args.config), ours)
+        from_file = apply_config_file(sub, args.config)
         args = parser.parse_args(argv)
         vllm = from_file + vllm  # the command line's own come last: they win
     args.vllm_notes = apply_vllm_flags(vllm, lambda dest, value: setattr(args, dest, value))

@@ -8,9 +8,13 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loraplex.cli_vllm import VllmFlag
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +113,10 @@ def chat_template_text(value: str | None) -> str | None:
     return value
 
 
-def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
+def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> list[tuple[VllmFlag, list[str]]]:
     """Make `path`'s settings (YAML, vLLM's format: a flag's name without its dashes, and its value) `parser`'s
     defaults, so that the command line's own flags win over the file, as in vLLM. Returns the settings that are
-    vLLM's flags rather than loraplex's, as command-line words, for cli_vllm to accept, map or refuse."""
+    vLLM's flags rather than loraplex's, with their values, for cli_vllm to accept, map or refuse."""
     import yaml
 
     from loraplex.cli_vllm import CATALOG, split_vllm_flags
@@ -135,34 +139,30 @@ def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
         action = parser._option_string_actions.get(flag)  # argparse keeps no public map from a flag to its action
         if action is None and flag not in CATALOG:
             raise CommandLineError(f"--config {path}: unknown setting {key!r} (neither loraplex nor vLLM has {flag})")
-        argv += _setting_as_argv(path, str(key), flag, value, action)
+        argv += _setting_as_argv(path, str(key), flag, value, action, CATALOG)
     ours, vllm = split_vllm_flags(argv, set(parser._option_string_actions))
     try:
         given = parser.parse_args(ours)
     except SystemExit:
         raise CommandLineError(f"--config {path}: a value above is refused by its flag") from None
     parser.set_defaults(**{dest: v for dest, v in vars(given).items() if v != parser.get_default(dest)})
-    return [word for flag, values in vllm for word in (flag.name, *values)]
+    return vllm
 
 
-def _setting_as_argv(path: Path, key: str, flag: str, value: Any, action: argparse.Action | None) -> list[str]:
-    """One setting as command-line words; `action` is loraplex's (None: a vLLM flag, a switch when its value is a
-    boolean)."""
+def _setting_as_argv(path: Path, key: str, flag: str, value: Any, action: argparse.Action | None,
+                     vllm_flags: Mapping[str, object]) -> list[str]:
+    """One setting as command-line words; `action` is loraplex's flag (None: a flag of `vllm_flags`, vLLM's)."""
     if value is None:
         return []
-    switch = action.nargs == 0 if action is not None else isinstance(value, bool)
-    if action is None and value is False:  # a vLLM switch turned off: its --no- form where it has one
-        from loraplex.cli_vllm import CATALOG
-
-        return ["--no-" + flag[2:]] if "--no-" + flag[2:] in CATALOG else []
-    if isinstance(action, argparse.BooleanOptionalAction) or (action is None and isinstance(value, bool)):
+    off = "--no-" + flag[2:]
+    if action is None and isinstance(value, bool):  # a vLLM switch; turned off, its --no- form where it has one
+        return [flag] if value else [off] if off in vllm_flags else []
+    if isinstance(action, argparse.BooleanOptionalAction) or (action is not None and action.nargs == 0):
         if not isinstance(value, bool):
             raise CommandLineError(f"--config {path}: {key} takes true or false, got {value!r}")
-        return [flag if value else "--no-" + flag[2:]]
-    if switch:  # store_true
-        if not isinstance(value, bool):
-            raise CommandLineError(f"--config {path}: {key} takes true or false, got {value!r}")
-        return [flag] if value else []
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else off]
+        return [flag] if value else []  # store_true
     values = value if isinstance(value, list) else [value]
     if isinstance(value, list) and action is not None and action.nargs in (None, "?"):
         raise CommandLineError(f"--config {path}: {key} takes one value, got a list")

@@ -1,7 +1,7 @@
 """vLLM's serve flags that loraplex does not have as its own: each is accepted (what it asks for is already so here;
 logged once), mapped (to the loraplex setting that means the same), or refused by name with one line saying why.
 None is dropped silently. The flags themselves are vLLM's parser's (vllm_serve_flags.py); this file says what
-loraplex does with each, and docs/serving.md's table is `flag_table()`'s (tests/test_cli_vllm.py checks both).
+loraplex does with each, and docs/vllm_flags.md is `flag_doc()`'s (tests/test_cli_vllm.py checks that it is current).
 
 `split_vllm_flags` runs before argparse: it takes vLLM's flags and their values out of the command line, so that a
 value (`-tp 1`) is never read as the positional model, and leaves every other token to argparse.
@@ -121,6 +121,7 @@ def _catalog() -> dict[str, VllmFlag]:
         flag = VllmFlag(tuple(longs + [n for n in names if not n.startswith("--")]), group, nargs)
         for n in names:
             found[n] = flag
+    # Spellings of older vLLM releases, kept if a regenerated table drops them (0.32 still has the second one).
     for legacy, group in (("--disable-log-requests", "options"), ("--gpu-memory-utilization", "CacheConfig")):
         found.setdefault(legacy, VllmFlag((legacy,), group, 0 if legacy.startswith("--disable") else None))
     return found

@@ -117,12 +117,13 @@ class ServerConfig:
         return self.api_keys is not None or bool(self.admin_keys)
 
     def __post_init__(self) -> None:
-        if not self.keyed and not self.insecure_no_api_keys and not is_loopback(self.host):
+        open_off_loopback = not self.keyed and not is_loopback(self.host)  # anyone who reaches it is admin
+        if open_off_loopback and not self.insecure_no_api_keys:
             raise InvalidRequestError(
                 f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
                 "from the server's disk and read every tenant's traffic. Give --api-keys FILE (or --api-key KEY), "
                 "bind a loopback address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
-        if self.any_adapter_path and not self.keyed and not is_loopback(self.host):
+        if self.any_adapter_path and open_off_loopback:
             raise InvalidRequestError(
                 f"refusing VLLM_ALLOW_RUNTIME_LORA_UPDATING on {self.host} without API keys: anyone who reaches the "
                 "server could make it read any file it can. Give --api-keys FILE (or --api-key KEY), or bind a "
