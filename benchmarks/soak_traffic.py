@@ -150,11 +150,11 @@ def bad_request(kind: str, base_name: str, keys: Keys, bad: BadInputs) -> tuple[
     if kind == "bad-params":
         body = random.choice([{**chat, "temperature": -1}, {**chat, "top_p": 7}, {**chat, "max_tokens": -3},
                               {**chat, "n": 10_000}, {**chat, "logit_bias": {"x": 1}}, {**chat, "max_tokens": 10**9}])
-        return "/v1/chat/completions", body, keys.admin, (400, 422)
+        return "/v1/chat/completions", body, keys.admin, (400,)
     if kind == "long-prompt":
         return "/v1/completions", {"model": base_name, "prompt": "word " * 4000, "max_tokens": 4}, keys.admin, (400,)
     if kind == "malformed-json":
-        return "/v1/chat/completions", '{"model": "' + base_name + '", "messages": [', keys.admin, (400, 422)
+        return "/v1/chat/completions", '{"model": "' + base_name + '", "messages": [', keys.admin, (400,)
     if kind == "wrong-key":
         return "/v1/chat/completions", chat, random.choice([None, "sk-wrong"]), (401,)
     if kind == "forbidden-adapter":

@@ -301,5 +301,5 @@ def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_survivor_serv
         events += [line for line in lines if line]
     errors = [json.loads(e[6:])["error"] for e in events if e.startswith("data: {") and "error" in json.loads(e[6:])]
     assert events[-1] == "data: [DONE]" and len(errors) == 1
-    assert errors[0]["code"] == 503 and "replica" in errors[0]["message"]
+    assert errors[0]["type"] == "server_error" and "replica" in errors[0]["message"]
     assert chat(cluster, "t6") and chat(cluster, BASE)  # Ray routes to the survivor (and restarts the replica)

@@ -91,15 +91,15 @@ CASES: list[tuple[str, str, dict[str, Any], str, int]] = [
     ("tool_choice", "/v1/chat/completions",
      {**CHAT, "tools": [tool()], "tool_choice": {"type": "function", "function": {"name": over(p.MAX_TOOL_CHOICE_CHARS)}}},
      "tool_choice", p.MAX_TOOL_CHOICE_CHARS),
-    ("modalities", "/v1/chat/completions", {**CHAT, "modalities": ["text"] * (p.MAX_MODALITIES + 1)}, "modalities",
-     p.MAX_MODALITIES),
+    ("request_id", "/v1/chat/completions", {**CHAT, "request_id": over(p.MAX_ID_CHARS)}, "request_id", p.MAX_ID_CHARS),
+    ("message_name", "/v1/chat/completions", {**CHAT, "messages": [{**HI[0], "name": over(p.MAX_ID_CHARS)}]},
+     "messages.0.name", p.MAX_ID_CHARS),
     ("prompt_string", "/v1/completions", {**TEXT, "prompt": over(p.MAX_PROMPT_CHARS)}, "prompt", p.MAX_PROMPT_CHARS),
     ("prompt_tokens", "/v1/completions", {**TEXT, "prompt": [1] * (p.MAX_PROMPT_TOKENS + 1)}, "prompt",
      p.MAX_PROMPT_TOKENS),
     ("prompts", "/v1/completions", {**TEXT, "prompt": ["Hi"] * (p.MAX_PROMPTS + 1)}, "prompt", p.MAX_PROMPTS),
     ("prompts_tokens", "/v1/completions", {**TEXT, "prompt": [[1], [1] * (p.MAX_PROMPT_TOKENS + 1)]}, "prompt",
      p.MAX_PROMPT_TOKENS),
-    ("suffix", "/v1/completions", {**TEXT, "suffix": over(p.MAX_PROMPT_CHARS)}, "suffix", p.MAX_PROMPT_CHARS),
     ("completions_stop", "/v1/completions", {**TEXT, "stop": ["a"] * (p.MAX_STOP + 1)}, "stop", p.MAX_STOP),
     ("generate_prompt", "/generate", {"prompt": over(p.MAX_CONTENT_CHARS)}, "prompt", p.MAX_CONTENT_CHARS),
     ("tenant_id", "/generate", {"prompt": "Hi", "tenant_id": over(p.MAX_MODEL_CHARS)}, "tenant_id", p.MAX_MODEL_CHARS),
@@ -146,7 +146,8 @@ def test_over_the_cap_is_a_400_naming_the_field(server: str, path: str, body: di
     r = httpx.post(server + path, json=body, timeout=120)
     assert r.status_code == 400, r.text[:500]
     error = r.json()["error"]
-    assert error["type"] == "BadRequestError" and error["param"] == field, error
+    assert error["type"] == "invalid_request_error" and error["param"] == field, error
+    assert error["code"] in ("string_above_max_length", "array_above_max_length", "value_above_max_length"), error
     assert error["message"].startswith(f"{field} is over its limit") and str(limit) in error["message"], error
     assert len(error["message"]) < 300  # the hostile value is never echoed back
     served(server)
@@ -163,7 +164,8 @@ def test_at_the_caps_is_served(server: str) -> None:
     assert r.status_code == 200, r.text[:500]
 
 
-def test_a_shape_error_is_still_a_422(server: str) -> None:
-    """Only a cap is a 400: a body of the wrong shape stays a 422."""
+def test_a_shape_error_is_a_400_of_its_own(server: str) -> None:
+    """A body of the wrong shape is a 400 too (OpenAI's status), with the code of a wrong type, not of a cap."""
     r = httpx.post(server + "/v1/chat/completions", json={**CHAT, "stop": 3}, timeout=60)
-    assert r.status_code == 422 and "stop" in r.json()["error"]["message"], r.text
+    error = r.json()["error"]
+    assert r.status_code == 400 and "stop" in error["message"] and error["code"] == "invalid_type", r.text

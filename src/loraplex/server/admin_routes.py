@@ -41,7 +41,7 @@ async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     for entry in await _models(request):
         if entry["id"] == model_id:
             return entry
-    raise APIError(404, f"The model '{model_id}' does not exist", "NotFoundError", "model")
+    raise APIError(404, f"The model '{model_id}' does not exist", "model_not_found", "model")
 
 
 async def _models(request: Request) -> list[dict[str, Any]]:
@@ -130,9 +130,15 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.api_route("/ping", methods=["GET", "POST"])
+@router.get("/ping")
 async def ping(request: Request) -> JSONResponse:
     """vLLM's (and SageMaker's) health check: the same answer as /health."""
+    return await health(request)
+
+
+@router.post("/ping")
+async def ping_post(request: Request) -> JSONResponse:
+    """SageMaker posts its health check (one operation per method keeps the OpenAPI ids unique)."""
     return await health(request)
 
 

@@ -128,23 +128,23 @@ class Authenticator:
             return OPEN
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
         found = self._by_digest.get(_digest(token.strip()))
         if found is not None:
             return found
-        raise APIError(401, "invalid API key", "AuthenticationError")
+        raise APIError(401, "invalid API key", "invalid_api_key")
 
     @staticmethod
     def check_model(scope: KeyScope, adapter: str | None, model: str) -> None:
         if not scope.may_use(adapter):
-            raise APIError(403, f"this API key may not use model {model!r}", "PermissionDeniedError", "model")
+            raise APIError(403, f"this API key may not use model {model!r}", "permission_denied", "model")
 
     @staticmethod
     def check_admin(scope: KeyScope) -> None:
         if not scope.admin:
-            raise APIError(403, "this endpoint needs an API key with the admin scope", "PermissionDeniedError")
+            raise APIError(403, "this endpoint needs an API key with the admin scope", "permission_denied")
 
     @staticmethod
     def check_metrics(scope: KeyScope) -> None:
         if not (scope.admin or scope.metrics):
-            raise APIError(403, "/metrics needs an API key with the admin or the metrics scope", "PermissionDeniedError")
+            raise APIError(403, "/metrics needs an API key with the admin or the metrics scope", "permission_denied")

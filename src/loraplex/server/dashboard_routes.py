@@ -45,7 +45,7 @@ async def dashboard(request: Request) -> HTMLResponse:
 @router.get("/dashboard/{asset}", include_in_schema=False)
 async def dashboard_asset(asset: str) -> Response:
     if asset not in ASSETS:
-        raise APIError(404, f"no dashboard file {asset!r} (files: {', '.join(ASSETS)})", "NotFoundError")
+        raise APIError(404, f"no dashboard file {asset!r} (files: {', '.join(ASSETS)})", "not_found")
     return Response(_static(asset), media_type=ASSETS[asset], headers=HEADERS)
 
 

@@ -21,20 +21,20 @@ def _logprobs(body: SamplingFields) -> int | None:
     `top_logprobs` (0-20); completions: `logprobs` as that number; /generate returns none, so refuses them."""
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and body.logprobs is not True:
-            raise APIError(400, "top_logprobs needs logprobs: true", "BadRequestError", "top_logprobs")
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
         if isinstance(body.logprobs, bool) or body.logprobs is None:
             return (body.top_logprobs or 0) if body.logprobs else None
         raise APIError(400, "logprobs must be a boolean on chat completions (the number goes in top_logprobs)",
-                       "BadRequestError", "logprobs")
+                       "invalid_value", "logprobs")
     if body.top_logprobs is not None:
         raise APIError(400, "top_logprobs is a chat completions field; completions take logprobs: <int>",
-                       "BadRequestError", "top_logprobs")
+                       "invalid_value", "top_logprobs")
     if isinstance(body, CompletionRequest):
         if isinstance(body.logprobs, bool):
-            raise APIError(400, "logprobs must be an integer on completions", "BadRequestError", "logprobs")
+            raise APIError(400, "logprobs must be an integer on completions", "invalid_value", "logprobs")
         return body.logprobs
     if body.logprobs not in (None, False):
-        raise APIError(400, "logprobs is not returned by /generate; use /v1/completions", "BadRequestError", "logprobs")
+        raise APIError(400, "logprobs is not returned by /generate; use /v1/completions", "invalid_value", "logprobs")
     return None
 
 
@@ -44,7 +44,7 @@ def _logit_bias(body: SamplingFields) -> dict[int, float]:
         try:
             bias[int(key)] = float(value)
         except ValueError:
-            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "BadRequestError", "logit_bias") from None
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "invalid_value", "logit_bias") from None
     return bias
 
 
@@ -122,12 +122,13 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], fns: list[dict[str,
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise APIError(400, f"message content part of type {part.get('type')!r} is not supported; "
-                                   "only text", "BadRequestError", "messages")
+                                   "only text", "invalid_value", "messages")
                 parts.append(part["text"])
             content = "".join(parts)
         if m.tool_calls:
             content = tools.history_text(content, m.tool_calls)
-        rendered.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        rendered.append({"role": "system" if m.role == "developer" else m.role, "content": content,
+                         **({"name": m.name} if m.name is not None else {})})
     kwargs: dict[str, Any] = {}
     if fns:
         if "tools" in (tokenizer.chat_template or ""):  # the template renders tools itself
@@ -137,11 +138,11 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], fns: list[dict[str,
         else:
             rendered.insert(0, {"role": "system", "content": tools.system_prompt(fns)})
     if not rendered:
-        raise APIError(400, "messages must hold at least one message", "BadRequestError", "messages")
+        raise APIError(400, "messages must hold at least one message", "invalid_value", "messages")
     try:
         text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception as e:  # the template's own checks (jinja raise_exception, wrong roles or order)
-        raise APIError(400, f"the model's chat template cannot render these messages: {e}", "BadRequestError",
+        raise APIError(400, f"the model's chat template cannot render these messages: {e}", "invalid_value",
                        "messages") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
 

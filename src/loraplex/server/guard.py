@@ -81,7 +81,7 @@ class RequestGuard:
         hosts = self.config.allowed_hosts
         if hosts is not None and host_name(headers.get("host", "")) not in hosts:
             return APIError(400, f"Host header {headers.get('host', '')!r} is not a name this server answers to "
-                            "(start it with --allowed-hosts NAME to add one)", "InvalidHostError")
+                            "(start it with --allowed-hosts NAME to add one)", "invalid_host")
         path: str = scope.get("path", "")
         root: str = scope.get("root_path", "")  # behind --root-path the server prepends it to every path
         if root and path.startswith(root):
@@ -94,7 +94,7 @@ class RequestGuard:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                return APIError(400, f"Content-Length {length!r} is not a number", "InvalidRequestError")
+                return APIError(400, f"Content-Length {length!r} is not a number", "invalid_content_length")
             if int(length) > self.config.max_body_size:
                 return _too_large(self.config.max_body_size)
         return None
@@ -125,11 +125,11 @@ class RequestGuard:
 
 def _too_large(cap: int) -> APIError:
     return APIError(413, f"the request body is larger than this server's limit of {cap} bytes (--max-body-size)",
-                    "RequestTooLargeError")
+                    "request_too_large")
 
 
 async def _respond(send: Send, e: APIError) -> None:
-    body = json.dumps(error_body(e.status, e.message, e.type, e.param)).encode()
+    body = json.dumps(error_body(e.status, e.message, e.code, e.param)).encode()
     await send({"type": "http.response.start", "status": e.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *((k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items())]})

@@ -17,7 +17,7 @@ from loraplex.server.errors import APIError
 from loraplex.server import logprobs, tools
 from loraplex.server.generation import check_room, choice_params, decoded, encoded, rendered_chat, sampling_params
 from loraplex.server.request_job import RequestJob
-from loraplex.server.protocol import (UNSUPPORTED_CHAT, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
+from loraplex.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                       ErrorResponse, GenerateRequest, GenerateResponse, TokenizeRequest)
 from loraplex.server.state import ServerState
 
@@ -67,11 +67,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     st = _state(request)
     scope = st.auth.scope(request)
     adapter = st.resolve_model(body.model, scope)
-    for field, why in UNSUPPORTED_CHAT.items():
-        if getattr(body, field) is not None:
-            raise APIError(400, f"{field} is not supported by this server ({why})", "BadRequestError", field)
-    if body.modalities not in (None, ["text"]):
-        raise APIError(400, "modalities: only [\"text\"] is supported", "BadRequestError", "modalities")
     tp = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     prompt = await rendered_chat(st.prepare, st.engine.tokenizer, body.messages, tp.tools)
     room = st.engine.facts.max_model_len - len(prompt)
@@ -81,10 +76,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if tp.constraint is not None:
         if sampling.structured is not None:
             raise APIError(400, "tool_choice required or a named function cannot be combined with response_format "
-                           "or structured outputs", "BadRequestError", "tool_choice")
+                           "or structured outputs", "invalid_value", "tool_choice")
         sampling = replace(sampling, structured=tp.constraint)
     params = choice_params(sampling, body.n)
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, created = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
     job = RequestJob(st, request, scope, adapter, body.cache_salt)
     await job.start([prompt], params)
     if not body.stream:
@@ -130,11 +125,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
 async def _prompts(body: CompletionRequest, st: ServerState) -> list[list[int]]:
     p = body.prompt
     if isinstance(p, str):
-        return await encoded(st.prepare, st.engine.tokenizer, [p])
+        return await encoded(st.prepare, st.engine.tokenizer, [p], body.add_special_tokens)
     if p and all(isinstance(x, int) for x in p):
         return [list(p)]  # type: ignore[arg-type]
     if p and all(isinstance(x, str) for x in p):
-        return await encoded(st.prepare, st.engine.tokenizer, p)  # type: ignore[arg-type]
+        return await encoded(st.prepare, st.engine.tokenizer, p, body.add_special_tokens)  # type: ignore[arg-type]
     if p and all(isinstance(x, list) for x in p):
         return [list(x) for x in p]  # type: ignore[arg-type]
     raise InvalidRequestError("prompt must be a string, a list of strings, a list of token ids, or a list of those")
@@ -145,8 +140,9 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     st = _state(request)
     scope = st.auth.scope(request)
     adapter = st.resolve_model(body.model, scope)
-    if body.suffix or (body.best_of not in (None, 1, body.n)):
-        raise APIError(400, "suffix and best_of are not supported by this server", "BadRequestError")
+    if body.best_of not in (None, 1, body.n):
+        raise APIError(400, f"best_of {body.best_of} is not supported by this server: best_of must be n (or 1), as "
+                       "each choice is returned", "unsupported_value", "best_of")
     tok = st.engine.tokenizer
     prompts = await _prompts(body, st)
     if len(prompts) > 64:
@@ -167,7 +163,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         if out.prompt_logprobs is not None:
             part = await logprobs.prompt_part(tok, out.prompt_token_ids, out.prompt_logprobs)
         return echoes[p_index], part
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    rid, created = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(p) for p in prompts) * body.n
     job = RequestJob(st, request, scope, adapter, body.cache_salt)
     await job.start(prompts, params)

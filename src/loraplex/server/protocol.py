@@ -1,7 +1,8 @@
 """HTTP request and response bodies, in OpenAI's and vLLM's shapes.
 
 Bodies are typed loosely enough that a well-formed request with an out-of-range value reaches
-SamplingParams, whose error names the parameter (400); a body of the wrong shape is a 422. Every list and
+SamplingParams, whose error names the parameter (400); a body of the wrong shape, or with a field it does not
+declare, is a 400 too (server/errors.py). Every list and
 string a client sends is capped in size (the MAX_* below): past a cap the request is a 400 naming the field and
 the limit (server/errors.py), before any tokenizing, template rendering or grammar compiling.
 """
@@ -9,10 +10,12 @@ the limit (server/errors.py), before any tokenizing, template rendering or gramm
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from loraplex.server.extras import CHAT, COMPLETION, SAMPLING, Refused, drop_defaults
 
 # Size caps, each far above legitimate use; the body cap (server/guard.py, 4 MiB by default) bounds the whole
 # request besides, so these bound the work one field can ask for, not the bytes.
@@ -40,7 +43,6 @@ MAX_TOOLS = 128  # tools offered: OpenAI's limit
 MAX_TOOL_NAME_CHARS = 256  # a function's name: OpenAI allows 64
 MAX_TOOL_DESCRIPTION_CHARS = 64 << 10  # a function's description: a manual's worth; it is rendered into the prompt
 MAX_TOOL_CHOICE_CHARS = 1024  # tool_choice as JSON: a mode or {"type": "function", "function": {"name": ...}}
-MAX_MODALITIES = 16  # modalities: OpenAI's are two
 
 # Error types of a field over its cap (pydantic's and _capped's): server/errors.py answers them with a 400.
 CAP_ERRORS = frozenset({"too_long", "string_too_long", "field_cap"})
@@ -80,7 +82,16 @@ Schema = Annotated[dict[str, Any], Field(description=f"at most {MAX_SCHEMA_CHARS
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields such as `store`; unknown ones change nothing
+    """A request body: a field it does not declare is a 400 naming it, never ignored; the fields of REFUSED
+    (server/extras.py) are accepted at their defaults and refused by name at any other value."""
+
+    model_config = ConfigDict(extra="forbid")
+    REFUSED: ClassVar[dict[str, Refused]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        return drop_defaults(data, cls.REFUSED)
 
 
 class StreamOptions(_Body):
@@ -90,6 +101,8 @@ class StreamOptions(_Body):
 
 class SamplingFields(_Body):
     """Sampling parameters shared by every generation endpoint (OpenAI's plus vLLM's extras)."""
+
+    REFUSED = SAMPLING
 
     max_tokens: int | None = None
     temperature: float | None = None
@@ -104,6 +117,9 @@ class SamplingFields(_Body):
     # vLLM's: prompt blocks are shared from the prefix cache only among requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
     user: Id | None = None  # OpenAI's end-user id: accepted and unused, but capped like any string
+    safety_identifier: Id | None = None  # OpenAI's newer end-user id: the same
+    prompt_cache_key: Id | None = None  # OpenAI's cache routing hint: one engine, whose prefix cache needs none
+    request_id: Id | None = None  # vLLM's: the response's id is built from it (chatcmpl-<id>), as vLLM does
     # Logits processing (OpenAI's, then vLLM's extras) and log-probabilities (server/logprobs.py).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -144,6 +160,7 @@ class ChatMessage(_Body):
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls (server/tools.py renders them)
     tool_call_id: Id | None = None  # a tool result: the call it answers
+    name: Id | None = None  # a participant's name, passed to the chat template (which may use it)
 
     @field_validator("content")
     @classmethod
@@ -165,6 +182,8 @@ class ChatMessage(_Body):
 
 
 class ChatCompletionRequest(SamplingFields):
+    REFUSED = CHAT
+
     model: ModelName
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     n: int = 1  # capped in generation.choice_params (a 400 naming n); an int asks for no work before that
@@ -174,14 +193,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", ...}
     parallel_tool_calls: bool | None = None
-    # OpenAI fields this server does not implement: refused by name when set (UNSUPPORTED_CHAT), never ignored,
-    # so never read: no cap needed.
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: list[Id] | None = Field(default=None, max_length=MAX_MODALITIES)
-    prediction: Any = None
-    web_search_options: Any = None
 
     @field_validator("tools")
     @classmethod
@@ -210,19 +221,17 @@ class ChatCompletionRequest(SamplingFields):
         return v
 
 
-UNSUPPORTED_CHAT = {"functions": "use tools", "function_call": "use tool_choice", "audio": "text only",
-                    "prediction": "no predicted outputs", "web_search_options": "no web search"}
-
-
 class CompletionRequest(SamplingFields):
+    REFUSED = COMPLETION
+
     model: ModelName
     prompt: Prompt
     n: int = 1  # capped in generation.choice_params, as for chat
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
-    suffix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)  # refused when set
     best_of: int | None = None  # refused unless 1 or n
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS and the like around a text prompt
 
     @field_validator("prompt")
     @classmethod
@@ -284,6 +293,9 @@ class LoadLoRARequest(_Body):
     lora_path: str = Field(max_length=MAX_PATH_CHARS)
     version: str | None = Field(default=None, max_length=MAX_VERSION_CHARS)  # default: the next integer
     promote: bool = True  # make it the version new requests get
+    # vLLM's: replace the adapter's weights under its name. Any load of a served name adds a version, which (with
+    # promote) new requests get while those running finish on theirs: in place, either way.
+    load_inplace: bool = False
 
 
 class UnloadLoRARequest(_Body):
@@ -302,9 +314,9 @@ class PinLoRARequest(_Body):
 
 class ErrorInfo(BaseModel):
     message: str
-    type: str
-    param: str | None = None
-    code: int
+    type: Literal["invalid_request_error", "server_error"]  # OpenAI's: a client's error, or the server's
+    param: str | None = None  # the request field at fault
+    code: str | None = None  # the cause, e.g. model_not_found, unknown_parameter (docs/serving.md lists them)
 
 
 class ErrorResponse(BaseModel):

@@ -111,7 +111,7 @@ async def collect(request: Request, firsts: Started, tracker: Tracker) -> list[R
         while not task.done():
             done, _ = await asyncio.wait({task}, timeout=0.1)
             if not done and await request.is_disconnected():
-                raise APIError(499, "client disconnected", "ClientClosedRequest")
+                raise APIError(499, "client disconnected", "client_closed_request")
         task.result()
     finally:
         if not task.done():
@@ -216,8 +216,8 @@ class RequestJob:
                 yield sse(chunk)
             yield sse("[DONE]")
         except Exception as e:
-            code, type_ = status_of(e)
-            yield sse(error_body(code, public_message(e), type_))
+            code, err = status_of(e)
+            yield sse(error_body(code, public_message(e), err))
             yield sse("[DONE]")
             self._record(str(code))
         finally:

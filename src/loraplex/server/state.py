@@ -37,7 +37,7 @@ class ServerState:
         if not any(where.is_relative_to(root) for root in self.adapter_roots):
             roots = ", ".join(str(r) for r in self.adapter_roots) or "none"
             raise APIError(403, f"lora_path {path!r} is outside the directories adapters may be loaded from at run "
-                           f"time ({roots}); add one with --allowed-adapter-roots", "PermissionDeniedError",
+                           f"time ({roots}); add one with --allowed-adapter-roots", "permission_denied",
                            "lora_path")
 
     def resolve_model(self, model: str, scope: KeyScope) -> AdapterSpec | None:
@@ -53,10 +53,10 @@ class ServerState:
     def admit(self, n: int = 1) -> None:
         """Take n places in the bounded queue, or refuse with 503."""
         if self.draining:
-            raise APIError(503, "the server is shutting down", "ServiceUnavailableError", headers={"Retry-After": "5"})
+            raise APIError(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
         if self.in_flight + n > self.max_in_flight:
             raise APIError(503, f"the server is at capacity ({self.in_flight} requests in flight, limit "
-                           f"{self.max_in_flight}); retry later", "ServiceUnavailableError", headers={"Retry-After": "1"})
+                           f"{self.max_in_flight}); retry later", "server_overloaded", headers={"Retry-After": "1"})
         self.in_flight += n
 
     def leave(self, n: int = 1) -> None:
