@@ -82,3 +82,12 @@ def metric(url: str, name: str, labels: str = "", key: str | None = None) -> flo
         if line.startswith(name + ("{" + labels + "}" if labels else " ")):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(f"{name}{{{labels}}}")
+
+
+def stop(proc: subprocess.Popen[str], within: float = 60.0) -> None:
+    """SIGTERM a server process (it drains and exits), killed if it has not ended within `within` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -1,5 +1,5 @@
 """Adapters made by PEFT itself: loraplex's greedy tokens equal PEFT's, for ranks 4/8/64, attention-only,
-MLP-only and all-linear targets, rslora, layers_to_transform and alpha_pattern."""
+MLP-only and all-linear targets, rslora, layers_to_transform, alpha_pattern and rank_pattern."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ CASES: dict[str, dict[str, object]] = {
     "r8_rslora": dict(r=8, alpha=16, targets=ALL, seed=4, use_rslora=True),
     "r16_qv_layers": dict(r=16, alpha=16, targets=["q_proj", "v_proj"], seed=5, layers_to_transform=[0, 1, 2, 7, 29]),
     "r8_alpha_pattern": dict(r=8, alpha=16, targets=ALL, seed=6, alpha_pattern={"down_proj": 64}),
+    # Patterns as PEFT matches them: against the end of the qualified module name (model.layers.N.self_attn.q_proj).
+    "r8_qualified_patterns": dict(r=8, alpha=16, targets=ALL, seed=7,
+                                  alpha_pattern={"self_attn.q_proj": 64, "model.layers.2.mlp.up_proj": 2},
+                                  rank_pattern={"self_attn.v_proj": 4, r"layers\.1\.mlp\.down_proj": 16}),
 }
 
 

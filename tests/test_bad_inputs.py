@@ -75,8 +75,12 @@ def bad_adapters(good: Path, hf_base: torch.nn.Module, tmp_path_factory: pytest.
     shutil.copytree(good, config_rank)
     cfg = json.loads((config_rank / "adapter_config.json").read_text())
     (config_rank / "adapter_config.json").write_text(json.dumps({**cfg, "r": 1024}))
+    pattern_rank = root / "pattern_rank"  # the same through rank_pattern, by PEFT's qualified module name
+    shutil.copytree(good, pattern_rank)
+    (pattern_rank / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"self_attn.v_proj": 2}}))
     return {
         "config_rank": config_rank,
+        "pattern_rank": pattern_rank,
         "corrupt": corrupt,
         "other_base": random_adapter(tiny, root / "other_base", r=4, targets=ATTN),
         "rank16": random_adapter(hf_base, root / "rank16", r=16, targets=ATTN),
@@ -102,7 +106,10 @@ CASES = [
     ("ia3", UnsupportedAdapterFeatureError, "PEFT method IA3"),
     ("pickled", AdapterFormatError, "safetensors is required"),
     ("nan", AdapterFormatError, "NaN or infinite weights"),
-    ("config_rank", AdapterFormatError, "adapter_config.json says r = 1024, but layer .* has rank 8"),
+    ("config_rank", AdapterFormatError, r"adapter_config.json says r = 1024 for model\.layers\.0\.self_attn\.\w+, but "
+     "its lora_A has rank 8"),
+    ("pattern_rank", AdapterFormatError, r"says rank_pattern\['self_attn.v_proj'\] = 2 for model\.layers\.0\.self_attn"
+     r"\.v_proj, but its lora_A has rank 8"),
 ]
 
 

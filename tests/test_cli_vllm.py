@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from loraplex.cli import _server_configs, build_parser, main, parse
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.errors import InvalidRequestError
-from server_util import dies_with_this_process, free_port, wait_up
+from server_util import dies_with_this_process, free_port, stop, wait_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,7 +228,8 @@ def test_vllms_flags_in_a_config_file(capsys: pytest.CaptureFixture[str], tmp_pa
 
 def test_every_vllm_flag_has_one_documented_outcome() -> None:
     """docs/vllm_flags.md is the table cli_vllm.py makes (rerun `.venv/bin/python src/loraplex/cli_vllm.py`)."""
-    from loraplex.cli_vllm import CATALOG, flag_doc
+    from loraplex.cli_vllm import flag_doc
+    from loraplex.vllm_flag_rules import CATALOG
     from loraplex.vllm_serve_flags import SERVE_FLAGS
 
     assert len(SERVE_FLAGS) > 300 and {"--enforce-eager", "-tp", "--gpu-memory-utilization"} <= set(CATALOG)
@@ -366,8 +366,4 @@ def test_a_server_started_with_vllms_command_line(adapter_factory: Callable[...,
                                                         "Authorization": "Bearer sk-vllm"})
         assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "https://ui.example"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)

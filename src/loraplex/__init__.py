@@ -12,10 +12,12 @@ if TYPE_CHECKING:
     from loraplex.config import EngineConfig
     from loraplex.engine.outputs import CompletionOutput, RequestOutput
     from loraplex.llm import LLM
+    from loraplex.lora.request import LoRARequest
     from loraplex.sampling import SamplingParams
 
 _EXPORTS = {"LLM": "loraplex.llm", "EngineConfig": "loraplex.config", "SamplingParams": "loraplex.sampling",
-            "RequestOutput": "loraplex.engine.outputs", "CompletionOutput": "loraplex.engine.outputs"}
+            "RequestOutput": "loraplex.engine.outputs", "CompletionOutput": "loraplex.engine.outputs",
+            "LoRARequest": "loraplex.lora.request"}
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
 

@@ -20,7 +20,8 @@ import loraplex  # noqa: E402
 from loraplex.units import parse_bytes  # noqa: E402
 from loraplex.cli_forms import (CommandLineError, LoraModule, any_adapter_path, api_keys_from,  # noqa: E402
                                 apply_config_file, chat_template_text, check_lineage, parse_lora_modules)
-from loraplex.cli_vllm import apply_vllm_flags, split_vllm_flags  # noqa: E402
+from loraplex.cli_vllm import split_vllm_flags  # noqa: E402
+from loraplex.vllm_flag_rules import apply_vllm_flags  # noqa: E402
 from loraplex.cluster.config import CLAIM_POLICIES  # noqa: E402
 from loraplex.config import LOG_LEVELS  # noqa: E402
 from loraplex.errors import LoraplexError  # noqa: E402
@@ -224,7 +225,7 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
 
 
 def _mapped_vllm_settings(args: argparse.Namespace) -> dict[str, object]:
-    """EngineConfig fields that only vLLM's flags set (cli_vllm.MAPPED: --seed, --block-size,
+    """EngineConfig fields that only vLLM's flags set (vllm_flag_rules.MAPPED: --seed, --block-size,
     --gpu-memory-utilization), where they were given."""
     given = {"seed": getattr(args, "engine_seed", None), "block_size": getattr(args, "block_size", None),
              "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", None)}
@@ -399,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line. For serve and cluster: vLLM's flags that loraplex does not have are taken out first and
-    accepted, mapped or refused (cli_vllm.py), and a `--config FILE.yaml` is read in as the command's defaults (the
+    accepted, mapped or refused (vllm_flag_rules.py), and a `--config FILE.yaml` is read in as the command's defaults (the
     flags given win)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

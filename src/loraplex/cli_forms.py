@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from loraplex.cli_vllm import VllmFlag
+    from loraplex.vllm_flag_rules import VllmFlag
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def apply_config_file(parser: argparse.ArgumentParser, path: Path) -> list[tuple
     vLLM's flags rather than loraplex's, with their values, for cli_vllm to accept, map or refuse."""
     import yaml
 
-    from loraplex.cli_vllm import CATALOG, split_vllm_flags
+    from loraplex.cli_vllm import split_vllm_flags
+    from loraplex.vllm_flag_rules import CATALOG
 
     try:
         data = yaml.safe_load(path.read_text())

@@ -30,7 +30,7 @@ from loraplex.lora.layers import PartWeights
 log = logging.getLogger(__name__)
 
 # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (optionally ".lora_A.<adapter>.weight")
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _FORBIDDEN_TARGETS = {"embed_tokens": "embedding LoRA (target embed_tokens)", "lm_head": "lm_head LoRA"}
 
 
@@ -77,12 +77,15 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
                 raise UnsupportedAdapterFeatureError(f"adapter {path}: {feature} is not supported")
 
 
-def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
-    # PEFT matches pattern keys against the end of the module's qualified name (keys checked by _patterns).
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The first pattern matching the end of the module's qualified name (model.layers.3.self_attn.q_proj), as
+    PEFT matches rank_pattern and alpha_pattern keys (checked by _patterns)."""
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", module)), None)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    key = _pattern_key(patterns, module)
+    return default if key is None else patterns[key]
 
 
 def _patterns(cfg: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
@@ -179,6 +182,7 @@ def load_peft_adapter(
     tensors = _read_tensors(path, allow_pickle, digest, max_file_bytes(targets, max_rank))
 
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    module_names: dict[tuple[int, str], str] = {}
     for key, tensor in tensors.items():
         if "lora_magnitude_vector" in key:
             raise UnsupportedAdapterFeatureError(f"adapter {path}: DoRA (lora_magnitude_vector) is not supported")
@@ -189,7 +193,9 @@ def load_peft_adapter(
         m = _KEY_RE.match(key)
         if m is None:
             raise AdapterIncompatibleError(f"adapter {path}: tensor {key!r} does not match any LoRA target of the base model")
-        layer, part, ab = int(m.group(1)), m.group(2), m.group(3)
+        layer, block, part, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        # The module's name in the transformers model: what PEFT matches rank_pattern and alpha_pattern against.
+        module_names[(layer, part)] = f"model.layers.{layer}.{block}.{part}"
         if (layer, part) not in targets:
             valid = sorted({p for _, p in targets})
             raise AdapterIncompatibleError(
@@ -202,10 +208,10 @@ def load_peft_adapter(
 
     alpha = _number(cfg.get("lora_alpha", cfg.get("r", 8)), "lora_alpha", path)
     alpha_pattern = _patterns(cfg, "alpha_pattern", path)
-    rank_pattern = _patterns(cfg, "rank_pattern", path)  # ranks are read from the tensors' shapes
-    # The config's r must be the tensors' rank, as PEFT requires (it fails to load such an adapter). Checked where
-    # no rank_pattern gives modules ranks of their own; a broken pattern still refuses above.
-    declared = None if rank_pattern or "r" not in cfg else _number(cfg["r"], "r", path)
+    rank_pattern = _patterns(cfg, "rank_pattern", path)
+    # Each module's rank in the config (its rank_pattern entry, else r) must be its tensors' rank, as PEFT requires
+    # (it fails to load such an adapter); a config without r declares none.
+    default_r = cfg.get("r")
     use_rslora = bool(cfg.get("use_rslora", False))
     weights = AdapterWeights(name=name, path=path, rank=0, base_model_name=cfg.get("base_model_name_or_path"),
                              digest=digest.digest())
@@ -218,10 +224,13 @@ def load_peft_adapter(
             raise AdapterFormatError(
                 f"adapter {path}: layer {layer} {part} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 "LoRA needs 2-D matrices of rank r >= 1 (lora_A [r, in], lora_B [out, r])")
-        r = a.shape[0]
-        if declared is not None and r != declared:
+        r, module = a.shape[0], module_names[(layer, part)]
+        pattern = _pattern_key(rank_pattern, module)
+        declared = default_r if pattern is None else rank_pattern[pattern]
+        if declared is not None and r != _number(declared, f"the rank of {module}", path):
+            where = "r" if pattern is None else f"rank_pattern[{pattern!r}]"
             raise AdapterFormatError(
-                f"adapter {path}: adapter_config.json says r = {declared:g}, but layer {layer} {part}'s lora_A has "
+                f"adapter {path}: adapter_config.json says {where} = {declared:g} for {module}, but its lora_A has "
                 f"rank {r}; the config and the weights must agree (PEFT refuses this adapter too)")
         if a.shape[1] != in_f or b.shape != (out_f, r):
             raise AdapterIncompatibleError(
@@ -232,7 +241,7 @@ def load_peft_adapter(
             raise AdapterRankError(
                 f"adapter {name!r} has rank {r} > --max-lora-rank {max_rank}; restart with --max-lora-rank {r}"
             )
-        module_alpha = _number(_pattern_value(alpha_pattern, f"layers.{layer}.{part}", alpha),
+        module_alpha = _number(_pattern_value(alpha_pattern, module, alpha),
                                f"the lora_alpha of layer {layer} {part}", path)
         scale = module_alpha / math.sqrt(r) if use_rslora else module_alpha / r
         weights.parts[(layer, part)] = PartWeights(a=a.float().contiguous(), b=b.float().contiguous(), scale=scale)
