@@ -72,7 +72,7 @@ def test_an_unknown_field_is_a_400_naming_it(server: str, path: str, body: dict[
 
 
 # One value per refused field that asks for something (any value outside the field's defaults).
-ASKING: dict[str, Any] = {"use_beam_search": True, "length_penalty": 0.5, "skip_special_tokens": False,
+ASKING: dict[str, Any] = {"skip_special_tokens": False,
                           "spaces_between_special_tokens": False, "truncate_prompt_tokens": 8,
                           "truncation_side": "left", "prompt_logprobs": 1, "logprob_token_ids": [1],
                           "watermarking": True, "priority": 1, "session_id": "s", "return_tokens_as_token_ids": True,
@@ -131,13 +131,10 @@ def test_false_is_not_zero(server: str) -> None:
     assert error["param"] == "priority", error
 
 
-def test_beam_search_through_the_client(server: str) -> None:
-    """Two beams of an adapter, as vLLM's users ask for them: a 400 naming use_beam_search, not two greedy answers."""
-    with pytest.raises(openai.BadRequestError) as exc:
-        client(server).chat.completions.create(model="a", messages=HI, n=2, temperature=0, max_tokens=4,
-                                               extra_body={"use_beam_search": True})
-    assert exc.value.code == "unsupported_parameter" and exc.value.param == "use_beam_search"
-    assert "beam search" in exc.value.message
+def test_beam_search_is_refused_where_it_does_not_run(server: str) -> None:
+    """/generate has no beam search (chat and completions do: tests/test_beam_search.py)."""
+    error = error_of(post(server, "/generate", {"prompt": "Hi", "use_beam_search": True, "length_penalty": 0.5}))
+    assert error["code"] == "unsupported_parameter" and error["param"] == "use_beam_search", error
 
 
 @pytest.mark.parametrize(("content", "code", "param"), [

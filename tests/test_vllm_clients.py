@@ -135,13 +135,14 @@ def test_bad_loads_during_good_traffic_break_nothing(url: str, made: dict[str, P
     assert {m.id for m in client(url).models.list().data}.isdisjoint({"x1", "x2", "x3", "x4"})
 
 
-def test_beam_search_with_an_adapter_is_refused_by_name(url: str) -> None:
-    """vLLM's beam search is not implemented yet: a 400 naming it, never n greedy copies."""
-    with pytest.raises(openai.BadRequestError) as exc:
-        client(url).chat.completions.create(model="a0", messages=HI, n=2, max_tokens=4, temperature=0,
-                                            extra_body={"use_beam_search": True})
-    assert exc.value.param == "use_beam_search" and exc.value.code == "unsupported_parameter"
-    with pytest.raises(openai.BadRequestError) as text:
-        client(url).completions.create(model="a0", prompt="Hi", n=2, max_tokens=4,
-                                       extra_body={"use_beam_search": True, "length_penalty": 1.0})
-    assert text.value.param == "use_beam_search"
+def test_beam_search_with_an_adapter(url: str) -> None:
+    """vLLM's beam search through the openai client: n distinct beams of the adapter, best first, on its version;
+    a width of 1 is the greedy answer."""
+    chat = client(url).chat.completions.create(model="a0", messages=HI, n=3, max_tokens=6, temperature=0,
+                                               extra_body={"use_beam_search": True})
+    texts = [c.message.content for c in chat.choices]
+    assert len(set(texts)) == 3 and chat.system_fingerprint == "a0@1"
+    one = client(url).completions.create(model="a0", prompt="The sea is", n=1, max_tokens=5, temperature=0,
+                                         extra_body={"use_beam_search": True, "length_penalty": 1.0})
+    greedy = client(url).completions.create(model="a0", prompt="The sea is", max_tokens=5, temperature=0)
+    assert one.choices[0].text == greedy.choices[0].text

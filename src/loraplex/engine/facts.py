@@ -54,3 +54,4 @@ class EngineFacts:
     device: str  # what the dtype was resolved for: the CPU and its class, or the GPU
     memory: MemoryPlan
     max_prepare_seconds: float  # the cap on one request's templating, tokenization and grammar compilation
+    eos_token_ids: tuple[int, ...] = ()  # the tokens that end a generation (beam search completes a beam on one)

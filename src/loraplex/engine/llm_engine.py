@@ -56,7 +56,8 @@ class LLMEngine:
         self.lora_shapes = built.lora_shapes
         self.facts = EngineFacts(self.model_name, self.model_dir, self.max_model_len, config.block_size,
                                  config.max_num_seqs, built.dtype.name, built.dtype.describe(),
-                                 built.device_description, built.memory, config.max_prepare_seconds)
+                                 built.device_description, built.memory, config.max_prepare_seconds,
+                                 tuple(built.config.eos_token_ids))
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)

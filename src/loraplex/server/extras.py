@@ -20,7 +20,7 @@ class Refused:
     why: str
 
 
-_NO_BEAMS = ("beam search is not implemented yet; ask for n sampled choices (n, temperature, seed) instead")
+_NO_BEAMS = "beam search runs on /v1/chat/completions and /v1/completions"
 _NO_DISAGG = "this server has no disaggregated prefill or encoder cache"
 
 SAMPLING: dict[str, Refused] = {
@@ -57,8 +57,11 @@ SAMPLING: dict[str, Refused] = {
     "service_tier": Refused((None, "auto", "default"), "one service tier"),
 }
 
+# Beam search's fields: implemented on chat and completions (server/beams.py), refused on /generate.
+_OPENAI = {k: v for k, v in SAMPLING.items() if k not in ("use_beam_search", "length_penalty")}
+
 CHAT: dict[str, Refused] = {
-    **SAMPLING,
+    **_OPENAI,
     "functions": Refused((None,), "use tools"),
     "function_call": Refused((None,), "use tool_choice"),
     "audio": Refused((None,), "text only"),
@@ -81,7 +84,7 @@ CHAT: dict[str, Refused] = {
 }
 
 COMPLETION: dict[str, Refused] = {
-    **SAMPLING,
+    **_OPENAI,
     "suffix": Refused((None, ""), "no fill-in-the-middle"),
 }
 

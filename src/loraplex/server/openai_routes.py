@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loraplex.engine.outputs import RequestOutput
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError
-from loraplex.server import logprobs, tools
+from loraplex.server import beams, logprobs, tools
 from loraplex.server.generation import check_room, choice_params, decoded, encoded, rendered_chat, sampling_params
 from loraplex.server.request_job import RequestJob
 from loraplex.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
@@ -53,9 +53,24 @@ def _usage_options(body: ChatCompletionRequest | CompletionRequest) -> tuple[boo
     return include, include and bool(o and o.continuous_usage_stats)
 
 
-def _head(rid: str, kind: str, created: int, model: str, job: RequestJob) -> dict[str, Any]:
-    """The fields every response and chunk of a request carries."""
-    return {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": job.fingerprint}
+def _head(rid: str, kind: str, created: int, model: str, fingerprint: str) -> dict[str, Any]:
+    """The fields every response and chunk of a request carries (the fingerprint: RequestJob.fingerprint)."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": fingerprint}
+
+
+async def _beams(st: ServerState, job: RequestJob, prompts: list[list[int]], body: ChatCompletionRequest |
+                 CompletionRequest, max_tokens: int) -> tuple[list[tuple[int, str, str]], dict[str, Any], str]:
+    """vLLM's beam search (server/beams.py) for each prompt: its n beams as (prompt index, text, finish reason),
+    best first, the usage, and the fingerprint."""
+    found = await beams.run(job, prompts, body.n, max_tokens, body)
+    flat = [(p, b) for p, bs in enumerate(found.beams) for b in bs]
+    texts = await decoded(st.prepare, st.engine.tokenizer, [b.generated for _, b in flat])
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(len(b.tokens) - b.prompt_len for _, b in flat)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+             "total_tokens": prompt_tokens + completion}
+    fingerprint = st.served_name if found.adapter is None else str(found.adapter)
+    return [(p, t, "stop" if b.ended else "length") for (p, b), t in zip(flat, texts)], usage, fingerprint
 
 
 def _finish(reason: str | None) -> str | None:
@@ -72,6 +87,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     room = st.engine.facts.max_model_len - len(prompt)
     check_room(len(prompt), body.max_completion_tokens or body.max_tokens, st.engine.facts.max_model_len)
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
+    if body.use_beam_search:
+        beams.check(body, body.n)
+        rid, created = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+        found, usage, fp = await _beams(st, RequestJob(st, request, scope, adapter, body.cache_salt), [prompt], body,
+                                        max_tokens)
+        return {**_head(rid, "chat.completion", created, body.model, fp), "usage": usage,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                             "logprobs": None} for i, (_, text, finish) in enumerate(found)]}
     sampling = sampling_params(body, max_tokens)
     if tp.constraint is not None:
         if sampling.structured is not None:
@@ -91,12 +114,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             choices.append({"index": i, "message": message, "finish_reason": finish,
                             "logprobs": None if c.logprobs is None else await logprobs.chat(st.engine.tokenizer,
                                                                                             c.token_ids, c.logprobs)})
-        return {**_head(rid, "chat.completion", created, body.model, job), "choices": choices,
+        return {**_head(rid, "chat.completion", created, body.model, job.fingerprint), "choices": choices,
                 "usage": _usage(len(prompt), outs, per_prompt=len(outs))}
     include_usage, continuous = _usage_options(body)
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base = _head(rid, "chat.completion.chunk", created, body.model, job)
+        base = _head(rid, "chat.completion.chunk", created, body.model, job.fingerprint)
         lps = logprobs.Stream(st.engine.tokenizer, "chat")
         for i in range(len(params)):
             yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -149,6 +172,14 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         raise InvalidRequestError(f"at most 64 prompts per request, got {len(prompts)}")
     for p in prompts:
         check_room(len(p), body.max_tokens, st.engine.facts.max_model_len)
+    if body.use_beam_search:
+        beams.check(body, body.n)
+        rid, created = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+        found, usage, fp = await _beams(st, RequestJob(st, request, scope, adapter, body.cache_salt), prompts, body,
+                                        body.max_tokens or 16)
+        return {**_head(rid, "text_completion", created, body.model, fp), "usage": usage,
+                "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                            for i, (_, text, finish) in enumerate(found)]}
     sampling = sampling_params(body, body.max_tokens or 16)
     if body.echo and sampling.logprobs is not None:  # echo with logprobs: the prompt's tokens are scored too
         sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
@@ -177,12 +208,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 lps = None if c.logprobs is None else await logprobs.completion(tok, c.token_ids, c.logprobs, len(head))
                 choices.append({"index": p_index * body.n + i, "text": head + c.text,
                                 "logprobs": logprobs.joined(head_lps, lps), "finish_reason": _finish(c.finish_reason)})
-        return {**_head(rid, "text_completion", created, body.model, job), "choices": choices,
+        return {**_head(rid, "text_completion", created, body.model, job.fingerprint), "choices": choices,
                 "usage": _usage(prompt_tokens, outs_all)}
     include_usage, continuous = _usage_options(body)
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
-        base, lps = _head(rid, "text_completion", created, body.model, job), logprobs.Stream(tok, "completion")
+        base, lps = _head(rid, "text_completion", created, body.model, job.fingerprint), logprobs.Stream(tok, "completion")
         started_choices: set[int] = set()
         async for p_index, i, out in job.outputs():
             c = out.outputs[0]

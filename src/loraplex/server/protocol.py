@@ -181,7 +181,14 @@ class ChatMessage(_Body):
         return v
 
 
-class ChatCompletionRequest(SamplingFields):
+class BeamFields(BaseModel):
+    """vLLM's beam search (server/beams.py): n beams, ranked by log-probability over length ** length_penalty."""
+
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+
+
+class ChatCompletionRequest(SamplingFields, BeamFields):
     REFUSED = CHAT
 
     model: ModelName
@@ -221,7 +228,7 @@ class ChatCompletionRequest(SamplingFields):
         return v
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, BeamFields):
     REFUSED = COMPLETION
 
     model: ModelName
