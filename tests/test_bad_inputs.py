@@ -145,6 +145,21 @@ def test_pickled_adapter_loads_with_opt_in(bad_adapters: dict[str, Path], good: 
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+def test_an_unreadable_config_is_a_format_error(llm: LLM, good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config the server may not read (permissions, an I/O error) is the adapter's error, naming the file and
+    the cause, never a 500 (the tests run as root, where chmod cannot make a file unreadable: the read fails here)."""
+    read = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self.name == "adapter_config.json" and self.parent == good:
+            raise PermissionError(13, "Permission denied")
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(AdapterFormatError, match="cannot read adapter_config.json: Permission denied"):
+        llm.register_adapter("unreadable", str(good))
+
+
 def test_unknown_adapter_name(llm: LLM) -> None:
     """A request for an adapter nobody registered gets AdapterNotFoundError listing the registered ones."""
     with pytest.raises(AdapterNotFoundError, match="adapter 'nope' not found: it is not registered"):

@@ -176,6 +176,8 @@ def load_peft_adapter(
         cfg = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"adapter {path}: adapter_config.json is not valid JSON: {e}") from e
+    except OSError as e:  # a file the server may not read (permissions, an I/O error): the adapter's fault, a 400
+        raise AdapterFormatError(f"adapter {path}: cannot read adapter_config.json: {e.strerror or e}") from e
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"adapter {path}: adapter_config.json must hold a JSON object")
     _check_config(cfg, path)
