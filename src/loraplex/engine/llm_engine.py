@@ -219,9 +219,11 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        # The tenant whose share of the batch it takes (engine/fair_share.py): its adapter's name, the base model
+        # being one tenant.
         req = Request(request_id, prepared.prompt_token_ids, prepared.sampling, key, time.monotonic(),
-                      prompt=prepared.prompt, cache_salt=prepared.cache_salt, bad_words_ids=prepared.bad_words_ids,
-                      matcher=prepared.matcher)
+                      prompt=prepared.prompt, tenant=None if key is None else key.name,
+                      cache_salt=prepared.cache_salt, bad_words_ids=prepared.bad_words_ids, matcher=prepared.matcher)
         detokenizer.init_offsets(req)
         if key is not None:
             self.adapters.acquire(key)  # starts a background load if the adapter is cold

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Hashable
 from typing import Any
 
 from loraplex.adapters.key import AdapterKey
@@ -24,6 +25,8 @@ class Request:
     adapter: AdapterKey | None  # the adapter version it runs on, None = base model
     arrival: float
     prompt: str | None = None
+    tenant: Hashable = None  # whose share of the batch it is (engine/fair_share.py); None: one tenant of its own
+    weight: float = 1.0  # its tenant's weight: shares of the batch are proportional to it
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.., when asked

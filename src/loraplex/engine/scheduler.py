@@ -1,12 +1,13 @@
 """Scheduler: iteration-level batching with chunked prefill, KV admission control and adapter slots. No torch.
 
-Each step: running requests first (decodes, then unfinished prefills), in arrival order, each
-taking one token or a prompt chunk from the step's token budget; then waiting requests are
-admitted first-come first-served while KV blocks, sequence slots and adapter slots allow; a request
+Each step: running requests first (decodes, then unfinished prefills), each taking one token or a
+prompt chunk from the step's token budget; then waiting requests are admitted while KV blocks,
+sequence slots and adapter slots allow. Between tenants (engine/fair_share.py) places and prefill
+budget go by weighted fair share; within a tenant, first-come first-served. A request
 whose prompt starts with blocks in the prefix cache takes them and computes only the rest (admission
 counts only the blocks it really needs). When a
-decode needs a block and none is free, the newest running request is preempted (its KV freed and
-recomputed later). A waiting request whose adapter cannot get a slot is passed over by later
+decode needs a block and none is free, the newest running request of the tenant furthest over its
+share is preempted (its KV freed and recomputed later). A waiting request whose adapter cannot get a slot is passed over by later
 requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
 adapter is still being read from disk simply waits: it holds nobody up and loses no place.
 """
@@ -20,6 +21,7 @@ from typing import Protocol
 
 from loraplex.adapters.slots import SlotGrant
 from loraplex.engine.block_manager import BlockManager, namespace
+from loraplex.engine.fair_share import FairShare
 from loraplex.engine.request import Request, RequestStatus
 
 
@@ -74,6 +76,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prefix_cache = PrefixCacheCounters()
+        self.fair = FairShare()
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -90,6 +93,8 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
+        if not any(r.tenant == req.tenant for r in (*self.running, *self.waiting)):
+            self.fair.forget(req.tenant)  # nothing left: its service is not kept (it rejoins at the virtual time)
 
     def advance(self, seqs: list[ScheduledSeq]) -> None:
         """After a step: the scheduled tokens' K/V are computed; full blocks become findable in the prefix cache."""
@@ -114,23 +119,53 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        self._make_room(out)
+        kv_preempted = len(out.preempted)
+        scheduled: set[int] = set()
+        for req in self.fair.prefill_order(self.running):  # decodes, then prefills by tenant share
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted to make room for one before it
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.blocks.can_allocate(self.blocks.blocks_needed(req, req.num_computed_tokens + n)):
-                self._preempt(self.running[-1], out)
+                unscheduled = [r for r in self.running if id(r) not in scheduled]  # req among them
+                self._preempt(self.fair.victim(unscheduled, self.running), out)
                 if req.status is not RequestStatus.RUNNING:
                     break
             if req.status is not RequestStatus.RUNNING:
-                break  # req was the newest and got preempted; nothing after it is left
+                continue
             self.blocks.allocate(req, req.num_computed_tokens + n)
             out.seqs.append(ScheduledSeq(req, n))
+            scheduled.add(id(req))
             budget -= n
-            i += 1
-        if not out.preempted:
+        if len(out.preempted) == kv_preempted:  # no decode needed a block: the KV cache has room to admit
             self._admit(out, budget)
+        for s in out.seqs:
+            self.fair.charge(s.request, s.num_tokens)
         return out
+
+    def _make_room(self, out: SchedulerOutput) -> None:
+        """While the batch is full, a tenant waiting with nothing running takes the place of the newest request of
+        the tenant furthest over its share, if that one keeps at least the newcomer's share: a tenant is never
+        held behind another's backlog for want of a place. Only for a head request whose adapter can run now."""
+        if len(self.running) < self.max_num_seqs:
+            return
+        running_tenants = {r.tenant for r in self.running}
+        heads: dict[Hashable, Request] = {}
+        for r in self.waiting:
+            if r.tenant not in running_tenants:
+                heads.setdefault(r.tenant, r)
+        for head in heads.values():
+            if head.adapter is not None and not (self.adapters.ready(head.adapter)
+                                                 and self.adapters.can_take_slot(head.adapter)):
+                continue
+            victim = self.fair.victim(self.running, self.running)
+            keeps = sum(1.0 / r.weight for r in self.running if r.tenant == victim.tenant) - 1.0 / victim.weight
+            if keeps < 1.0 / head.weight:
+                return  # every tenant running holds no more than a newcomer's share
+            self._preempt(victim, out)
+            return  # one place a step: the newcomer takes it at admission, ahead of the victim's tenant
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks `req` (waiting: nothing computed) can start from; sets its namespace once."""
@@ -147,7 +182,7 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         passed: list[Request] = []
-        for req in list(self.waiting):
+        for req in self.fair.admission_order(self.waiting, self.running):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if req.adapter is not None and not self.adapters.ready(req.adapter):

@@ -1,0 +1,85 @@
+"""Weighted fair sharing of the running batch between tenants (no torch): the scheduler's admission order, its
+prefill order and its preemption victim.
+
+A tenant is whatever `Request.tenant` names (the engine sets the API key's tenant, else the adapter's name; None is
+one tenant of its own), with `Request.weight`. While several tenants are backlogged, every running request decodes
+one token a step, so a tenant's share of decode tokens is its share of the running batch: a free place goes to the
+waiting tenant with the fewest running requests per unit of weight (a tenant with none running comes first), and
+ties go to the one with the least service, the tokens scheduled for it per unit of weight (loads are compared with
+the place taken, so a weight that does not divide the batch alternates its tenant's places around its share). Service is counted from
+the virtual time a tenant becomes active (the least service among active tenants), so an idle tenant banks no
+credit, and a tenant with nothing left is forgotten (the books stay as small as the set of active tenants).
+Preemption takes the newest request of the tenant furthest over its share. Within a tenant the order is the
+arrival order, as without tenants.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator
+
+from loraplex.engine.request import Request
+
+
+class FairShare:
+    def __init__(self) -> None:
+        self.service: dict[Hashable, float] = {}  # tenant -> tokens scheduled / weight, since it became active
+
+    def _floor(self) -> float:
+        return min(self.service.values(), default=0.0)
+
+    def charge(self, req: Request, tokens: int) -> None:
+        """`tokens` computed for `req` this step."""
+        t = req.tenant
+        if t not in self.service:
+            self.service[t] = self._floor()  # joins at the virtual time: no credit for having been idle
+        self.service[t] += tokens / req.weight
+
+    def forget(self, tenant: Hashable) -> None:
+        """A tenant with no request left: it rejoins at the virtual time."""
+        self.service.pop(tenant, None)
+
+    def _load(self, running: Iterable[Request]) -> dict[Hashable, float]:
+        """Running requests per unit of weight, per tenant."""
+        load: dict[Hashable, float] = {}
+        for r in running:
+            load[r.tenant] = load.get(r.tenant, 0.0) + 1.0 / r.weight
+        return load
+
+    def admission_order(self, waiting: Iterable[Request], running: list[Request]) -> Iterator[Request]:
+        """Waiting requests in the order places go to them: each next one is the head of the tenant whose load would
+        be least with it admitted (as if the ones before it were; with weights that do not divide the batch, this
+        lets a tenant's places alternate around its share), then the least service, then the earliest head."""
+        queues: dict[Hashable, deque[Request]] = {}
+        for r in waiting:
+            queues.setdefault(r.tenant, deque()).append(r)
+        load = self._load(running)
+        floor = self._floor()
+        heap = [(load.get(t, 0.0) + 1.0 / q[0].weight, self.service.get(t, floor), i, t) for i, (t, q) in
+                enumerate(queues.items())]
+        heapq.heapify(heap)
+        while heap:
+            _, service, i, t = heapq.heappop(heap)
+            req = queues[t].popleft()
+            yield req
+            load[t] = load.get(t, 0.0) + 1.0 / req.weight
+            if queues[t]:
+                heapq.heappush(heap, (load[t] + 1.0 / queues[t][0].weight, service, i, t))
+
+    def prefill_order(self, running: list[Request]) -> list[Request]:
+        """Running requests in the order the step's token budget goes to them: every decode (one token each)
+        first, then the prompts being prefilled, the tenant with the least service first; arrival order within."""
+        floor = self._floor()
+        return sorted(running, key=lambda r: (r.num_computed_tokens < len(r.prompt_token_ids),
+                                              self.service.get(r.tenant, floor) if
+                                              r.num_computed_tokens < len(r.prompt_token_ids) else 0.0))
+
+    def victim(self, candidates: list[Request], running: list[Request]) -> Request:
+        """The request to preempt among `candidates` (running, in arrival order): the newest of the tenant furthest
+        over its share (the most load, then the most service)."""
+        load = self._load(running)
+        floor = self._floor()
+        newest = {r.tenant: i for i, r in enumerate(candidates)}  # a tie goes to the tenant of the newest request
+        tenant = max(newest, key=lambda t: (load.get(t, 0.0), self.service.get(t, floor), newest[t]))
+        return candidates[newest[tenant]]

@@ -1,0 +1,163 @@
+"""Weighted fair sharing between tenants in the scheduler (engine/fair_share.py), driven by hand like
+tests/test_scheduler.py: no model, no torch, milliseconds. Shares are of decode tokens while tenants are backlogged."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Hashable
+
+import pytest
+
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.request import Request, RequestStatus
+from loraplex.engine.scheduler import Scheduler, SchedulerOutput
+from loraplex.sampling import SamplingParams
+from test_scheduler import FAKE_TOKEN, Slots, check_invariants
+
+Tenant = Hashable
+
+
+def req(rid: str, tenant: Tenant, prompt: int = 4, max_tokens: int = 8, weight: float = 1.0) -> Request:
+    return Request(rid, list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), None, arrival=0.0,
+                   tenant=tenant, weight=weight)
+
+
+def sched(max_num_seqs: int = 8, num_blocks: int = 4096, block_size: int = 4, budget: int = 256) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), Slots(2), max_num_seqs, budget, max_skips=2)
+
+
+def run_step(s: Scheduler, decoded: Counter[Tenant], owner: Callable[[Request], Tenant] = lambda r: r.tenant
+             ) -> tuple[SchedulerOutput, list[Request]]:
+    """One step by hand (as test_scheduler.step), counting decode tokens by `owner` (the tenant); returns the
+    scheduler's output and the requests finished."""
+    out = s.schedule()
+    done = []
+    for q in out.seqs:
+        r = q.request
+        if r.num_computed_tokens >= len(r.prompt_token_ids):
+            decoded[owner(r)] += q.num_tokens
+        r.num_computed_tokens += q.num_tokens
+        if r.num_computed_tokens == r.num_tokens:
+            r.output_token_ids.append(FAKE_TOKEN)
+            if len(r.output_token_ids) >= r.sampling.max_tokens:
+                s.finish(r, "length")
+                done.append(r)
+    check_invariants(s)
+    return out, done
+
+
+def flood(s: Scheduler, weights: dict[Tenant, float], steps: int, backlog: int = 12, seed: int = 0,
+          fcfs_first: Tenant | None = None) -> Counter[Tenant]:
+    """Every tenant keeps `backlog` requests waiting (lengths drawn alike for all) for `steps` steps; the decode
+    tokens each got. `fcfs_first`: that tenant's whole backlog arrives before anyone else's."""
+    rng = random.Random(seed)
+    n = 0
+
+    def add(t: Tenant) -> None:
+        nonlocal n
+        s.add(req(f"{t}-{n}", t, prompt=rng.randint(1, 12), max_tokens=rng.randint(4, 40), weight=weights[t]))
+        n += 1
+
+    order = sorted(weights, key=lambda t: t != fcfs_first)
+    for t in order:
+        for _ in range(backlog):
+            add(t)
+    decoded: Counter[Tenant] = Counter()
+    for _ in range(steps):
+        for r in run_step(s, decoded)[1]:
+            add(r.tenant)  # keep every tenant backlogged
+    return decoded
+
+
+@pytest.mark.parametrize("tenants", [2, 4, 8])
+def test_backlogged_tenants_get_equal_shares(tenants: int) -> None:
+    decoded = flood(sched(max_num_seqs=16), {f"t{i}": 1.0 for i in range(tenants)}, steps=3000)
+    mean = sum(decoded.values()) / tenants
+    assert all(abs(v - mean) <= 0.05 * mean for v in decoded.values()), decoded
+
+
+def test_weight_three_gets_three_times_weight_one() -> None:
+    decoded = flood(sched(max_num_seqs=16), {"a": 1.0, "b": 1.0, "c": 1.0, "heavy": 3.0}, steps=3000)
+    unit = (decoded["a"] + decoded["b"] + decoded["c"]) / 3
+    assert all(abs(decoded[t] - unit) <= 0.05 * unit for t in "abc"), decoded
+    assert abs(decoded["heavy"] / unit - 3.0) <= 0.15, decoded  # 3 within ±5%
+
+
+def test_first_come_first_served_within_one_tenant_is_unfair_between_two() -> None:
+    """The same flood with every request one tenant's (the order before fair sharing): the tenant whose backlog
+    came first takes the batch; with two tenants, the other gets its half from the start."""
+    one = Counter[Tenant]()
+    s = sched(max_num_seqs=8)
+    for i in range(40):  # a's backlog, then b's, as one tenant
+        s.add(req(f"x{i}", None, max_tokens=30))
+    for _ in range(60):
+        run_step(s, one, owner=lambda r: "a" if int(r.request_id[1:]) < 20 else "b")
+    assert one["b"] == 0
+    fair = flood(sched(max_num_seqs=8), {"a": 1.0, "b": 1.0}, steps=60, backlog=20, fcfs_first="a")
+    assert abs(fair["a"] - fair["b"]) <= 0.05 * fair["a"], fair
+
+
+def test_a_new_tenant_is_admitted_in_the_next_step() -> None:
+    """One tenant fills the batch and keeps a backlog; another's single request runs at the very next step, taking
+    the place of the flooding tenant's newest request (which waits at the front of its tenant's queue)."""
+    s = sched(max_num_seqs=4)
+    for i in range(10):
+        s.add(req(f"n{i}", "flood", max_tokens=1000))
+    decoded: Counter[Tenant] = Counter()
+    for _ in range(5):
+        run_step(s, decoded)
+    assert len(s.running) == 4 and all(r.tenant == "flood" for r in s.running)
+    quiet = req("q", "quiet", max_tokens=3)
+    s.add(quiet)
+    out = s.schedule()
+    assert quiet.status is RequestStatus.RUNNING and any(q.request is quiet for q in out.seqs)
+    [victim] = out.preempted
+    assert victim.request_id == "n3" and s.waiting[0] is victim and victim.num_computed_tokens == 0
+
+
+def test_no_preemption_when_the_newcomer_would_take_more_than_its_share() -> None:
+    """Two tenants each with one request in a batch of two: a third tenant waits for a place; nobody is evicted."""
+    s = sched(max_num_seqs=2)
+    s.add(req("a", "A", max_tokens=50))
+    s.add(req("b", "B", max_tokens=50))
+    run_step(s, Counter())
+    c = req("c", "C", max_tokens=2)
+    s.add(c)
+    out = s.schedule()
+    assert out.preempted == [] and c.status is RequestStatus.WAITING
+
+
+def test_kv_preemption_takes_from_the_tenant_furthest_over_its_share() -> None:
+    """Out of KV blocks, the victim is the newest request of the tenant with the most running, not the newest of
+    all; nobody starves: every request finishes."""
+    s = sched(max_num_seqs=8, num_blocks=12, block_size=4, budget=64)
+    big = [req(f"big{i}", "big", prompt=4, max_tokens=12) for i in range(3)]
+    small = req("small", "small", prompt=4, max_tokens=12)
+    for r in (*big[:2], small, big[2]):
+        s.add(r)
+    preempted: list[str] = []
+    while s.has_unfinished():
+        preempted += [r.request_id for r in run_step(s, Counter())[0].preempted]
+    assert preempted and all(p.startswith("big") for p in preempted), preempted
+    assert all(r.finished for r in (*big, small))
+
+
+def test_the_books_hold_under_abort() -> None:
+    """Aborting waiting and running requests of a tenant mid-flood leaves no trace: its service is forgotten once it
+    has nothing left, the others share the batch, and the block and slot books balance (check_invariants)."""
+    s = sched(max_num_seqs=6)
+    decoded: Counter[Tenant] = Counter()
+    for i in range(12):
+        for t in "abc":
+            s.add(req(f"{t}{i}", t, max_tokens=20))
+    for _ in range(10):
+        run_step(s, decoded)
+    for r in [r for r in [*s.running, *s.waiting] if r.tenant == "c"]:
+        s.finish(r, "abort")
+    run_step(s, decoded)
+    assert "c" not in s.fair.service and {r.tenant for r in s.running} == {"a", "b"}
+    assert Counter(r.tenant for r in s.running) == {"a": 3, "b": 3}
+    while s.has_unfinished():
+        run_step(s, decoded)
+    assert s.fair.service == {} and s.blocks.num_free == s.blocks.num_blocks
