@@ -75,7 +75,7 @@ def test_an_unknown_field_is_a_400_naming_it(server: str, path: str, body: dict[
 ASKING: dict[str, Any] = {"skip_special_tokens": False,
                           "spaces_between_special_tokens": False, "truncate_prompt_tokens": 8,
                           "truncation_side": "left", "prompt_logprobs": 1, "logprob_token_ids": [1],
-                          "watermarking": True, "priority": 1, "session_id": "s", "return_tokens_as_token_ids": True,
+                          "watermarking": True, "session_id": "s", "return_tokens_as_token_ids": True,
                           "return_token_ids": True, "return_token_offsets": True, "return_mm_kwargs": False,
                           "routed_experts_prompt_start": 1, "kv_transfer_params": {"x": 1},
                           "ec_transfer_params": {"x": 1}, "vllm_xargs": {"x": 1}, "logits_processors": ["m.P"],
@@ -126,9 +126,9 @@ def test_defaults_sent_explicitly_are_served(server: str) -> None:
 
 
 def test_false_is_not_zero(server: str) -> None:
-    """priority's default is 0: false is a boolean, not that number, so it asks for something else."""
-    error = error_of(post(server, "/v1/chat/completions", {**CHAT_BODY, "priority": False}))
-    assert error["param"] == "priority", error
+    """routed_experts_prompt_start's default is 0: false is a boolean, not that number."""
+    error = error_of(post(server, "/v1/chat/completions", {**CHAT_BODY, "routed_experts_prompt_start": False}))
+    assert error["param"] == "routed_experts_prompt_start", error
 
 
 def test_beam_search_is_refused_where_it_does_not_run(server: str) -> None:

@@ -161,3 +161,29 @@ def test_the_books_hold_under_abort() -> None:
     while s.has_unfinished():
         run_step(s, decoded)
     assert s.fair.service == {} and s.blocks.num_free == s.blocks.num_blocks
+
+
+def test_priority_orders_a_tenants_own_requests_only() -> None:
+    """vLLM's priority (lower first) orders the requests of one tenant; it buys nothing against another tenant."""
+    s = sched(max_num_seqs=2)
+    for rid, tenant, priority in (("a-late", "a", 5), ("a-urgent", "a", -9), ("a-mid", "a", 1),
+                                  ("b-1", "b", 0), ("b-2", "b", 0)):
+        r = req(rid, tenant, max_tokens=3)
+        r.priority = priority
+        s.add(r)
+    order: list[str] = []
+    while s.has_unfinished():
+        out, _ = run_step(s, Counter())
+        order += [q.request.request_id for q in out.seqs if q.request.num_computed_tokens == q.num_tokens]
+    assert [r for r in order if r.startswith("a")] == ["a-urgent", "a-mid", "a-late"]
+    assert order[:2] == ["a-urgent", "b-1"]  # one place each: a's urgent request does not take b's
+
+
+def test_a_low_priority_request_is_preempted_first() -> None:
+    s = sched(max_num_seqs=8)
+    reqs = [req(f"r{i}", "a") for i in range(3)]
+    reqs[0].priority = 7  # the oldest, but the least urgent
+    for r in reqs:
+        s.add(r)
+    run_step(s, Counter())
+    assert s.fair.victim(s.running, s.running) is reqs[0]

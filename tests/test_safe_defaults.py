@@ -237,6 +237,11 @@ def test_each_key_has_its_own_prefix_cache(served: dict) -> None:
     ({"adapters": ["a"], "base": 1}, "base"),
     ({"adapters": ["a"], "admn": True}, "admn"),
     ({"adapters": ["a"], "cache_group": ""}, "cache_group"),
+    ({"adapters": ["a"], "weight": 0}, "weight"),
+    ({"adapters": ["a"], "weight": -1}, "weight"),
+    ({"adapters": ["a"], "weight": "3"}, "weight"),
+    ({"adapters": ["a"], "weight": 1001}, "weight"),
+    ({"adapters": ["a"], "weight": True}, "weight"),
 ])
 def test_the_keys_file_refuses_a_wrong_field(tmp_path: Path, spec: dict, field: str) -> None:
     path = tmp_path / "keys.json"

@@ -60,8 +60,8 @@ ONLY = {
     "--load-format": ({"auto", "safetensors", "gguf"}, "loraplex loads local safetensors or GGUF files only"),
     "--kv-cache-dtype": ({"auto"}, "the KV cache is kept in the model's dtype"),
     "--lora-dtype": ({"auto"}, "LoRA runs in the serving dtype"),
-    "--scheduling-policy": ({"fcfs"}, "loraplex admits requests first come, first served; vLLM's priority policy "
-                                      "has no counterpart yet"),
+    "--scheduling-policy": ({"fcfs", "priority"}, "loraplex shares the batch between tenants by weight and orders "
+                                                  "each tenant's requests by priority, then arrival"),
     "--optimization-level": ({"0", "O0"}, "loraplex compiles nothing (no torch.compile, no CUDA graphs)"),
     "--generation-config": ({"auto"}, "loraplex reads the model's own generation config"),
     "--max-logprobs": ({str(n) for n in range(21)}, "loraplex returns at most 20 top log-probabilities (OpenAI's "

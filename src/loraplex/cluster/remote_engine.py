@@ -28,6 +28,7 @@ from loraplex.cluster.routing import AdapterRouting
 from loraplex.engine.client import AdapterInfo, AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
+from loraplex.engine.request import Share
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
 from loraplex.server.stats.totals import merge
@@ -117,7 +118,8 @@ class RemoteEngine:
 
     # ---- requests --------------------------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
-                  request_id: str | None = None, cache_salt: str | None = None) -> RemoteStream:
+                  request_id: str | None = None, cache_salt: str | None = None, share: Share | None = None
+                  ) -> RemoteStream:
         """`adapter` as the server resolved it, sent to the replica as it is; its text ("legal@2") keys the routing
         and Ray's multiplexed model id."""
         tokens = list(self._tokenizer.encode(prompt)) if isinstance(prompt, str) else prompt
@@ -130,7 +132,7 @@ class RemoteEngine:
             sent = self.routing.dispatch(model, popularity)
             options = self.handle.options(stream=True, multiplexed_model_id=sent.model_id)
             gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, admission,
-                                          sent.claim)
+                                          sent.claim, share)
             try:
                 route = await gen.__anext__()
             except _GONE as e:  # nothing reached the client yet: another replica may take it

@@ -29,6 +29,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.client import AdapterInfo, AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import RequestOutput
+from loraplex.engine.request import Share
 from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ class EngineReplica:
 
     # ---- requests --------------------------------------------------------------------------------
     async def generate(self, prompt: list[int], sampling: SamplingParams, target: AdapterTarget,
-                       cache_salt: str | None, popularity: float | None = None, claim: bool = True
-                       ) -> AsyncIterator[RouteInfo | RequestOutput]:
+                       cache_salt: str | None, popularity: float | None = None, claim: bool = True,
+                       share: Share | None = None) -> AsyncIterator[RouteInfo | RequestOutput]:
         """RouteInfo, then the request's outputs. Cancelled by the ingress (client gone): the request is aborted.
         `popularity`: the adapter's request count at the ingress, for claim admission (None: always claim);
         claim=False (a request spilled for a busy holder): served without a claim (its weights leave with its last
@@ -134,7 +135,7 @@ class EngineReplica:
                 self._claiming.pop(adapter, None)
         label = adapter or self.engine.facts.model_name
         self.served[label] = self.served.get(label, 0) + 1
-        stream = await self.engine.add(prompt, sampling, target, cache_salt=cache_salt)
+        stream = await self.engine.add(prompt, sampling, target, cache_salt=cache_salt, share=share)
         try:
             yield RouteInfo(self.id, resident, stream.adapter, keep)
             async for out in stream:

@@ -31,6 +31,7 @@ from loraplex.engine.client import AdapterTarget, ReplicaView
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.prepare import PreparedRequest, PreparePool, Stage
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
+from loraplex.engine.request import Share
 from loraplex.errors import EngineUnavailableError
 from loraplex.sampling import SamplingParams
 
@@ -104,7 +105,7 @@ class AsyncLLMEngine:
     # ---- public API (event loop side) -------------------------------------------------------------
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                   adapter: str | AdapterTarget = None, request_id: str | None = None,
-                  cache_salt: str | None = None) -> RequestStream:
+                  cache_salt: str | None = None, share: Share | None = None) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
         `stream.adapter` is the version it was admitted on: pass it as `adapter` to give a sibling the same version."""
         request_id = request_id or uuid.uuid4().hex
@@ -112,7 +113,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
 
         def admit(prepared: PreparedRequest) -> AdapterKey | None:
-            self.engine.admit(prepared, request_id)
+            self.engine.admit(prepared, request_id, share)
             return self.engine.requests[request_id].adapter
 
         admission: concurrent.futures.Future[AdapterKey | None] | None = None

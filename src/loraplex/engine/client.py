@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.registry import AdapterInfo  # what list_adapters returns (no torch: the catalog's view)
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
+from loraplex.engine.request import Share
 from loraplex.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -50,7 +51,8 @@ class EngineStream(Protocol):
 
 class EngineClient(Protocol):
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
-                  request_id: str | None = None, cache_salt: str | None = None) -> EngineStream: ...
+                  request_id: str | None = None, cache_salt: str | None = None, share: Share | None = None
+                  ) -> EngineStream: ...
 
     async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
                                promote: bool = True) -> AdapterKey: ...

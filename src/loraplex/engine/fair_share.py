@@ -9,8 +9,8 @@ ties go to the one with the least service, the tokens scheduled for it per unit 
 the place taken, so a weight that does not divide the batch alternates its tenant's places around its share). Service is counted from
 the virtual time a tenant becomes active (the least service among active tenants), so an idle tenant banks no
 credit, and a tenant with nothing left is forgotten (the books stay as small as the set of active tenants).
-Preemption takes the newest request of the tenant furthest over its share. Within a tenant the order is the
-arrival order, as without tenants.
+Preemption takes the newest lowest-priority request of the tenant furthest over its share. Within a tenant the order
+is vLLM's `priority` (lower first), then arrival, as without tenants.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ class FairShare:
         """Waiting requests in the order places go to them: each next one is the head of the tenant whose load would
         be least with it admitted (as if the ones before it were; with weights that do not divide the batch, this
         lets a tenant's places alternate around its share), then the least service, then the earliest head."""
-        queues: dict[Hashable, deque[Request]] = {}
+        arrived: dict[Hashable, list[Request]] = {}
         for r in waiting:
-            queues.setdefault(r.tenant, deque()).append(r)
+            arrived.setdefault(r.tenant, []).append(r)
+        # Within a tenant: vLLM's priority (lower first), then the waiting order (stable).
+        queues = {t: deque(sorted(rs, key=lambda r: r.priority)) for t, rs in arrived.items()}
         load = self._load(running)
         floor = self._floor()
         heap = [(load.get(t, 0.0) + 1.0 / q[0].weight, self.service.get(t, floor), i, t) for i, (t, q) in
@@ -76,10 +78,11 @@ class FairShare:
                                               r.num_computed_tokens < len(r.prompt_token_ids) else 0.0))
 
     def victim(self, candidates: list[Request], running: list[Request]) -> Request:
-        """The request to preempt among `candidates` (running, in arrival order): the newest of the tenant furthest
-        over its share (the most load, then the most service)."""
+        """The request to preempt among `candidates` (running, in arrival order): of the tenant furthest over its
+        share (the most load, then the most service), its lowest-priority request, the newest of those."""
         load = self._load(running)
         floor = self._floor()
         newest = {r.tenant: i for i, r in enumerate(candidates)}  # a tie goes to the tenant of the newest request
         tenant = max(newest, key=lambda t: (load.get(t, 0.0), self.service.get(t, floor), newest[t]))
-        return candidates[newest[tenant]]
+        mine = [r for r in reversed(candidates) if r.tenant == tenant]  # newest first: max keeps the first of a tie
+        return max(mine, key=lambda r: r.priority)

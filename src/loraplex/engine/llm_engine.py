@@ -33,7 +33,7 @@ from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner, StepResult
 from loraplex.engine.prepare import PreparedRequest, Stage
 from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, EngineStats, PrefixCacheSnapshot, RequestOutput
-from loraplex.engine.request import Request
+from loraplex.engine.request import Request, Share
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.engine.step_log import StepLog
 from loraplex.engine.structured import StructuredOutputs
@@ -176,11 +176,11 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                     adapter: str | AdapterSpec | None = None, request_id: str | None = None,
-                    cache_salt: str | None = None) -> str:
+                    cache_salt: str | None = None, share: Share | None = None) -> str:
         """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
         Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter).
         prepare + admit in the caller's thread; AsyncLLMEngine runs prepare on a worker, admit on the engine thread."""
-        return self.admit(self.prepare(prompt, sampling, adapter, cache_salt), request_id)
+        return self.admit(self.prepare(prompt, sampling, adapter, cache_salt), request_id, share)
 
     def prepare(self, prompt: str | list[int], sampling: SamplingParams | None = None,
                 adapter: str | AdapterSpec | None = None, cache_salt: str | None = None,
@@ -212,17 +212,21 @@ class LLMEngine:
         """Whether prepare would run the tokenizer or the grammar compiler (else it is a bounded id check)."""
         return isinstance(prompt, str) or (sampling is not None and bool(sampling.bad_words or sampling.structured))
 
-    def admit(self, prepared: PreparedRequest, request_id: str | None = None) -> str:
+    def admit(self, prepared: PreparedRequest, request_id: str | None = None, share: Share | None = None) -> str:
         """Queue a prepared request (on the thread that steps). Its adapter version is resolved now, so a promotion
-        that landed while it was prepared applies."""
+        that landed while it was prepared applies. `share`: its tenant, weight and priority (engine/fair_share.py)."""
         key = self._adapter(prepared.adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        # The tenant whose share of the batch it takes (engine/fair_share.py): its adapter's name, the base model
-        # being one tenant.
+        share = share or Share()
+        if not (isinstance(share.weight, (int, float)) and 0 < share.weight < float("inf")):
+            raise InvalidRequestError(f"a tenant's weight must be a positive number, got {share.weight!r}")
+        # Without a tenant of its own, a request's tenant is its adapter's name, the base model being one tenant
+        # (tagged, so that no adapter name can be a given tenant's).
+        tenant = ("tenant", share.tenant) if share.tenant is not None else ("adapter", None if key is None else key.name)
         req = Request(request_id, prepared.prompt_token_ids, prepared.sampling, key, time.monotonic(),
-                      prompt=prepared.prompt, tenant=None if key is None else key.name,
+                      prompt=prepared.prompt, tenant=tenant, weight=float(share.weight), priority=share.priority,
                       cache_salt=prepared.cache_salt, bad_words_ids=prepared.bad_words_ids, matcher=prepared.matcher)
         detokenizer.init_offsets(req)
         if key is not None:

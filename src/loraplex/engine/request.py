@@ -11,6 +11,17 @@ from loraplex.adapters.key import AdapterKey
 from loraplex.sampling import SamplingParams, TokenLogprobs
 
 
+@dataclass(frozen=True, slots=True)
+class Share:
+    """Whose share of the batch a request takes (engine/fair_share.py): its tenant (None: the engine's default, the
+    adapter's name, the base model one tenant), the tenant's weight, and vLLM's `priority` within the tenant (lower
+    first)."""
+
+    tenant: str | None = None
+    weight: float = 1.0
+    priority: int = 0
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -27,6 +38,7 @@ class Request:
     prompt: str | None = None
     tenant: Hashable = None  # whose share of the batch it is (engine/fair_share.py); None: one tenant of its own
     weight: float = 1.0  # its tenant's weight: shares of the batch are proportional to it
+    priority: int = 0  # vLLM's: the order within its tenant, lower first (then arrival)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, when asked
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of prompt tokens 1.., when asked

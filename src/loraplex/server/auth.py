@@ -5,10 +5,13 @@ server from starting):
     {"keys": {"sk-legal": {"adapters": ["legal"]},
               "sk-ops":   {"adapters": ["*"], "admin": true},
               "sk-prom":  {"adapters": [], "base": false, "metrics": true},
-              "sk-demo":  {"adapters": ["poetry"], "base": false, "cache_group": "demo"}}}
+              "sk-demo":  {"adapters": ["poetry"], "base": false, "cache_group": "demo"},
+              "sk-big":   {"adapters": ["sql"], "weight": 3}}}
 `base` (default true) allows the base model; `metrics` (default false) allows /metrics, which names every
 tenant (admin keys may read it too). `cache_group`: keys with the same group share prefix-cache entries; by
 default each key has its own, so no key learns from its cache hits (or their timing) what another key sent.
+Each key is a tenant of the engine's fair share (engine/fair_share.py) with its `weight` (default 1): while tenants
+are backlogged, their shares of the running batch are proportional to their weights.
 Without a keys file the server is open: one operator, loopback only unless --insecure-no-api-keys.
 """
 
@@ -19,8 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from loraplex.engine.request import Share
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError
 
@@ -33,6 +37,11 @@ class KeyScope:
     metrics: bool = False  # may read /metrics (every tenant's series); admin keys may too
     cache_group: str | None = None  # prefix-cache namespace (None: shared with every None, the open server's)
     owner: str | None = None  # the key's own id (from its digest): its rows on /v1/stats; None on an open server
+    weight: float = 1.0  # its share of the batch against other keys' (engine/fair_share.py)
+
+    def share(self, priority: int = 0) -> Share:
+        """The key as the engine's tenant (on an open server none: the engine's default, the adapter's name)."""
+        return Share(self.owner, self.weight, priority)
 
     def may_use(self, adapter: str | None) -> bool:
         if adapter is None:
@@ -50,6 +59,7 @@ class _KeySpec(BaseModel):
     admin: StrictBool = False
     metrics: StrictBool = False
     cache_group: StrictStr | None = Field(default=None, min_length=1, max_length=256)
+    weight: StrictFloat | StrictInt = Field(default=1, gt=0, le=1000)
 
 
 class _KeysFile(BaseModel):
@@ -68,12 +78,13 @@ def load_keys(path: Path) -> dict[str, KeyScope]:
         where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
         raise InvalidRequestError(f"API keys file {path} is invalid: {where}; expected "
                                   '{"keys": {KEY: {"adapters": [...], "base": true, "admin": false, "metrics": '
-                                  'false, "cache_group": null}}}') from e
+                                  'false, "cache_group": null, "weight": 1}}}') from e
     keys = {}
     for key, spec in data.keys.items():
         if not key.strip():
             raise InvalidRequestError(f"API keys file {path}: a key is empty")
-        keys[key] = KeyScope(frozenset(spec.adapters), spec.base, spec.admin, spec.metrics, spec.cache_group)
+        keys[key] = KeyScope(frozenset(spec.adapters), spec.base, spec.admin, spec.metrics, spec.cache_group,
+                             weight=float(spec.weight))
     return keys
 
 

@@ -33,7 +33,6 @@ SAMPLING: dict[str, Refused] = {
     "prompt_logprobs": Refused((None,), "prompt log-probabilities come with echo and logprobs on /v1/completions"),
     "logprob_token_ids": Refused((None,), "log-probabilities are of the top tokens (logprobs, top_logprobs)"),
     "watermarking": Refused((None, False), "no watermarking"),
-    "priority": Refused((0,), "no per-request priority: the scheduler shares the engine between tenants"),
     "session_id": Refused((None,), "no session routing: one engine serves every request"),
     "return_tokens_as_token_ids": Refused((None, False), "log-probability tokens are returned as text"),
     "return_token_ids": Refused((None, False), "token ids are not returned; /tokenize gives a prompt's"),

@@ -90,8 +90,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     if body.use_beam_search:
         beams.check(body, body.n)
         rid, created = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
-        found, usage, fp = await _beams(st, RequestJob(st, request, scope, adapter, body.cache_salt), [prompt], body,
-                                        max_tokens)
+        job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
+        found, usage, fp = await _beams(st, job, [prompt], body, max_tokens)
         return {**_head(rid, "chat.completion", created, body.model, fp), "usage": usage,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                              "logprobs": None} for i, (_, text, finish) in enumerate(found)]}
@@ -103,7 +103,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         sampling = replace(sampling, structured=tp.constraint)
     params = choice_params(sampling, body.n)
     rid, created = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
-    job = RequestJob(st, request, scope, adapter, body.cache_salt)
+    job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
     await job.start([prompt], params)
     if not body.stream:
         outs = (await job.collect())[0]
@@ -175,8 +175,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     if body.use_beam_search:
         beams.check(body, body.n)
         rid, created = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
-        found, usage, fp = await _beams(st, RequestJob(st, request, scope, adapter, body.cache_salt), prompts, body,
-                                        body.max_tokens or 16)
+        job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
+        found, usage, fp = await _beams(st, job, prompts, body, body.max_tokens or 16)
         return {**_head(rid, "text_completion", created, body.model, fp), "usage": usage,
                 "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
                             for i, (_, text, finish) in enumerate(found)]}
@@ -196,7 +196,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         return echoes[p_index], part
     rid, created = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(p) for p in prompts) * body.n
-    job = RequestJob(st, request, scope, adapter, body.cache_salt)
+    job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
     await job.start(prompts, params)
     if not body.stream:
         choices, outs_all = [], []
@@ -244,7 +244,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
     prompt = (await rendered_chat(st.prepare, tok, [ChatMessage(role="user", content=body.prompt)]) if body.chat
               else (await encoded(st.prepare, tok, [body.prompt]))[0])
     params = sampling_params(body, body.max_tokens or 128, default_temperature=0.0)
-    job = RequestJob(st, request, scope, adapter, body.cache_salt)
+    job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
     await job.start([prompt], [params])
     outs = (await job.collect())[0]
     c = outs[0].outputs[0]

@@ -120,6 +120,8 @@ class SamplingFields(_Body):
     safety_identifier: Id | None = None  # OpenAI's newer end-user id: the same
     prompt_cache_key: Id | None = None  # OpenAI's cache routing hint: one engine, whose prefix cache needs none
     request_id: Id | None = None  # vLLM's: the response's id is built from it (chatcmpl-<id>), as vLLM does
+    # vLLM's: the order among the caller's own requests (lower first); other tenants' shares are untouched.
+    priority: int = Field(default=0, ge=-(1 << 63), le=(1 << 63) - 1)
     # Logits processing (OpenAI's, then vLLM's extras) and log-probabilities (server/logprobs.py).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

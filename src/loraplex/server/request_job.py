@@ -16,6 +16,7 @@ from fastapi import Request
 
 from loraplex.engine.client import AdapterTarget, EngineClient, EngineStream
 from loraplex.engine.outputs import RequestOutput
+from loraplex.engine.request import Share
 from loraplex.sampling import SamplingParams
 from loraplex.server import auth
 from loraplex.server.auth import KeyScope
@@ -40,7 +41,7 @@ def fingerprint(firsts: Started, base_name: str) -> str:
 
 
 async def open_streams(engine: EngineClient, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget,
-                       tracker: Tracker, cache_salt: str | None = None) -> Started:
+                       tracker: Tracker, cache_salt: str | None = None, share: Share | None = None) -> Started:
     """Start one engine request per choice and wait for each one's first output, so that an invalid request
     (unknown adapter, prompt too long, adapter that fails to load) surfaces as an error status before any
     streaming begins. Every choice runs on the adapter version the first was admitted on, even if a promotion
@@ -49,7 +50,7 @@ async def open_streams(engine: EngineClient, prompt: list[int], params: list[Sam
     firsts: Started = []
     try:
         for p in params:
-            streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt))
+            streams.append(await engine.add(prompt, p, adapter, cache_salt=cache_salt, share=share))
             adapter = pinned_version(streams[0], adapter)
             tracker.admitted()  # the model resolved: a registered adapter, or the base model
         for s in streams:
@@ -137,6 +138,7 @@ class RequestJob:
     scope: KeyScope  # the caller's, checked once by the route
     adapter: AdapterTarget  # as resolved from the body's `model`, once
     cache_salt: str | None = None
+    priority: int = 0  # vLLM's, within the caller's tenant (engine/fair_share.py)
     started: list[tuple[Tracker, Started]] = field(default_factory=list)  # per prompt: its tracker, its choices
     places: int = 0
     # While streaming (`outputs`): each choice's tokens so far, keyed (prompt, choice), and the finished outputs.
@@ -167,7 +169,8 @@ class RequestJob:
         name = st.served_name if adapter is None else adapter.name  # a series per name, not version
         tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner)
         try:
-            return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt)
+            return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt,
+                                               self.scope.share(self.priority))
         except Exception as e:
             status = status_of(e)[0]
             if status == 404:
