@@ -15,6 +15,7 @@ from loraplex.engine.prepare import PreparePool
 from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.guard import GuardConfig, RequestGuard
+from loraplex.server.quotas import Quotas, RateLimitHeaders
 from loraplex.server.stats.prometheus import ServerMetrics
 from loraplex.server.state import ServerState
 
@@ -45,9 +46,12 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
         max_in_flight=engine.facts.max_num_seqs + max_queue,
         prepare=PreparePool(engine.facts.max_prepare_seconds, name="loraplex-render"),
         adapter_roots=None if adapter_roots is None else tuple(Path(r).expanduser().resolve() for r in adapter_roots),
+        # One tenant fills its own cap before the server's queue: the others keep being admitted.
+        quotas=Quotas(default_in_flight=engine.facts.max_num_seqs + max(max_queue // 2, 1)),
     )
     app.state.loraplex = state
     errors.install(app)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(RequestGuard, config=guard or GuardConfig(), auth=state.auth)
     if allowed_origins:  # outside the guard: a browser's preflight carries no key, and is answered here
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],

@@ -6,12 +6,16 @@ server from starting):
               "sk-ops":   {"adapters": ["*"], "admin": true},
               "sk-prom":  {"adapters": [], "base": false, "metrics": true},
               "sk-demo":  {"adapters": ["poetry"], "base": false, "cache_group": "demo"},
-              "sk-big":   {"adapters": ["sql"], "weight": 3}}}
+              "sk-big":   {"adapters": ["sql"], "weight": 3},
+              "sk-trial": {"adapters": ["sql"], "requests_per_minute": 60, "tokens_per_minute": 20000,
+                           "max_in_flight": 4}}}
 `base` (default true) allows the base model; `metrics` (default false) allows /metrics, which names every
 tenant (admin keys may read it too). `cache_group`: keys with the same group share prefix-cache entries; by
 default each key has its own, so no key learns from its cache hits (or their timing) what another key sent.
 Each key is a tenant of the engine's fair share (engine/fair_share.py) with its `weight` (default 1): while tenants
-are backlogged, their shares of the running batch are proportional to their weights.
+are backlogged, their shares of the running batch are proportional to their weights. Its caps (server/quotas.py):
+`max_in_flight` (default: the engine's batch plus half the queue), `requests_per_minute`, `tokens_per_minute`;
+over one is a 429 with OpenAI's headers.
 Without a keys file the server is open: one operator, loopback only unless --insecure-no-api-keys.
 """
 
@@ -27,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from loraplex.engine.request import Share
 from loraplex.errors import InvalidRequestError
 from loraplex.server.errors import APIError
+from loraplex.server.quotas import Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,7 @@ class KeyScope:
     cache_group: str | None = None  # prefix-cache namespace (None: shared with every None, the open server's)
     owner: str | None = None  # the key's own id (from its digest): its rows on /v1/stats; None on an open server
     weight: float = 1.0  # its share of the batch against other keys' (engine/fair_share.py)
+    limits: Limits = Limits()  # its caps at the door (server/quotas.py)
 
     def share(self, priority: int = 0) -> Share:
         """The key as the engine's tenant (on an open server none: the engine's default, the adapter's name)."""
@@ -60,6 +66,9 @@ class _KeySpec(BaseModel):
     metrics: StrictBool = False
     cache_group: StrictStr | None = Field(default=None, min_length=1, max_length=256)
     weight: StrictFloat | StrictInt = Field(default=1, gt=0, le=1000)
+    max_in_flight: StrictInt | None = Field(default=None, ge=1)
+    requests_per_minute: StrictInt | None = Field(default=None, ge=1)
+    tokens_per_minute: StrictInt | None = Field(default=None, ge=1)
 
 
 class _KeysFile(BaseModel):
@@ -78,13 +87,15 @@ def load_keys(path: Path) -> dict[str, KeyScope]:
         where = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
         raise InvalidRequestError(f"API keys file {path} is invalid: {where}; expected "
                                   '{"keys": {KEY: {"adapters": [...], "base": true, "admin": false, "metrics": '
-                                  'false, "cache_group": null, "weight": 1}}}') from e
+                                  'false, "cache_group": null, "weight": 1, "max_in_flight": null, '
+                                  '"requests_per_minute": null, "tokens_per_minute": null}}}') from e
     keys = {}
     for key, spec in data.keys.items():
         if not key.strip():
             raise InvalidRequestError(f"API keys file {path}: a key is empty")
         keys[key] = KeyScope(frozenset(spec.adapters), spec.base, spec.admin, spec.metrics, spec.cache_group,
-                             weight=float(spec.weight))
+                             weight=float(spec.weight),
+                             limits=Limits(spec.max_in_flight, spec.requests_per_minute, spec.tokens_per_minute))
     return keys
 
 

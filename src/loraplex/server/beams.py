@@ -76,8 +76,7 @@ async def run(job: RequestJob, prompts: list[list[int]], width: int, max_tokens:
     adapter: AdapterTarget = job.adapter
     key: AdapterTarget = None
     open_streams: list[EngineStream] = []
-    job.places = len(prompts) * width
-    st.admit(job.places)
+    job.enter(len(prompts) * width, sum(len(p) for p in prompts) * width + max_tokens * width * len(prompts))
     try:
         found = []
         for prompt in prompts:
@@ -111,4 +110,4 @@ async def run(job: RequestJob, prompts: list[list[int]], width: int, max_tokens:
     finally:
         for s in open_streams:
             s.abort()  # a no-op for a finished request
-        st.leave(job.places)
+        job.leave()

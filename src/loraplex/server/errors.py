@@ -33,9 +33,10 @@ class APIError(Exception):
     """An error the server raises itself: its status, OpenAI-style `code` and the request field at fault."""
 
     def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, type_: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+        self.type = type_ or error_type(status)  # OpenAI's 429s say which limit: "requests" or "tokens"
 
 
 def bad_request(message: str, param: str, code: str = "invalid_value") -> APIError:
@@ -43,9 +44,10 @@ def bad_request(message: str, param: str, code: str = "invalid_value") -> APIErr
     return APIError(400, message, code, param)
 
 
-def error_body(status: int, message: str, code: str | None, param: str | None = None) -> dict[str, object]:
+def error_body(status: int, message: str, code: str | None, param: str | None = None,
+               type_: str | None = None) -> dict[str, object]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+    return {"error": {"message": message, "type": type_ or error_type(status), "param": param, "code": code}}
 
 
 def status_of(e: BaseException) -> tuple[int, str]:
@@ -79,7 +81,8 @@ def to_response(e: BaseException) -> JSONResponse:
     headers = getattr(e, "headers", None)
     if isinstance(e, EngineUnavailableError):
         headers = {"Retry-After": "1"}
-    return JSONResponse(error_body(status, message, code, getattr(e, "param", None)), status, headers=headers)
+    return JSONResponse(error_body(status, message, code, getattr(e, "param", None), getattr(e, "type", None)), status,
+                        headers=headers)
 
 
 # pydantic's error types -> OpenAI's codes; any other is a value of the wrong type.

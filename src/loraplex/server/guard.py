@@ -129,7 +129,7 @@ def _too_large(cap: int) -> APIError:
 
 
 async def _respond(send: Send, e: APIError) -> None:
-    body = json.dumps(error_body(e.status, e.message, e.code, e.param)).encode()
+    body = json.dumps(error_body(e.status, e.message, e.code, e.param, e.type)).encode()
     await send({"type": "http.response.start", "status": e.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *((k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items())]})

@@ -323,7 +323,8 @@ class PinLoRARequest(_Body):
 
 class ErrorInfo(BaseModel):
     message: str
-    type: Literal["invalid_request_error", "server_error"]  # OpenAI's: a client's error, or the server's
+    # OpenAI's: a client's error, the server's, or which per-minute limit a 429 hit
+    type: Literal["invalid_request_error", "server_error", "requests", "tokens"]
     param: str | None = None  # the request field at fault
     code: str | None = None  # the cause, e.g. model_not_found, unknown_parameter (docs/serving.md lists them)
 

@@ -146,11 +146,34 @@ class RequestJob:
     finals: list[RequestOutput] = field(default_factory=list)
     _recorded: int = 0  # prompts whose outcome is recorded (in order)
 
+    @property
+    def tenant(self) -> str:
+        """Whose caps the request counts against: the key, else the adapter (the base model one tenant)."""
+        return self.scope.owner or f"adapter:{'' if self.adapter is None else self.adapter.name}"
+
+    def enter(self, places: int, tokens: int) -> None:
+        """Take `places`: the tenant's caps first (a 429 naming the one it is over), then the server's bounded
+        queue (503); the tenant's x-ratelimit headers go on the answer (server/app.py)."""
+        headers = self.st.quotas.admit(self.tenant, self.scope.limits, places, tokens)
+        try:
+            self.st.admit(places)
+        except BaseException:
+            self.st.quotas.release(self.tenant, places)
+            raise
+        self.places = places
+        self.request.state.ratelimit = headers
+
+    def leave(self) -> None:
+        self.st.leave(self.places)
+        self.st.quotas.release(self.tenant, self.places)
+
     async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        """Admit len(prompts) * len(params) places (503 when full), then open every stream; a refusal on any
-        (unknown adapter, prompt too long, load failure) aborts those opened, leaves the places and raises."""
-        self.places = len(prompts) * len(params)
-        self.st.admit(self.places)
+        """Admit len(prompts) * len(params) places (429 over the tenant's caps, 503 when the server is full), then
+        open every stream; a refusal on any (unknown adapter, prompt too long, load failure) aborts those opened,
+        leaves the places and raises. Tokens are counted as OpenAI counts them: each choice's prompt and
+        max_tokens."""
+        self.enter(len(prompts) * len(params),
+                   sum(len(p) for p in prompts) * len(params) + sum(p.max_tokens for p in params) * len(prompts))
         try:
             adapter = self.adapter
             salt = auth.cache_salt(self.scope, self.cache_salt)  # each key its own prefix-cache namespace
@@ -160,7 +183,7 @@ class RequestJob:
         except BaseException as e:
             self._record(_outcome(e))  # the prompts already started end with the request's refusal
             self._abort()
-            self.st.leave(self.places)
+            self.leave()
             raise
 
     async def _open(self, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget, salt: str | None
@@ -196,7 +219,7 @@ class RequestJob:
             raise
         finally:
             self._abort()  # after an error or a hang-up, the other prompts' requests stop too
-            self.st.leave(self.places)
+            self.leave()
 
     async def outputs(self) -> AsyncIterator[tuple[int, int, RequestOutput]]:
         """(prompt index, choice index, output) as they come, prompt after prompt (for `stream`); `generated` and
@@ -226,7 +249,7 @@ class RequestJob:
         finally:
             self._record("499")  # the client went away (nothing left when it did not)
             self._abort()
-            self.st.leave(self.places)
+            self.leave()
 
     def _record(self, status: str) -> None:
         for tracker, _ in self.started[self._recorded:]:

@@ -10,6 +10,7 @@ from loraplex.engine.client import AdapterSpec, EngineClient
 from loraplex.engine.prepare import PreparePool
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.errors import APIError
+from loraplex.server.quotas import Quotas
 from loraplex.server.stats.prometheus import ServerMetrics
 
 
@@ -28,6 +29,8 @@ class ServerState:
     # Where runtime loads may read adapters from (--adapter-dir, --allowed-adapter-roots); None: anywhere (the
     # library's default; `serve` and `cluster` always confine).
     adapter_roots: tuple[Path, ...] | None = None
+    # Each tenant's caps at the door (server/quotas.py); its in-flight cap by default below max_in_flight.
+    quotas: Quotas = field(default_factory=lambda: Quotas(default_in_flight=1 << 30))
 
     def check_adapter_path(self, path: str) -> None:
         """403 unless `path`, symlinks resolved, lies under one of the adapter roots."""

@@ -1,0 +1,138 @@
+"""Per-tenant caps at the door (issue 29): requests in flight, requests per minute and tokens per minute (prompt
+plus completion, as OpenAI counts them: the prompt's tokens and `max_tokens` for each choice, charged when the
+request is admitted). Over a cap is a 429 in OpenAI's shape (`type` "requests" or "tokens", code
+"rate_limit_exceeded") with `Retry-After`; every answer to a tenant with a per-minute limit carries OpenAI's
+`x-ratelimit-limit-*`, `-remaining-*` and `-reset-*` headers (server/app.py adds them).
+
+A tenant is the API key (the adapter's name without keys). Each tenant's in-flight cap defaults to the engine's
+batch plus half the server's queue, so one tenant fills its own cap before the server's `--max-queue` and the others
+keep being admitted. The per-minute limits are token buckets: full at the limit, refilled at limit / 60 a second.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from loraplex.server.errors import APIError
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_in_flight: int | None = None  # requests (choices and prompts each count) at once; None: the default cap
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
+@dataclass(slots=True)
+class Bucket:
+    limit: int
+    level: float
+    at: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(float(self.limit), self.level + (now - self.at) * self.limit / 60.0)
+        self.at = now
+
+    def wait(self, n: int) -> float:
+        """Seconds until `n` are there (a request over the whole limit waits for a full bucket)."""
+        return max(0.0, min(n, self.limit) - self.level) * 60.0 / self.limit
+
+    def headers(self, kind: str) -> dict[str, str]:
+        return {f"x-ratelimit-limit-{kind}": str(self.limit),
+                f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(self.level))),
+                f"x-ratelimit-reset-{kind}": duration(self.wait(self.limit))}
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's form of a reset time: 20ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+@dataclass(slots=True)
+class Books:
+    in_flight: int = 0
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
+
+
+@dataclass(slots=True)
+class Quotas:
+    default_in_flight: int  # a tenant's in-flight cap unless its limits set one
+    clock: Callable[[], float] = time.monotonic
+    books: dict[str, Books] = field(default_factory=dict)
+
+    def _books(self, tenant: str, limits: Limits, now: float) -> Books:
+        b = self.books.setdefault(tenant, Books())
+        for name, limit in (("requests", limits.requests_per_minute), ("tokens", limits.tokens_per_minute)):
+            bucket: Bucket | None = getattr(b, name)
+            if limit is None:
+                setattr(b, name, None)
+            elif bucket is None or bucket.limit != limit:  # new, or the keys file changed it: start full
+                setattr(b, name, Bucket(limit, float(limit), now))
+            else:
+                bucket.refill(now)
+        return b
+
+    def admit(self, tenant: str, limits: Limits, places: int, tokens: int) -> dict[str, str]:
+        """Take `places` in flight, one request and `tokens` from the tenant's books, or raise the 429 naming the
+        cap. Returns the x-ratelimit headers for the answer."""
+        now = self.clock()
+        b = self._books(tenant, limits, now)
+        cap = limits.max_in_flight or self.default_in_flight
+        headers = {**(b.requests.headers("requests") if b.requests else {}),
+                   **(b.tokens.headers("tokens") if b.tokens else {})}
+        if b.in_flight + places > cap:
+            raise APIError(429, f"too many requests in flight for this key: {b.in_flight} running or queued, limit "
+                           f"{cap}; retry when one finishes", "rate_limit_exceeded",
+                           headers={**headers, "Retry-After": "1"}, type_="requests")
+        for kind, bucket, n in (("requests", b.requests, 1), ("tokens", b.tokens, tokens)):
+            if bucket is not None and bucket.level < min(n, bucket.limit):
+                wait = bucket.wait(n)
+                raise APIError(429, f"rate limit reached on {kind} per minute: limit {bucket.limit}, remaining "
+                               f"{math.floor(bucket.level)}, requested {n}; retry in {duration(wait)}",
+                               "rate_limit_exceeded", headers={**headers, "Retry-After": str(max(1, math.ceil(wait)))},
+                               type_=kind)
+        for bucket, n in ((b.requests, 1), (b.tokens, tokens)):
+            if bucket is not None:
+                bucket.level -= n  # may go below 0 for a request over the whole limit: it waits for a full bucket
+        b.in_flight += places
+        return {**(b.requests.headers("requests") if b.requests else {}),
+                **(b.tokens.headers("tokens") if b.tokens else {})}
+
+    def release(self, tenant: str, places: int) -> None:
+        b = self.books.get(tenant)
+        if b is None:
+            return
+        b.in_flight -= places
+        if b.in_flight <= 0 and b.requests is None and b.tokens is None:
+            del self.books[tenant]  # nothing to remember: the books stay as small as the tenants in flight
+
+
+class RateLimitHeaders:
+    """ASGI middleware: a request's x-ratelimit headers (set on `request.state.ratelimit` at admission) on its
+    answer, streamed or not."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def sending(message: Message) -> None:
+            extra = scope.get("state", {}).get("ratelimit") if message["type"] == "http.response.start" else None
+            if extra:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *((k.encode(), v.encode()) for k, v in extra.items())]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
