@@ -132,13 +132,20 @@ def cache_salt(scope: KeyScope, requested: str | None) -> str | None:
 
 class Authenticator:
     def __init__(self, keys: dict[str, KeyScope] | None) -> None:
+        self.keys: dict[str, KeyScope] | None = None
+        self._by_digest: dict[bytes, KeyScope] = {}
+        if keys is not None:
+            self.replace_keys(keys)
+
+    def replace_keys(self, keys: dict[str, KeyScope]) -> None:
+        """The keys from now on (a reloaded keys file): requests already admitted keep the scope they had. A key's
+        id, and so its prefix-cache namespace, stats rows and caps' books (server/quotas.py), stay its own."""
         # Each key gets its own id; a key without a cache_group gets its own namespace.
-        self.keys = None if keys is None else {
-            k: replace(s, owner=key_id(k), cache_group=key_id(k) if s.cache_group is None else s.cache_group)
-            for k, s in keys.items()}
+        scopes = {k: replace(s, owner=key_id(k), cache_group=key_id(k) if s.cache_group is None else s.cache_group)
+                  for k, s in keys.items()}
         # Looked up by digest: one dict probe per request, whatever the number of keys, and no comparison of the
-        # secret itself whose timing depends on how much of it matched.
-        self._by_digest = {} if self.keys is None else {_digest(k): s for k, s in self.keys.items()}
+        # secret itself whose timing depends on how much of it matched. Both maps swapped whole, never edited.
+        self.keys, self._by_digest = scopes, {_digest(k): s for k, s in scopes.items()}
 
     def scope(self, request: Request) -> KeyScope:
         """The caller's scope; 401 without a valid bearer key when keys are configured."""

@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from loraplex.config import EngineConfig, ServerConfig
+from loraplex.errors import LoraplexError
 from loraplex.server.guard import GuardConfig, allowed_hosts
 from loraplex.server.header_deadline import with_header_timeout
 
@@ -34,6 +35,23 @@ class DrainingServer(uvicorn.Server):
         if sig == signal.SIGTERM:
             # uvicorn re-raises captured signals once it has stopped; a drained SIGTERM is a planned, clean stop: exit 0.
             self._captured_signals.remove(sig)
+
+
+def reload_keys_on_sighup(app: Any, server: ServerConfig) -> None:
+    """SIGHUP reads the keys file again (keys, scopes, weights and caps); a file that cannot be read or is invalid
+    is logged and the keys in use stay. A key's books (requests in flight, per-minute buckets) carry over."""
+    from loraplex.server.auth import server_keys
+
+    def reload(sig: int, frame: Any) -> None:
+        try:
+            keys = server_keys(server.api_keys, server.admin_keys)
+        except LoraplexError as e:
+            log.error("SIGHUP: the keys file was not reloaded, the keys in use stay: %s", e)
+            return
+        app.state.loraplex.auth.replace_keys(keys or {})
+        log.info("SIGHUP: %d API keys reloaded from %s", len(keys or {}), server.api_keys)
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 def guard_config(server: ServerConfig) -> GuardConfig:
@@ -91,6 +109,8 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
     app = build_app(engine, server.served_model_name, keys, server.max_queue,
                     max_metric_labels=server.max_metric_labels, guard=guard_config(server),
                     adapter_roots=adapter_roots(engine_config, server), allowed_origins=server.allowed_origins)
+    if server.api_keys is not None:
+        reload_keys_on_sighup(app, server)
     log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)
     uvicorn_server = DrainingServer(uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                                                    root_path=server.root_path,
