@@ -186,5 +186,6 @@ def test_a_message_name_reaches_the_template(default_model_dir: Path) -> None:
     """OpenAI's message `name` is passed to the chat template, which may render it."""
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     tok.chat_template = "{% for m in messages %}[{{ m.name or '-' }}] {{ m.content }}\n{% endfor %}"
-    named = render_chat(tok, [ChatMessage(role="user", content="Hi", name="ann"), ChatMessage(role="user", content="Yo")])
+    named = render_chat(tok, [ChatMessage(role="user", content="Hi", name="ann"),
+                              ChatMessage(role="user", content="Yo")])
     assert tok.decode(named) == "[ann] Hi\n[-] Yo\n"

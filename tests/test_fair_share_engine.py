@@ -17,7 +17,8 @@ QUIET = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(adapter_factory: Callable[..., Path]) -> LLM:
-    mods = {n: str(adapter_factory(f"fair_{n}", r=4, targets=ATTN, seed=90 + i)) for i, n in enumerate(("flood", "quiet"))}
+    mods = {n: str(adapter_factory(f"fair_{n}", r=4, targets=ATTN, seed=90 + i))
+            for i, n in enumerate(("flood", "quiet"))}
     return LLM(dtype="float32", lora_modules=mods, max_num_seqs=3, max_model_len=256, kv_cache_memory=32 << 20)
 
 

@@ -4,6 +4,7 @@ weight; without keys, the adapter (the base model one tenant); vLLM's priority o
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from conftest import ATTN
 from loraplex import EngineConfig
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.server.app import build_app
+from loraplex.cli import _server_configs, main, parse
 from loraplex.server.auth import key_id, load_keys
+from loraplex.server.quotas import Limits
 from server_util import running
 
 BASE = "SmolLM2-135M-Instruct"
@@ -55,3 +58,34 @@ def test_without_keys_the_adapter_is_the_tenant(engine: AsyncLLMEngine) -> None:
     with running(build_app(engine)) as url:
         assert in_engine(url, None, "a", engine) == (("adapter", "a"), 1.0, 0)
         assert in_engine(url, None, BASE, engine)[0] == ("adapter", None)
+
+
+def test_without_keys_the_flags_set_each_adapters_weight_and_caps(engine: AsyncLLMEngine) -> None:
+    app = build_app(engine, tenant_weights={"a": 3.0}, open_limits=Limits(requests_per_minute=1))
+    with running(app) as url:
+        assert in_engine(url, None, "a", engine) == (("adapter", "a"), 3.0, 0)
+        body = {"model": BASE, "prompt": "Hi", "max_tokens": 1}
+        first = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "1"
+        over = httpx.post(url + "/v1/completions", json=body, timeout=60)  # the base model's second this minute
+        assert over.status_code == 429 and over.json()["error"]["type"] == "requests", over.text
+        assert "requests per minute: limit 1" in over.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--tenant-weight", "a"], "expected NAME=WEIGHT"),
+    (["--tenant-weight", "a=0"], r"a weight is in \(0, 1000\]"),
+    (["--tenant-requests-per-minute", "0"], "a cap is at least 1"),
+    (["--api-key", "sk-x", "--tenant-weight", "a=2"], "set its weight and caps in the keys file"),
+])
+def test_tenant_flags_refused_naming_why(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["serve", *argv, "--port", "1"])
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_tenant_flags_configure_a_keyless_server() -> None:
+    _, server = _server_configs(parse(["serve", "--tenant-weight", "legal=3", "SmolLM2-135M-Instruct=0.5",
+                                       "--tenant-max-in-flight", "8", "--tenant-tokens-per-minute", "9000"]))
+    assert server.tenant_weights == (("legal", 3.0), ("SmolLM2-135M-Instruct", 0.5))
+    assert (server.tenant_max_in_flight, server.tenant_tokens_per_minute) == (8, 9000)

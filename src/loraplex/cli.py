@@ -163,6 +163,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="CORS: web origins (https://host[:port]) whose pages may call the API; default: none, CORS off;"
                         " '*' needs API keys")
     p.add_argument("--version", action="version", version=f"loraplex {loraplex.__version__}")
+    p.add_argument("--tenant-weight", nargs="+", default=[], type=_tenant_weight, metavar="NAME=WEIGHT",
+                   help="without API keys, each adapter (and the base model, by its served name) is a tenant: its "
+                        "weight in the fair share of the batch (default 1)")
+    p.add_argument("--tenant-max-in-flight", type=int, default=None, metavar="N",
+                   help="without API keys: requests each tenant may have in flight (default: --max-num-seqs plus "
+                        "half of --max-queue); more is a 429")
+    p.add_argument("--tenant-requests-per-minute", type=int, default=None, metavar="N",
+                   help="without API keys: each tenant's requests per minute; more is a 429 (default: no limit)")
+    p.add_argument("--tenant-tokens-per-minute", type=int, default=None, metavar="N",
+                   help="without API keys: each tenant's prompt + max_tokens per minute; more is a 429 (default: "
+                        "no limit)")
     p.add_argument("--insecure-no-api-keys", action="store_true",
                    help="allow a server without --api-keys on a non-loopback --host (anyone reaching it is admin)")
     p.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
@@ -190,6 +201,17 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-adapters", action="store_true", help="also register the demo tenants' adapters")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for the model (default: every core; OpenMP threads sleep between steps)")
+
+
+def _tenant_weight(text: str) -> tuple[str, float]:
+    """--tenant-weight's NAME=WEIGHT (its range is ServerConfig's check)."""
+    name, _, weight = text.partition("=")
+    try:
+        if name:
+            return name, float(weight)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT (an adapter, or the base model's served name), got {text!r}")
 
 
 def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
@@ -220,7 +242,10 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
                           allowed_hosts=tuple(args.allowed_hosts),
                           allowed_adapter_roots=tuple(args.allowed_adapter_roots),
                           max_body_size=args.max_body_size, body_timeout=args.body_timeout,
-                          header_timeout=args.header_timeout, limit_concurrency=args.limit_concurrency)
+                          header_timeout=args.header_timeout, limit_concurrency=args.limit_concurrency,
+                          tenant_weights=tuple(args.tenant_weight), tenant_max_in_flight=args.tenant_max_in_flight,
+                          tenant_requests_per_minute=args.tenant_requests_per_minute,
+                          tenant_tokens_per_minute=args.tenant_tokens_per_minute)
     return engine_config, server
 
 

@@ -110,6 +110,12 @@ class ServerConfig:
     log_level: str = "info"  # loraplex's and uvicorn's
     root_path: str = ""  # the path prefix a proxy serves this under and strips before forwarding (ASGI root_path)
     allowed_origins: tuple[str, ...] = ()  # CORS: web origins whose pages may call the API; none by default
+    # A keyless server's tenants are its adapters (the base model one): their weights and each one's caps. With
+    # keys, the keys file sets them per key.
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    tenant_max_in_flight: int | None = None
+    tenant_requests_per_minute: int | None = None
+    tenant_tokens_per_minute: int | None = None
 
     @property
     def keyed(self) -> bool:
@@ -123,6 +129,19 @@ class ServerConfig:
                 f"refusing to serve {self.host} without --api-keys: every client that reaches it could load adapters "
                 "from the server's disk and read every tenant's traffic. Give --api-keys FILE (or --api-key KEY), "
                 "bind a loopback address (--host 127.0.0.1), or pass --insecure-no-api-keys to allow it anyway")
+        tenant_flags = self.tenant_weights or any(v is not None for v in (
+            self.tenant_max_in_flight, self.tenant_requests_per_minute, self.tenant_tokens_per_minute))
+        if tenant_flags and self.keyed:
+            raise InvalidRequestError("--tenant-* flags set a keyless server's tenants (its adapters); with API keys "
+                                      "each key is a tenant: set its weight and caps in the keys file")
+        for name, weight in self.tenant_weights:
+            if not 0 < weight <= 1000:
+                raise InvalidRequestError(f"--tenant-weight {name}={weight:g}: a weight is in (0, 1000]")
+        for flag, cap in (("--tenant-max-in-flight", self.tenant_max_in_flight),
+                          ("--tenant-requests-per-minute", self.tenant_requests_per_minute),
+                          ("--tenant-tokens-per-minute", self.tenant_tokens_per_minute)):
+            if cap is not None and cap < 1:
+                raise InvalidRequestError(f"{flag} {cap}: a cap is at least 1")
         if self.any_adapter_path and open_off_loopback:
             raise InvalidRequestError(
                 f"refusing VLLM_ALLOW_RUNTIME_LORA_UPDATING on {self.host} without API keys: anyone who reaches the "

@@ -25,7 +25,7 @@ from loraplex.config import EngineConfig, ServerConfig
 from loraplex.errors import InvalidRequestError
 from loraplex.server.app import build_app
 from loraplex.server.auth import KeyScope
-from loraplex.server.serve import adapter_roots, guard_config
+from loraplex.server.serve import adapter_roots, guard_config, tenant_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Ingress:
         app = build_app(self.engine, self.server.served_model_name, self.keys, self.server.max_queue,
                         shutdown_engine=False, max_metric_labels=self.server.max_metric_labels,
                         guard=guard_config(self.server), adapter_roots=self.roots,
-                        allowed_origins=self.server.allowed_origins)
+                        allowed_origins=self.server.allowed_origins, **tenant_settings(self.server))
         app.state.loraplex.metrics.registry.register(ClusterCollector(self.engine))
         return app
 

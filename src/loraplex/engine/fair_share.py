@@ -5,12 +5,12 @@ A tenant is whatever `Request.tenant` names (the engine sets the API key's tenan
 one tenant of its own), with `Request.weight`. While several tenants are backlogged, every running request decodes
 one token a step, so a tenant's share of decode tokens is its share of the running batch: a free place goes to the
 waiting tenant with the fewest running requests per unit of weight (a tenant with none running comes first), and
-ties go to the one with the least service, the tokens scheduled for it per unit of weight (loads are compared with
-the place taken, so a weight that does not divide the batch alternates its tenant's places around its share). Service is counted from
-the virtual time a tenant becomes active (the least service among active tenants), so an idle tenant banks no
-credit, and a tenant with nothing left is forgotten (the books stay as small as the set of active tenants).
-Preemption takes the newest lowest-priority request of the tenant furthest over its share. Within a tenant the order
-is vLLM's `priority` (lower first), then arrival, as without tenants.
+ties go to the one with the least service, the tokens scheduled for it per unit of weight. Loads are compared with
+the place taken, so a weight that does not divide the batch alternates its tenant's places around its share.
+Service is counted from the virtual time a tenant becomes active (the least service among active tenants), so an
+idle tenant banks no credit, and a tenant with nothing left is forgotten (the books stay as small as the set of
+active tenants). Preemption takes the newest lowest-priority request of the tenant furthest over its share. Within
+a tenant the order is vLLM's `priority` (lower first), then arrival, as without tenants.
 """
 
 from __future__ import annotations

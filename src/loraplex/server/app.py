@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from loraplex.engine.prepare import PreparePool
 from loraplex.server import admin_routes, dashboard_routes, errors, openai_routes
 from loraplex.server.auth import Authenticator, KeyScope
 from loraplex.server.guard import GuardConfig, RequestGuard
-from loraplex.server.quotas import Quotas, RateLimitHeaders
+from loraplex.server.quotas import Limits, Quotas, RateLimitHeaders
 from loraplex.server.stats.prometheus import ServerMetrics
 from loraplex.server.state import ServerState
 
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[str, KeyScope] | None = None,
               max_queue: int = 256, shutdown_engine: bool = True, max_metric_labels: int = 256,
               guard: GuardConfig | None = None, adapter_roots: Sequence[Path] | None = None,
-              allowed_origins: Sequence[str] = ()) -> FastAPI:
+              allowed_origins: Sequence[str] = (), tenant_weights: Mapping[str, float] | None = None,
+              open_limits: Limits = Limits()) -> FastAPI:
     """The app; `guard`: Host names, body cap and timeout checked before any route (server/guard.py);
-    `adapter_roots`: where runtime loads may read from (None: anywhere); `allowed_origins`: CORS (none: off)."""
+    `adapter_roots`: where runtime loads may read from (None: anywhere); `allowed_origins`: CORS (none: off);
+    `tenant_weights` and `open_limits`: a keyless server's tenants (its adapters), their weights and each one's caps."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -40,7 +42,8 @@ def build_app(engine: EngineClient, served_name: str | None = None, keys: dict[s
                   description="OpenAI-compatible multi-tenant LoRA server")
     state = ServerState(
         engine=engine,
-        auth=Authenticator(keys),
+        auth=Authenticator(keys, open_limits),
+        tenant_weights=dict(tenant_weights or {}),
         metrics=ServerMetrics(engine.facts.memory, engine.facts.dtype, engine.facts.device, max_metric_labels),
         served_name=served_name or engine.facts.model_name,
         max_in_flight=engine.facts.max_num_seqs + max_queue,

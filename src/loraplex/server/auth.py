@@ -131,7 +131,9 @@ def cache_salt(scope: KeyScope, requested: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, keys: dict[str, KeyScope] | None) -> None:
+    def __init__(self, keys: dict[str, KeyScope] | None, open_limits: Limits = Limits()) -> None:
+        """`open_limits`: each tenant's caps on a server without keys (its tenants are the adapters)."""
+        self.open = replace(OPEN, limits=open_limits)
         self.keys: dict[str, KeyScope] | None = None
         self._by_digest: dict[bytes, KeyScope] = {}
         if keys is not None:
@@ -154,7 +156,7 @@ class Authenticator:
     def scope_of(self, header: str) -> KeyScope:
         """The scope an Authorization header grants (OPEN without keys); 401 for a missing or unknown key."""
         if self.keys is None:
-            return OPEN
+            return self.open
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")

@@ -90,7 +90,7 @@ async def run(job: RequestJob, prompts: list[list[int]], width: int, max_tokens:
                 streams = []
                 for tokens in beams:
                     streams.append(await st.engine.add(tokens, params, adapter, cache_salt=salt,
-                                                       share=job.scope.share(job.priority)))
+                                                       share=job.share))
                     open_streams.append(streams[-1])
                     adapter, key = pinned_version(streams[0], adapter), streams[0].adapter
                     tracker.admitted()

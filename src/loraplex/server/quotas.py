@@ -91,8 +91,9 @@ class Quotas:
         headers = {**(b.requests.headers("requests") if b.requests else {}),
                    **(b.tokens.headers("tokens") if b.tokens else {})}
         if b.in_flight + places > cap:
-            raise APIError(429, f"too many requests in flight for this key: {b.in_flight} running or queued, limit "
-                           f"{cap}; retry when one finishes", "rate_limit_exceeded",
+            raise APIError(429, f"too many requests in flight for this tenant (its key; without keys, its adapter): "
+                           f"{b.in_flight} running or queued, limit {cap}; retry when one finishes",
+                           "rate_limit_exceeded",
                            headers={**headers, "Retry-After": "1"}, type_="requests")
         for kind, bucket, n in (("requests", b.requests, 1), ("tokens", b.tokens, tokens)):
             if bucket is not None and bucket.level < min(n, bucket.limit):

@@ -151,6 +151,15 @@ class RequestJob:
         """Whose caps the request counts against: the key, else the adapter (the base model one tenant)."""
         return self.scope.owner or f"adapter:{'' if self.adapter is None else self.adapter.name}"
 
+    @property
+    def share(self) -> Share:
+        """The engine's tenant, weight and priority: the key's; without keys, the adapter's weight (the engine
+        takes the adapter as the tenant)."""
+        if self.scope.owner is not None:
+            return self.scope.share(self.priority)
+        name = self.st.served_name if self.adapter is None else self.adapter.name
+        return Share(None, self.st.tenant_weights.get(name, 1.0), self.priority)
+
     def enter(self, places: int, tokens: int) -> None:
         """Take `places`: the tenant's caps first (a 429 naming the one it is over), then the server's bounded
         queue (503); the tenant's x-ratelimit headers go on the answer (server/app.py)."""
@@ -192,8 +201,7 @@ class RequestJob:
         name = st.served_name if adapter is None else adapter.name  # a series per name, not version
         tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner)
         try:
-            return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt,
-                                               self.scope.share(self.priority))
+            return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt, self.share)
         except Exception as e:
             status = status_of(e)[0]
             if status == 404:

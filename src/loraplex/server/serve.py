@@ -54,6 +54,15 @@ def reload_keys_on_sighup(app: Any, server: ServerConfig) -> None:
     signal.signal(signal.SIGHUP, reload)
 
 
+def tenant_settings(server: ServerConfig) -> dict[str, Any]:
+    """build_app's keyless tenant settings from the --tenant-* flags (with keys, the keys file sets them)."""
+    from loraplex.server.quotas import Limits
+
+    return {"tenant_weights": dict(server.tenant_weights),
+            "open_limits": Limits(server.tenant_max_in_flight, server.tenant_requests_per_minute,
+                                  server.tenant_tokens_per_minute)}
+
+
 def guard_config(server: ServerConfig) -> GuardConfig:
     """What the server checks before any route: Host names (server/guard.py), body size and time."""
     return GuardConfig(allowed_hosts(server.host, server.allowed_hosts), server.max_body_size, server.body_timeout)
@@ -108,7 +117,8 @@ def serve(engine_config: EngineConfig, server: ServerConfig) -> None:
     engine = AsyncLLMEngine(engine_config)
     app = build_app(engine, server.served_model_name, keys, server.max_queue,
                     max_metric_labels=server.max_metric_labels, guard=guard_config(server),
-                    adapter_roots=adapter_roots(engine_config, server), allowed_origins=server.allowed_origins)
+                    adapter_roots=adapter_roots(engine_config, server), allowed_origins=server.allowed_origins,
+                    **tenant_settings(server))
     if server.api_keys is not None:
         reload_keys_on_sighup(app, server)
     log.info("serving %s on http://%s:%d", app.state.loraplex.served_name, server.host, server.port)

@@ -31,6 +31,8 @@ class ServerState:
     adapter_roots: tuple[Path, ...] | None = None
     # Each tenant's caps at the door (server/quotas.py); its in-flight cap by default below max_in_flight.
     quotas: Quotas = field(default_factory=lambda: Quotas(default_in_flight=1 << 30))
+    # Without keys, each adapter's (or the base model's served name's) weight in the fair share; default 1.
+    tenant_weights: dict[str, float] = field(default_factory=dict)
 
     def check_adapter_path(self, path: str) -> None:
         """403 unless `path`, symlinks resolved, lies under one of the adapter roots."""
