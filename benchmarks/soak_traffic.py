@@ -31,7 +31,7 @@ class Record:
     phase: str  # "calm" or "chaos"
     end: float = 0.0
     status: int | None = None  # HTTP status; None: no response (transport error or hang)
-    outcome: str = ""  # completed | client-aborted | 4xx | 503 | 5xx | stream-error | hang | transport-error
+    outcome: str = ""  # completed | client-aborted | 4xx | 429 | 503 | 5xx | stream-error | hang | transport-error
     text: str = ""
     served: str | None = None  # system_fingerprint: the adapter version that answered ("a3@2") or the base name
     first: float | None = None  # first content chunk (streaming)
@@ -45,6 +45,7 @@ class Keys:
     admin: str
     tenant: str  # may use only `tenant_adapter`
     tenant_adapter: str
+    flood: str  # the bursts' own key: a tenant flooding the server, which earns its own 429s
 
 
 @dataclass(slots=True)
@@ -132,8 +133,8 @@ async def _read_stream(r: httpx.Response, rec: Record, hang_up: bool) -> None:
 def _outcome(rec: Record) -> str:
     if rec.status == 200:
         return "completed"
-    if rec.status == 503:
-        return "503"
+    if rec.status in (429, 503):
+        return str(rec.status)
     if rec.status is not None and 400 <= rec.status < 500:
         return "4xx"
     return "5xx"
@@ -233,12 +234,13 @@ class Traffic:
         await asyncio.gather(*(self.bad_one(client, kind) for kind in BAD_KINDS))
 
     async def burst(self, client: httpx.AsyncClient, size: int) -> None:
-        """`size` short requests at once, more than the server admits: the excess must get 503s at once."""
+        """`size` short requests at once from the flooding key, more than its cap (and the server's queue) admits: the
+        excess must get 429s at once, and no other key a 429."""
         async def one(j: int) -> None:
             rec = Record("burst", None, "completions", j % 2, False, time.perf_counter(), self.phase)
             self.records.append(rec)
             path, body = good_body(rec, self.base_name)
-            await send(client, self.url, rec, path, body, self.keys.admin)
+            await send(client, self.url, rec, path, body, self.keys.flood)
         start = time.perf_counter()
         await asyncio.gather(*(one(j) for j in range(size)))
         self.bursts.append((start, time.perf_counter()))

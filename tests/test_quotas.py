@@ -97,7 +97,8 @@ def url(adapter_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathF
         "sk-rpm": {"adapters": ["a"], "requests_per_minute": 2},
         "sk-tpm": {"adapters": ["a"], "tokens_per_minute": 300},
         "sk-two": {"adapters": ["a"], "max_in_flight": 2},
-        "sk-flood": {"adapters": ["a"]}, "sk-calm": {"adapters": ["a"]}}}))
+        "sk-flood": {"adapters": ["a"]}, "sk-calm": {"adapters": ["a"]},
+        "sk-admin": {"adapters": ["*"], "admin": True}}}))
     engine = AsyncLLMEngine(EngineConfig(dtype="float32", max_model_len=4096, max_num_seqs=2,
                                          lora_modules=(("a", str(adapter)),)))
     # The server's bounded queue: 2 running + 4 queued; one tenant's default cap: 2 + 4 // 2 = 4.
@@ -126,6 +127,8 @@ def test_a_429_in_openais_shape_with_its_headers(url: str) -> None:
     assert int(e.value.response.headers["Retry-After"]) >= 1
     assert e.value.response.headers["x-ratelimit-limit-requests"] == "2"
     assert ask(url, "sk-calm").http_response.status_code == 200  # another key is untouched
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": "Bearer sk-admin"}).text
+    assert f'loraplex_tenant_throttled_total{{limit="requests",tenant="{key_id("sk-rpm")}"}} 1.0' in metrics
 
 
 def test_token_headers_and_streams_carry_them(url: str) -> None:

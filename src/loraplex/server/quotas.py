@@ -57,6 +57,14 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
+class QuotaExceeded(APIError):
+    """A 429 at a tenant's cap; `limit`: which one ("in_flight", "requests" or "tokens"), for /metrics."""
+
+    def __init__(self, limit: str, message: str, headers: dict[str, str], type_: str) -> None:
+        super().__init__(429, message, "rate_limit_exceeded", headers=headers, type_=type_)
+        self.limit = limit
+
+
 @dataclass(slots=True)
 class Books:
     in_flight: int = 0
@@ -91,17 +99,15 @@ class Quotas:
         headers = {**(b.requests.headers("requests") if b.requests else {}),
                    **(b.tokens.headers("tokens") if b.tokens else {})}
         if b.in_flight + places > cap:
-            raise APIError(429, f"too many requests in flight for this tenant (its key; without keys, its adapter): "
-                           f"{b.in_flight} running or queued, limit {cap}; retry when one finishes",
-                           "rate_limit_exceeded",
-                           headers={**headers, "Retry-After": "1"}, type_="requests")
+            raise QuotaExceeded("in_flight", f"too many requests in flight for this tenant (its key; without keys, its "
+                                f"adapter): {b.in_flight} running or queued, limit {cap}; retry when one finishes",
+                                {**headers, "Retry-After": "1"}, "requests")
         for kind, bucket, n in (("requests", b.requests, 1), ("tokens", b.tokens, tokens)):
             if bucket is not None and bucket.level < min(n, bucket.limit):
                 wait = bucket.wait(n)
-                raise APIError(429, f"rate limit reached on {kind} per minute: limit {bucket.limit}, remaining "
-                               f"{math.floor(bucket.level)}, requested {n}; retry in {duration(wait)}",
-                               "rate_limit_exceeded", headers={**headers, "Retry-After": str(max(1, math.ceil(wait)))},
-                               type_=kind)
+                raise QuotaExceeded(kind, f"rate limit reached on {kind} per minute: limit {bucket.limit}, remaining "
+                                    f"{math.floor(bucket.level)}, requested {n}; retry in {duration(wait)}",
+                                    {**headers, "Retry-After": str(max(1, math.ceil(wait)))}, kind)
         for bucket, n in ((b.requests, 1), (b.tokens, tokens)):
             if bucket is not None:
                 bucket.level -= n  # may go below 0 for a request over the whole limit: it waits for a full bucket

@@ -21,6 +21,7 @@ from loraplex.sampling import SamplingParams
 from loraplex.server import auth
 from loraplex.server.auth import KeyScope
 from loraplex.server.errors import APIError, error_body, public_message, status_of
+from loraplex.server.quotas import QuotaExceeded
 from loraplex.server.state import ServerState
 from loraplex.server.stats.tracker import Tracker
 
@@ -163,7 +164,11 @@ class RequestJob:
     def enter(self, places: int, tokens: int) -> None:
         """Take `places`: the tenant's caps first (a 429 naming the one it is over), then the server's bounded
         queue (503); the tenant's x-ratelimit headers go on the answer (server/app.py)."""
-        headers = self.st.quotas.admit(self.tenant, self.scope.limits, places, tokens)
+        try:
+            headers = self.st.quotas.admit(self.tenant, self.scope.limits, places, tokens)
+        except QuotaExceeded as e:
+            self.st.metrics.throttled.labels(self.st.metrics.tenant_label(self.tenant), e.limit).inc()
+            raise
         try:
             self.st.admit(places)
         except BaseException:

@@ -71,6 +71,10 @@ class ServerMetrics:
                               ["model"], buckets=_PER_TOKEN, registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.tenant_label = LabelGate(max_labels)  # tenants: key ids (never the key), or adapters without keys
+        self.throttled = Counter("loraplex_tenant_throttled", "Requests refused with a 429 at a tenant's cap, by "
+                                 "tenant and the limit hit (in_flight, requests, tokens)", ["tenant", "limit"],
+                                 registry=r)
         self.tenants = TenantStats()  # the dashboard's per-tenant windows (bounded)
         self.snapshot: EngineSnapshot | None = None
         r.register(_EngineCollector(self))
