@@ -1,6 +1,6 @@
 """The engine's model, built in one pipeline: resolve the dtype -> load the weights -> quantize -> move to
-the device -> prepack (CPU only: a packed weight cannot move) -> plan the memory -> attach the LoRA wrappers. Each step is its package's own function;
-this is the one place that says in which order they run.
+the device -> prepack (CPU only: a packed weight cannot move) -> plan the memory -> attach the LoRA wrappers.
+Each step is its package's own function; this is the one place that says in which order they run.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class FairShare:
         """A tenant with no request left: it rejoins at the virtual time."""
         self.service.pop(tenant, None)
 
-    def _load(self, running: Iterable[Request]) -> dict[Hashable, float]:
+    def load(self, running: Iterable[Request]) -> dict[Hashable, float]:
         """Running requests per unit of weight, per tenant."""
         load: dict[Hashable, float] = {}
         for r in running:
@@ -56,7 +56,7 @@ class FairShare:
             arrived.setdefault(r.tenant, []).append(r)
         # Within a tenant: vLLM's priority (lower first), then the waiting order (stable).
         queues = {t: deque(sorted(rs, key=lambda r: r.priority)) for t, rs in arrived.items()}
-        load = self._load(running)
+        load = self.load(running)
         floor = self._floor()
         heap = [(load.get(t, 0.0) + 1.0 / q[0].weight, self.service.get(t, floor), i, t) for i, (t, q) in
                 enumerate(queues.items())]
@@ -73,14 +73,17 @@ class FairShare:
         """Running requests in the order the step's token budget goes to them: every decode (one token each)
         first, then the prompts being prefilled, the tenant with the least service first; arrival order within."""
         floor = self._floor()
-        return sorted(running, key=lambda r: (r.num_computed_tokens < len(r.prompt_token_ids),
-                                              self.service.get(r.tenant, floor) if
-                                              r.num_computed_tokens < len(r.prompt_token_ids) else 0.0))
+
+        def key(r: Request) -> tuple[bool, float]:
+            prefill = r.num_computed_tokens < len(r.prompt_token_ids)
+            return prefill, self.service.get(r.tenant, floor) if prefill else 0.0
+
+        return sorted(running, key=key)
 
     def victim(self, candidates: list[Request], running: list[Request]) -> Request:
         """The request to preempt among `candidates` (running, in arrival order): of the tenant furthest over its
         share (the most load, then the most service), its lowest-priority request, the newest of those."""
-        load = self._load(running)
+        load = self.load(running)
         floor = self._floor()
         newest = {r.tenant: i for i, r in enumerate(candidates)}  # a tie goes to the tenant of the newest request
         tenant = max(newest, key=lambda t: (load.get(t, 0.0), self.service.get(t, floor), newest[t]))

@@ -7,8 +7,8 @@ budget go by weighted fair share; within a tenant, first-come first-served. A re
 whose prompt starts with blocks in the prefix cache takes them and computes only the rest (admission
 counts only the blocks it really needs). When a
 decode needs a block and none is free, the newest running request of the tenant furthest over its
-share is preempted (its KV freed and recomputed later). A waiting request whose adapter cannot get a slot is passed over by later
-requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
+share is preempted (its KV freed and recomputed later). A waiting request whose adapter cannot get a
+slot is passed over by later requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
 adapter is still being read from disk simply waits: it holds nobody up and loses no place.
 """
 
@@ -161,7 +161,7 @@ class Scheduler:
                                                  and self.adapters.can_take_slot(head.adapter)):
                 continue
             victim = self.fair.victim(self.running, self.running)
-            keeps = sum(1.0 / r.weight for r in self.running if r.tenant == victim.tenant) - 1.0 / victim.weight
+            keeps = self.fair.load(self.running)[victim.tenant] - 1.0 / victim.weight
             if keeps < 1.0 / head.weight:
                 return  # every tenant running holds no more than a newcomer's share
             self._preempt(victim, out)

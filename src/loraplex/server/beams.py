@@ -19,9 +19,10 @@ from loraplex.engine.beam_search import MAX_WIDTH, Beam, beam_search
 from loraplex.engine.client import AdapterTarget, EngineStream
 from loraplex.sampling import SamplingParams
 from loraplex.server import auth
-from loraplex.server.errors import APIError, bad_request, status_of
+from loraplex.server.errors import APIError, bad_request
+from loraplex.server.extras import same_value
 from loraplex.server.protocol import SamplingFields
-from loraplex.server.request_job import RequestJob, pinned_version
+from loraplex.server.request_job import RequestJob, pinned_version, refused
 from loraplex.server.stats.tracker import Tracker
 
 # Fields beam search does not use, with the values that ask for nothing.
@@ -44,7 +45,7 @@ def check(body: SamplingFields, n: int) -> None:
         if name not in type(body).model_fields:
             continue
         value = getattr(body, name)
-        if not any(value == u and isinstance(value, bool) == isinstance(u, bool) for u in unset):
+        if not any(same_value(value, u) for u in unset):
             raise bad_request(f"{name} cannot be combined with use_beam_search: beam search ranks whole sequences "
                               "by their log-probability alone" + (" and returns them at the end" if name == "stream"
                                                                   else ""), name, "unsupported_parameter")
@@ -80,8 +81,7 @@ async def run(job: RequestJob, prompts: list[list[int]], width: int, max_tokens:
     try:
         found = []
         for prompt in prompts:
-            name = st.served_name if adapter is None else adapter.name
-            tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=job.scope.owner)
+            tracker = job.tracker(prompt, adapter)
 
             async def step(beams: list[list[int]], tracker: Tracker = tracker) -> list[Sequence[tuple[int, float]]]:
                 nonlocal adapter, key
@@ -100,10 +100,7 @@ async def run(job: RequestJob, prompts: list[list[int]], width: int, max_tokens:
                 found.append(await beam_search(step, prompt, width, max_tokens, eos, body.ignore_eos,
                                                body.length_penalty))
             except BaseException as e:
-                status = status_of(e)[0] if isinstance(e, Exception) else 499
-                if status == 404:
-                    tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label
-                tracker.done(str(status))
+                refused(tracker, e)
                 raise
             tracker.done("200")
         return BeamRun(found, key)

@@ -88,7 +88,7 @@ COMPLETION: dict[str, Refused] = {
 }
 
 
-def _is(value: object, default: object) -> bool:
+def same_value(value: object, default: object) -> bool:
     """value == default, with booleans and numbers kept apart (False is not 0 here)."""
     return value == default and isinstance(value, bool) == isinstance(default, bool)
 
@@ -103,7 +103,7 @@ def drop_defaults(data: Any, table: dict[str, Refused]) -> Any:
         rule = table.get(key)
         if rule is None:
             kept[key] = value
-        elif not any(_is(value, d) for d in rule.defaults):
+        elif not any(same_value(value, d) for d in rule.defaults):
             raise PydanticCustomError("unsupported_parameter", "{param} is not supported by this server ({why})",
                                       {"param": key, "why": rule.why})
     return kept

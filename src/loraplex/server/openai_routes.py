@@ -53,6 +53,11 @@ def _usage_options(body: ChatCompletionRequest | CompletionRequest) -> tuple[boo
     return include, include and bool(o and o.continuous_usage_stats)
 
 
+def _rid(prefix: str, body: ChatCompletionRequest | CompletionRequest) -> str:
+    """The response's id: from vLLM's `request_id` when the body gives one, as vLLM builds it."""
+    return f"{prefix}-{body.request_id or uuid.uuid4().hex}"
+
+
 def _head(rid: str, kind: str, created: int, model: str, fingerprint: str) -> dict[str, Any]:
     """The fields every response and chunk of a request carries (the fingerprint: RequestJob.fingerprint)."""
     return {"id": rid, "object": kind, "created": created, "model": model, "system_fingerprint": fingerprint}
@@ -89,7 +94,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
     if body.use_beam_search:
         beams.check(body, body.n)
-        rid, created = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+        rid, created = _rid("chatcmpl", body), int(time.time())
         job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
         found, usage, fp = await _beams(st, job, [prompt], body, max_tokens)
         return {**_head(rid, "chat.completion", created, body.model, fp), "usage": usage,
@@ -102,7 +107,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                            "or structured outputs", "invalid_value", "tool_choice")
         sampling = replace(sampling, structured=tp.constraint)
     params = choice_params(sampling, body.n)
-    rid, created = f"chatcmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+    rid, created = _rid("chatcmpl", body), int(time.time())
     job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
     await job.start([prompt], params)
     if not body.stream:
@@ -174,7 +179,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         check_room(len(p), body.max_tokens, st.engine.facts.max_model_len)
     if body.use_beam_search:
         beams.check(body, body.n)
-        rid, created = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+        rid, created = _rid("cmpl", body), int(time.time())
         job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
         found, usage, fp = await _beams(st, job, prompts, body, body.max_tokens or 16)
         return {**_head(rid, "text_completion", created, body.model, fp), "usage": usage,
@@ -194,7 +199,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         if out.prompt_logprobs is not None:
             part = await logprobs.prompt_part(tok, out.prompt_token_ids, out.prompt_logprobs)
         return echoes[p_index], part
-    rid, created = f"cmpl-{body.request_id or uuid.uuid4().hex}", int(time.time())
+    rid, created = _rid("cmpl", body), int(time.time())
     prompt_tokens = sum(len(p) for p in prompts) * body.n
     job = RequestJob(st, request, scope, adapter, body.cache_salt, body.priority)
     await job.start(prompts, params)

@@ -71,6 +71,11 @@ class Books:
     requests: Bucket | None = None
     tokens: Bucket | None = None
 
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit headers of the per-minute limits this tenant has."""
+        return {**(self.requests.headers("requests") if self.requests else {}),
+                **(self.tokens.headers("tokens") if self.tokens else {})}
+
 
 @dataclass(slots=True)
 class Quotas:
@@ -96,8 +101,7 @@ class Quotas:
         now = self.clock()
         b = self._books(tenant, limits, now)
         cap = limits.max_in_flight or self.default_in_flight
-        headers = {**(b.requests.headers("requests") if b.requests else {}),
-                   **(b.tokens.headers("tokens") if b.tokens else {})}
+        headers = b.headers()
         if b.in_flight + places > cap:
             raise QuotaExceeded("in_flight", f"too many requests in flight for this tenant (its key; without keys, its "
                                 f"adapter): {b.in_flight} running or queued, limit {cap}; retry when one finishes",
@@ -112,8 +116,7 @@ class Quotas:
             if bucket is not None:
                 bucket.level -= n  # may go below 0 for a request over the whole limit: it waits for a full bucket
         b.in_flight += places
-        return {**(b.requests.headers("requests") if b.requests else {}),
-                **(b.tokens.headers("tokens") if b.tokens else {})}
+        return b.headers()
 
     def release(self, tenant: str, places: int) -> None:
         b = self.books.get(tenant)

@@ -123,6 +123,14 @@ async def collect(request: Request, firsts: Started, tracker: Tracker) -> list[R
     return [f for f in finals if f is not None]
 
 
+def refused(tracker: Tracker, e: BaseException) -> None:
+    """Record a prompt that ended with `e` before it finished."""
+    status = _outcome(e)
+    if status == "404":
+        tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label or a row
+    tracker.done(status)
+
+
 def _outcome(e: BaseException) -> str:
     """The status a request that ended with `e` is recorded with (499: cancelled, the client went away)."""
     return str(status_of(e)[0]) if isinstance(e, Exception) else "499"
@@ -200,18 +208,18 @@ class RequestJob:
             self.leave()
             raise
 
+    def tracker(self, prompt: list[int], adapter: AdapterTarget) -> Tracker:
+        """One prompt's timing and outcome, in its model's series (per name, not version) and the caller's rows."""
+        name = self.st.served_name if adapter is None else adapter.name
+        return Tracker(self.st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner)
+
     async def _open(self, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget, salt: str | None
                     ) -> tuple[Tracker, Started]:
-        st = self.st
-        name = st.served_name if adapter is None else adapter.name  # a series per name, not version
-        tracker = Tracker(st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner)
+        tracker = self.tracker(prompt, adapter)
         try:
-            return tracker, await open_streams(st.engine, prompt, params, adapter, tracker, salt, self.share)
+            return tracker, await open_streams(self.st.engine, prompt, params, adapter, tracker, salt, self.share)
         except Exception as e:
-            status = status_of(e)[0]
-            if status == 404:
-                tracker.model = "unknown"  # a client's arbitrary model name never becomes a metric label or a row
-            tracker.done(str(status))
+            refused(tracker, e)
             raise
 
     @property
