@@ -22,7 +22,7 @@ from conftest import ALL, ATTN, MLP
 from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.server.app import build_app
-from loraplex.server.auth import KeyScope
+from loraplex.server.auth import KeyScope, key_id
 from server_util import free_port, running
 
 ray = pytest.importorskip("ray")
@@ -179,6 +179,9 @@ def test_stats_show_the_cluster_tenants_and_each_replicas_tiers(cluster: str) ->
         held = {e["name"] for e in slots + stats["adapters"]["host"]["entries"] if e["name"]}
         assert {"t2", "t3"} <= held
         assert all(s["replica"] in ids for s in stats["batch"]["steps"]) and stats["batch"]["throughput"]
+        # The fair share's books are the ingress's own, over every replica: the admin key's tokens are there.
+        fair = {row["tenant"]: row for row in stats["fair_share"]["tenants"]}
+        assert fair[key_id(ADMIN)]["output_tokens"] >= 2 and fair[key_id(ADMIN)]["queued"] >= 0
 
     eventually(shown)
     tenant = httpx.get(cluster + "/v1/stats", headers=_auth(LEGAL)).json()

@@ -20,7 +20,7 @@ from conftest import ALL, ATTN, MLP
 from loraplex import EngineConfig
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.server.app import build_app
-from loraplex.server.auth import KeyScope
+from loraplex.server.auth import KeyScope, key_id
 from server_util import running
 
 BASE = "SmolLM2-135M-Instruct"
@@ -137,6 +137,10 @@ def test_traffic_to_two_adapters_shows_within_2s(browser: Any, open_url: str) ->
     assert page.locator("#tenants tbody tr").evaluate_all(order) == ["legal", "sql", BASE]
     page.click("#tenants th[data-key=requests]")
     assert page.locator("#tenants tbody tr").evaluate_all(order) == [BASE, "sql", "legal"]
+    # Without keys the fair share's tenants are the adapters: their shares of the last minute sum to 100%.
+    shares = dict(page.locator("#shares tbody tr").evaluate_all(
+        "rs => rs.map(r => [r.dataset.tenant, r.cells[4].textContent])"))
+    assert {"legal", "sql"} <= set(shares) and 97 <= sum(int(s.rstrip("%")) for s in shares.values()) <= 103  # rounded
     # The batch chart drew the steps; the device slots show who ran.
     assert page.locator("#batch-chart rect").count() > 0
     assert {"legal", "sql"} <= set(page.locator("#slots tr[data-adapter]").evaluate_all("rs => rs.map(r => r.dataset.adapter)"))
@@ -204,6 +208,9 @@ def test_keys_file_requires_a_key(browser: Any, keyed_url: str) -> None:
     assert page.locator("#p-slots").is_hidden() and page.locator("#p-batch").is_hidden()
     tenant_json = httpx.get(keyed_url + "/v1/stats", headers={"Authorization": f"Bearer {TENANT}"}).json()
     assert [t["tenant"] for t in tenant_json["tenants"]] == ["legal"] and "adapters" not in tenant_json
+    # Its fair-share row is its key's own (by id), without the shares that count the other tenants' traffic.
+    assert page.locator("#shares tbody tr").evaluate_all("rs => rs.map(r => r.dataset.tenant)") == [key_id(TENANT)]
+    assert page.locator("#shares tbody tr td").nth(4).inner_text() == "–"
     # The admin key: everything; the key stays in the tab's session storage, never in the URL.
     page.click("#logout")
     page.fill("#key", ADMIN)
@@ -211,6 +218,8 @@ def test_keys_file_requires_a_key(browser: Any, keyed_url: str) -> None:
     page.wait_for_selector(f'#tenants tr[data-tenant="{BASE}"]')
     shown = page.locator("#tenants tbody tr").evaluate_all("rs => rs.map(r => r.dataset.tenant)")
     assert sorted(shown) == sorted([BASE, "legal", "sql"])
+    keys = page.locator("#shares tbody tr").evaluate_all("rs => rs.map(r => r.dataset.tenant)")
+    assert sorted(keys) == sorted([key_id(TENANT), key_id(ADMIN)])
     assert page.locator("#p-slots").is_visible() and page.locator("#scope").inner_text() == "admin"
     assert ADMIN not in page.url and page.evaluate("sessionStorage.getItem('loraplex.key')") == ADMIN
     page.close()

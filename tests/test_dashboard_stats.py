@@ -167,7 +167,7 @@ def test_stats_json_lists_each_replica_and_sums_the_cluster() -> None:
     assert "replicas" not in one and one["model"]["replicas"] == 1
     assert all("replica" not in s for s in [*one["adapters"]["slots"], *one["batch"]["steps"]])
     tenant = stats_json(engine, "base", 0.0, stats, [], rows, KeyScope(frozenset()))
-    assert set(tenant) == {"object", "scope", "time", "model", "tenants"}
+    assert set(tenant) == {"object", "scope", "time", "model", "tenants", "fair_share"}
 
 
 def test_each_key_has_its_own_window_and_the_admin_sees_all() -> None:

@@ -70,6 +70,16 @@ def test_without_keys_the_flags_set_each_adapters_weight_and_caps(engine: AsyncL
         over = httpx.post(url + "/v1/completions", json=body, timeout=60)  # the base model's second this minute
         assert over.status_code == 429 and over.json()["error"]["type"] == "requests", over.text
         assert "requests per minute: limit 1" in over.json()["error"]["message"]
+        made_up = {**body, "model": "nope"}  # a name never served: a 404, then its own bucket's 429
+        codes = [httpx.post(url + "/v1/completions", json=made_up, timeout=60).status_code for _ in range(2)]
+        assert codes == [404, 429]
+        rows = {r["tenant"]: r for r in httpx.get(url + "/v1/stats").json()["fair_share"]["tenants"]}
+        assert set(rows) == {"a", BASE} and rows["a"]["weight"] == 3.0  # the base model by its served name
+        assert rows[BASE]["throttled"] == {"requests": 1} and rows["a"]["throttled"] == {}
+        metrics = httpx.get(url + "/metrics").text
+        assert "nope" not in metrics  # a made-up name takes no label: its 429 is counted under "other"
+        assert 'loraplex_tenant_throttled_total{limit="requests",tenant="other"} 1.0' in metrics
+        assert f'loraplex_tenant_throttled_total{{limit="requests",tenant="{BASE}"}} 1.0' in metrics
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -59,5 +59,6 @@ async def stats(request: Request) -> JSONResponse:
     engine_stats = await st.engine.stats()  # one per engine: a cluster's replicas each
     catalog = await st.engine.list_adapters()
     rows = tenant_rows(st.metrics.tenants, st.engine, st.served_name, combined(engine_stats), catalog, scope)
-    body = stats_json(st.engine, st.served_name, st.created, engine_stats, catalog, rows, scope)
+    body = stats_json(st.engine, st.served_name, st.created, engine_stats, catalog, rows, scope,
+                      st.metrics.shares.rows())
     return JSONResponse(body, headers={"Cache-Control": "no-store"})

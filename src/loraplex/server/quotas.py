@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplex.server.errors import APIError
 
+SWEEP_AT = 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -82,8 +84,11 @@ class Quotas:
     default_in_flight: int  # a tenant's in-flight cap unless its limits set one
     clock: Callable[[], float] = time.monotonic
     books: dict[str, Books] = field(default_factory=dict)
+    sweep_at: int = SWEEP_AT  # books held before the idle ones are dropped (then twice what is left, at least this)
 
     def _books(self, tenant: str, limits: Limits, now: float) -> Books:
+        if tenant not in self.books and len(self.books) >= self.sweep_at:
+            self._sweep(now)
         b = self.books.setdefault(tenant, Books())
         for name, limit in (("requests", limits.requests_per_minute), ("tokens", limits.tokens_per_minute)):
             bucket: Bucket | None = getattr(b, name)
@@ -117,6 +122,18 @@ class Quotas:
                 bucket.level -= n  # may go below 0 for a request over the whole limit: it waits for a full bucket
         b.in_flight += places
         return b.headers()
+
+    def _sweep(self, now: float) -> None:
+        """Drop the books that say nothing: nothing in flight and every bucket full again (a tenant starting anew
+        gets the same). Without keys a tenant is any model name a request gives, so this keeps the books as small
+        as the tenants of the last minute."""
+        for tenant, b in list(self.books.items()):
+            buckets = [k for k in (b.requests, b.tokens) if k is not None]
+            for k in buckets:
+                k.refill(now)
+            if b.in_flight <= 0 and all(k.level >= k.limit for k in buckets):
+                del self.books[tenant]
+        self.sweep_at = max(SWEEP_AT, 2 * len(self.books))
 
     def release(self, tenant: str, places: int) -> None:
         b = self.books.get(tenant)

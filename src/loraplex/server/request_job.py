@@ -157,8 +157,9 @@ class RequestJob:
 
     @property
     def tenant(self) -> str:
-        """Whose caps the request counts against: the key, else the adapter (the base model one tenant)."""
-        return self.scope.owner or f"adapter:{'' if self.adapter is None else self.adapter.name}"
+        """Whose caps and books the request counts against: the key's id, else the adapter's name (the base model
+        one tenant, by its served name; keys and keyless tenants never meet on one server)."""
+        return self.scope.owner or self._model
 
     @property
     def share(self) -> Share:
@@ -166,8 +167,11 @@ class RequestJob:
         takes the adapter as the tenant)."""
         if self.scope.owner is not None:
             return self.scope.share(self.priority)
-        name = self.st.served_name if self.adapter is None else self.adapter.name
-        return Share(None, self.st.tenant_weights.get(name, 1.0), self.priority)
+        return Share(None, self.st.tenant_weights.get(self._model, 1.0), self.priority)
+
+    @property
+    def _model(self) -> str:
+        return self.st.served_name if self.adapter is None else self.adapter.name
 
     def enter(self, places: int, tokens: int) -> None:
         """Take `places`: the tenant's caps first (a 429 naming the one it is over), then the server's bounded
@@ -175,7 +179,8 @@ class RequestJob:
         try:
             headers = self.st.quotas.admit(self.tenant, self.scope.limits, places, tokens)
         except QuotaExceeded as e:
-            self.st.metrics.throttled.labels(self.st.metrics.tenant_label(self.tenant), e.limit).inc()
+            # A key is a tenant at once; a keyless name only once the engine has taken one of its requests.
+            self.st.metrics.shares.throttled(self.tenant, self.share.weight, e.limit, known=self.scope.owner is not None)
             raise
         try:
             self.st.admit(places)
@@ -211,7 +216,8 @@ class RequestJob:
     def tracker(self, prompt: list[int], adapter: AdapterTarget) -> Tracker:
         """One prompt's timing and outcome, in its model's series (per name, not version) and the caller's rows."""
         name = self.st.served_name if adapter is None else adapter.name
-        return Tracker(self.st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner)
+        return Tracker(self.st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner, tenant=self.tenant,
+                       weight=self.share.weight)
 
     async def _open(self, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget, salt: str | None
                     ) -> tuple[Tracker, Started]:

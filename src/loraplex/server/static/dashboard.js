@@ -176,6 +176,7 @@ function render(d) {
   if (admin) for (const a of d.adapters.disk) colour(a.name);  // registration order fixes each adapter's colour
   renderModel(d.model);
   renderTenants(d.tenants);
+  renderShares(d.fair_share.tenants);
   tick();
   if (!admin) return;
   renderBatch(d.batch, d.time, d.replicas || []);
@@ -234,6 +235,19 @@ function renderTenants(rows) {
       td(secs(r.ttft_p50_s)), td(secs(r.ttft_p99_s)), td(secs(r.tpot_p50_s)), td(secs(r.tpot_p99_s)),
       td(r.prompt_tokens_mean === null ? "–" : r.prompt_tokens_mean.toFixed(0)), td(pct(r.prefix_cache_hit_rate)),
       td(r.requests), td(errors || "–", errors ? "bad" : "dim"));
+  }));
+}
+
+function renderShares(rows) {
+  // Busiest first; a tenant key gets its own row only, without the shares (they count the others' traffic).
+  const sorted = [...rows].sort((a, b) => b.window_tokens - a.window_tokens || a.tenant.localeCompare(b.tenant));
+  const td = (text, cls = "") => el("td", { textContent: text, class: cls });
+  $("shares").tBodies[0].replaceChildren(...sorted.map((r) => {
+    const hits = Object.entries(r.throttled).map(([cap, n]) => `${cap}×${n}`).join(" ");
+    return el("tr", { "data-tenant": r.tenant }, el("td", { class: "name", textContent: r.tenant }),
+      td(r.weight), td(r.queued, r.queued ? "" : "dim"), td(r.running, r.running ? "" : "dim"),
+      td(pct(r.share)), td(pct(r.weight_share)), td(r.output_tokens),
+      td(hits || "–", hits ? "bad" : "dim"), td(r.last_limit || "–", r.last_limit ? "" : "dim"));
   }));
 }
 

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from loraplex.engine.facts import MemoryPlan
 from loraplex.engine.outputs import EngineSnapshot
+from loraplex.server.stats.shares import Shares
 from loraplex.server.stats.tenants import TenantStats
 
 disable_created_metrics()  # the *_created series only add noise here
@@ -72,12 +73,11 @@ class ServerMetrics:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["model"], registry=r)
         self.tenant_label = LabelGate(max_labels)  # tenants: key ids (never the key), or adapters without keys
-        self.throttled = Counter("loraplex_tenant_throttled", "Requests refused with a 429 at a tenant's cap, by "
-                                 "tenant and the limit hit (in_flight, requests, tokens)", ["tenant", "limit"],
-                                 registry=r)
-        self.tenants = TenantStats()  # the dashboard's per-tenant windows (bounded)
+        self.shares = Shares()  # each fair-share tenant's books (bounded)
+        self.tenants = TenantStats()  # the dashboard's per-model windows (bounded)
         self.snapshot: EngineSnapshot | None = None
         r.register(_EngineCollector(self))
+        r.register(_TenantCollector(self))
 
     def render(self, snapshot: EngineSnapshot) -> bytes:
         self.snapshot = snapshot
@@ -172,3 +172,46 @@ class _EngineCollector:
             for adapter, n in gate.fold(counts).items():
                 per.add_metric([adapter, state], n)
         yield per
+
+
+class _TenantCollector:
+    """The fair share's tenants (server/stats/shares.py), a series per tenant through `tenant_label`: tenants beyond
+    its limit are summed under "other" (their weights are not shown)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        gate = self.metrics.tenant_label
+        requests = GaugeMetricFamily("loraplex_tenant_requests", "Requests in flight per tenant (a key's id, or an "
+                                     "adapter without keys): queued (no token yet) or running",
+                                     labels=["tenant", "state"])
+        prompt = CounterMetricFamily("loraplex_tenant_prompt_tokens", "Prompt tokens served per tenant", labels=["tenant"])
+        output = CounterMetricFamily("loraplex_tenant_generation_tokens", "Output tokens served per tenant",
+                                     labels=["tenant"])
+        share = GaugeMetricFamily("loraplex_tenant_share", "Each tenant's share of the output tokens of the last "
+                                  "minute", labels=["tenant"])
+        weight = GaugeMetricFamily("loraplex_tenant_weight", "Each tenant's weight in the fair share", labels=["tenant"])
+        throttled = CounterMetricFamily("loraplex_tenant_throttled", "Requests refused with a 429 at a tenant's cap, "
+                                        "by tenant and the limit hit (in_flight, requests, tokens)",
+                                        labels=["tenant", "limit"])
+        sums: dict[str, list[float]] = {}  # label -> queued, running, prompt, output, share
+        hits: dict[tuple[str, str], int] = {((OTHER, k)): n for k, n in self.metrics.shares.unattributed.items()}
+        for t, row in self.metrics.shares.rows().items():
+            label = gate(t)
+            acc = sums.setdefault(label, [0.0] * 5)
+            for i, v in enumerate((row.queued, row.running, row.prompt_tokens, row.output_tokens, row.share or 0.0)):
+                acc[i] += v
+            if label != OTHER:
+                weight.add_metric([label], row.weight)
+            for limit, n in row.throttled.items():
+                hits[(label, limit)] = hits.get((label, limit), 0) + n
+        for label, (queued, running, p, o, sh) in sums.items():
+            requests.add_metric([label, "queued"], queued)
+            requests.add_metric([label, "running"], running)
+            prompt.add_metric([label], p)
+            output.add_metric([label], o)
+            share.add_metric([label], sh)
+        for (label, limit), n in hits.items():
+            throttled.add_metric([label, limit], n)
+        yield from (requests, prompt, output, share, weight, throttled)

@@ -1,5 +1,6 @@
 """Tracker: one HTTP request's timing and outcome (TTFT, time per output token, latency, tokens, status), into
-/metrics and the dashboard's windows: the tenant's over every key and the calling key's own."""
+/metrics and the dashboard's windows: the model's over every key and the calling key's own, and the fair-share
+tenant's ledger (server/stats/shares.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 
 from loraplex.engine.outputs import RequestOutput
 from loraplex.server.stats.prometheus import ServerMetrics
+from loraplex.server.stats.shares import TenantLedger
 from loraplex.server.stats.tenants import TenantWindow
 
 
@@ -27,6 +29,9 @@ class Tracker:
     _label: str | None = None
     accepted: bool = False  # the engine took the request: only then may it create its tenant's dashboard rows
     _windows: list[TenantWindow] | None = None
+    tenant: str | None = None  # the fair share's tenant (a key's id, or the adapter's name); None: no ledger
+    weight: float = 1.0  # its weight
+    _ledger: TenantLedger | None = None  # made once the engine has accepted the request
 
     @property
     def label(self) -> str:
@@ -56,6 +61,9 @@ class Tracker:
         self.accepted = True
         for w in self.windows():
             w.waiting += 1
+        if self.tenant is not None:
+            self._ledger = self.metrics.shares.ledger(self.tenant, self.weight)
+            self._ledger.queued += 1
 
     def saw(self, out: RequestOutput) -> None:
         new = len(out.outputs[0].delta_token_ids)
@@ -71,8 +79,12 @@ class Tracker:
                 w.first_token(self.first - self.start, now)
                 if self.accepted:
                     w.waiting, w.streaming = w.waiting - 1, w.streaming + 1
+            if self._ledger is not None:
+                self._ledger.queued, self._ledger.running = self._ledger.queued - 1, self._ledger.running + 1
         for w in windows:
             w.tokens(new, now)
+        if self._ledger is not None:
+            self._ledger.served(new, now)
         self.tokens += new
 
     def done(self, status: str) -> None:
@@ -93,3 +105,10 @@ class Tracker:
                 else:
                     w.streaming -= 1
             w.finished(status, self.prompt_tokens, tpot, time.monotonic(), self.cached_tokens)
+        led, self._ledger = self._ledger, None  # done once, whatever calls it again
+        if led is not None:
+            if self.first is None:
+                led.queued -= 1
+            else:
+                led.running -= 1
+            led.prompt_tokens += self.prompt_tokens

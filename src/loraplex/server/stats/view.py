@@ -19,6 +19,7 @@ from loraplex.engine.client import AdapterInfo, EngineClient
 from loraplex.engine.outputs import EngineStats
 from loraplex.server.stats.totals import summed
 from loraplex.server.auth import KeyScope
+from loraplex.server.stats.shares import SHARE_WINDOW_S, ShareRow
 from loraplex.server.stats.tenants import TenantRow, TenantStats
 
 RATE_S = 10  # a replica's tokens_per_s: over its last seconds of throughput
@@ -148,10 +149,27 @@ def tenant_rows(tenants: TenantStats, engine: EngineClient, served_name: str, st
     return tenants.rows([served_name, *(a.name for a in catalog)], busy, owner=None if scope.admin else scope.owner)
 
 
+def fair_share_json(shares: dict[str, ShareRow], scope: KeyScope) -> dict[str, Any]:
+    """The fair share's tenants: every one for an admin; for a tenant key its own row only, without the shares (the
+    last minute's share and the weight's share each count the other tenants' traffic)."""
+    if scope.admin:
+        rows = list(shares.values())
+    else:
+        rows = [shares[scope.owner]] if scope.owner in shares else []
+    own = {} if scope.admin else {"share": None, "weight_share": None}
+    return {"window_s": SHARE_WINDOW_S, "tenants": [
+        {"tenant": r.tenant, "weight": r.weight, "queued": r.queued, "running": r.running,
+         "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens, "window_tokens": r.window_tokens,
+         "share": r.share, "weight_share": r.weight_share, "throttled": r.throttled, "last_limit": r.last_limit,
+         "last_throttled": r.last_throttled, **own} for r in rows]}
+
+
 def stats_json(engine: EngineClient, served_name: str, started: float, stats: list[EngineStats],
-               catalog: list[AdapterInfo], rows: dict[str, TenantRow], scope: KeyScope) -> dict[str, Any]:
+               catalog: list[AdapterInfo], rows: dict[str, TenantRow], scope: KeyScope,
+               shares: dict[str, ShareRow] | None = None) -> dict[str, Any]:
     """`stats`: engine.stats() (one per engine); `catalog`: engine.list_adapters(); `rows`: a TenantRow for the
-    base model (served_name) and each adapter (tenant_rows over combined(stats), for this scope)."""
+    base model (served_name) and each adapter (tenant_rows over combined(stats), for this scope); `shares`: the
+    fair share's tenants (server/stats/shares.py)."""
     total = combined(stats)
     tenants = []
     for name, row in rows.items():
@@ -162,7 +180,7 @@ def stats_json(engine: EngineClient, served_name: str, started: float, stats: li
     now = time.time()
     out: dict[str, Any] = {"object": "stats", "scope": "admin" if scope.admin else "tenant", "time": now,
                            "model": _model(engine, served_name, total, started, len(stats), scope.admin),
-                           "tenants": tenants}
+                           "tenants": tenants, "fair_share": fair_share_json(shares or {}, scope)}
     if scope.admin:
         out["adapters"] = _adapters(stats, total, catalog)
         out["batch"] = _batch(stats, total)
