@@ -11,7 +11,8 @@ adapters), http_peers (64 streams over 8 adapters to loraplex, vLLM CPU and llam
 (kernel profile, mapping cost), cold_load, serving (Poisson/Zipf over HTTP), roofline, quantized (bf16 / NF4 /
 int8 base: memory and throughput), prefix_cache (shared system prompts and 5-turn chats, with and without the
 cache, loraplex and vLLM CPU), structured (batch 32 with half the requests under a JSON schema; schema compile
-time), cluster (2 engine replicas on Ray Serve, Zipf over 64 adapters: affinity routing against queue-length
+time), fair_share (a quiet key beside another's 160 streams, against first come first served; four keys at weights
+1, 1, 1, 3), cluster (2 engine replicas on Ray Serve, Zipf over 64 adapters: affinity routing against queue-length
 routing, 2 replicas against 1; about 45 minutes). Every system runs in the dtype loraplex resolves on this machine
 (loraplex.hardware: bf16 where the CPU multiplies it natively, else fp32).
 
@@ -35,7 +36,7 @@ from loraplex.hardware import cpu, resolve_dtype
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
 PARTS = ["offline", "peers_hf", "vllm", "llama_cpp", "http_peers", "lora_kernels", "cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "structured", "cluster", "gpu"]
+         "quantized", "prefix_cache", "structured", "fair_share", "cluster", "gpu"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -110,6 +111,8 @@ def main() -> None:
             + ([] if VLLM_PYTHON.exists() else ["--skip", "vllm"]))
     if "structured" not in args.skip:
         run([py, "-m", "benchmarks.structured", "--adapters", str(root)])
+    if "fair_share" not in args.skip:
+        run([py, "-m", "benchmarks.fair_share"])
     if "cluster" not in args.skip:
         run([py, "-m", "benchmarks.cluster", "--adapters", str(root)])
     if "gpu" not in args.skip:

@@ -116,6 +116,27 @@ def test_a_new_tenant_is_admitted_in_the_next_step() -> None:
     assert victim.request_id == "n3" and s.waiting[0] is victim and victim.num_computed_tokens == 0
 
 
+def test_a_tenant_below_its_share_is_not_held_until_a_request_finishes() -> None:
+    """The flood's requests started together and end together, hundreds of steps away; the quiet tenant, one request
+    already running, gets its second into the batch at the next step all the same: it is below its share (half)."""
+    s = sched(max_num_seqs=8)
+    for i in range(20):
+        s.add(req(f"n{i}", "flood", max_tokens=1000))
+    run_step(s, Counter())
+    s.add(req("q1", "quiet", max_tokens=500))
+    run_step(s, Counter())
+    q2 = req("q2", "quiet", max_tokens=500)
+    s.add(q2)
+    out, _ = run_step(s, Counter())
+    assert q2.status is RequestStatus.RUNNING and [r.tenant for r in out.preempted] == ["flood"]
+    # Up to its share, then no more: the quiet tenant's backlog takes places one a step until it holds half.
+    for i in range(3, 12):
+        s.add(req(f"q{i}", "quiet", max_tokens=500))
+    preempted = [len(run_step(s, Counter())[0].preempted) for _ in range(12)]
+    assert Counter(r.tenant for r in s.running) == {"flood": 4, "quiet": 4}
+    assert preempted[:2] == [1, 1] and sum(preempted[-8:]) == 0, preempted  # settled: no swapping back and forth
+
+
 def test_no_preemption_when_the_newcomer_would_take_more_than_its_share() -> None:
     """Two tenants each with one request in a batch of two: a third tenant waits for a place; nobody is evicted."""
     s = sched(max_num_seqs=2)

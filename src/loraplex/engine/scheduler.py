@@ -6,8 +6,8 @@ sequence slots and adapter slots allow. Between tenants (engine/fair_share.py) p
 budget go by weighted fair share; within a tenant, first-come first-served. A request
 whose prompt starts with blocks in the prefix cache takes them and computes only the rest (admission
 counts only the blocks it really needs). When a
-decode needs a block and none is free, the newest running request of the tenant furthest over its
-share is preempted (its KV freed and recomputed later). A waiting request whose adapter cannot get a
+decode needs a block and none is free, or the batch is full while a tenant waits below its share, the newest
+running request of the tenant furthest over its share is preempted (its KV freed and recomputed later). A waiting request whose adapter cannot get a
 slot is passed over by later requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
 adapter is still being read from disk simply waits: it holds nobody up and loses no place.
 """
@@ -146,26 +146,25 @@ class Scheduler:
         return out
 
     def _make_room(self, out: SchedulerOutput) -> None:
-        """While the batch is full, a tenant waiting with nothing running takes the place of the newest request of
-        the tenant furthest over its share, if that one keeps at least the newcomer's share: a tenant is never
-        held behind another's backlog for want of a place. Only for a head request whose adapter can run now."""
-        if len(self.running) < self.max_num_seqs:
+        """While the batch is full, the waiting tenant furthest under its share (the first in admission order whose
+        adapter can run now) takes the place of the newest request of the tenant furthest over its share, if the
+        swap leaves the newcomer's tenant no more loaded than the victim's: a tenant below its share is never held
+        behind another's backlog until some request happens to finish (a flood's requests, started together, end
+        together), and the loads settle within one request of each other (no swap back and forth). One place a
+        step, so the batch changes by at most one preemption per step."""
+        if len(self.running) < self.max_num_seqs or not self.waiting:
             return
-        running_tenants = {r.tenant for r in self.running}
-        heads: dict[Hashable, Request] = {}
-        for r in self.waiting:
-            if r.tenant not in running_tenants:
-                heads.setdefault(r.tenant, r)
-        for head in heads.values():
-            if head.adapter is not None and not (self.adapters.ready(head.adapter)
-                                                 and self.adapters.can_take_slot(head.adapter)):
-                continue
-            victim = self.fair.victim(self.running, self.running)
-            keeps = self.fair.load(self.running)[victim.tenant] - 1.0 / victim.weight
-            if keeps < 1.0 / head.weight:
-                return  # every tenant running holds no more than a newcomer's share
-            self._preempt(victim, out)
-            return  # one place a step: the newcomer takes it at admission, ahead of the victim's tenant
+        head = next((r for r in self.fair.admission_order(self.waiting, self.running)
+                     if r.adapter is None or (self.adapters.ready(r.adapter) and self.adapters.can_take_slot(r.adapter))),
+                    None)
+        if head is None:
+            return
+        load = self.fair.load(self.running)
+        victim = self.fair.victim(self.running, self.running)
+        keeps = load[victim.tenant] - 1.0 / victim.weight
+        if load.get(head.tenant, 0.0) + 1.0 / head.weight > keeps:
+            return  # the newcomer's tenant would then hold more than the victim's: already fair
+        self._preempt(victim, out)  # the newcomer takes the place at admission, ahead of the victim's tenant
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks `req` (waiting: nothing computed) can start from; sets its namespace once."""

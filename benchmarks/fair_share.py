@@ -1,0 +1,201 @@
+"""Fair share between tenants over HTTP (issue 29): a quiet tenant beside a flood, throughput against first come
+first served, and the shares of four flooding tenants by weight.
+
+    .venv/bin/python -m benchmarks.fair_share [--flood 160] [--quiet-requests 20] [--measure-s 30] [--warm-s 10]
+        [--server-args ...]
+
+Starts `loraplex serve` (default flags: a batch of 64, a queue of 256) with a keys file of six tenant keys, then:
+
+1. **alone**: the quiet key sends one 16-token request every 1.5 s (a 32-token prompt, its own adapter);
+2. **fair**: another key keeps `--flood` streams of 96 tokens in flight (each replaced when it ends), and after
+   `--warm-s` the quiet key sends the same requests beside it;
+3. **fcfs**: the same, with the quiet requests sent under the flooding key: one tenant, whose own order is arrival,
+   so this is what first come, first served gives on the same traffic;
+4. **shares**: four keys of weights 1, 1, 1 and 3 each keep `--flood` / 4 streams in flight.
+
+Time to first token is the client's (send -> first streamed text). Throughput and shares are output tokens as the
+server counted them per key over `--measure-s` (the `fair_share` rows of /v1/stats, read at both ends of the window).
+Targets: the quiet tenant's TTFT p50 at most 2x alone (p99 at most 3x), total throughput at least 0.95x first come
+first served, each share within 5% of its weight's. About 4 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import default_model_dir, machine, make_adapters, write_json
+from benchmarks.serving import PROMPTS, Result, free_port, one, start_server, stop_server, summary, wait_healthy
+from loraplex.server.auth import key_id
+
+ADMIN = "sk-bench-admin"
+QUIET, FLOOD = "sk-quiet", "sk-flood"
+WEIGHTED = {"sk-w1a": 1, "sk-w1b": 1, "sk-w1c": 1, "sk-w3": 3}
+QUIET_PROMPT = "Summarise in one sentence why the sky is blue, for a reader who has never studied physics:"
+QUIET_TOKENS, FLOOD_TOKENS, QUIET_GAP_S = 16, 96, 1.5
+
+
+def keys_file(path: Path) -> Path:
+    """Every key may use every adapter; the flooding ones may hold all their streams (the door is not measured)."""
+    keys: dict[str, Any] = {ADMIN: {"adapters": ["*"], "admin": True}, QUIET: {"adapters": ["*"]},
+                            FLOOD: {"adapters": ["*"], "max_in_flight": 1000}}
+    keys.update({k: {"adapters": ["*"], "weight": w, "max_in_flight": 1000} for k, w in WEIGHTED.items()})
+    path.write_text(json.dumps({"keys": keys}))
+    return path
+
+
+def client(key: str) -> httpx.AsyncClient:
+    # No connection cap: a capped pool would queue requests in the client and hide queueing in the server.
+    return httpx.AsyncClient(timeout=httpx.Timeout(900.0), trust_env=False, headers={"Authorization": f"Bearer {key}"},
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+
+
+async def served(url: str) -> dict[str, int]:
+    """Output tokens per tenant (key id) since start, as the server counts them."""
+    async with client(ADMIN) as c:
+        r = await c.get(url + "/v1/stats")
+        r.raise_for_status()
+        return {row["tenant"]: row["output_tokens"] for row in r.json()["fair_share"]["tenants"]}
+
+
+Flood = tuple[httpx.AsyncClient, list[asyncio.Task[None]]]
+
+
+def flood(url: str, key: str, adapter: str, streams: int, errors: list[dict[str, Any]]) -> Flood:
+    """`streams` closed-loop workers on `key`: each sends a 96-token stream and another when it ends, until
+    stopped (the server aborts what was in flight)."""
+    c = client(key)
+
+    async def worker(i: int) -> None:
+        while True:
+            r = await one(c, url, adapter, PROMPTS[i % len(PROMPTS)], FLOOD_TOKENS)
+            if r.error is not None:
+                errors.append(r.error)
+                await asyncio.sleep(0.5)
+
+    return c, [asyncio.create_task(worker(i)) for i in range(streams)]
+
+
+async def stop(floods: list[Flood]) -> None:
+    tasks = [t for _, ts in floods for t in ts]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c, _ in floods:
+        await c.aclose()
+
+
+async def quiet(url: str, key: str, adapter: str, n: int) -> list[Result]:
+    """`n` 16-token streams, one every 1.5 s (open loop: sent on time whether or not the last has answered)."""
+    async with client(key) as c:
+        start, tasks = time.perf_counter(), []
+        for i in range(n):
+            await asyncio.sleep(max(0.0, start + i * QUIET_GAP_S - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(c, url, adapter, QUIET_PROMPT, QUIET_TOKENS)))
+        return list(await asyncio.gather(*tasks))
+
+
+def ttft(results: list[Result]) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None and r.times]
+    return {**summary([r.times[0] - r.sent for r in ok]), "n": len(ok),
+            "errors": [r.error for r in results if r.error is not None]}
+
+
+async def beside_flood(url: str, quiet_key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The quiet requests (under `quiet_key`) beside the flood, and every tenant's output tokens per second over
+    the measured window."""
+    errors: list[dict[str, Any]] = []
+    floods = [flood(url, FLOOD, "a1", args.flood, errors)]
+    try:
+        await asyncio.sleep(args.warm_s)
+        before, t0 = await served(url), time.perf_counter()
+        q = asyncio.create_task(quiet(url, quiet_key, "a0", args.quiet_requests))
+        await asyncio.sleep(args.measure_s)
+        after, t1 = await served(url), time.perf_counter()
+        results = await q  # the last quiet requests may answer after the window (first come, first served)
+    finally:
+        await stop(floods)
+    return {"quiet_ttft_ms": ttft(results), "tokens_per_s": (sum(after.values()) - sum(before.values())) / (t1 - t0),
+            "window_s": t1 - t0, "flood_errors": errors[:5], "flood_error_count": len(errors)}
+
+
+async def shares(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    errors: list[dict[str, Any]] = []
+    floods = [flood(url, key, f"a{2 + i}", args.flood // len(WEIGHTED), errors) for i, key in enumerate(WEIGHTED)]
+    try:
+        await asyncio.sleep(args.warm_s)
+        before, t0 = await served(url), time.perf_counter()
+        await asyncio.sleep(args.measure_s)
+        after, t1 = await served(url), time.perf_counter()
+    finally:
+        await stop(floods)
+    tokens = {k: after.get(key_id(k), 0) - before.get(key_id(k), 0) for k in WEIGHTED}
+    total, weights = sum(tokens.values()), sum(WEIGHTED.values())
+    rows = [{"key": k, "weight": w, "tokens": tokens[k], "share": tokens[k] / total, "wanted": w / weights,
+             "error": tokens[k] / total / (w / weights) - 1} for k, w in WEIGHTED.items()]
+    return {"tenants": rows, "tokens_per_s": total / (t1 - t0), "window_s": t1 - t0,
+            "max_abs_error": max(abs(r["error"]) for r in rows), "flood_errors": errors[:5],
+            "flood_error_count": len(errors)}
+
+
+async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    alone = ttft(await quiet(url, QUIET, "a0", args.quiet_requests))
+    print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms", flush=True)
+    fair = await beside_flood(url, QUIET, args)
+    print(f"fair: quiet TTFT p50 {fair['quiet_ttft_ms']['p50']:.0f} ms, p99 {fair['quiet_ttft_ms']['p99']:.0f} ms; "
+          f"{fair['tokens_per_s']:.0f} tok/s", flush=True)
+    fcfs = await beside_flood(url, FLOOD, args)
+    print(f"fcfs: quiet TTFT p50 {fcfs['quiet_ttft_ms']['p50']:.0f} ms, p99 {fcfs['quiet_ttft_ms']['p99']:.0f} ms; "
+          f"{fcfs['tokens_per_s']:.0f} tok/s", flush=True)
+    sh = await shares(url, args)
+    print("shares: " + ", ".join(f"w{r['weight']} {100 * r['share']:.1f}% (wanted {100 * r['wanted']:.1f}%)"
+                                 for r in sh["tenants"]), flush=True)
+    return {"alone": alone, "fair": fair, "fcfs": fcfs, "shares": sh}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="fair share between tenants over HTTP")
+    ap.add_argument("--flood", type=int, default=160, help="streams the flooding tenant keeps in flight")
+    ap.add_argument("--quiet-requests", type=int, default=20)
+    ap.add_argument("--measure-s", type=float, default=30.0)
+    ap.add_argument("--warm-s", type=float, default=10.0, help="the flood runs this long before the window")
+    ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more `loraplex serve` flags (last)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root, log = Path(tmp) / "adapters", Path(tmp) / "server.log"
+        make_adapters(default_model_dir(), root, 6)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(root, port, 16, log, ["--api-keys", str(keys_file(Path(tmp) / "keys.json")),
+                                                  *args.server_args])
+        try:
+            wait_healthy(url, proc, log)
+            for a in ("a0", "a1"):  # first-call costs stay out of the figures
+                httpx.post(url + "/v1/completions", json={"model": a, "prompt": "Hi", "max_tokens": 4}, timeout=120,
+                           trust_env=False, headers={"Authorization": f"Bearer {ADMIN}"}).raise_for_status()
+            res = asyncio.run(scenario(url, args))
+        finally:
+            code = stop_server(proc)
+    alone, fair, fcfs = res["alone"], res["fair"], res["fcfs"]
+    out = {"machine": machine(), "flood": args.flood, "quiet_requests": args.quiet_requests,
+           "quiet_tokens": QUIET_TOKENS, "flood_tokens": FLOOD_TOKENS, "quiet_gap_s": QUIET_GAP_S,
+           "measure_s": args.measure_s, "warm_s": args.warm_s, "server_args": args.server_args, **res,
+           "ttft_p50_ratio": fair["quiet_ttft_ms"]["p50"] / alone["p50"],
+           "ttft_p99_ratio": fair["quiet_ttft_ms"]["p99"] / alone["p99"],
+           "fcfs_ttft_p50_ratio": fcfs["quiet_ttft_ms"]["p50"] / alone["p50"],
+           "throughput_ratio": fair["tokens_per_s"] / fcfs["tokens_per_s"], "server_exit_code": code}
+    print(f"quiet TTFT beside the flood / alone: p50 {out['ttft_p50_ratio']:.2f}x, p99 {out['ttft_p99_ratio']:.2f}x "
+          f"(first come, first served: p50 {out['fcfs_ttft_p50_ratio']:.1f}x); throughput / fcfs "
+          f"{out['throughput_ratio']:.3f}; largest share error {100 * res['shares']['max_abs_error']:.1f}%")
+    print(f"written to {write_json('fair_share', out)}")
+
+
+if __name__ == "__main__":
+    main()
