@@ -14,9 +14,11 @@ Starts `loraplex serve` (default flags: a batch of 64, a queue of 256) with a ke
 4. **shares**: four keys of weights 1, 1, 1 and 3 each keep `--flood` / 4 streams in flight.
 
 Time to first token is the client's (send -> first streamed text). Throughput and shares are output tokens as the
-server counted them per key over `--measure-s` (the `fair_share` rows of /v1/stats, read at both ends of the window).
+server counted them per key over `--measure-s` (the `fair_share` rows of /v1/stats, read at both ends of the
+window); fair share and first come first served alternate for `--rounds` rounds (the machine's speed drifts), TTFTs
+pooled and throughputs averaged.
 Targets: the quiet tenant's TTFT p50 at most 2x alone (p99 at most 3x), total throughput at least 0.95x first come
-first served, each share within 5% of its weight's. About 4 minutes on 2 CPU cores.
+first served, each share within 5% of its weight's. About 8 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -57,12 +60,16 @@ def client(key: str) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
 
-async def served(url: str) -> dict[str, int]:
-    """Output tokens per tenant (key id) since start, as the server counts them."""
+async def stats(url: str) -> dict[str, Any]:
     async with client(ADMIN) as c:
         r = await c.get(url + "/v1/stats")
         r.raise_for_status()
-        return {row["tenant"]: row["output_tokens"] for row in r.json()["fair_share"]["tenants"]}
+        return dict(r.json())
+
+
+async def served(url: str) -> dict[str, int]:
+    """Output tokens per tenant (key id) since start, as the server counts them."""
+    return {row["tenant"]: row["output_tokens"] for row in (await stats(url))["fair_share"]["tenants"]}
 
 
 Flood = tuple[httpx.AsyncClient, list[asyncio.Task[None]]]
@@ -108,9 +115,9 @@ def ttft(results: list[Result]) -> dict[str, Any]:
             "errors": [r.error for r in results if r.error is not None]}
 
 
-async def beside_flood(url: str, quiet_key: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The quiet requests (under `quiet_key`) beside the flood, and every tenant's output tokens per second over
-    the measured window."""
+async def beside_flood(url: str, quiet_key: str, args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
+    """The quiet requests (under `quiet_key`) beside the flood; their results, and every tenant's output tokens per
+    second over the measured window with the median step time of the full batch."""
     errors: list[dict[str, Any]] = []
     floods = [flood(url, FLOOD, "a1", args.flood, errors)]
     try:
@@ -119,11 +126,28 @@ async def beside_flood(url: str, quiet_key: str, args: argparse.Namespace) -> di
         q = asyncio.create_task(quiet(url, quiet_key, "a0", args.quiet_requests))
         await asyncio.sleep(args.measure_s)
         after, t1 = await served(url), time.perf_counter()
+        log = (await stats(url))["batch"]["steps"]  # the engine's last 128 steps, up to the window's end
         results = await q  # the last quiet requests may answer after the window (first come, first served)
     finally:
         await stop(floods)
-    return {"quiet_ttft_ms": ttft(results), "tokens_per_s": (sum(after.values()) - sum(before.values())) / (t1 - t0),
-            "window_s": t1 - t0, "flood_errors": errors[:5], "flood_error_count": len(errors)}
+    full = sorted(s["duration_s"] for s in log if s["batch_size"] >= 32)
+    return results, {"tokens_per_s": (sum(after.values()) - sum(before.values())) / (t1 - t0), "window_s": t1 - t0,
+                     "full_batch_step_ms_p50": 1e3 * full[len(full) // 2] if full else None,
+                     # What the scheduler decides, whatever the machine's speed: decode tokens in a step.
+                     "decode_tokens_per_step": sum(t["decode"] for s in log for t in s["tokens"].values()) / len(log),
+                     "flood_errors": errors[:5], "flood_error_count": len(errors)}
+
+
+def pooled(runs: list[tuple[list[Result], dict[str, Any]]]) -> dict[str, Any]:
+    """Rounds of one policy: the quiet TTFTs pooled, the throughput and step time averaged, each round listed."""
+    rounds = [r for _, r in runs]
+    steps = [r["full_batch_step_ms_p50"] for r in rounds if r["full_batch_step_ms_p50"] is not None]
+    return {"quiet_ttft_ms": ttft([x for res, _ in runs for x in res]),
+            "tokens_per_s": sum(r["tokens_per_s"] for r in rounds) / len(rounds),
+            "decode_tokens_per_step": sum(r["decode_tokens_per_step"] for r in rounds) / len(rounds),
+            # A first token beside the flood waits for the step in progress and then takes one full-batch step.
+            "full_batch_step_ms_p50": sum(steps) / len(steps) if steps else None,
+            "flood_error_count": sum(r["flood_error_count"] for r in rounds), "rounds": rounds}
 
 
 async def shares(url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -148,12 +172,15 @@ async def shares(url: str, args: argparse.Namespace) -> dict[str, Any]:
 async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
     alone = ttft(await quiet(url, QUIET, "a0", args.quiet_requests))
     print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms", flush=True)
-    fair = await beside_flood(url, QUIET, args)
-    print(f"fair: quiet TTFT p50 {fair['quiet_ttft_ms']['p50']:.0f} ms, p99 {fair['quiet_ttft_ms']['p99']:.0f} ms; "
-          f"{fair['tokens_per_s']:.0f} tok/s", flush=True)
-    fcfs = await beside_flood(url, FLOOD, args)
-    print(f"fcfs: quiet TTFT p50 {fcfs['quiet_ttft_ms']['p50']:.0f} ms, p99 {fcfs['quiet_ttft_ms']['p99']:.0f} ms; "
-          f"{fcfs['tokens_per_s']:.0f} tok/s", flush=True)
+    runs: dict[str, list[tuple[list[Result], dict[str, Any]]]] = {"fair": [], "fcfs": []}
+    for i in range(args.rounds):  # alternated, so that a drift in the machine's speed falls on both alike
+        for policy, key in (("fair", QUIET), ("fcfs", FLOOD)):
+            results, r = await beside_flood(url, key, args)
+            runs[policy].append((results, r))
+            t = ttft(results)
+            print(f"round {i + 1}, {policy}: quiet TTFT p50 {t['p50']:.0f} ms, p99 {t['p99']:.0f} ms; "
+                  f"{r['tokens_per_s']:.0f} tok/s", flush=True)
+    fair, fcfs = pooled(runs["fair"]), pooled(runs["fcfs"])
     sh = await shares(url, args)
     print("shares: " + ", ".join(f"w{r['weight']} {100 * r['share']:.1f}% (wanted {100 * r['wanted']:.1f}%)"
                                  for r in sh["tenants"]), flush=True)
@@ -166,6 +193,7 @@ def main() -> None:
     ap.add_argument("--quiet-requests", type=int, default=20)
     ap.add_argument("--measure-s", type=float, default=30.0)
     ap.add_argument("--warm-s", type=float, default=10.0, help="the flood runs this long before the window")
+    ap.add_argument("--rounds", type=int, default=3, help="fair share and first come first served, alternated")
     ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more `loraplex serve` flags (last)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,14 +214,22 @@ def main() -> None:
     alone, fair, fcfs = res["alone"], res["fair"], res["fcfs"]
     out = {"machine": machine(), "flood": args.flood, "quiet_requests": args.quiet_requests,
            "quiet_tokens": QUIET_TOKENS, "flood_tokens": FLOOD_TOKENS, "quiet_gap_s": QUIET_GAP_S,
-           "measure_s": args.measure_s, "warm_s": args.warm_s, "server_args": args.server_args, **res,
+           "measure_s": args.measure_s, "warm_s": args.warm_s, "rounds": args.rounds,
+           "server_args": args.server_args, **res,
            "ttft_p50_ratio": fair["quiet_ttft_ms"]["p50"] / alone["p50"],
            "ttft_p99_ratio": fair["quiet_ttft_ms"]["p99"] / alone["p99"],
            "fcfs_ttft_p50_ratio": fcfs["quiet_ttft_ms"]["p50"] / alone["p50"],
-           "throughput_ratio": fair["tokens_per_s"] / fcfs["tokens_per_s"], "server_exit_code": code}
+           # Paired by round (each fair round beside the first come first served round after it), the median: one
+           # slow stretch of the machine moves the mean of either policy by more than the scheduler does.
+           "throughput_ratio": statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
+                                                 for a, b in zip(fair["rounds"], fcfs["rounds"])),
+           "mean_throughput_ratio": fair["tokens_per_s"] / fcfs["tokens_per_s"],
+           "tokens_per_step_ratio": fair["decode_tokens_per_step"] / fcfs["decode_tokens_per_step"],
+           "server_exit_code": code}
     print(f"quiet TTFT beside the flood / alone: p50 {out['ttft_p50_ratio']:.2f}x, p99 {out['ttft_p99_ratio']:.2f}x "
           f"(first come, first served: p50 {out['fcfs_ttft_p50_ratio']:.1f}x); throughput / fcfs "
-          f"{out['throughput_ratio']:.3f}; largest share error {100 * res['shares']['max_abs_error']:.1f}%")
+          f"{out['throughput_ratio']:.3f} (decode tokens per step {out['tokens_per_step_ratio']:.3f}); largest share "
+          f"error {100 * res['shares']['max_abs_error']:.1f}%")
     print(f"written to {write_json('fair_share', out)}")
 
 

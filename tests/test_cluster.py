@@ -23,6 +23,7 @@ from loraplex.config import EngineConfig, ServerConfig
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.server.app import build_app
 from loraplex.server.auth import KeyScope, key_id
+from loraplex.server.quotas import Limits
 from server_util import free_port, running
 
 ray = pytest.importorskip("ray")
@@ -32,8 +33,9 @@ from loraplex.cluster.config import ClusterConfig  # noqa: E402
 pytestmark = pytest.mark.slow  # the whole file: its tests share a Ray cluster of two replicas (~40 s to start)
 
 BASE = "SmolLM2-135M-Instruct"
-ADMIN, LEGAL = "sk-admin", "sk-legal"
-KEYS = {ADMIN: KeyScope(frozenset({"*"}), admin=True), LEGAL: KeyScope(frozenset({"t0"}))}
+ADMIN, LEGAL, CAPPED = "sk-admin", "sk-legal", "sk-capped"
+KEYS = {ADMIN: KeyScope(frozenset({"*"}), admin=True), LEGAL: KeyScope(frozenset({"t0"})),
+        CAPPED: KeyScope(frozenset({"*"}), weight=2.0, limits=Limits(requests_per_minute=3))}
 TENANTS = [f"t{i}" for i in range(8)]
 Q = [{"role": "user", "content": "What is the capital of France?"}]
 CLUSTER = ClusterConfig(replicas=2, cpus_per_replica=0.5, max_adapters_per_replica=12, hot_adapter_threshold=2,
@@ -306,3 +308,16 @@ def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_the_survivor_serv
     assert events[-1] == "data: [DONE]" and len(errors) == 1
     assert errors[0]["type"] == "server_error" and "replica" in errors[0]["message"]
     assert chat(cluster, "t6") and chat(cluster, BASE)  # Ray routes to the survivor (and restarts the replica)
+
+
+def test_a_keys_caps_and_books_hold_over_every_replica(cluster: str) -> None:
+    """The ingress owns each key's books (issue 29, item 4): requests for adapters the replicas hold apart count
+    against one per-minute cap, the 429 names it, and the key's fair-share row counts every replica's tokens."""
+    for model in ("t4", "t5", "t6"):
+        assert chat(cluster, model, CAPPED)
+    with pytest.raises(openai.RateLimitError) as e:
+        chat(cluster, "t7", CAPPED)
+    assert e.value.type == "requests" and e.value.response.headers["x-ratelimit-limit-requests"] == "3"
+    fair = httpx.get(cluster + "/v1/stats", headers=_auth(CAPPED)).json()["fair_share"]["tenants"]
+    assert [(r["tenant"], r["weight"], r["throttled"]) for r in fair] == [(key_id(CAPPED), 2.0, {"requests": 1})]
+    assert fair[0]["output_tokens"] >= 3 and fair[0]["queued"] == fair[0]["running"] == 0
