@@ -7,9 +7,10 @@ budget go by weighted fair share; within a tenant, first-come first-served. A re
 whose prompt starts with blocks in the prefix cache takes them and computes only the rest (admission
 counts only the blocks it really needs). When a
 decode needs a block and none is free, or the batch is full while a tenant waits below its share, the newest
-running request of the tenant furthest over its share is preempted (its KV freed and recomputed later). A waiting request whose adapter cannot get a
-slot is passed over by later requests at most `max_skips` times; after that nobody is admitted ahead of it. A request whose
-adapter is still being read from disk simply waits: it holds nobody up and loses no place.
+running request of the tenant furthest over its share is preempted (its KV freed and recomputed later). A waiting
+request whose adapter cannot get a slot is passed over by later requests at most `max_skips` times; after that
+nobody is admitted ahead of it. A request whose adapter is still being read from disk simply waits: it holds nobody
+up and loses no place.
 """
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ class Scheduler:
         step, so the batch changes by at most one preemption per step."""
         if len(self.running) < self.max_num_seqs or not self.waiting:
             return
-        head = next((r for r in self.fair.admission_order(self.waiting, self.running)
-                     if r.adapter is None or (self.adapters.ready(r.adapter) and self.adapters.can_take_slot(r.adapter))),
-                    None)
+        runnable = (r for r in self.fair.admission_order(self.waiting, self.running)
+                    if r.adapter is None or (self.adapters.ready(r.adapter) and self.adapters.can_take_slot(r.adapter)))
+        head = next(runnable, None)
         if head is None:
             return
         load = self.fair.load(self.running)

@@ -81,7 +81,7 @@ async def run(job: RequestJob, prompts: list[list[int]], width: int, max_tokens:
     try:
         found = []
         for prompt in prompts:
-            tracker = job.tracker(prompt, adapter)
+            tracker = job.tracker(prompt)
 
             async def step(beams: list[list[int]], tracker: Tracker = tracker) -> list[Sequence[tuple[int, float]]]:
                 nonlocal adapter, key

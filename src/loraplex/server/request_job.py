@@ -180,7 +180,8 @@ class RequestJob:
             headers = self.st.quotas.admit(self.tenant, self.scope.limits, places, tokens)
         except QuotaExceeded as e:
             # A key is a tenant at once; a keyless name only once the engine has taken one of its requests.
-            self.st.metrics.shares.throttled(self.tenant, self.share.weight, e.limit, known=self.scope.owner is not None)
+            self.st.metrics.shares.throttled(self.tenant, self.share.weight, e.limit,
+                                             known=self.scope.owner is not None)
             raise
         try:
             self.st.admit(places)
@@ -213,15 +214,15 @@ class RequestJob:
             self.leave()
             raise
 
-    def tracker(self, prompt: list[int], adapter: AdapterTarget) -> Tracker:
-        """One prompt's timing and outcome, in its model's series (per name, not version) and the caller's rows."""
-        name = self.st.served_name if adapter is None else adapter.name
-        return Tracker(self.st.metrics, name, prompt_tokens=len(prompt), owner=self.scope.owner, tenant=self.tenant,
-                       weight=self.share.weight)
+    def tracker(self, prompt: list[int]) -> Tracker:
+        """One prompt's timing and outcome, in its model's series (per name, not version), the caller's rows and its
+        tenant's books."""
+        return Tracker(self.st.metrics, self._model, prompt_tokens=len(prompt), owner=self.scope.owner,
+                       tenant=self.tenant, weight=self.share.weight)
 
     async def _open(self, prompt: list[int], params: list[SamplingParams], adapter: AdapterTarget, salt: str | None
                     ) -> tuple[Tracker, Started]:
-        tracker = self.tracker(prompt, adapter)
+        tracker = self.tracker(prompt)
         try:
             return tracker, await open_streams(self.st.engine, prompt, params, adapter, tracker, salt, self.share)
         except Exception as e:

@@ -186,12 +186,14 @@ class _TenantCollector:
         requests = GaugeMetricFamily("loraplex_tenant_requests", "Requests in flight per tenant (a key's id, or an "
                                      "adapter without keys): queued (no token yet) or running",
                                      labels=["tenant", "state"])
-        prompt = CounterMetricFamily("loraplex_tenant_prompt_tokens", "Prompt tokens served per tenant", labels=["tenant"])
+        prompt = CounterMetricFamily("loraplex_tenant_prompt_tokens", "Prompt tokens served per tenant",
+                                     labels=["tenant"])
         output = CounterMetricFamily("loraplex_tenant_generation_tokens", "Output tokens served per tenant",
                                      labels=["tenant"])
         share = GaugeMetricFamily("loraplex_tenant_share", "Each tenant's share of the output tokens of the last "
                                   "minute", labels=["tenant"])
-        weight = GaugeMetricFamily("loraplex_tenant_weight", "Each tenant's weight in the fair share", labels=["tenant"])
+        weight = GaugeMetricFamily("loraplex_tenant_weight", "Each tenant's weight in the fair share",
+                                   labels=["tenant"])
         throttled = CounterMetricFamily("loraplex_tenant_throttled", "Requests refused with a 429 at a tenant's cap, "
                                         "by tenant and the limit hit (in_flight, requests, tokens)",
                                         labels=["tenant", "limit"])

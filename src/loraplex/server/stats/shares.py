@@ -100,11 +100,11 @@ class Shares:
         """Every tenant's row (`now`: monotonic)."""
         now = time.monotonic() if now is None else now
         window = {t: led.window(now) for t, led in self._ledgers.items()}
-        total = sum(window.values())
-        active = sum(led.weight for t, led in self._ledgers.items() if window[t] or led.queued or led.running)
+        active = {t for t, led in self._ledgers.items() if window[t] or led.queued or led.running}
+        total, weights = sum(window.values()), sum(self._ledgers[t].weight for t in active)
         return {t: ShareRow(
             tenant=t, weight=led.weight, queued=led.queued, running=led.running, prompt_tokens=led.prompt_tokens,
             output_tokens=led.output_tokens, window_tokens=window[t], share=window[t] / total if total else None,
-            weight_share=led.weight / active if active and (window[t] or led.queued or led.running) else 0.0,
+            weight_share=led.weight / weights if t in active else 0.0,
             throttled=dict(led.throttled), last_limit=led.last_limit, last_throttled=led.last_throttled)
             for t, led in self._ledgers.items()}
