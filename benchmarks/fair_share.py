@@ -15,7 +15,8 @@ Starts `loraplex serve` (default flags: a batch of 64, a queue of 256) with a ke
 
 Time to first token is the client's (send -> first streamed text). Throughput and shares are output tokens as the
 server counted them per key over `--measure-s` (the `fair_share` rows of /v1/stats, read at both ends of the
-window); fair share and first come first served alternate for `--rounds` rounds (the machine's speed drifts), TTFTs
+window), with the engine's own cost from its last steps (decode tokens per second of steps, and how many were
+first-token steps); fair share and first come first served alternate for `--rounds` rounds (the machine's speed drifts), TTFTs
 pooled and throughputs averaged.
 Targets: the quiet tenant's TTFT p50 at most 2x alone (p99 at most 3x), total throughput at least 0.95x first come
 first served, each share within 5% of its weight's. About 8 minutes on 2 CPU cores.
@@ -131,10 +132,16 @@ async def beside_flood(url: str, quiet_key: str, args: argparse.Namespace) -> tu
     finally:
         await stop(floods)
     full = sorted(s["duration_s"] for s in log if s["batch_size"] >= 32)
+    decoded = [sum(t["decode"] for t in s["tokens"].values()) for s in log]
+    own = [s["duration_s"] for s, d in zip(log, decoded) if d == 0]  # first-token steps: prompts only
     return results, {"tokens_per_s": (sum(after.values()) - sum(before.values())) / (t1 - t0), "window_s": t1 - t0,
                      "full_batch_step_ms_p50": 1e3 * full[len(full) // 2] if full else None,
                      # What the scheduler decides, whatever the machine's speed: decode tokens in a step.
-                     "decode_tokens_per_step": sum(t["decode"] for s in log for t in s["tokens"].values()) / len(log),
+                     "decode_tokens_per_step": sum(decoded) / len(log),
+                     # ... and per second of the engine's steps (idle time and the HTTP side left out).
+                     "decode_tokens_per_busy_s": sum(decoded) / sum(s["duration_s"] for s in log),
+                     "first_token_steps": len(own), "steps": len(log),
+                     "first_token_step_ms_p50": 1e3 * sorted(own)[len(own) // 2] if own else None,
                      "flood_errors": errors[:5], "flood_error_count": len(errors)}
 
 
@@ -145,6 +152,9 @@ def pooled(runs: list[tuple[list[Result], dict[str, Any]]]) -> dict[str, Any]:
     return {"quiet_ttft_ms": ttft([x for res, _ in runs for x in res]),
             "tokens_per_s": sum(r["tokens_per_s"] for r in rounds) / len(rounds),
             "decode_tokens_per_step": sum(r["decode_tokens_per_step"] for r in rounds) / len(rounds),
+            "decode_tokens_per_busy_s": sum(r["decode_tokens_per_busy_s"] for r in rounds) / len(rounds),
+            "first_token_steps": sum(r["first_token_steps"] for r in rounds),
+            "steps": sum(r["steps"] for r in rounds),
             # A first token beside the flood waits for the step in progress and then takes one full-batch step.
             "full_batch_step_ms_p50": sum(steps) / len(steps) if steps else None,
             "flood_error_count": sum(r["flood_error_count"] for r in rounds), "rounds": rounds}
@@ -225,10 +235,13 @@ def main() -> None:
                                                  for a, b in zip(fair["rounds"], fcfs["rounds"])),
            "mean_throughput_ratio": fair["tokens_per_s"] / fcfs["tokens_per_s"],
            "tokens_per_step_ratio": fair["decode_tokens_per_step"] / fcfs["decode_tokens_per_step"],
+           "tokens_per_busy_s_ratio": statistics.median(a["decode_tokens_per_busy_s"] / b["decode_tokens_per_busy_s"]
+                                                        for a, b in zip(fair["rounds"], fcfs["rounds"])),
            "server_exit_code": code}
     print(f"quiet TTFT beside the flood / alone: p50 {out['ttft_p50_ratio']:.2f}x, p99 {out['ttft_p99_ratio']:.2f}x "
           f"(first come, first served: p50 {out['fcfs_ttft_p50_ratio']:.1f}x); throughput / fcfs "
-          f"{out['throughput_ratio']:.3f} (decode tokens per step {out['tokens_per_step_ratio']:.3f}); largest share "
+          f"{out['throughput_ratio']:.3f} (decode tokens per step {out['tokens_per_step_ratio']:.3f}, per second of "
+          f"steps {out['tokens_per_busy_s_ratio']:.3f}); largest share "
           f"error {100 * res['shares']['max_abs_error']:.1f}%")
     print(f"written to {write_json('fair_share', out)}")
 

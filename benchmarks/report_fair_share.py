@@ -26,18 +26,31 @@ def fair_share_lines(f: dict[str, Any]) -> list[str]:
         t = r["quiet_ttft_ms"]
         lines.append(f"| {name} | {t['p50']:.0f} | {t['p99']:.0f} | {t['p50'] / alone['p50']:.2f}x | "
                      f"{t['p99'] / alone['p99']:.2f}x | {r['tokens_per_s']:.0f} |")
-    if "tokens_per_step_ratio" in f:
-        lines += ["", f"The scheduler's own cost, whatever the machine's speed: {fair['decode_tokens_per_step']:.2f} "
-                  f"decode tokens per step with fair share against {fcfs['decode_tokens_per_step']:.2f} first come "
-                  f"first served ({f['tokens_per_step_ratio']:.3f}; the engine's last 128 steps of each window). The "
+    if "tokens_per_busy_s_ratio" in f:
+        lines += ["", f"The scheduler's own cost: {fair['decode_tokens_per_busy_s']:.0f} decode tokens per second of "
+                  f"engine steps with fair share against {fcfs['decode_tokens_per_busy_s']:.0f} first come first "
+                  f"served ({f['tokens_per_busy_s_ratio']:.3f}, median of the paired rounds; the engine's last 128 "
+                  f"steps of each window, idle time and the HTTP side left out); {fair['decode_tokens_per_step']:.1f} "
+                  f"against {fcfs['decode_tokens_per_step']:.1f} decode tokens per step, {fair['first_token_steps']} of "
+                  f"{fair['steps']} fair-share steps being first-token steps (the quiet key's prompt alone). The "
                   "wall-clock throughputs of the rounds vary more than that between rounds of one policy: this "
                   "machine's step time drifts."]
+    elif "tokens_per_step_ratio" in f:
+        lines += ["", f"The scheduler's own cost, whatever the machine's speed: {fair['decode_tokens_per_step']:.2f} "
+                  f"decode tokens per step with fair share against {fcfs['decode_tokens_per_step']:.2f} first come "
+                  f"first served ({f['tokens_per_step_ratio']:.3f}; the engine's last 128 steps of each window)."]
     step = fair.get("full_batch_step_ms_p50")
-    if step:
+    own = [r["first_token_step_ms_p50"] for r in fair.get("rounds", []) if r.get("first_token_step_ms_p50")]
+    if step and own:
+        lines += ["", f"A first token beside the flood waits for the step in progress ({step:.0f} ms at p50 with 32 or "
+                  f"more in the batch), then takes a step of its own prompt ({sorted(own)[len(own) // 2]:.0f} ms at "
+                  "p50): the floor of the quiet tenant's TTFT while another tenant keeps the batch full is about half "
+                  "a full step and one small one, on top of its HTTP path."]
+    elif step:
         lines += ["", f"A first token beside the flood waits for the step in progress, then takes a step of the full "
                   f"batch: {step:.0f} ms at p50 here (batches of 32 or more), so about 1.5 steps, "
                   f"{1.5 * step:.0f} ms, is the floor of the quiet tenant's TTFT while another tenant keeps the batch "
-                  f"full, whatever the scheduler does."]
+                  f"full."]
     lines += ["", f"Four keys flooding at once, {f['flood'] // len(sh['tenants'])} streams each, over "
               f"{sh['window_s']:.0f} s ({sh['tokens_per_s']:.0f} tok/s in all):", "",
               "| key | weight | output tokens | share | its weight's | off by |", "|---|---|---|---|---|---|"]

@@ -23,8 +23,9 @@ def req(rid: str, tenant: Tenant, prompt: int = 4, max_tokens: int = 8, weight: 
                    tenant=tenant, weight=weight)
 
 
-def sched(max_num_seqs: int = 8, num_blocks: int = 4096, block_size: int = 4, budget: int = 256) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), Slots(2), max_num_seqs, budget, max_skips=2)
+def sched(max_num_seqs: int = 8, num_blocks: int = 4096, block_size: int = 4, budget: int = 256,
+          express: bool = True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), Slots(2), max_num_seqs, budget, max_skips=2, express=express)
 
 
 def run_step(s: Scheduler, decoded: Counter[Tenant], owner: Callable[[Request], Tenant] = lambda r: r.tenant
@@ -135,6 +136,82 @@ def test_a_tenant_below_its_share_is_not_held_until_a_request_finishes() -> None
     preempted = [len(run_step(s, Counter())[0].preempted) for _ in range(12)]
     assert Counter(r.tenant for r in s.running) == {"flood": 4, "quiet": 4}
     assert preempted[:2] == [1, 1] and sum(preempted[-8:]) == 0, preempted  # settled: no swapping back and forth
+
+
+def flooding(requests: int, steps: int = 1, max_num_seqs: int = 8, express: bool = True) -> Scheduler:
+    """A scheduler whose batch one tenant ("flood") fills with `requests` long requests, after `steps` steps."""
+    s = sched(max_num_seqs=max_num_seqs, express=express)
+    for i in range(requests):
+        s.add(req(f"n{i}", "flood", max_tokens=1000))
+    for _ in range(steps):
+        run_step(s, Counter())
+    return s
+
+
+def test_a_first_token_far_under_its_share_takes_a_step_of_its_own() -> None:
+    """Beside a full batch of another tenant's decodes, a quiet tenant's first token is computed in a step of its own
+    prompt (a step's time grows with its tokens), and the flood's decodes wait that one step, never two in a row."""
+    s = flooding(20, steps=3)
+    q = req("q", "quiet", prompt=5, max_tokens=3)
+    s.add(q)
+    out, _ = run_step(s, Counter())
+    assert [(x.request.request_id, x.num_tokens) for x in out.seqs] == [("q", 5)]
+    assert len(q.output_token_ids) == 1  # its first token
+    out, _ = run_step(s, Counter())  # everyone else's decodes, and the quiet one's second token
+    assert {x.request.tenant for x in out.seqs} == {"flood", "quiet"} and len(out.seqs) == 8
+    q2, q3 = req("q2", "quiet", max_tokens=3), req("q3", "quiet", max_tokens=3)
+    s.add(q2)
+    assert len(run_step(s, Counter())[0].seqs) == 1  # q2 alone
+    s.add(q3)  # arrives right after an express step: this step is everyone's, q3 among them
+    out, _ = run_step(s, Counter())
+    assert q3 in [x.request for x in out.seqs] and len(out.seqs) == 8
+
+
+def test_without_first_token_steps_every_step_is_everyones() -> None:
+    """express=False (a GPU, or --first-token-steps off): the quiet first token shares the flood's step."""
+    s = flooding(20, express=False)
+    q = req("q", "quiet", prompt=5, max_tokens=3)
+    s.add(q)
+    out, _ = run_step(s, Counter())
+    assert len(out.seqs) == 8 and q in [x.request for x in out.seqs]
+
+
+def test_no_express_step_for_a_tenant_at_its_share_or_a_prompt_longer_than_the_rest() -> None:
+    """Tenants running alike share every step; a prompt whose tokens outnumber the others' takes no step of its own
+    (it would save it little and hold the others up)."""
+    s = sched(max_num_seqs=8)
+    for t in "ab":
+        for i in range(4):
+            s.add(req(f"{t}{i}", t, max_tokens=1000))
+    run_step(s, Counter())
+    s.finish(s.running[-1], "abort")  # b holds 3 places, a 4: b's newcomer is not far under a
+    s.add(req("b9", "b", max_tokens=5))
+    out, _ = run_step(s, Counter())
+    assert len(out.seqs) == 8
+    s = flooding(6)
+    long = req("long", "quiet", prompt=40, max_tokens=3)
+    s.add(long)
+    out, _ = run_step(s, Counter())
+    assert len(out.seqs) == 7 and long in [x.request for x in out.seqs]
+
+
+def test_newcomers_every_step_still_let_every_request_run_every_other_step() -> None:
+    """A new tenant in every step (each far under the flood's share) cannot stall the flood: express steps never
+    come two in a row, so each running request computes at least every other step."""
+    s = sched(max_num_seqs=64)  # room for all: nobody is preempted, so only express steps could hold one back
+    flood_reqs = [req(f"n{i}", "flood", max_tokens=1000) for i in range(16)]
+    for r in flood_reqs:
+        s.add(r)
+    run_step(s, Counter())
+    computed, express = [], 0
+    for step_no in range(40):
+        s.add(req(f"q{step_no}", f"quiet{step_no}", max_tokens=2))
+        out, _ = run_step(s, Counter())
+        express += all(x.request.tenant != "flood" for x in out.seqs)
+        computed.append({x.request.request_id for x in out.seqs})
+    assert express == 20  # every other step
+    for a, b in zip(computed, computed[1:]):
+        assert all(r.request_id in a | b for r in flood_reqs)
 
 
 def test_no_preemption_when_the_newcomer_would_take_more_than_its_share() -> None:

@@ -17,6 +17,7 @@ from loraplex import EngineConfig
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.server.app import build_app
 from loraplex.cli import _server_configs, main, parse
+from loraplex.errors import InvalidRequestError
 from loraplex.server.auth import key_id, load_keys
 from loraplex.server.quotas import Limits
 from server_util import running
@@ -99,3 +100,12 @@ def test_tenant_flags_configure_a_keyless_server() -> None:
                                        "--tenant-max-in-flight", "8", "--tenant-tokens-per-minute", "9000"]))
     assert server.tenant_weights == (("legal", 3.0), ("SmolLM2-135M-Instruct", 0.5))
     assert (server.tenant_max_in_flight, server.tenant_tokens_per_minute) == (8, 9000)
+
+
+def test_first_token_steps_flag() -> None:
+    """Serve's --first-token-steps reaches the engine's config (auto by default); a value outside its three is
+    refused by the config naming them (for Python users, who build EngineConfig directly)."""
+    assert _server_configs(parse(["serve"]))[0].first_token_steps == "auto"
+    assert _server_configs(parse(["serve", "--first-token-steps", "off"]))[0].first_token_steps == "off"
+    with pytest.raises(InvalidRequestError, match="first_token_steps must be one of auto, on, off, got 'yes'"):
+        EngineConfig(first_token_steps="yes")

@@ -47,6 +47,13 @@ class FairShare:
             load[r.tenant] = load.get(r.tenant, 0.0) + 1.0 / r.weight
         return load
 
+    def far_under(self, running: list[Request]) -> set[Hashable]:
+        """Tenants running at most half the places per unit of weight of the busiest one (none while one runs alone
+        or all run alike)."""
+        load = self.load(running)
+        top = max(load.values(), default=0.0)
+        return {t for t, held in load.items() if 2.0 * held <= top}
+
     def admission_order(self, waiting: Iterable[Request], running: list[Request]) -> Iterator[Request]:
         """Waiting requests in the order places go to them: each next one is the head of the tenant whose load would
         be least with it admitted (as if the ones before it were; with weights that do not divide the batch, this

@@ -7,7 +7,8 @@ budget go by weighted fair share; within a tenant, first-come first-served. A re
 whose prompt starts with blocks in the prefix cache takes them and computes only the rest (admission
 counts only the blocks it really needs). When a
 decode needs a block and none is free, or the batch is full while a tenant waits below its share, the newest
-running request of the tenant furthest over its share is preempted (its KV freed and recomputed later). A waiting
+running request of the tenant furthest over its share is preempted (its KV freed and recomputed later). On a CPU a
+first token of a tenant far under its share may get a step of its own prompt (_express). A waiting
 request whose adapter cannot get a slot is passed over by later requests at most `max_skips` times; after that
 nobody is admitted ahead of it. A request whose adapter is still being read from disk simply waits: it holds nobody
 up and loses no place.
@@ -68,7 +69,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, adapters: AdapterSlots, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_skips: int) -> None:
+                 max_num_batched_tokens: int, max_skips: int, express: bool = False) -> None:
         self.blocks = blocks
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
@@ -78,6 +79,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefix_cache = PrefixCacheCounters()
         self.fair = FairShare()
+        self.express = express  # first tokens of tenants far under their share get steps of their own (_express)
+        self._expressed = False  # the last step was such a step
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -142,6 +145,7 @@ class Scheduler:
             budget -= n
         if len(out.preempted) == kv_preempted:  # no decode needed a block: the KV cache has room to admit
             self._admit(out, budget)
+        self._express(out)
         for s in out.seqs:
             self.fair.charge(s.request, s.num_tokens)
         return out
@@ -166,6 +170,24 @@ class Scheduler:
         if load.get(head.tenant, 0.0) + 1.0 / head.weight > keeps:
             return  # the newcomer's tenant would then hold more than the victim's: already fair
         self._preempt(victim, out)  # the newcomer takes the place at admission, ahead of the victim's tenant
+
+    def _express(self, out: SchedulerOutput) -> None:
+        """A first token of a tenant far under its share (FairShare.far_under) does not wait behind a step of the
+        other tenants' tokens. A step's time grows with its tokens (on a CPU almost in proportion), so beside a full
+        batch of another tenant's decodes a first token would take a step of the whole batch. When the other tokens
+        are at least as many as those prompts', this step computes only the prompts (their chunks) of requests with
+        no token yet of such tenants; the rest wait one step, never two in a row, so every request still runs at
+        least every other step. The work is the same, in another order: blocks already given to the requests that
+        wait stay theirs for the next step."""
+        if self._expressed or not self.express:
+            self._expressed = False
+            return
+        under = self.fair.far_under(self.running)
+        first = [s for s in out.seqs if s.request.tenant in under and not s.request.output_token_ids
+                 and s.request.num_computed_tokens < len(s.request.prompt_token_ids)]
+        if first and sum(s.num_tokens for s in out.seqs) >= 2 * sum(s.num_tokens for s in first):
+            out.seqs = first
+            self._expressed = True
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks `req` (waiting: nothing computed) can start from; sets its namespace once."""
