@@ -16,8 +16,8 @@ Starts `loraplex serve` (default flags: a batch of 64, a queue of 256) with a ke
 Time to first token is the client's (send -> first streamed text). Throughput and shares are output tokens as the
 server counted them per key over `--measure-s` (the `fair_share` rows of /v1/stats, read at both ends of the
 window), with the engine's own cost from its last steps (decode tokens per second of steps, and how many were
-first-token steps); fair share and first come first served alternate for `--rounds` rounds (the machine's speed drifts), TTFTs
-pooled and throughputs averaged.
+first-token steps); fair share and first come first served alternate for `--rounds` rounds (the machine's speed
+drifts), TTFTs pooled and throughputs averaged.
 Targets: the quiet tenant's TTFT p50 at most 2x alone (p99 at most 3x), total throughput at least 0.95x first come
 first served, each share within 5% of its weight's. About 8 minutes on 2 CPU cores.
 """

@@ -31,8 +31,9 @@ def fair_share_lines(f: dict[str, Any]) -> list[str]:
                   f"engine steps with fair share against {fcfs['decode_tokens_per_busy_s']:.0f} first come first "
                   f"served ({f['tokens_per_busy_s_ratio']:.3f}, median of the paired rounds; the engine's last 128 "
                   f"steps of each window, idle time and the HTTP side left out); {fair['decode_tokens_per_step']:.1f} "
-                  f"against {fcfs['decode_tokens_per_step']:.1f} decode tokens per step, {fair['first_token_steps']} of "
-                  f"{fair['steps']} fair-share steps being first-token steps (the quiet key's prompt alone). The "
+                  f"against {fcfs['decode_tokens_per_step']:.1f} decode tokens per step, "
+                  f"{fair['first_token_steps']} of {fair['steps']} fair-share steps being first-token steps (the quiet "
+                  "key's prompt alone). The "
                   "wall-clock throughputs of the rounds vary more than that between rounds of one policy: this "
                   "machine's step time drifts."]
     elif "tokens_per_step_ratio" in f:

@@ -24,8 +24,9 @@ def req(rid: str, tenant: Tenant, prompt: int = 4, max_tokens: int = 8, weight: 
 
 
 def sched(max_num_seqs: int = 8, num_blocks: int = 4096, block_size: int = 4, budget: int = 256,
-          express: bool = True) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), Slots(2), max_num_seqs, budget, max_skips=2, express=express)
+          fair_steps: bool = True) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size), Slots(2), max_num_seqs, budget, max_skips=2,
+                     fair_steps=fair_steps)
 
 
 def run_step(s: Scheduler, decoded: Counter[Tenant], owner: Callable[[Request], Tenant] = lambda r: r.tenant
@@ -138,9 +139,9 @@ def test_a_tenant_below_its_share_is_not_held_until_a_request_finishes() -> None
     assert preempted[:2] == [1, 1] and sum(preempted[-8:]) == 0, preempted  # settled: no swapping back and forth
 
 
-def flooding(requests: int, steps: int = 1, max_num_seqs: int = 8, express: bool = True) -> Scheduler:
+def flooding(requests: int, steps: int = 1, max_num_seqs: int = 8, fair_steps: bool = True) -> Scheduler:
     """A scheduler whose batch one tenant ("flood") fills with `requests` long requests, after `steps` steps."""
-    s = sched(max_num_seqs=max_num_seqs, express=express)
+    s = sched(max_num_seqs=max_num_seqs, fair_steps=fair_steps)
     for i in range(requests):
         s.add(req(f"n{i}", "flood", max_tokens=1000))
     for _ in range(steps):
@@ -162,21 +163,21 @@ def test_a_first_token_far_under_its_share_takes_a_step_of_its_own() -> None:
     q2, q3 = req("q2", "quiet", max_tokens=3), req("q3", "quiet", max_tokens=3)
     s.add(q2)
     assert len(run_step(s, Counter())[0].seqs) == 1  # q2 alone
-    s.add(q3)  # arrives right after an express step: this step is everyone's, q3 among them
+    s.add(q3)  # arrives right after a first-token step: this step is everyone's, q3 among them
     out, _ = run_step(s, Counter())
     assert q3 in [x.request for x in out.seqs] and len(out.seqs) == 8
 
 
-def test_without_first_token_steps_every_step_is_everyones() -> None:
-    """express=False (a GPU, or --first-token-steps off): the quiet first token shares the flood's step."""
-    s = flooding(20, express=False)
+def test_without_fair_steps_every_step_is_everyones() -> None:
+    """fair_steps=False (a GPU, or --fair-steps off): the quiet first token shares the flood's step."""
+    s = flooding(20, fair_steps=False)
     q = req("q", "quiet", prompt=5, max_tokens=3)
     s.add(q)
     out, _ = run_step(s, Counter())
     assert len(out.seqs) == 8 and q in [x.request for x in out.seqs]
 
 
-def test_no_express_step_for_a_tenant_at_its_share_or_a_prompt_longer_than_the_rest() -> None:
+def test_no_first_token_step_for_a_tenant_at_its_share_or_a_prompt_longer_than_the_rest() -> None:
     """Tenants running alike share every step; a prompt whose tokens outnumber the others' takes no step of its own
     (it would save it little and hold the others up)."""
     s = sched(max_num_seqs=8)
@@ -195,23 +196,72 @@ def test_no_express_step_for_a_tenant_at_its_share_or_a_prompt_longer_than_the_r
     assert len(out.seqs) == 7 and long in [x.request for x in out.seqs]
 
 
-def test_newcomers_every_step_still_let_every_request_run_every_other_step() -> None:
-    """A new tenant in every step (each far under the flood's share) cannot stall the flood: express steps never
-    come two in a row, so each running request computes at least every other step."""
-    s = sched(max_num_seqs=64)  # room for all: nobody is preempted, so only express steps could hold one back
-    flood_reqs = [req(f"n{i}", "flood", max_tokens=1000) for i in range(16)]
-    for r in flood_reqs:
-        s.add(r)
+def prompt_tokens(out: SchedulerOutput) -> int:
+    return sum(x.num_tokens for x in out.seqs if x.num_tokens > 1)
+
+
+def test_a_tenant_over_its_share_adds_a_batch_of_prompt_tokens_to_a_step_while_others_run() -> None:
+    """A wave of the flood's new requests (long prompts) is prefilled max_num_seqs tokens a step while the quiet tenant
+    runs, so the quiet tenant's decode waits for steps of at most two batches' worth of tokens; alone, the flood takes
+    the whole budget again."""
+    s = sched(max_num_seqs=16, budget=256)
+    quiet = req("q", "quiet", max_tokens=30)
+    s.add(quiet)
+    for i in range(10):
+        s.add(req(f"n{i}", "flood", max_tokens=1000))
+    for _ in range(3):
+        run_step(s, Counter())
+    for i in range(6):
+        s.add(req(f"w{i}", "flood", prompt=100, max_tokens=1000))
+    steps = []
+    while not quiet.finished:
+        out, _ = run_step(s, Counter())
+        steps.append((prompt_tokens(out), quiet in [x.request for x in out.seqs]))
+    assert all(p <= 16 for p, _ in steps) and all(ran for _, ran in steps), steps
+    assert sum(p for p, _ in steps) >= 16 * 20  # the wave kept moving, a batch's worth every step
+    out, _ = run_step(s, Counter())  # the quiet tenant is gone: the flood is alone, the budget all its own
+    assert prompt_tokens(out) > 16
+    s = flooding(10, max_num_seqs=16, fair_steps=False)  # off: the wave takes the budget beside the quiet one too
+    s.add(req("q", "quiet", max_tokens=30))
     run_step(s, Counter())
-    computed, express = [], 0
+    for i in range(6):
+        s.add(req(f"w{i}", "flood", prompt=100, max_tokens=1000))
+    assert prompt_tokens(run_step(s, Counter())[0]) > 16
+
+
+def test_newcomers_every_step_still_let_every_request_run_every_other_step() -> None:
+    """A new tenant in every step (each far under the flood's share) cannot stall the flood: first-token steps never
+    come two in a row, so each running request computes at least every other step (those the newcomers' places were
+    taken from wait at the front of the flood's queue)."""
+    s = flooding(60, max_num_seqs=32)
+    computed: list[set[str]] = []
+    preempted: set[str] = set()
+    own = 0
     for step_no in range(40):
         s.add(req(f"q{step_no}", f"quiet{step_no}", max_tokens=2))
         out, _ = run_step(s, Counter())
-        express += all(x.request.tenant != "flood" for x in out.seqs)
+        own += all(x.request.tenant != "flood" for x in out.seqs)
         computed.append({x.request.request_id for x in out.seqs})
-    assert express == 20  # every other step
+        preempted |= {r.request_id for r in out.preempted}
+    assert own == 20  # every other step
+    kept = [r.request_id for r in s.running if r.tenant == "flood" and r.request_id not in preempted]
+    assert len(kept) > 20
     for a, b in zip(computed, computed[1:]):
-        assert all(r.request_id in a | b for r in flood_reqs)
+        assert all(r in a | b for r in kept)
+
+
+def test_no_shaped_steps_while_every_request_has_its_place() -> None:
+    """Nothing waits and the batch has room: a light tenant's first token shares the step (a step of a few decodes is
+    short) and a long prompt of a tenant with more requests is not held back."""
+    s = sched(max_num_seqs=64, budget=256)
+    for i in range(10):
+        s.add(req(f"a{i}", "a", max_tokens=1000))
+    s.add(req("b0", "b", max_tokens=1000))
+    run_step(s, Counter())
+    s.add(req("b1", "b", prompt=5, max_tokens=3))
+    assert len(run_step(s, Counter())[0].seqs) == 12
+    s.add(req("long", "a", prompt=200, max_tokens=3))
+    assert prompt_tokens(run_step(s, Counter())[0]) == 200
 
 
 def test_no_preemption_when_the_newcomer_would_take_more_than_its_share() -> None:

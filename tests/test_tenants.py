@@ -102,10 +102,10 @@ def test_tenant_flags_configure_a_keyless_server() -> None:
     assert (server.tenant_max_in_flight, server.tenant_tokens_per_minute) == (8, 9000)
 
 
-def test_first_token_steps_flag() -> None:
-    """Serve's --first-token-steps reaches the engine's config (auto by default); a value outside its three is
+def test_fair_steps_flag() -> None:
+    """Serve's --fair-steps reaches the engine's config (auto by default); a value outside its three is
     refused by the config naming them (for Python users, who build EngineConfig directly)."""
-    assert _server_configs(parse(["serve"]))[0].first_token_steps == "auto"
-    assert _server_configs(parse(["serve", "--first-token-steps", "off"]))[0].first_token_steps == "off"
-    with pytest.raises(InvalidRequestError, match="first_token_steps must be one of auto, on, off, got 'yes'"):
-        EngineConfig(first_token_steps="yes")
+    assert _server_configs(parse(["serve"]))[0].fair_steps == "auto"
+    assert _server_configs(parse(["serve", "--fair-steps", "off"]))[0].fair_steps == "off"
+    with pytest.raises(InvalidRequestError, match="fair_steps must be one of auto, on, off, got 'yes'"):
+        EngineConfig(fair_steps="yes")

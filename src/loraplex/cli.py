@@ -194,10 +194,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens in one step; longer prompts are prefilled in chunks")
-    p.add_argument("--first-token-steps", choices=("auto", "on", "off"), default="auto",
-                   help="a first token of a tenant far under its fair share gets a step of its own prompt, the others'"
-                        " decodes waiting that step (never two in a row); auto: on a CPU, where a step's time grows"
-                        " with its tokens, off on a GPU")
+    p.add_argument("--fair-steps", choices=("auto", "on", "off"), default="auto",
+                   help="while requests outnumber the batch's places, steps are shaped for tenants below their fair"
+                        " share: a first token far under its share gets a step of its own prompt (never two in a"
+                        " row), and a tenant over its share adds at most --max-num-seqs prompt tokens to a step;"
+                        " auto: on a CPU, where a step's time grows with its tokens, off on a GPU")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond --max-num-seqs before 503")
     p.add_argument("--max-metric-labels", type=int, default=256,
                    help="adapters with their own series on /metrics; later ones are counted under model=\"other\"")
@@ -233,7 +234,7 @@ def _server_configs(args: argparse.Namespace, adapter_dir: str | None = None,
         modules = {**demo_adapters(), **modules}
     engine_config = EngineConfig(
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        first_token_steps=args.first_token_steps, max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(modules.items()),
+        fair_steps=args.fair_steps, max_cpu_loras=args.max_cpu_loras, lora_modules=tuple(modules.items()),
         adapter_dir=adapter_dir or args.adapter_dir, registry_file=registry_file or args.registry_file,
         **engine_kwargs(args), **_mapped_vllm_settings(args),  # type: ignore[arg-type]
     )

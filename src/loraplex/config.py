@@ -11,7 +11,7 @@ from pathlib import Path
 from loraplex.errors import InvalidRequestError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-FIRST_TOKEN_STEPS = ("auto", "on", "off")
+FAIR_STEPS = ("auto", "on", "off")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 ORIGIN_FORM = re.compile(r"https?://[^/\s]+")  # a web origin: scheme, host and port, no path
 DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")  # auto: a GPU where torch sees one (hardware.resolve_device)
@@ -43,9 +43,9 @@ class EngineConfig:
     registry_file: str | None = None  # run-time registrations, promotions and pins survive restarts here
     allow_pickle_adapters: bool = False
     max_skips: int = 16  # fairness: how often a waiting request may be passed over by later ones
-    # A first token of a tenant far under its share gets a step of its own prompt (engine/scheduler.py _express):
-    # "auto" on a CPU, where a step's time grows with its tokens; "off" on a GPU, where a small step costs a whole one.
-    first_token_steps: str = "auto"
+    # Steps shaped for tenants below their share (engine/scheduler.py _express, _chunk): "auto" is on for a CPU, where
+    # a step's time grows with its tokens, off for a GPU, where a small step costs about a whole one.
+    fair_steps: str = "auto"
     # The cap on one request's templating, tokenization and grammar compilation (engine/prepare.py); over it: 400.
     max_prepare_seconds: float = 5.0
     chat_template: str | None = None  # a Jinja chat template in place of the tokenizer's own (vLLM's --chat-template)
@@ -66,8 +66,8 @@ class EngineConfig:
             (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
             (self.max_cpu_loras >= 1, "max_cpu_loras must be >= 1"),
             (self.max_skips >= 0, "max_skips must be >= 0"),
-            (self.first_token_steps in FIRST_TOKEN_STEPS,
-             f"first_token_steps must be one of {', '.join(FIRST_TOKEN_STEPS)}, got {self.first_token_steps!r}"),
+            (self.fair_steps in FAIR_STEPS,
+             f"fair_steps must be one of {', '.join(FAIR_STEPS)}, got {self.fair_steps!r}"),
             (self.max_prepare_seconds > 0, f"max_prepare_seconds must be > 0, got {self.max_prepare_seconds}"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
             (self.quantization in (None, "nf4", "fp4", "int8"),

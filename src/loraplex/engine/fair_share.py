@@ -47,6 +47,17 @@ class FairShare:
             load[r.tenant] = load.get(r.tenant, 0.0) + 1.0 / r.weight
         return load
 
+    def over_share(self, running: list[Request]) -> set[Hashable]:
+        """Tenants holding more than one request beyond their weight's share of the running places (none while one
+        runs alone)."""
+        count: dict[Hashable, int] = {}
+        weight: dict[Hashable, float] = {}
+        for r in running:
+            count[r.tenant] = count.get(r.tenant, 0) + 1
+            weight[r.tenant] = r.weight
+        total = sum(weight.values())
+        return {t for t, n in count.items() if n > len(running) * weight[t] / total + 1}
+
     def far_under(self, running: list[Request]) -> set[Hashable]:
         """Tenants running at most half the places per unit of weight of the busiest one (none while one runs alone
         or all run alike)."""

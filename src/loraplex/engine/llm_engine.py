@@ -74,9 +74,9 @@ class LLMEngine:
         loader = AdapterLoader(self.lora_shapes, config.max_lora_rank, config.allow_pickle_adapters, self.model_name,
                                self.model_dir, config.enable_lora)
         self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, loader, host_admission)
-        express = config.first_token_steps == "on" or (config.first_token_steps == "auto" and self.device.type == "cpu")
+        fair_steps = config.fair_steps == "on" or (config.fair_steps == "auto" and self.device.type == "cpu")
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_skips, express)
+                                   config.max_skips, fair_steps)
         self.requests: dict[str, Request] = {}
         self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
         self.nonfinite_requests: dict[str, int] = {}  # model label -> requests ended by NonFiniteOutputError

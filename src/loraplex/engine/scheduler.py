@@ -69,7 +69,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, adapters: AdapterSlots, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_skips: int, express: bool = False) -> None:
+                 max_num_batched_tokens: int, max_skips: int, fair_steps: bool = False) -> None:
         self.blocks = blocks
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
@@ -79,8 +79,13 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefix_cache = PrefixCacheCounters()
         self.fair = FairShare()
-        self.express = express  # first tokens of tenants far under their share get steps of their own (_express)
-        self._expressed = False  # the last step was such a step
+        # Steps shaped for the tenants below their share while the batch is contended (_contended), on a CPU, where a
+        # step's time grows with its tokens: a first token far under its share gets a step of its own (_express); a
+        # tenant over its share adds at most max_num_seqs prompt tokens to a step (_chunk).
+        self.fair_steps = fair_steps
+        self._expressed = False  # the last step was a first-token step
+        self._capped: set[Hashable] = set()  # this step's tenants over their share
+        self._prompt_room = 0  # prompt tokens they may still add to this step
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -125,13 +130,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         self._make_room(out)
         kv_preempted = len(out.preempted)
+        self._capped = self.fair.over_share(self.running) if self.fair_steps and self._contended() else set()
+        self._prompt_room = self.max_num_seqs
         scheduled: set[int] = set()
         for req in self.fair.prefill_order(self.running):  # decodes, then prefills by tenant share
             if budget <= 0:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted to make room for one before it
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            if n == 0:
+                continue
             while not self.blocks.can_allocate(self.blocks.blocks_needed(req, req.num_computed_tokens + n)):
                 unscheduled = [r for r in self.running if id(r) not in scheduled]  # req among them
                 self._preempt(self.fair.victim(unscheduled, self.running), out)
@@ -171,15 +180,32 @@ class Scheduler:
             return  # the newcomer's tenant would then hold more than the victim's: already fair
         self._preempt(victim, out)  # the newcomer takes the place at admission, ahead of the victim's tenant
 
+    def _contended(self) -> bool:
+        """More requests than the batch has places: then steps are shaped (fair_steps). Otherwise every request has
+        its place, a step of a few decodes is short, and a long prompt is not held back for nothing."""
+        return len(self.running) + len(self.waiting) > self.max_num_seqs
+
+    def _chunk(self, req: Request, n: int) -> int:
+        """The tokens `req` computes this step of the `n` the budget allows. In a contended batch, a tenant over its
+        share (FairShare.over_share: others run too) adds at most max_num_seqs prompt tokens to a step: its prefills
+        (a wave of new requests, started together and ended together) would otherwise make a step several times a
+        batch of decodes, and every other tenant's next token waits for it. So a step takes at most about two batches
+        of decodes."""
+        if req.tenant not in self._capped or n <= 1:
+            return n
+        n = min(n, self._prompt_room)
+        self._prompt_room -= n
+        return n
+
     def _express(self, out: SchedulerOutput) -> None:
-        """A first token of a tenant far under its share (FairShare.far_under) does not wait behind a step of the
-        other tenants' tokens. A step's time grows with its tokens (on a CPU almost in proportion), so beside a full
+        """In a contended batch, a first token of a tenant far under its share (FairShare.far_under) does not wait
+        behind a step of the other tenants' tokens. A step's time grows with its tokens (on a CPU), so beside a full
         batch of another tenant's decodes a first token would take a step of the whole batch. When the other tokens
         are at least as many as those prompts', this step computes only the prompts (their chunks) of requests with
         no token yet of such tenants; the rest wait one step, never two in a row, so every request still runs at
-        least every other step. The work is the same, in another order: blocks already given to the requests that
-        wait stay theirs for the next step."""
-        if self._expressed or not self.express:
+        least every other step. The work is the same, in another order, plus one step's fixed cost: blocks already
+        given to the requests that wait stay theirs for the next step."""
+        if self._expressed or not self.fair_steps or not self._contended():
             self._expressed = False
             return
         under = self.fair.far_under(self.running)
@@ -216,7 +242,9 @@ class Scheduler:
                 continue
             cached = self._cached_prefix(req)
             start = len(cached) * self.blocks.block_size
-            n = min(req.num_tokens - start, budget)
+            n = self._chunk(req, min(req.num_tokens - start, budget))
+            if n == 0:
+                continue  # its tenant, over its share, has added all the prompt tokens it may to this step
             need = self.blocks.blocks_for(start + n) - len(cached) + self.blocks.reclaimed_by(cached)
             if not self.blocks.can_allocate(need):
                 break  # KV cache full: wait for running requests to free blocks
