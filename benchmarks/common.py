@@ -30,6 +30,24 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) CPU jiffies since boot from /proc/stat; None where there is none (not Linux) or no steal
+    column. Steal is time the hypervisor gave other guests while this one wanted the CPU."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    return (int(fields[7]), sum(int(f) for f in fields[:8])) if len(fields) >= 8 else None
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen between two cpu_times(): a phase measured while it was high measured the
+    neighbours too (this project's VMs have seen 15-27% for minutes)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def class_slug() -> str:
     """The results folder of this machine's CPU class: results/avx512-bf16, results/avx2, ..."""
     from loraplex import hardware

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import default_model_dir, machine, make_adapters, write_json
+from benchmarks.common import cpu_times, default_model_dir, machine, make_adapters, steal_share, write_json
 from benchmarks.serving import PROMPTS, Result, free_port, one, start_server, stop_server, summary, wait_healthy
 from loraplex.server.auth import key_id
 
@@ -116,6 +116,12 @@ def ttft(results: list[Result]) -> dict[str, Any]:
             "errors": [r.error for r in results if r.error is not None]}
 
 
+def stolen(since: tuple[int, int] | None) -> str:
+    """The share of CPU time the hypervisor gave other guests since `since`, for a phase's line."""
+    share = steal_share(since, cpu_times())
+    return "" if share is None else f" (steal {100 * share:.0f}%{'; NOT A CLEAN FIGURE' if share > 0.05 else ''})"
+
+
 async def beside_flood(url: str, quiet_key: str, args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     """The quiet requests (under `quiet_key`) beside the flood; their results, and every tenant's output tokens per
     second over the measured window with the median step time of the full batch."""
@@ -180,20 +186,26 @@ async def shares(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = cpu_times()
     alone = ttft(await quiet(url, QUIET, "a0", args.quiet_requests))
-    print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms", flush=True)
+    alone["steal"] = steal_share(t0, cpu_times())
+    print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms{stolen(t0)}", flush=True)
     runs: dict[str, list[tuple[list[Result], dict[str, Any]]]] = {"fair": [], "fcfs": []}
     for i in range(args.rounds):  # alternated, so that a drift in the machine's speed falls on both alike
         for policy, key in (("fair", QUIET), ("fcfs", FLOOD)):
+            t0 = cpu_times()
             results, r = await beside_flood(url, key, args)
+            r["steal"] = steal_share(t0, cpu_times())
             runs[policy].append((results, r))
             t = ttft(results)
             print(f"round {i + 1}, {policy}: quiet TTFT p50 {t['p50']:.0f} ms, p99 {t['p99']:.0f} ms; "
-                  f"{r['tokens_per_s']:.0f} tok/s", flush=True)
+                  f"{r['tokens_per_s']:.0f} tok/s{stolen(t0)}", flush=True)
     fair, fcfs = pooled(runs["fair"]), pooled(runs["fcfs"])
+    t0 = cpu_times()
     sh = await shares(url, args)
+    sh["steal"] = steal_share(t0, cpu_times())
     print("shares: " + ", ".join(f"w{r['weight']} {100 * r['share']:.1f}% (wanted {100 * r['wanted']:.1f}%)"
-                                 for r in sh["tenants"]), flush=True)
+                                 for r in sh["tenants"]) + stolen(t0), flush=True)
     return {"alone": alone, "fair": fair, "fcfs": fcfs, "shares": sh}
 
 

@@ -61,6 +61,11 @@ def fair_share_lines(f: dict[str, Any]) -> list[str]:
     errors = fair["flood_error_count"] + fcfs["flood_error_count"] + sh["flood_error_count"]
     quiet_errors = len(alone["errors"]) + len(fair["quiet_ttft_ms"]["errors"]) + len(fcfs["quiet_ttft_ms"]["errors"])
     lines += ["", f"Errors: {quiet_errors} quiet requests, {errors} flood requests."]
+    if alone.get("steal") is not None:  # CPU time the hypervisor gave other guests, per phase
+        rounds = [f"{100 * (a.get('steal') or 0):.0f}% / {100 * (b.get('steal') or 0):.0f}%"
+                  for a, b in zip(fair.get("rounds", []), fcfs.get("rounds", []))]
+        lines += ["", f"CPU time stolen by the hypervisor (other guests): alone {100 * alone['steal']:.0f}%, rounds "
+                  f"{', '.join(rounds)} (fair / first come), shares {100 * (sh.get('steal') or 0):.0f}%."]
     return lines
 
 
