@@ -1,12 +1,14 @@
 """Fair share between tenants over HTTP (issue 29): a quiet tenant beside a flood, throughput against first come
 first served, and the shares of four flooding tenants by weight.
 
-    .venv/bin/python -m benchmarks.fair_share [--flood 160] [--quiet-requests 20] [--measure-s 30] [--warm-s 10]
+    .venv/bin/python -m benchmarks.fair_share [--flood 160] [--quiet-requests 20] [--alone-requests 40]
+        [--measure-s 30] [--warm-s 10]
         [--server-args ...]
 
 Starts `loraplex serve` (default flags: a batch of 64, a queue of 256) with a keys file of six tenant keys, then:
 
-1. **alone**: the quiet key sends one 16-token request every 1.5 s (a 32-token prompt, its own adapter);
+1. **alone**: the quiet key sends one 16-token request every 1.5 s (a 32-token prompt, its own adapter),
+   `--alone-requests` of them (the baseline of both ratios: its p99 is the largest of fewer than 100);
 2. **fair**: another key keeps `--flood` streams of 96 tokens in flight (each replaced when it ends), and after
    `--warm-s` the quiet key sends the same requests beside it;
 3. **fcfs**: the same, with the quiet requests sent under the flooding key: one tenant, whose own order is arrival,
@@ -187,7 +189,7 @@ async def shares(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
     t0 = cpu_times()
-    alone = ttft(await quiet(url, QUIET, "a0", args.quiet_requests))
+    alone = ttft(await quiet(url, QUIET, "a0", args.alone_requests))
     alone["steal"] = steal_share(t0, cpu_times())
     print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms{stolen(t0)}", flush=True)
     runs: dict[str, list[tuple[list[Result], dict[str, Any]]]] = {"fair": [], "fcfs": []}
@@ -212,7 +214,9 @@ async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description="fair share between tenants over HTTP")
     ap.add_argument("--flood", type=int, default=160, help="streams the flooding tenant keeps in flight")
-    ap.add_argument("--quiet-requests", type=int, default=20)
+    ap.add_argument("--quiet-requests", type=int, default=20, help="the quiet key's requests in each round")
+    # The baseline of both ratios: its p99 is its largest request's below 100, so more of them than a round's.
+    ap.add_argument("--alone-requests", type=int, default=40, help="the quiet key's requests alone")
     ap.add_argument("--measure-s", type=float, default=30.0)
     ap.add_argument("--warm-s", type=float, default=10.0, help="the flood runs this long before the window")
     ap.add_argument("--rounds", type=int, default=3, help="fair share and first come first served, alternated")
@@ -235,6 +239,7 @@ def main() -> None:
             code = stop_server(proc)
     alone, fair, fcfs = res["alone"], res["fair"], res["fcfs"]
     out = {"machine": machine(), "flood": args.flood, "quiet_requests": args.quiet_requests,
+           "alone_requests": args.alone_requests,
            "quiet_tokens": QUIET_TOKENS, "flood_tokens": FLOOD_TOKENS, "quiet_gap_s": QUIET_GAP_S,
            "measure_s": args.measure_s, "warm_s": args.warm_s, "rounds": args.rounds,
            "server_args": args.server_args, **res,

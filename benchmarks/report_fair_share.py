@@ -11,7 +11,8 @@ def fair_share_lines(f: dict[str, Any]) -> list[str]:
     lines = ["", f"### Fair share between tenants: a quiet key beside a flood of {f['flood']} streams", "",
              f"On {f['machine']['cpu_description']}, {f['machine']['dtype']}. `loraplex serve` with its default batch "
              "(64) and queue (256), one key per tenant. The quiet key sends "
-             f"one {f['quiet_tokens']}-token request every {f['quiet_gap_s']} s ({f['quiet_requests']} requests); the "
+             f"one {f['quiet_tokens']}-token request every {f['quiet_gap_s']} s ({f['quiet_requests']} requests a round, "
+             f"{f.get('alone_requests', f['quiet_requests'])} alone); the "
              f"flooding key keeps {f['flood']} streams of {f['flood_tokens']} tokens in flight, each replaced when it "
              f"ends. *First come, first served*: the same traffic with the quiet requests sent under the flooding key "
              f"(one tenant, ordered by arrival). Throughput: output tokens per key as the server counted them over "
