@@ -118,9 +118,8 @@ def ttft(results: list[Result]) -> dict[str, Any]:
             "errors": [r.error for r in results if r.error is not None]}
 
 
-def stolen(since: tuple[int, int] | None) -> str:
-    """The share of CPU time the hypervisor gave other guests since `since`, for a phase's line."""
-    share = steal_share(since, cpu_times())
+def stolen(share: float | None) -> str:
+    """A phase's steal_share (CPU time the hypervisor gave other guests), for its line."""
     return "" if share is None else f" (steal {100 * share:.0f}%{'; NOT A CLEAN FIGURE' if share > 0.05 else ''})"
 
 
@@ -191,7 +190,7 @@ async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
     t0 = cpu_times()
     alone = ttft(await quiet(url, QUIET, "a0", args.alone_requests))
     alone["steal"] = steal_share(t0, cpu_times())
-    print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms{stolen(t0)}", flush=True)
+    print(f"alone: quiet TTFT p50 {alone['p50']:.0f} ms, p99 {alone['p99']:.0f} ms{stolen(alone['steal'])}", flush=True)
     runs: dict[str, list[tuple[list[Result], dict[str, Any]]]] = {"fair": [], "fcfs": []}
     for i in range(args.rounds):  # alternated, so that a drift in the machine's speed falls on both alike
         for policy, key in (("fair", QUIET), ("fcfs", FLOOD)):
@@ -201,13 +200,13 @@ async def scenario(url: str, args: argparse.Namespace) -> dict[str, Any]:
             runs[policy].append((results, r))
             t = ttft(results)
             print(f"round {i + 1}, {policy}: quiet TTFT p50 {t['p50']:.0f} ms, p99 {t['p99']:.0f} ms; "
-                  f"{r['tokens_per_s']:.0f} tok/s{stolen(t0)}", flush=True)
+                  f"{r['tokens_per_s']:.0f} tok/s{stolen(r['steal'])}", flush=True)
     fair, fcfs = pooled(runs["fair"]), pooled(runs["fcfs"])
     t0 = cpu_times()
     sh = await shares(url, args)
     sh["steal"] = steal_share(t0, cpu_times())
     print("shares: " + ", ".join(f"w{r['weight']} {100 * r['share']:.1f}% (wanted {100 * r['wanted']:.1f}%)"
-                                 for r in sh["tenants"]) + stolen(t0), flush=True)
+                                 for r in sh["tenants"]) + stolen(sh["steal"]), flush=True)
     return {"alone": alone, "fair": fair, "fcfs": fcfs, "shares": sh}
 
 

@@ -12,7 +12,7 @@ def fair_share_lines(f: dict[str, Any]) -> list[str]:
              f"On {f['machine']['cpu_description']}, {f['machine']['dtype']}. `loraplex serve` with its default batch "
              "(64) and queue (256), one key per tenant. The quiet key sends "
              f"one {f['quiet_tokens']}-token request every {f['quiet_gap_s']} s ({f['quiet_requests']} requests a round, "
-             f"{f.get('alone_requests', f['quiet_requests'])} alone); the "
+             f"{f['alone_requests']} alone); the "
              f"flooding key keeps {f['flood']} streams of {f['flood_tokens']} tokens in flight, each replaced when it "
              f"ends. *First come, first served*: the same traffic with the quiet requests sent under the flooding key "
              f"(one tenant, ordered by arrival). Throughput: output tokens per key as the server counted them over "
@@ -27,20 +27,15 @@ def fair_share_lines(f: dict[str, Any]) -> list[str]:
         t = r["quiet_ttft_ms"]
         lines.append(f"| {name} | {t['p50']:.0f} | {t['p99']:.0f} | {t['p50'] / alone['p50']:.2f}x | "
                      f"{t['p99'] / alone['p99']:.2f}x | {r['tokens_per_s']:.0f} |")
-    if "tokens_per_busy_s_ratio" in f:
-        lines += ["", f"The scheduler's own cost: {fair['decode_tokens_per_busy_s']:.0f} decode tokens per second of "
-                  f"engine steps with fair share against {fcfs['decode_tokens_per_busy_s']:.0f} first come first "
-                  f"served ({f['tokens_per_busy_s_ratio']:.3f}, median of the paired rounds; the engine's last 128 "
-                  f"steps of each window, idle time and the HTTP side left out); {fair['decode_tokens_per_step']:.1f} "
-                  f"against {fcfs['decode_tokens_per_step']:.1f} decode tokens per step, "
-                  f"{fair['first_token_steps']} of {fair['steps']} fair-share steps being first-token steps (the quiet "
-                  "key's prompt alone). The "
-                  "wall-clock throughputs of the rounds vary more than that between rounds of one policy: this "
-                  "machine's step time drifts."]
-    elif "tokens_per_step_ratio" in f:
-        lines += ["", f"The scheduler's own cost, whatever the machine's speed: {fair['decode_tokens_per_step']:.2f} "
-                  f"decode tokens per step with fair share against {fcfs['decode_tokens_per_step']:.2f} first come "
-                  f"first served ({f['tokens_per_step_ratio']:.3f}; the engine's last 128 steps of each window)."]
+    lines += ["", f"The scheduler's own cost: {fair['decode_tokens_per_busy_s']:.0f} decode tokens per second of "
+              f"engine steps with fair share against {fcfs['decode_tokens_per_busy_s']:.0f} first come first "
+              f"served ({f['tokens_per_busy_s_ratio']:.3f}, median of the paired rounds; the engine's last 128 "
+              f"steps of each window, idle time and the HTTP side left out); {fair['decode_tokens_per_step']:.1f} "
+              f"against {fcfs['decode_tokens_per_step']:.1f} decode tokens per step, "
+              f"{fair['first_token_steps']} of {fair['steps']} fair-share steps being first-token steps (the quiet "
+              "key's prompt alone). The "
+              "wall-clock throughputs of the rounds vary more than that between rounds of one policy: this "
+              "machine's step time drifts."]
     step = fair.get("full_batch_step_ms_p50")
     own = [r["first_token_step_ms_p50"] for r in fair.get("rounds", []) if r.get("first_token_step_ms_p50")]
     if step and own:

@@ -118,13 +118,20 @@ def test_a_new_tenant_is_admitted_in_the_next_step() -> None:
     assert victim.request_id == "n3" and s.waiting[0] is victim and victim.num_computed_tokens == 0
 
 
+def flooding(requests: int, steps: int = 1, max_num_seqs: int = 8, fair_steps: bool = True) -> Scheduler:
+    """A scheduler whose batch one tenant ("flood") fills with `requests` long requests, after `steps` steps."""
+    s = sched(max_num_seqs=max_num_seqs, fair_steps=fair_steps)
+    for i in range(requests):
+        s.add(req(f"n{i}", "flood", max_tokens=1000))
+    for _ in range(steps):
+        run_step(s, Counter())
+    return s
+
+
 def test_a_tenant_below_its_share_is_not_held_until_a_request_finishes() -> None:
     """The flood's requests started together and end together, hundreds of steps away; the quiet tenant, one request
     already running, gets its second into the batch at the next step all the same: it is below its share (half)."""
-    s = sched(max_num_seqs=8)
-    for i in range(20):
-        s.add(req(f"n{i}", "flood", max_tokens=1000))
-    run_step(s, Counter())
+    s = flooding(20)
     s.add(req("q1", "quiet", max_tokens=500))
     run_step(s, Counter())
     q2 = req("q2", "quiet", max_tokens=500)
@@ -137,16 +144,6 @@ def test_a_tenant_below_its_share_is_not_held_until_a_request_finishes() -> None
     preempted = [len(run_step(s, Counter())[0].preempted) for _ in range(12)]
     assert Counter(r.tenant for r in s.running) == {"flood": 4, "quiet": 4}
     assert preempted[:2] == [1, 1] and sum(preempted[-8:]) == 0, preempted  # settled: no swapping back and forth
-
-
-def flooding(requests: int, steps: int = 1, max_num_seqs: int = 8, fair_steps: bool = True) -> Scheduler:
-    """A scheduler whose batch one tenant ("flood") fills with `requests` long requests, after `steps` steps."""
-    s = sched(max_num_seqs=max_num_seqs, fair_steps=fair_steps)
-    for i in range(requests):
-        s.add(req(f"n{i}", "flood", max_tokens=1000))
-    for _ in range(steps):
-        run_step(s, Counter())
-    return s
 
 
 def test_a_first_token_far_under_its_share_takes_a_step_of_its_own() -> None:

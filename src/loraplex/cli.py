@@ -23,7 +23,7 @@ from loraplex.cli_forms import (CommandLineError, LoraModule, any_adapter_path, 
 from loraplex.cli_vllm import split_vllm_flags  # noqa: E402
 from loraplex.vllm_flag_rules import apply_vllm_flags  # noqa: E402
 from loraplex.cluster.config import CLAIM_POLICIES  # noqa: E402
-from loraplex.config import LOG_LEVELS  # noqa: E402
+from loraplex.config import FAIR_STEPS, LOG_LEVELS  # noqa: E402
 from loraplex.errors import LoraplexError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="tokens in one step; longer prompts are prefilled in chunks")
-    p.add_argument("--fair-steps", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--fair-steps", choices=FAIR_STEPS, default="auto",
                    help="while requests outnumber the batch's places, steps are shaped for tenants below their fair"
                         " share: a first token far under its share gets a step of its own prompt (never two in a"
                         " row), and a tenant over its share adds at most --max-num-seqs prompt tokens to a step;"
