@@ -129,3 +129,24 @@ def test_the_cluster_ingress_loads_without_torch(default_model_dir: Path, tmp_pa
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('loraplex'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_adapter_state_lives_in_the_residency_table() -> None:
+    """In adapters/, only the residency table keeps containers in its instances (state per adapter version); the
+    catalog (the registry and its file) keeps its persisted entries, the metrics their counts per tier. The tiers are policies over the table, and the
+    manager holds the table: no second map of users, pins, slots or weights to keep in step."""
+    containers = {"dict", "set", "OrderedDict", "defaultdict", "Counter", "list"}
+    allowed = {"loraplex.adapters.residency", "loraplex.adapters.registry", "loraplex.adapters.registry_file",
+               "loraplex.adapters.metrics"}
+    for m, p in MODULES.items():
+        if not m.startswith("loraplex.adapters.") or m in allowed:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                on_self = [t for t in targets if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                           and t.value.id == "self"]
+                value = node.value
+                made = isinstance(value, ast.Dict | ast.Set | ast.List | ast.DictComp | ast.SetComp | ast.ListComp) or (
+                    isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in containers)
+                assert not (on_self and made), f"{m}:{node.lineno} keeps a container of its own"

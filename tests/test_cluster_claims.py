@@ -76,7 +76,7 @@ def test_a_transient_copy_is_dropped_after_its_request_unless_claimed_or_pinned(
     assert mgr.host.uncached() == [legal] and mgr.take_slot(legal) is not None
     mgr.release_slot(legal)
     mgr.release(legal)
-    assert legal not in mgr.host and legal not in mgr.slots.slot_of and legal not in mgr.records
+    assert legal not in mgr.host and legal not in mgr.slots.slot_of and legal not in mgr.table.records
     mgr.acquire(poetry)
     mgr.wait()
     mgr.poll()

@@ -83,7 +83,7 @@ def test_thousands_of_unknown_names_grow_nothing(server: tuple[str, ServerState]
 
     def sizes() -> tuple[int, ...]:
         return (len(httpx.get(url + "/metrics").text.splitlines()), len(manager.registry.entries),
-                len(manager.registry._seen), len(manager.records), len(manager.users), len(st.engine._streams))
+                len(manager.registry._seen), len(manager.table.records), len(manager.users), len(st.engine._streams))
 
     before = sizes()
 

@@ -1,7 +1,8 @@
 """AdapterManager: the one owner of adapter state — names and versions (the registry), the host tier (LRU),
 the device slots and their reference counts — and the only API the engine uses for adapters. What it knows of each
-version it holds or is asked for is one Residency record (adapters/residency.py); the tiers only place weights and ask
-it about users, pins and the host admission policy.
+version it holds or is asked for is one Residency record in its ResidencyTable (adapters/residency.py): the users, the
+pin, the load in flight, the weights in host memory and the device slot. The tiers are policies over that table:
+they choose what leaves, asking the manager about users, pins and the host admission policy.
 
 Disk reads and validation run on a loader thread (or, for a registration, on the caller's thread), never on
 the engine's step loop; the engine calls `poll()` between steps to collect finished loads, and copies host
@@ -26,7 +27,7 @@ from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
-from loraplex.adapters.residency import HostAdmission, Residency, admit_all
+from loraplex.adapters.residency import HostAdmission, ResidencyTable, admit_all
 from loraplex.adapters.slots import SlotGrant, SlotTable
 from loraplex.adapters.tiers import ResidentAdapter, TierView
 from loraplex.errors import AdapterError, InvalidRequestError
@@ -41,10 +42,11 @@ class AdapterManager:
                  admits: HostAdmission = admit_all) -> None:
         """`admits`: the host tier's admission policy (adapters/residency.py); call `readmit()` when it changes."""
         self.registry = registry
-        self.records: dict[AdapterKey, Residency] = {}  # read-only outside this class
-        # The tiers place weights; users, pins and the policy are the records' and `admits`', asked through these.
-        self.slots: SlotTable[AdapterKey] = SlotTable(num_slots, self.is_pinned)  # read-only outside this class
-        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(host_capacity, self._held, self.cached)
+        # One record per version (read-only outside this class); the tiers are policies over it, asking users, pins
+        # and the admission policy through these callbacks.
+        self.table: ResidencyTable[AdapterKey, AdapterWeights] = ResidencyTable(num_slots)
+        self.slots: SlotTable[AdapterKey] = SlotTable(num_slots, self.is_pinned, self.table)
+        self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(host_capacity, self._held, self.cached, self.table)
         self.admits = admits
         self.metrics = AdapterMetrics()
         self._load = loader
@@ -55,19 +57,13 @@ class AdapterManager:
                 self._set_pin(name, AdapterKey(name, entry.current))
 
     # ---- residency records ----------------------------------------------------------------------
-    def _record(self, key: AdapterKey) -> Residency:
-        rec = self.records.get(key)
-        if rec is None:
-            rec = self.records[key] = Residency()
-        return rec
-
     def _users(self, key: AdapterKey) -> int:
-        rec = self.records.get(key)
+        rec = self.table.get(key)
         return 0 if rec is None else rec.users
 
     def is_pinned(self, key: AdapterKey) -> bool:
         """A pin holds this version (a pin holds its name's current version only)."""
-        rec = self.records.get(key)
+        rec = self.table.get(key)
         return rec is not None and rec.pinned
 
     def _held(self, key: AdapterKey) -> bool:
@@ -81,23 +77,17 @@ class AdapterManager:
     @property
     def users(self) -> dict[AdapterKey, int]:
         """Requests queued or running on each version (a copy, for reports and tests)."""
-        return {k: r.users for k, r in self.records.items() if r.users}
+        return {k: r.users for k, r in self.table if r.users}
 
     def _pinned_names(self) -> set[str]:
-        return {k.name for k, r in self.records.items() if r.pinned}
-
-    def _tidy(self, key: AdapterKey) -> None:
-        """Forget `key`'s record once nothing refers to it and neither tier holds it."""
-        rec = self.records.get(key)
-        if rec is not None and rec.idle and key not in self.host and key not in self.slots.slot_of:
-            del self.records[key]
+        return {k.name for k, r in self.table if r.pinned}
 
     # ---- names and versions ---------------------------------------------------------------------
     def resolve(self, spec: AdapterSpec) -> AdapterKey:
         """The version a new request for `spec` runs on (the current one unless the spec names a version)."""
         key, path = self.registry.resolve(spec)
         with self._lock:
-            self._record(key).path = path  # registered versions only (an unknown name raised): a bounded set
+            self.table[key].path = path  # registered versions only (an unknown name raised): a bounded set
         return key
 
     def register(self, spec: AdapterSpec, path: Path, promote: bool = True, persistent: bool = True) -> AdapterKey:
@@ -108,7 +98,7 @@ class AdapterManager:
         with self._lock:
             key = self.registry.register(spec, Path(path), promote, persistent, weights.digest.hex() or None)
             self.metrics.load("host", time.perf_counter() - t0)
-            self._record(key).path = Path(path)
+            self.table[key].path = Path(path)
             self._put_host(key, weights)  # a fresh key: versions are never reused, so no slot holds it
             if promote:
                 self._follow_current(spec.name)
@@ -220,11 +210,11 @@ class AdapterManager:
 
     def _set_pin(self, name: str, key: AdapterKey | None) -> None:
         """Move `name`'s pin to `key` (None: unpin it): the tiers hold the pinned version, and only that one."""
-        for old in [k for k, r in self.records.items() if k.name == name and r.pinned and k != key]:
-            self.records[old].pinned = False
+        for old in [k for k, r in self.table if k.name == name and r.pinned and k != key]:
+            self.table[old].pinned = False
             self._settle(old)
         if key is not None:
-            self._record(key).pinned = True
+            self.table[key].pinned = True
             if key not in self.host:
                 self._start_load(key)
             else:
@@ -241,7 +231,7 @@ class AdapterManager:
         """A request now needs `key`: count it and start loading it from disk if it is cold. The host tier never
         evicts it while any request does; whether it stays after them is the admission policy's (`cached`)."""
         with self._lock:
-            self._record(key).users += 1
+            self.table[key].users += 1
             if self.host.get(key) is not None:  # get() also marks it most recently used
                 self.metrics.hit("host")
                 self._count_evictions(self.host.shrink(keep=key))  # the policy may cache it now: it counts
@@ -251,7 +241,7 @@ class AdapterManager:
 
     def release(self, key: AdapterKey) -> None:
         with self._lock:
-            rec = self.records.get(key)
+            rec = self.table.get(key)
             if rec is None or rec.users <= 0:
                 log.error("adapter %s released more often than acquired", key)
                 return
@@ -270,7 +260,7 @@ class AdapterManager:
         if not self._held(key) and not self.cached(key):
             self.host.drop(key)
             self.slots.invalidate_if_idle(key)
-        self._tidy(key)
+        self.table.tidy(key)
 
     def readmit(self) -> int:
         """The admission policy changed (a cluster replica's claims did): drop what it no longer caches, except
@@ -338,8 +328,8 @@ class AdapterManager:
         """Give every pinned, loaded adapter that is not resident a slot; returns (slot, key) to fill now."""
         fills = []
         with self._lock:
-            for key in sorted(k for k, r in self.records.items() if r.pinned):
-                if key in self.host and key not in self.slots.slot_of:
+            for key in sorted(k for k, r in self.table if r.pinned):
+                if key in self.host and self.table[key].slot is None:
                     grant = self.slots.acquire(key)
                     if grant is not None:
                         self.slots.release(key)
@@ -356,9 +346,9 @@ class AdapterManager:
                 hits={"host": m.hits["host"], "device": self.slots.hits},
                 misses={"host": m.misses["host"], "device": self.slots.misses},
                 evictions={"host": m.evictions["host"], "device": self.slots.evictions},
-                resident={"host": len(self.host), "device": len(self.slots.slot_of)},
+                resident={"host": len(self.host), "device": len(self.slots.resident())},
                 loading=len(self.loading),
-                slot_refs=sum(self.slots.refs.values()),
+                slot_refs=sum(rec.slot_refs for _, _, rec in self.table.on_device()),
                 queued=queued,
                 running=running,
             )
@@ -372,8 +362,8 @@ class AdapterManager:
                                        self.is_pinned(key))
 
             slots: list[ResidentAdapter | None] = [None] * self.slots.num_slots
-            for key, slot in self.slots.slot_of.items():
-                slots[slot] = view(key, self.slots.refs.get(key, 0))
+            for slot, key, rec in self.table.on_device():
+                slots[slot] = view(key, rec.slot_refs)
             host = [view(key, self._users(key)) for key in self.host.keys()]
             return TierView(slots, host, self.host.capacity, [(k.name, k.version) for k in self.loading])
 
@@ -390,7 +380,7 @@ class AdapterManager:
 
     # ---- loading --------------------------------------------------------------------------------
     def _start_load(self, key: AdapterKey) -> None:
-        rec = self._record(key)
+        rec = self.table[key]
         if rec.loading is not None:
             return
         if rec.path is None:
@@ -402,7 +392,7 @@ class AdapterManager:
         their errors."""
         failed: dict[AdapterKey, AdapterError] = {}
         with self._lock:
-            for key, rec in list(self.records.items()):
+            for key, rec in self.table:
                 fut = rec.loading
                 if fut is None or not fut.done() or (keys is not None and key not in keys):
                     continue
@@ -415,13 +405,13 @@ class AdapterManager:
                     self.metrics.failure()
                     log.warning("adapter %s failed to load: %s", key, err)
                     failed[key] = err if isinstance(err, AdapterError) else AdapterError(f"adapter {key}: {err}")
-                self._tidy(key)
+                self.table.tidy(key)
         return failed
 
     def wait(self, keys: list[AdapterKey] | None = None, timeout: float = 60.0) -> None:
         """Block until the loads of `keys` (default: all) have finished; `poll()` then collects them."""
         with self._lock:
-            futures = [r.loading for k, r in self.records.items()
+            futures = [r.loading for k, r in self.table
                        if r.loading is not None and (keys is None or k in keys)]
         deadline = time.monotonic() + timeout
         for fut in futures:
@@ -433,7 +423,7 @@ class AdapterManager:
     @property
     def loading(self) -> list[AdapterKey]:
         with self._lock:
-            return [k for k, r in self.records.items() if r.loading is not None]
+            return [k for k, r in self.table if r.loading is not None]
 
     def _put_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
         """Loaded weights enter the host tier if a request waits for them or the policy caches them."""
@@ -443,7 +433,7 @@ class AdapterManager:
     def _count_evictions(self, evicted: list[AdapterKey]) -> None:
         for key in evicted:
             self.metrics.evict("host")
-            self._tidy(key)
+            self.table.tidy(key)
             log.debug("evicted adapter %s from host memory", key)
 
     def _collect_stale(self, name: str) -> None:
@@ -456,7 +446,7 @@ class AdapterManager:
     def _free(self, key: AdapterKey) -> None:
         self.host.drop(key)
         self.slots.invalidate_if_idle(key)
-        self._tidy(key)  # the record goes too: its path is resolved again if a request names the version later
+        self.table.tidy(key)  # the record goes too: its path is resolved again if a request names the version later
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
