@@ -17,24 +17,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from loraplex.adapters.host_cache import HostCache
 from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.adapters.loads import DiskLoads, Loader
 from loraplex.adapters.metrics import AdapterMetrics, AdapterStats
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
 from loraplex.adapters.residency import HostAdmission, ResidencyTable, admit_all
 from loraplex.adapters.slots import SlotGrant, SlotTable
-from loraplex.adapters.tiers import ResidentAdapter, TierView
+from loraplex.adapters.tiers import TierView, tier_view
 from loraplex.errors import AdapterError, InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-Loader = Callable[[str, Path], AdapterWeights]
 
 
 class AdapterManager:
@@ -49,9 +47,8 @@ class AdapterManager:
         self.host: HostCache[AdapterKey, AdapterWeights] = HostCache(host_capacity, self._held, self.cached, self.table)
         self.admits = admits
         self.metrics = AdapterMetrics()
-        self._load = loader
+        self.loads = DiskLoads(self.table, loader)
         self._lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-adapter-loader")
         for name, entry in registry.entries.items():
             if entry.pinned:
                 self._set_pin(name, AdapterKey(name, entry.current))
@@ -94,7 +91,7 @@ class AdapterManager:
         """Load and validate now (in the caller's thread, outside the lock: decoding goes on), then register;
         the previous version is freed once its requests finish. Returns the new version's key."""
         t0 = time.perf_counter()
-        weights = self._load(spec.name, Path(path))  # raises a named AdapterError; nothing registered then
+        weights = self.loads.load(spec.name, Path(path))  # raises a named AdapterError; nothing registered then
         with self._lock:
             key = self.registry.register(spec, Path(path), promote, persistent, weights.digest.hex() or None)
             self.metrics.load("host", time.perf_counter() - t0)
@@ -112,7 +109,7 @@ class AdapterManager:
         these no longer give dropped; one log line per name says what happened."""
         for name, path in modules:
             t0 = time.perf_counter()
-            weights = self._load(name, path)  # a bad module fails the start, naming it
+            weights = self.loads.load(name, path)  # a bad module fails the start, naming it
             with self._lock:
                 key, line = self.registry.register_startup(name, path, weights.digest.hex())
                 log.info("start-up adapter %s", line)
@@ -356,16 +353,7 @@ class AdapterManager:
     def tiers(self) -> TierView:
         """Every device slot's occupant and the host cache's entries (LRU first), with ranks, references and pins."""
         with self._lock:
-            def view(key: AdapterKey, refs: int) -> ResidentAdapter:
-                weights = self.host.peek(key)
-                return ResidentAdapter(key.name, key.version, None if weights is None else weights.rank, refs,
-                                       self.is_pinned(key))
-
-            slots: list[ResidentAdapter | None] = [None] * self.slots.num_slots
-            for slot, key, rec in self.table.on_device():
-                slots[slot] = view(key, rec.slot_refs)
-            host = [view(key, self._users(key)) for key in self.host.keys()]
-            return TierView(slots, host, self.host.capacity, [(k.name, k.version) for k in self.loading])
+            return tier_view(self.table, self.host.capacity)
 
     def digest(self, key: AdapterKey) -> bytes:
         """The loaded weights' digest (peft_format): with the key, the prefix cache's namespace for the adapter."""
@@ -381,25 +369,19 @@ class AdapterManager:
     # ---- loading --------------------------------------------------------------------------------
     def _start_load(self, key: AdapterKey) -> None:
         rec = self.table[key]
-        if rec.loading is not None:
-            return
         if rec.path is None:
             rec.path = self.registry.resolve(key)[1]
-        rec.loading, rec.load_started = self._executor.submit(self._load, key.name, rec.path), time.perf_counter()
+        self.loads.start(key, rec.path)
 
     def poll(self, keys: list[AdapterKey] | None = None) -> dict[AdapterKey, AdapterError]:
         """Collect finished background loads (of `keys`; default: all); return the keys whose load failed, with
         their errors."""
         failed: dict[AdapterKey, AdapterError] = {}
         with self._lock:
-            for key, rec in self.table:
-                fut = rec.loading
-                if fut is None or not fut.done() or (keys is not None and key not in keys):
-                    continue
-                rec.loading = None
+            for key, fut, seconds in self.loads.collect(keys):
                 err = fut.exception()
                 if err is None:
-                    self.metrics.load("host", time.perf_counter() - rec.load_started)
+                    self.metrics.load("host", seconds)
                     self._put_host(key, fut.result())
                 else:
                     self.metrics.failure()
@@ -411,8 +393,7 @@ class AdapterManager:
     def wait(self, keys: list[AdapterKey] | None = None, timeout: float = 60.0) -> None:
         """Block until the loads of `keys` (default: all) have finished; `poll()` then collects them."""
         with self._lock:
-            futures = [r.loading for k, r in self.table
-                       if r.loading is not None and (keys is None or k in keys)]
+            futures = self.loads.pending(keys)
         deadline = time.monotonic() + timeout
         for fut in futures:
             try:
@@ -423,7 +404,7 @@ class AdapterManager:
     @property
     def loading(self) -> list[AdapterKey]:
         with self._lock:
-            return [k for k, r in self.table if r.loading is not None]
+            return self.loads.in_flight()
 
     def _put_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
         """Loaded weights enter the host tier if a request waits for them or the policy caches them."""
@@ -449,4 +430,4 @@ class AdapterManager:
         self.table.tidy(key)  # the record goes too: its path is resolved again if a request names the version later
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.loads.shutdown()
