@@ -247,13 +247,18 @@ def test_generate_endpoint(server: str) -> None:
 
 
 def test_metrics_per_adapter(server: str) -> None:
-    """/metrics carries per-adapter request counts, TTFT and per-token latency, and the adapter cache."""
+    """/metrics carries per-adapter request counts, TTFT and per-token latency, and the adapter cache; /v1/models
+    where each adapter version is held."""
     chat(server, "t6")
     text = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     for needle in ['loraplex_requests_total{model="t6",status="200"}', 'loraplex_time_to_first_token_seconds_count{model="t6"}',
                    'loraplex_time_per_output_token_seconds_count{model="t6"}', 'loraplex_adapter_loads_total{tier="device"}',
                    "loraplex_adapter_load_seconds_bucket", "loraplex_queue_depth", "loraplex_batch_tokens"]:
         assert needle in text, needle
+    # /v1/models says where the version that answered is held: in host memory and, just used, in a device slot.
+    t6 = next(m for m in httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {ADMIN}"}).json()["data"]
+              if m["id"] == "t6")
+    assert t6["resident_on"] == [{"replica": "local", "version": t6["version"], "tiers": ["device", "host"]}]
 
 
 def test_prefix_cache_over_http(server: str) -> None:

@@ -47,7 +47,7 @@ class ClusterCollector:
                 served.add_metric([rid, model], n)
             for key, tiers in sorted(r.view.resident.items()):
                 for tier in tiers:
-                    resident.add_metric([rid, key, tier], 1)
+                    resident.add_metric([rid, str(key), tier], 1)
             for tier, n in snap.adapters.resident.items():
                 counts.add_metric([rid, tier], n)
             for tier, n in snap.adapters.loads.items():

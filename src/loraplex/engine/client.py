@@ -31,7 +31,7 @@ class ReplicaView:
     id: str
     running: int
     waiting: int
-    resident: dict[str, list[str]]  # "name@version" -> the tiers holding it ("device", "host")
+    resident: dict[AdapterKey, list[str]]  # each version held -> the tiers holding it ("device", "host")
     versions: dict[str, str]  # adapter name -> its current version as this engine's registry has it
     registry_version: int = 0  # the registry file's mtime (ns) as this engine last read or wrote it; 0: no file
 

@@ -118,9 +118,9 @@ class LLMEngine:
     def registry_version(self) -> int:
         return self.adapters.registry.version
 
-    def resident_adapters(self) -> dict[str, list[str]]:
-        """"name@version" -> the tiers holding it ("device", "host"). Safe from any thread."""
-        return {str(k): tiers for k, tiers in self.adapters.resident().items()}
+    def resident_adapters(self) -> dict[AdapterKey, list[str]]:
+        """Each version held -> the tiers holding it ("device", "host"). Safe from any thread."""
+        return self.adapters.resident()
 
     def is_resident(self, model: AdapterSpec | AdapterKey) -> bool:
         """Whether the version a request for `model` would run on is in memory now."""

@@ -72,9 +72,8 @@ async def _models(request: Request) -> list[dict[str, Any]]:
             data.append({"id": a.name, "object": "model", "created": st.created, "owned_by": "loraplex",
                          "root": str(a.path), "parent": st.served_name, "version": a.current,
                          "versions": list(a.versions), "pinned": a.pinned,
-                         "resident_on": [{"replica": r.id, "version": key.partition("@")[2], "tiers": tiers}
-                                         for r in replicas for key, tiers in r.resident.items()
-                                         if key.partition("@")[0] == a.name],
+                         "resident_on": [{"replica": r.id, "version": key.version, "tiers": tiers}
+                                         for r in replicas for key, tiers in r.resident.items() if key.name == a.name],
                          "replica_versions": {r.id: r.versions.get(a.name) for r in replicas}})
     return data
 

@@ -13,8 +13,10 @@ engine has accepted one of its requests, so a made-up model name never makes one
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from loraplex.server.stats.per_second import PerSecond
 
 SHARE_WINDOW_S = 60  # shares: output tokens over the last minute (one bucket per second)
 MAX_TENANTS = 4096
@@ -46,18 +48,15 @@ class TenantLedger:
     throttled: dict[str, int] = field(default_factory=dict)
     last_limit: str | None = None
     last_throttled: float | None = None
-    _seconds: deque[list[int]] = field(default_factory=lambda: deque(maxlen=SHARE_WINDOW_S + 1))  # [second, tokens]
+    _recent: PerSecond = field(default_factory=lambda: PerSecond(SHARE_WINDOW_S))  # output tokens
 
     def served(self, n: int, now: float) -> None:
         """`n` output tokens at monotonic time `now`."""
-        second = int(now)
-        if not self._seconds or self._seconds[-1][0] != second:
-            self._seconds.append([second, 0])
-        self._seconds[-1][1] += n
+        self._recent.add(now, 0, n)
         self.output_tokens += n
 
     def window(self, now: float) -> int:
-        return sum(n for s, n in self._seconds if s > int(now) - SHARE_WINDOW_S)
+        return self._recent.sums(now)[0]
 
     def throttle(self, limit: str) -> None:
         self.throttled[limit] = self.throttled.get(limit, 0) + 1

@@ -16,6 +16,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from loraplex.server.stats.per_second import PerSecond
+
 RATE_WINDOW_S = 10  # requests/s and tokens/s: over the last 10 s (one bucket per second)
 LATENCY_WINDOW_S = 300  # TTFT and TPOT percentiles: over the last 5 minutes ...
 LATENCY_SAMPLES = 512  # ... and at most the last 512 requests
@@ -49,28 +51,22 @@ def percentile(values: list[float], q: float) -> float | None:
 
 class TenantWindow:
     def __init__(self) -> None:
-        self._seconds: deque[list[int]] = deque(maxlen=RATE_WINDOW_S + 1)  # [second, finished, output tokens]
+        self._recent = PerSecond(RATE_WINDOW_S, counters=2)  # requests finished, output tokens
         self._ttft: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)  # (when, seconds)
         self._tpot: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
         self.requests = self.output_tokens = self.prompt_tokens = self.cached_tokens = 0
         self.waiting = self.streaming = 0
         self.errors: dict[str, int] = {}  # keyed by HTTP status: a small fixed set
 
-    def _bucket(self, now: float) -> list[int]:
-        second = int(now)
-        if not self._seconds or self._seconds[-1][0] != second:
-            self._seconds.append([second, 0, 0])
-        return self._seconds[-1]
-
     def tokens(self, n: int, now: float) -> None:
-        self._bucket(now)[2] += n
+        self._recent.add(now, 1, n)
         self.output_tokens += n
 
     def first_token(self, ttft: float, now: float) -> None:
         self._ttft.append((now, ttft))
 
     def finished(self, status: str, prompt_tokens: int, tpot: float | None, now: float, cached_tokens: int = 0) -> None:
-        self._bucket(now)[1] += 1
+        self._recent.add(now, 0, 1)
         self.requests += 1
         self.prompt_tokens += prompt_tokens
         self.cached_tokens += cached_tokens
@@ -80,12 +76,12 @@ class TenantWindow:
             self.errors[status] = self.errors.get(status, 0) + 1
 
     def row(self, now: float) -> TenantRow:
-        recent = [b for b in self._seconds if b[0] > int(now) - RATE_WINDOW_S]
+        finished, tokens = self._recent.sums(now)
         ttft = [v for t, v in self._ttft if t > now - LATENCY_WINDOW_S]
         tpot = [v for t, v in self._tpot if t > now - LATENCY_WINDOW_S]
         return TenantRow(
-            requests_per_s=sum(b[1] for b in recent) / RATE_WINDOW_S,
-            tokens_per_s=sum(b[2] for b in recent) / RATE_WINDOW_S,
+            requests_per_s=finished / RATE_WINDOW_S,
+            tokens_per_s=tokens / RATE_WINDOW_S,
             requests=self.requests, output_tokens=self.output_tokens, prompt_tokens=self.prompt_tokens,
             ttft_p50=percentile(ttft, 50), ttft_p99=percentile(ttft, 99),
             tpot_p50=percentile(tpot, 50), tpot_p99=percentile(tpot, 99),
