@@ -133,8 +133,9 @@ def test_the_cluster_ingress_loads_without_torch(default_model_dir: Path, tmp_pa
 
 def test_adapter_state_lives_in_the_residency_table() -> None:
     """In adapters/, only the residency table keeps containers in its instances (state per adapter version); the
-    catalog (the registry and its file) keeps its persisted entries, the metrics their counts per tier. The tiers are policies over the table, and the
-    manager holds the table: no second map of users, pins, slots or weights to keep in step."""
+    catalog (the registry and its file) keeps its persisted entries, the metrics their counts per tier. The tiers are
+    policies over the table, and the manager holds the table: no second map of users, pins, slots or weights to keep
+    in step."""
     containers = {"dict", "set", "OrderedDict", "defaultdict", "Counter", "list"}
     allowed = {"loraplex.adapters.residency", "loraplex.adapters.registry", "loraplex.adapters.registry_file",
                "loraplex.adapters.metrics"}

@@ -353,7 +353,7 @@ class AdapterManager:
     def tiers(self) -> TierView:
         """Every device slot's occupant and the host cache's entries (LRU first), with ranks, references and pins."""
         with self._lock:
-            return tier_view(self.table, self.host.capacity)
+            return tier_view(self.table, self.host.capacity, self.loads.in_flight())
 
     def digest(self, key: AdapterKey) -> bytes:
         """The loaded weights' digest (peft_format): with the key, the prefix cache's namespace for the adapter."""
@@ -412,9 +412,8 @@ class AdapterManager:
             self._count_evictions(self.host.put(key, weights))
 
     def _count_evictions(self, evicted: list[AdapterKey]) -> None:
-        for key in evicted:
+        for key in evicted:  # HostCache.drop forgot each record that nothing else refers to
             self.metrics.evict("host")
-            self.table.tidy(key)
             log.debug("evicted adapter %s from host memory", key)
 
     def _collect_stale(self, name: str) -> None:
@@ -425,9 +424,10 @@ class AdapterManager:
                 self._free(key)
 
     def _free(self, key: AdapterKey) -> None:
+        # Each drop forgets the record once nothing refers to it (ResidencyTable.tidy): its path is resolved again if
+        # a request names the version later.
         self.host.drop(key)
         self.slots.invalidate_if_idle(key)
-        self.table.tidy(key)  # the record goes too: its path is resolved again if a request names the version later
 
     def shutdown(self) -> None:
         self.loads.shutdown()

@@ -1,5 +1,6 @@
 """TierView: which adapter versions are where right now — each device slot's occupant, the host cache in LRU
-order, the disk loads in flight — for the dashboard, read from the residency table (tier_view) under the manager's lock. No torch."""
+order, the disk loads in flight — for the dashboard, read from the residency table (tier_view) under the manager's
+lock. No torch."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ class TierView:
     loading: list[tuple[str, str]]  # (name, version) being read from disk
 
 
-def tier_view(table: ResidencyTable[AdapterKey, AdapterWeights], host_capacity: int) -> TierView:
+def tier_view(table: ResidencyTable[AdapterKey, AdapterWeights], host_capacity: int,
+              loading: list[AdapterKey]) -> TierView:
     """Every device slot's occupant (with its slot's references) and the host tier's entries, least recently used
-    first (with their requests), read from the residency table under its owner's lock."""
+    first (with their requests), read from the residency table under its owner's lock; `loading`: the disk reads in
+    flight (adapters/loads.py)."""
     def view(key: AdapterKey, refs: int) -> ResidentAdapter:
         rec = table.records[key]
         rank = None if rec.weights is None else rec.weights.rank
@@ -42,5 +45,4 @@ def tier_view(table: ResidencyTable[AdapterKey, AdapterWeights], host_capacity: 
     for slot, key, rec in table.on_device():
         slots[slot] = view(key, rec.slot_refs)
     host = [view(key, table.records[key].users) for key in table.in_host()]
-    loading = [(k.name, k.version) for k, r in table if r.loading is not None]
-    return TierView(slots, host, host_capacity, loading)
+    return TierView(slots, host, host_capacity, [(k.name, k.version) for k in loading])
