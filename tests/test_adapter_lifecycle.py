@@ -13,6 +13,7 @@ from conftest import ALL, ATTN, MLP
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.config import EngineConfig
+from loraplex.engine.admin import Pin, Promote, Register, Unregister
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.errors import AdapterFormatError, AdapterNotFoundError, InvalidAdapterNameError, InvalidRequestError
 
@@ -150,11 +151,11 @@ def test_version_promoted_mid_flight(root: Path, solo: dict[str, list[int]], tmp
     """A request running on v1 finishes on v1 after v2 is registered and promoted; new requests get v2;
     v1's weights are freed once its last request finishes."""
     e = engine(tmp_path, registry_file=str(tmp_path / "reg.json"))
-    assert e.register_adapter("tenant", root / "versioned" / "1") == AdapterKey("tenant", "1")
+    assert e.admin(Register("tenant", root / "versioned" / "1")) == AdapterKey("tenant", "1")
     e.add_request(prompt(e), PARAMS, "tenant", request_id="old")
     e.step()
     e.step()
-    assert str(e.register_adapter("tenant", root / "versioned" / "2")) == "tenant@2"  # promoted at once
+    assert str(e.admin(Register("tenant", root / "versioned" / "2"))) == "tenant@2"  # promoted at once
     e.add_request(prompt(e), PARAMS, "tenant", request_id="new")
     done = {}
     while e.has_unfinished_requests():
@@ -169,9 +170,9 @@ def test_registry_persists_across_restart(root: Path, solo: dict[str, list[int]]
     """Adapters registered and promoted at run time are served by a new engine on the same registry file."""
     reg = str(tmp_path / "registry.json")
     e1 = engine(tmp_path, registry_file=reg)
-    e1.register_adapter("rt", root / "g4")
-    e1.register_adapter("rt", root / "g5", promote=False)
-    e1.promote_adapter("rt", "2")
+    e1.admin(Register("rt", root / "g4"))
+    e1.admin(Register("rt", root / "g5", promote=False))
+    e1.admin(Promote("rt", "2"))
     e2 = engine(tmp_path, registry_file=reg)
     done = run(e2, {"cur": (prompt(e2), "rt"), "old": (prompt(e2), "rt@1")})
     assert done == {"cur": solo["g5"], "old": solo["g4"]}
@@ -180,22 +181,22 @@ def test_registry_persists_across_restart(root: Path, solo: dict[str, list[int]]
 def test_pinned_adapter_stays_in_a_slot(root: Path, solo: dict[str, list[int]]) -> None:
     """A pinned adapter is placed in a device slot and survives traffic that cycles others through the rest."""
     e = engine(root, max_loras=2)
-    e.pin_adapter("g0")
+    e.admin(Pin("g0"))
     e.adapters.wait()
     for i in range(1, 6):
         assert run(e, {f"r{i}": (prompt(e), f"g{i}")})[f"r{i}"] == solo[f"g{i}"]
         assert AdapterKey("g0", "1") in e.adapters.slots.slot_of
     assert e.adapters.slots.evictions >= 3  # the other slot was reused, never the pinned one
     with pytest.raises(InvalidRequestError, match="at most 1 adapters may be pinned"):
-        e.pin_adapter("g1")
+        e.admin(Pin("g1"))
 
 
 def test_rare_adapter_is_not_starved(root: Path) -> None:
     """With one slot held by a steady stream of requests for g0, a request for g1 is overtaken at most
     max_skips times, then runs, although g0 requests keep arriving."""
     e = engine(root, max_loras=1, max_skips=3)
-    e.register_adapter("g0", root / "g0")
-    e.register_adapter("g1", root / "g1")
+    e.admin(Register("g0", root / "g0"))
+    e.admin(Register("g1", root / "g1"))
     e.add_request(prompt(e), PARAMS, "g0", request_id="a0")
     e.step()
     e.add_request(prompt(e), PARAMS, "g1", request_id="rare")
@@ -244,22 +245,22 @@ def test_registration_racing_decoding_is_safe(root: Path, solo: dict[str, list[i
     e = engine(root, max_loras=2, max_cpu_loras=3)
     # Versions count up, never reused (not even after an unregistration): version v has g{v % 2}'s weights.
     weights = {0: root / "g0", 1: root / "g1"}
-    assert e.register_adapter("hot", weights[1]).version == "1"
+    assert e.admin(Register("hot", weights[1])).version == "1"
     stop, failures, changes = threading.Event(), [], [0]
 
     def admin() -> None:
         while not stop.is_set():
             try:
                 n = changes[0]
-                key = e.register_adapter("hot", weights[n % 2], promote=n % 3 != 0)  # version n + 2
+                key = e.admin(Register("hot", weights[n % 2], promote=n % 3 != 0))  # version n + 2
                 if n % 4 == 1:
-                    e.promote_adapter("hot", key.version)
+                    e.admin(Promote("hot", key.version))
                 if n % 5 == 2:
-                    e.pin_adapter("hot", True)
+                    e.admin(Pin("hot", True))
                 if n % 5 == 3:
-                    e.pin_adapter("hot", False)
+                    e.admin(Pin("hot", False))
                 if n % 7 == 6:
-                    e.unregister_adapter("hot")
+                    e.admin(Unregister("hot"))
             except AdapterNotFoundError:
                 pass  # pinned or promoted between an unregistration and the next registration
             except Exception as ex:  # noqa: BLE001 - any other error is the test's failure

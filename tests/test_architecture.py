@@ -151,3 +151,27 @@ def test_adapter_state_lives_in_the_residency_table() -> None:
                 made = isinstance(value, ast.Dict | ast.Set | ast.List | ast.DictComp | ast.SetComp | ast.ListComp) or (
                     isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in containers)
                 assert not (on_self and made), f"{m}:{node.lineno} keeps a container of its own"
+
+
+def test_adapter_administration_is_declared_once() -> None:
+    """Each administration operation is one message in engine/admin.py, run over the manager there; an engine
+    offers them all through one method, `admin(op)`. No engine, replica or route declares an operation of its own
+    (the relay of register/unregister/promote/pin/list methods this replaced restated each one in five places).
+    LLM.register_adapter stays: the offline API users call."""
+    from loraplex.engine import admin
+
+    relays = {"register_adapter", "unregister_adapter", "promote_adapter", "pin_adapter", "list_adapters"}
+    ops = {name for name, obj in vars(admin).items()
+           if isinstance(obj, type) and issubclass(obj, admin.AdminOp) and obj is not admin.AdminOp}
+    assert ops == {"Register", "Unregister", "Promote", "Pin", "ListAdapters"}
+    for m, p in MODULES.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef) and m != "loraplex.engine.admin":
+                bases = {b.value.id if isinstance(b, ast.Subscript) and isinstance(b.value, ast.Name) else
+                         getattr(b, "id", None) for b in node.bases}
+                assert "AdminOp" not in bases, f"{m}: {node.name} declares an operation outside engine/admin.py"
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in relays:
+                assert (m, node.name) == ("loraplex.llm", "register_adapter"), f"{m}: {node.name} restates an op"
+    admins = [m for m, p in MODULES.items() if "def admin(self, op: AdminOp" in p.read_text()]
+    assert sorted(admins) == ["loraplex.cluster.remote_engine", "loraplex.cluster.replica",
+                              "loraplex.engine.async_engine", "loraplex.engine.client", "loraplex.engine.llm_engine"]

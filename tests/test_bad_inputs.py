@@ -13,6 +13,7 @@ import torch
 from conftest import ATTN
 from loraplex.training.synthetic import random_adapter
 from loraplex import LLM, SamplingParams
+from loraplex.engine.admin import Register
 from loraplex.errors import (
     AdapterFormatError,
     AdapterIncompatibleError,
@@ -126,7 +127,7 @@ def test_bad_adapter_rejected_while_serving(llm: LLM, bad_adapters: dict[str, Pa
     engine.step()
     path = bad_adapters.get(case, tmp_path / "no-such-adapter")
     with pytest.raises(error, match=message):
-        engine.register_adapter(case, path)
+        engine.admin(Register(case, path))
     assert case not in engine.adapters.registry.entries  # nothing half-registered
     final = None
     while engine.has_unfinished_requests():

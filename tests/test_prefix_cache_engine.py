@@ -15,6 +15,7 @@ import pytest
 from conftest import ALL, ATTN
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.peft_format import load_peft_adapter
+from loraplex.engine.admin import Register, Unregister
 
 SYSTEM = ("You are the support assistant of a company that sells bicycles, spare parts and repair services in "
           "three cities. Answer briefly and politely, name the shop that can help, and never invent prices. "
@@ -100,14 +101,14 @@ def test_no_block_crosses_a_namespace(reference: LLM, adapters: dict[str, Path],
     run(llm, [p], ["A"])
     assert hits(llm)["A"] > 0  # its own blocks it finds
     # A new version of A, with other weights: a namespace of its own.
-    llm.engine.register_adapter("A", adapters["A2"])
+    llm.engine.admin(Register("A", adapters["A2"]))
     a_hits = hits(llm)["A"]
     fresh("A@2", run(llm, [p], ["A"]), run(reference, [p], ["A2"])[0])
     assert hits(llm)["A"] == a_hits
     # Unregistered, then registered again under the same name with other weights: neither version 1's nor
     # version 2's blocks are found.
-    llm.engine.unregister_adapter("A")
-    llm.engine.register_adapter("A", adapters["B"])
+    llm.engine.admin(Unregister("A"))
+    llm.engine.admin(Register("A", adapters["B"]))
     a_hits = hits(llm)["A"]
     fresh("A re-registered", run(llm, [p], ["A"]), run(reference, [p], ["B"])[0])
     assert hits(llm)["A"] == a_hits

@@ -15,6 +15,7 @@ import pytest
 from loraplex import LLM, SamplingParams
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.adapters.registry import AdapterRegistry
+from loraplex.engine.admin import ListAdapters, Register, Unregister
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.errors import AdapterNotFoundError, AdapterVersionExistsError
 
@@ -234,14 +235,14 @@ def test_engine_unload_of_a_root_adapter_sticks_across_a_restart(tmp_path: Path,
     shutil.copytree(weights[0], root / "g0")
     e = _engine(root)
     before = _answer(e, "g0")
-    e.unregister_adapter("g0")
+    e.admin(Unregister("g0"))
     with pytest.raises(AdapterNotFoundError, match="'g0' was unloaded by an admin"):
         e.add_request([1, 2, 3], PARAMS, "g0")
     restarted = _engine(root)
     with pytest.raises(AdapterNotFoundError, match="'g0' was unloaded by an admin"):
         restarted.add_request([1, 2, 3], PARAMS, "g0")
-    assert "g0" not in {a.name for a in restarted.list_adapters()}
-    assert restarted.register_adapter("g0", root / "g0") == AdapterKey("g0", "2")  # cleared by an explicit load
+    assert "g0" not in {a.name for a in restarted.admin(ListAdapters())}
+    assert restarted.admin(Register("g0", root / "g0")) == AdapterKey("g0", "2")  # cleared by an explicit load
     assert _answer(restarted, "g0") == before
 
 
@@ -252,7 +253,7 @@ def test_engine_restart_with_the_same_flags_keeps_an_admins_promotion(tmp_path: 
     root = tmp_path / "root"
     root.mkdir()
     e1 = _engine(root, lora_modules={"legal": str(weights[0])})
-    e1.register_adapter("legal", weights[1])
+    e1.admin(Register("legal", weights[1]))
     promoted = _answer(e1, "legal")
     with caplog.at_level(logging.INFO, logger="loraplex.adapters.manager"):
         e2 = _engine(root, lora_modules={"legal": str(weights[0])})

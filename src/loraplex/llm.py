@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from loraplex.vllm_flag_rules import llm_kwargs
 from loraplex.config import EngineConfig
+from loraplex.engine.admin import Register
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.outputs import RequestOutput
 from loraplex.lora.request import LoRARequest
@@ -64,7 +65,8 @@ class LLM:
         self._lora_ids: dict[int, tuple[str, Path, str]] = {}  # lora_int_id -> (name, path, "name@version")
 
     def register_adapter(self, name: str, path: str) -> None:
-        self.engine.register_adapter(name, path)
+        """Load, validate and register (promoted) a version of adapter `name`; requests name it as `model`."""
+        self.engine.admin(Register(name, path))
 
     def generate(
         self,
@@ -126,7 +128,7 @@ class LLM:
         path = Path(req.lora_path).expanduser().resolve()
         known = self._lora_ids.get(req.lora_int_id)
         if known is None:
-            key = self.engine.register_adapter(req.lora_name, path)
+            key = self.engine.admin(Register(req.lora_name, path))
             known = self._lora_ids[req.lora_int_id] = (req.lora_name, path, str(key))
         if known[:2] != (req.lora_name, path):
             raise ValueError(f"lora_int_id {req.lora_int_id} is adapter {known[0]!r} at {known[1]}; this request "

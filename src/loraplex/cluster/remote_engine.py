@@ -13,19 +13,18 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import exceptions as ray_errors
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from loraplex.adapters.key import AdapterKey
 from loraplex.cluster.admission import Popularity
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ReplicaReport, RouteInfo
 from loraplex.cluster.routing import AdapterRouting
-from loraplex.engine.client import AdapterInfo, AdapterTarget
+from loraplex.engine.admin import AdminOp
+from loraplex.engine.client import AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
 from loraplex.engine.request import Share
@@ -34,6 +33,7 @@ from loraplex.sampling import SamplingParams
 from loraplex.server.stats.totals import merge
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 ATTEMPTS = 3  # a request whose replica died before answering is sent again, this many times in all
 SYNC_TIMEOUT_S = 5.0  # how long an admin call waits for every replica to read the registry change
 WATCH_INTERVAL_S = 0.5  # how often the ingress reads which replicas are alive
@@ -103,7 +103,7 @@ class RemoteEngine:
                                       replicate_share=cluster.replicate_share)
         self.reports: list[ReplicaReport] = []  # as of the latest snapshot(): what the cluster collector renders
         self._tokenizer = tokenizer
-        self._admin = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it
+        self._changing = asyncio.Lock()  # admin changes one at a time: each waits for the cluster to see it
         self._watch = asyncio.get_running_loop().create_task(self._watch_replicas())
 
     async def _watch_replicas(self) -> None:
@@ -150,24 +150,15 @@ class RemoteEngine:
         raise unwrapped(error) if error else EngineUnavailableError("no engine replica answered")
 
     # ---- adapters: through one replica; the shared registry carries the change to the others -----------
-    async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
-                               promote: bool = True) -> AdapterKey:
-        async with self._admin:
-            key, at = await self._call("register_adapter", name, str(path), version, promote)
+    async def admin(self, op: AdminOp[T]) -> T:
+        """Applied on one replica; a change returns once every live replica has read the registry it wrote."""
+        if not op.changes:
+            result, _ = await self._call("admin", op)
+            return result  # type: ignore[no-any-return]
+        async with self._changing:
+            result, at = await self._call("admin", op)
             await self._until_synced(at)
-            return key  # type: ignore[no-any-return]
-
-    async def unregister_adapter(self, name: str) -> None:
-        await self._changed("unregister_adapter", name)
-
-    async def promote_adapter(self, name: str, version: str) -> None:
-        await self._changed("promote_adapter", name, version)
-
-    async def pin_adapter(self, name: str, pinned: bool) -> None:
-        await self._changed("pin_adapter", name, pinned)
-
-    async def list_adapters(self) -> list[AdapterInfo]:
-        return await self._call("list_adapters")  # type: ignore[no-any-return]
+            return result  # type: ignore[no-any-return]
 
     async def reset_prefix_cache(self) -> int:
         """Posted on the board; every live replica runs it at its next report. Returns the blocks dropped."""
@@ -179,10 +170,6 @@ class RemoteEngine:
                 return sum(r.last_result for r in reports)
             await asyncio.sleep(0.05)
         raise EngineUnavailableError("not every replica reset its prefix cache in time; retry")
-
-    async def _changed(self, method: str, *args: Any) -> None:
-        async with self._admin:
-            await self._until_synced(await self._call(method, *args))
 
     async def _call(self, method: str, *args: Any) -> Any:
         try:

@@ -15,8 +15,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -26,13 +25,15 @@ from loraplex.cluster.admission import ClaimAdmission
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ReplicaReport, RouteInfo, lean
 from loraplex.config import EngineConfig
-from loraplex.engine.client import AdapterInfo, AdapterTarget
+from loraplex.engine.admin import AdminOp
+from loraplex.engine.client import AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import RequestOutput
 from loraplex.engine.request import Share
 from loraplex.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REGISTRY_POLL_S = 0.1  # how often the shared registry file is stat'ed: promotions reach every replica within it
 
 
@@ -152,25 +153,11 @@ class EngineReplica:
         return self.engine.tokenizer
 
     # ---- adapter administration: the registry file on the shared store is the cluster's truth ----------
-    async def register_adapter(self, name: str, path: str, version: str | None, promote: bool) -> tuple[AdapterKey, int]:
-        """Validate and register here; the others see the registry change. Returns the key and the registry version."""
-        key = await self.engine.register_adapter(name, Path(path), version, promote)
-        return key, self.engine.registry_version
-
-    async def unregister_adapter(self, name: str) -> int:
-        await self.engine.unregister_adapter(name)
-        return self.engine.registry_version
-
-    async def promote_adapter(self, name: str, version: str) -> int:
-        await self.engine.promote_adapter(name, version)
-        return self.engine.registry_version
-
-    async def pin_adapter(self, name: str, pinned: bool) -> int:
-        await self.engine.pin_adapter(name, pinned)
-        return self.engine.registry_version
-
-    async def list_adapters(self) -> list[AdapterInfo]:
-        return await self.engine.list_adapters()
+    async def admin(self, op: AdminOp[T]) -> tuple[T, int]:
+        """Apply an administration operation here (a change is written to the shared registry, which the others
+        read); returns its result and the registry version this replica then holds."""
+        result = await self.engine.admin(op)
+        return result, self.engine.registry_version
 
     # ---- keeping in step ---------------------------------------------------------------------------
     async def _watch_registry(self) -> None:

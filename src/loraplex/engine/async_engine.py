@@ -18,14 +18,13 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
 from loraplex.allocator import HeapTrimmer
-from loraplex.adapters.registry import AdapterInfo
 from loraplex.adapters.residency import HostAdmission, admit_all
 from loraplex.config import EngineConfig
+from loraplex.engine.admin import AdminOp, ListAdapters
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.engine.client import AdapterTarget, ReplicaView
 from loraplex.engine.facts import EngineFacts
@@ -157,23 +156,13 @@ class AsyncLLMEngine:
             stream.abort()
 
     # ---- adapters --------------------------------------------------------------------------------
-    async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
-                               promote: bool = True) -> AdapterKey:
-        """Load, validate and register a version (promoted by default); returns its key once it is servable."""
-        return await asyncio.to_thread(self.engine.register_adapter, name, Path(path), version, promote)
-
-    async def unregister_adapter(self, name: str) -> None:
-        await self.call(lambda: self.engine.unregister_adapter(name))
-
-    async def promote_adapter(self, name: str, version: str) -> None:
-        await self.call(lambda: self.engine.promote_adapter(name, version))
-
-    async def pin_adapter(self, name: str, pinned: bool) -> None:
-        await self.call(lambda: self.engine.pin_adapter(name, pinned))
-
-    async def list_adapters(self) -> list[AdapterInfo]:
-        """Every adapter registered or under the adapter root (a directory scan, off the event loop)."""
-        return await asyncio.to_thread(self.engine.list_adapters)
+    async def admin(self, op: AdminOp[T]) -> T:
+        """Apply an administration operation (engine/admin.py). One that reads the disk (a registration's load and
+        validation, the adapter root's scan) runs on a worker thread, so decoding goes on meanwhile; the others
+        run on the engine thread between steps."""
+        if op.reads_disk:
+            return await asyncio.to_thread(self.engine.admin, op)
+        return await self.call(lambda: self.engine.admin(op))
 
     async def reset_prefix_cache(self) -> int:
         """Forget every cached prompt block; returns how many were cached."""
@@ -199,7 +188,7 @@ class AsyncLLMEngine:
     async def replicas(self) -> list[ReplicaView]:
         """This engine as the one replica behind the server."""
         snap = await self.snapshot()
-        versions = {a.name: a.current for a in await self.list_adapters()}
+        versions = {a.name: a.current for a in await self.admin(ListAdapters())}
         return [ReplicaView("local", snap.running, snap.waiting, self.engine.resident_adapters(), versions,
                             self.engine.registry_version)]
 

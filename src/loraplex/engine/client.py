@@ -1,5 +1,6 @@
-"""EngineClient: what the HTTP server needs from an engine, as a Protocol. AsyncLLMEngine is one (the engine in
-this process); the cluster's RemoteEngine is another (engine replicas behind Ray Serve handles), so the same
+"""EngineClient: what the HTTP server needs from an engine, as Protocols: Generation (requests), AdapterAdmin (the
+admin operations of engine/admin.py) and the state the metrics and dashboard read. AsyncLLMEngine is one (the engine
+in this process); the cluster's RemoteEngine is another (engine replicas behind Ray Serve handles), so the same
 routes, keys, errors and streaming serve one engine or many. No torch."""
 
 from __future__ import annotations
@@ -7,16 +8,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec
-from loraplex.adapters.registry import AdapterInfo  # what list_adapters returns (no torch: the catalog's view)
+from loraplex.adapters.registry import AdapterInfo  # ListAdapters' result, for the server (no torch: the catalog's view)
+from loraplex.engine.admin import AdminOp
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
 from loraplex.engine.request import Share
 from loraplex.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from loraplex.engine.facts import EngineFacts
+
+R = TypeVar("R")
 
 
 # What a request runs on, as the server resolved its `model` field once: an adapter spec ("legal", "legal@2"), the
@@ -49,21 +53,32 @@ class EngineStream(Protocol):
     def abort(self) -> None: ...
 
 
-class EngineClient(Protocol):
+class Generation(Protocol):
+    """Requests in, outputs out: what the completion and chat routes need."""
+
     async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
                   request_id: str | None = None, cache_salt: str | None = None, share: Share | None = None
                   ) -> EngineStream: ...
 
-    async def register_adapter(self, name: str, path: str | Path, version: str | None = None,
-                               promote: bool = True) -> AdapterKey: ...
+    # What the engine serves, fixed at start (a cluster: max_num_seqs over every replica), and its tokenizer.
+    @property
+    def facts(self) -> EngineFacts: ...
 
-    async def unregister_adapter(self, name: str) -> None: ...
+    @property
+    def tokenizer(self) -> Any: ...
 
-    async def promote_adapter(self, name: str, version: str) -> None: ...
 
-    async def pin_adapter(self, name: str, pinned: bool) -> None: ...
+class AdapterAdmin(Protocol):
+    """What the admin routes need: every operation through one method, so an engine provides them all at once."""
 
-    async def list_adapters(self) -> list[AdapterInfo]: ...
+    async def admin(self, op: AdminOp[R]) -> R:
+        """Apply one administration operation (engine/admin.py: register, unregister, promote, pin, list) and return
+        its result; for a change, once every engine sharing the registry would serve a request under it."""
+        ...
+
+
+class EngineClient(Generation, AdapterAdmin, Protocol):
+    """Requests and administration, plus the state /metrics, /v1/models and the dashboard read."""
 
     async def reset_prefix_cache(self) -> int: ...
 
@@ -77,10 +92,3 @@ class EngineClient(Protocol):
         ...
 
     def shutdown(self) -> None: ...
-
-    # What the engine serves, fixed at start (a cluster: max_num_seqs over every replica), and its tokenizer.
-    @property
-    def facts(self) -> EngineFacts: ...
-
-    @property
-    def tokenizer(self) -> Any: ...

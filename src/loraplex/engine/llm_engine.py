@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,10 +22,11 @@ from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
 from loraplex.adapters.manager import AdapterManager
 from loraplex.adapters.metrics import AdapterStats
 from loraplex.adapters.loader import AdapterLoader
-from loraplex.adapters.registry import AdapterInfo, AdapterRegistry
+from loraplex.adapters.registry import AdapterRegistry
 from loraplex.adapters.residency import HostAdmission, admit_all
 from loraplex.config import EngineConfig
 from loraplex.engine import detokenizer
+from loraplex.engine.admin import AdminOp
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.chat_template import use_chat_template
@@ -41,6 +42,7 @@ from loraplex.errors import InvalidRequestError, LoraplexError, NonFiniteOutputE
 from loraplex.sampling import SamplingParams, TokenLogprobs
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class LLMEngine:
@@ -88,27 +90,11 @@ class LLMEngine:
         log.info("%d KV blocks of %d tokens, %d adapter slots of rank %d", self.memory.kv_blocks, config.block_size,
                  config.max_loras, config.max_lora_rank)
 
-    # ---- adapters: names validated here, state owned by self.adapters -----------------------------
-    def register_adapter(self, name: str, path: str | Path, version: str | None = None, promote: bool = True,
-                         persistent: bool = True) -> AdapterKey:
-        """Load, validate and register a version of `name` (the next integer if none is given). Requests already
-        running keep the version they started with; new ones get the promoted one. Safe from any thread: the
-        disk read runs in the caller's thread, the bookkeeping under the manager's lock."""
-        spec = AdapterSpec(validate_name(name), None if version is None else validate_name(version, "adapter version"))
-        return self.adapters.register(spec, Path(path), promote, persistent)
-
-    def unregister_adapter(self, name: str) -> None:
-        """New requests for `name` get 404; running ones finish; its weights are freed once unused."""
-        self.adapters.unregister(validate_name(name))
-
-    def promote_adapter(self, name: str, version: str) -> None:
-        self.adapters.promote(validate_name(name), validate_name(version, "adapter version"))
-
-    def pin_adapter(self, name: str, pinned: bool = True) -> None:
-        self.adapters.pin(validate_name(name), pinned)
-
-    def list_adapters(self) -> list[AdapterInfo]:
-        return self.adapters.catalog()
+    # ---- adapters: state owned by self.adapters; administration as engine/admin.py's operations ------
+    def admin(self, op: AdminOp[R]) -> R:
+        """Apply one administration operation (Register, Unregister, Promote, Pin, ListAdapters) in the caller's
+        thread; the manager's lock orders it against the stepping thread. A registration reads the disk here."""
+        return op.run(self.adapters)
 
     def sync_adapters(self) -> list[str]:
         """Apply what other engines sharing the registry file changed (adapters.registry); returns the names."""

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import loraplex
+from loraplex.engine.admin import ListAdapters, Pin, Promote, Register, Unregister
 from loraplex.server.errors import APIError
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.protocol import LoadLoRARequest, PinLoRARequest, PromoteLoRARequest, UnloadLoRARequest
@@ -67,7 +68,7 @@ async def _models(request: Request) -> list[dict[str, Any]]:
         base["memory"]["prefix_cache"] = {"enabled": pc.enabled, "block_size": engine.facts.block_size}
         base["replicas"] = [{"id": r.id} for r in replicas]
     data = [base] if scope.may_use(None) else []
-    for a in await engine.list_adapters():
+    for a in await engine.admin(ListAdapters()):
         if scope.may_use(a.name):
             data.append({"id": a.name, "object": "model", "created": st.created, "owned_by": "loraplex",
                          "root": str(a.path), "parent": st.served_name, "version": a.current,
@@ -84,7 +85,7 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResp
     st = _admin(request)
     st.check_adapter_path(body.lora_path)
     # Loading reads and validates off the event loop and off the engine thread: decoding goes on meanwhile.
-    key = await st.engine.register_adapter(body.lora_name, body.lora_path, body.version, body.promote)
+    key = await st.engine.admin(Register(body.lora_name, body.lora_path, body.version, body.promote))
     version = key.version
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "version": version, "promoted": body.promote,
                          "message": f"Success: LoRA adapter '{body.lora_name}' version {version} added successfully."})
@@ -94,7 +95,7 @@ async def load_lora_adapter(body: LoadLoRARequest, request: Request) -> JSONResp
 async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSONResponse:
     """Remove an adapter: new requests get 404, running ones finish; its weights are freed when unused."""
     st = _admin(request)
-    await st.engine.unregister_adapter(body.lora_name)
+    await st.engine.admin(Unregister(body.lora_name))
     return JSONResponse({"status": "ok", "lora_name": body.lora_name,
                          "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."})
 
@@ -102,14 +103,14 @@ async def unload_lora_adapter(body: UnloadLoRARequest, request: Request) -> JSON
 @router.post("/v1/promote_lora_adapter", responses=ERRORS)
 async def promote_lora_adapter(body: PromoteLoRARequest, request: Request) -> JSONResponse:
     st = _admin(request)
-    await st.engine.promote_adapter(body.lora_name, body.version)
+    await st.engine.admin(Promote(body.lora_name, body.version))
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "version": body.version})
 
 
 @router.post("/v1/pin_lora_adapter", responses=ERRORS)
 async def pin_lora_adapter(body: PinLoRARequest, request: Request) -> JSONResponse:
     st = _admin(request)
-    await st.engine.pin_adapter(body.lora_name, body.pinned)
+    await st.engine.admin(Pin(body.lora_name, body.pinned))
     return JSONResponse({"status": "ok", "lora_name": body.lora_name, "pinned": body.pinned})
 
 

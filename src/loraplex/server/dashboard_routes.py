@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from loraplex.engine.admin import ListAdapters
 from loraplex.server.errors import APIError
 from loraplex.server.openai_routes import ERRORS
 from loraplex.server.state import ServerState
@@ -57,7 +58,7 @@ async def stats(request: Request) -> JSONResponse:
     st: ServerState = request.app.state.loraplex
     scope = st.auth.scope(request)
     engine_stats = await st.engine.stats()  # one per engine: a cluster's replicas each
-    catalog = await st.engine.list_adapters()
+    catalog = await st.engine.admin(ListAdapters())
     rows = tenant_rows(st.metrics.tenants, st.engine, st.served_name, combined(engine_stats), catalog, scope)
     body = stats_json(st.engine, st.served_name, st.created, engine_stats, catalog, rows, scope,
                       st.metrics.shares.rows())

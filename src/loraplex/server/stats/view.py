@@ -167,7 +167,7 @@ def fair_share_json(shares: dict[str, ShareRow], scope: KeyScope) -> dict[str, A
 def stats_json(engine: EngineClient, served_name: str, started: float, stats: list[EngineStats],
                catalog: list[AdapterInfo], rows: dict[str, TenantRow], scope: KeyScope,
                shares: dict[str, ShareRow] | None = None) -> dict[str, Any]:
-    """`stats`: engine.stats() (one per engine); `catalog`: engine.list_adapters(); `rows`: a TenantRow for the
+    """`stats`: engine.stats() (one per engine); `catalog`: engine.admin(ListAdapters()); `rows`: a TenantRow for the
     base model (served_name) and each adapter (tenant_rows over combined(stats), for this scope); `shares`: the
     fair share's tenants (server/stats/shares.py)."""
     total = combined(stats)
