@@ -154,16 +154,18 @@ def test_adapter_state_lives_in_the_residency_table() -> None:
 
 
 def test_adapter_administration_is_declared_once() -> None:
-    """Each administration operation is one message in engine/admin.py, run over the manager there; an engine
-    offers them all through one method, `admin(op)`. No engine, replica or route declares an operation of its own
-    (the relay of register/unregister/promote/pin/list methods this replaced restated each one in five places).
-    LLM.register_adapter stays: the offline API users call."""
+    """Each administration operation (and each hook a cluster replica runs on its engine) is one message in
+    engine/admin.py, run over the manager there; an engine offers them all through one method, `admin(op)`. No
+    engine, replica or route declares an operation of its own (the relay of methods this replaced restated each one
+    in up to five places). LLM.register_adapter stays: the offline API users call."""
     from loraplex.engine import admin
 
-    relays = {"register_adapter", "unregister_adapter", "promote_adapter", "pin_adapter", "list_adapters"}
+    relays = {"register_adapter", "unregister_adapter", "promote_adapter", "pin_adapter", "list_adapters",
+              "prefetch_adapter", "is_resident", "sync_adapters", "readmit_adapters", "registry_version"}
     ops = {name for name, obj in vars(admin).items()
            if isinstance(obj, type) and issubclass(obj, admin.AdminOp) and obj is not admin.AdminOp}
-    assert ops == {"Register", "Unregister", "Promote", "Pin", "ListAdapters"}
+    assert ops == {"Register", "Unregister", "Promote", "Pin", "ListAdapters",  # the admin routes'
+                   "Prefetch", "IsResident", "SyncRegistry", "Readmit", "RegistryVersion"}  # a replica's hooks
     for m, p in MODULES.items():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ClassDef) and m != "loraplex.engine.admin":

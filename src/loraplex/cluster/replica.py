@@ -25,7 +25,7 @@ from loraplex.cluster.admission import ClaimAdmission
 from loraplex.cluster.config import ClusterConfig
 from loraplex.cluster.messages import ReplicaReport, RouteInfo, lean
 from loraplex.config import EngineConfig
-from loraplex.engine.admin import AdminOp
+from loraplex.engine.admin import AdminOp, IsResident, Prefetch, Readmit, RegistryVersion, SyncRegistry
 from loraplex.engine.client import AdapterTarget
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.outputs import RequestOutput
@@ -81,13 +81,13 @@ class EngineReplica:
 
         def unclaim(model_id: str) -> int:
             self.admission.unclaimed(model_id)
-            return self.engine.readmit_adapters()
+            return self.engine.engine.admin(Readmit())  # Ray's worker thread: at once, under the manager's lock
 
         async def claim(model_id: str) -> Claim:
             # Ray calls this once per id it does not hold (then keeps the id, LRU): resolving raises for an unknown
             # adapter, so no replica claims one; the load itself runs in the background, in the engine's tiers.
             # The request's own target (`generate`) is used as it is: Ray hands over only its text.
-            await self.engine.prefetch_adapter(self._claiming.get(model_id) or model_id)
+            await self.engine.admin(Prefetch(self._claiming.get(model_id) or model_id))
             return Claim(model_id, unclaim)
 
         self._claiming: dict[str, AdapterSpec | AdapterKey] = {}  # model id -> the target of a request claiming it
@@ -117,7 +117,7 @@ class EngineReplica:
         request), unless this replica claims it already.
         `target`: the adapter as the ingress resolved it (its text keys admission and Ray's model ids)."""
         adapter = None if target is None else str(target)
-        resident = target is None or self.engine.is_resident(target)
+        resident = target is None or await self.engine.admin(IsResident(target))
         now = time.time()
         keep = adapter is None or (self.admission.admit(adapter, popularity, now) if claim
                                    else self.admission.holds(adapter))
@@ -157,13 +157,13 @@ class EngineReplica:
         """Apply an administration operation here (a change is written to the shared registry, which the others
         read); returns its result and the registry version this replica then holds."""
         result = await self.engine.admin(op)
-        return result, self.engine.registry_version
+        return result, await self.engine.admin(RegistryVersion())
 
     # ---- keeping in step ---------------------------------------------------------------------------
     async def _watch_registry(self) -> None:
         while True:
             try:
-                changed = await self.engine.sync_adapters()
+                changed = await self.engine.admin(SyncRegistry())
                 if changed:
                     log.info("replica %s applied registry changes to %s", self.id, ", ".join(changed))
                     await self._report()  # the ingress waits for every replica to have seen an admin change

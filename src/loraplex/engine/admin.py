@@ -1,8 +1,10 @@
-"""Adapter administration as data. Each operation the admin routes offer (register, unregister, promote, pin, list)
-is one message here, declared once and implemented once, over the AdapterManager (`run`). An engine provides all of
-them through one method, `admin(op)` (engine/client.py AdapterAdmin):
+"""Adapter administration as data. Each operation the admin routes offer (register, unregister, promote, pin, list),
+and each hook a cluster replica runs on its own engine (prefetch, residency, registry sync, readmission), is one
+message here, declared once and implemented once, over the AdapterManager (`run`). An engine provides all of them
+through one method, `admin(op)` (engine/client.py AdapterAdmin):
 - LLMEngine runs the op in the caller's thread;
-- AsyncLLMEngine runs it on a worker thread when it reads the disk, else on the engine thread between steps;
+- AsyncLLMEngine runs it where its `runs_on` says: on a worker thread when it reads the disk, on the engine thread
+  between steps, or at once in the caller when it only reads state under the manager's lock;
 - the cluster's RemoteEngine sends it to one replica (plain data across Ray) and, when it changes the registry,
   returns once every replica has read the change.
 Names and versions are validated here, once for every engine. No torch."""
@@ -12,22 +14,26 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
 from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
 from loraplex.adapters.registry import AdapterInfo
+from loraplex.errors import LoraplexError
 
 if TYPE_CHECKING:
     from loraplex.adapters.manager import AdapterManager
 
 R = TypeVar("R")
+# Where AsyncLLMEngine runs an op: "worker", a worker thread (it reads files or scans a directory: decoding goes on);
+# "engine", the engine thread between steps; "caller", at once (it only reads state, under the manager's lock).
+RunsOn = Literal["worker", "engine", "caller"]
 
 
 class AdminOp(ABC, Generic[R]):
     """One administration operation; `run` returns what the caller gets back (R)."""
 
     __slots__ = ()
-    reads_disk: ClassVar[bool] = False  # reads files or scans a directory: run off the engine thread
+    runs_on: ClassVar[RunsOn] = "engine"
     changes: ClassVar[bool] = True  # changes the registry: every engine sharing it must read the change
 
     @abstractmethod
@@ -45,7 +51,7 @@ class Register(AdminOp[AdapterKey]):
     path: str | Path
     version: str | None = None
     promote: bool = True
-    reads_disk: ClassVar[bool] = True
+    runs_on: ClassVar[RunsOn] = "worker"
 
     def run(self, adapters: AdapterManager) -> AdapterKey:
         version = None if self.version is None else validate_name(self.version, "adapter version")
@@ -88,8 +94,78 @@ class Pin(AdminOp[None]):
 class ListAdapters(AdminOp[list[AdapterInfo]]):
     """Every adapter registered or found under the adapter root (a directory scan)."""
 
-    reads_disk: ClassVar[bool] = True
+    runs_on: ClassVar[RunsOn] = "worker"
     changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> list[AdapterInfo]:
         return adapters.catalog()
+
+
+# ---- a cluster replica's hooks into its own engine (cluster/replica.py) ---------------------------------------------
+def _target(model: str | AdapterSpec | AdapterKey) -> AdapterSpec | AdapterKey:
+    """Ray's multiplexed model id is text ("name", "name@version"): parsed; a spec or key is used as it is."""
+    return AdapterSpec.parse(model) if isinstance(model, str) else model
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch(AdminOp[AdapterKey]):
+    """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory in the
+    background, so the first request finds it loading or loaded (a replica claiming an adapter)."""
+
+    model: str | AdapterSpec | AdapterKey
+    runs_on: ClassVar[RunsOn] = "worker"
+    changes: ClassVar[bool] = False
+
+    def run(self, adapters: AdapterManager) -> AdapterKey:
+        return adapters.prefetch(_target(self.model))
+
+
+@dataclass(frozen=True, slots=True)
+class IsResident(AdminOp[bool]):
+    """Whether the version a request for `model` would run on is in memory now (host or device)."""
+
+    model: AdapterSpec | AdapterKey
+    runs_on: ClassVar[RunsOn] = "caller"
+    changes: ClassVar[bool] = False
+
+    def run(self, adapters: AdapterManager) -> bool:
+        try:
+            key = adapters.resolve(self.model)
+        except LoraplexError:
+            return False
+        return key in adapters.resident()
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRegistry(AdminOp[list[str]]):
+    """Apply what other engines sharing the registry file changed, as if made here; returns the names changed."""
+
+    runs_on: ClassVar[RunsOn] = "worker"
+    changes: ClassVar[bool] = False
+
+    def run(self, adapters: AdapterManager) -> list[str]:
+        return adapters.sync()
+
+
+@dataclass(frozen=True, slots=True)
+class Readmit(AdminOp[int]):
+    """The host admission policy changed (a replica's claims did): drop from host memory what it no longer caches,
+    except versions a request uses or a pin holds; returns how many were dropped."""
+
+    runs_on: ClassVar[RunsOn] = "caller"
+    changes: ClassVar[bool] = False
+
+    def run(self, adapters: AdapterManager) -> int:
+        return adapters.readmit()
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryVersion(AdminOp[int]):
+    """The registry file's mtime (ns) as this engine last read or wrote it (0 without a file): a cluster waits until
+    every replica's is at least the one a change wrote."""
+
+    runs_on: ClassVar[RunsOn] = "caller"
+    changes: ClassVar[bool] = False
+
+    def run(self, adapters: AdapterManager) -> int:
+        return adapters.registry.version

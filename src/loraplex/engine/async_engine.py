@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.adapters.key import AdapterKey
 from loraplex.allocator import HeapTrimmer
 from loraplex.adapters.residency import HostAdmission, admit_all
 from loraplex.config import EngineConfig
@@ -157,11 +157,13 @@ class AsyncLLMEngine:
 
     # ---- adapters --------------------------------------------------------------------------------
     async def admin(self, op: AdminOp[T]) -> T:
-        """Apply an administration operation (engine/admin.py). One that reads the disk (a registration's load and
-        validation, the adapter root's scan) runs on a worker thread, so decoding goes on meanwhile; the others
-        run on the engine thread between steps."""
-        if op.reads_disk:
+        """Apply an administration operation (engine/admin.py) where its `runs_on` says. One that reads the disk (a
+        registration's load and validation, the adapter root's scan) runs on a worker thread, so decoding goes on
+        meanwhile; a change on the engine thread between steps; a read of state at once, under the manager's lock."""
+        if op.runs_on == "worker":
             return await asyncio.to_thread(self.engine.admin, op)
+        if op.runs_on == "caller":
+            return self.engine.admin(op)
         return await self.call(lambda: self.engine.admin(op))
 
     async def reset_prefix_cache(self) -> int:
@@ -177,29 +179,13 @@ class AsyncLLMEngine:
         this engine as the one behind the server."""
         return [await self.call(self.engine.stats)]
 
-    async def sync_adapters(self) -> list[str]:
-        """Apply what other engines sharing the registry file changed (a file read: off the event loop)."""
-        return await asyncio.to_thread(self.engine.sync_adapters)
-
-    def is_resident(self, model: AdapterSpec | AdapterKey) -> bool:
-        """Whether a request for `model` would find its adapter version in memory (the manager's lock: any thread)."""
-        return self.engine.is_resident(model)
-
     async def replicas(self) -> list[ReplicaView]:
         """This engine as the one replica behind the server."""
         snap = await self.snapshot()
         versions = {a.name: a.current for a in await self.admin(ListAdapters())}
-        return [ReplicaView("local", snap.running, snap.waiting, self.engine.resident_adapters(), versions,
-                            self.engine.registry_version)]
-
-    def readmit_adapters(self) -> int:
-        """The host admission policy changed: drop what it no longer caches (the manager's lock: any thread)."""
-        return self.engine.readmit_adapters()
-
-    async def prefetch_adapter(self, model: str | AdapterSpec | AdapterKey) -> AdapterKey:
-        """Resolve `model` ("name" or "name@version"; AdapterNotFoundError if unknown) and start loading it into
-        host memory, so the first request finds it loading or loaded."""
-        return await asyncio.to_thread(self.engine.prefetch_adapter, model)
+        adapters = self.engine.adapters
+        return [ReplicaView("local", snap.running, snap.waiting, adapters.resident(), versions,
+                            adapters.registry.version)]
 
     # ---- the model's facts (fixed at start; safe to read from any thread) ------------------------
     @property
@@ -209,11 +195,6 @@ class AsyncLLMEngine:
     @property
     def facts(self) -> EngineFacts:
         return self.engine.facts
-
-    @property
-    def registry_version(self) -> int:
-        """The registry file's mtime (ns) as last read or written by this engine (0 without a file)."""
-        return self.engine.registry_version
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps; its result or exception comes back here."""

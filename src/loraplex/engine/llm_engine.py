@@ -96,36 +96,6 @@ class LLMEngine:
         thread; the manager's lock orders it against the stepping thread. A registration reads the disk here."""
         return op.run(self.adapters)
 
-    def sync_adapters(self) -> list[str]:
-        """Apply what other engines sharing the registry file changed (adapters.registry); returns the names."""
-        return self.adapters.sync()
-
-    @property
-    def registry_version(self) -> int:
-        return self.adapters.registry.version
-
-    def resident_adapters(self) -> dict[AdapterKey, list[str]]:
-        """Each version held -> the tiers holding it ("device", "host"). Safe from any thread."""
-        return self.adapters.resident()
-
-    def is_resident(self, model: AdapterSpec | AdapterKey) -> bool:
-        """Whether the version a request for `model` would run on is in memory now."""
-        try:
-            key = self.adapters.resolve(model)
-        except LoraplexError:
-            return False
-        return key in self.adapters.resident()
-
-    def prefetch_adapter(self, model: str | AdapterSpec | AdapterKey) -> AdapterKey:
-        """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory; text
-        ("name", "name@version") is parsed, a spec or key used as it is."""
-        return self.adapters.prefetch(AdapterSpec.parse(model) if isinstance(model, str) else model)
-
-    def readmit_adapters(self) -> int:
-        """The host admission policy changed: drop from host memory what it no longer caches (except versions a
-        request uses or a pin holds); returns how many were dropped. Safe from any thread."""
-        return self.adapters.readmit()
-
     # ---- requests -------------------------------------------------------------------------------
     def _tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
