@@ -67,7 +67,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         probe = LLM(adapter_dir=str(root), max_loras=8, max_cpu_loras=4)
-        names = make_adapters(probe.engine.model_dir, root, args.loads + 3 * args.burst + 1)
+        names = make_adapters(probe.engine.facts.model_dir, root, args.loads + 3 * args.burst + 1)
         size_mb = (root / names[0] / "adapter_model.safetensors").stat().st_size / 1e6
         cold_latency(probe.engine, names[-1:])  # the process's first load pays one-time set-up: not counted
         lat = cold_latency(probe.engine, names[: args.loads])

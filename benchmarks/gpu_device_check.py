@@ -76,8 +76,8 @@ def main() -> None:
     llm = LLM(str(work / "model"), lora_modules={"a": str(adapter)}, device="auto", dtype="float32",
               gpu_memory_utilization=args.utilization, max_model_len=256, max_loras=2, max_lora_rank=8)
     result["engine_start_s"] = round(time.perf_counter() - t0, 2)
-    plan = llm.engine.memory
-    result.update(engine_device=str(llm.engine.device), engine_dtype=str(llm.engine.dtype),
+    plan = llm.engine.facts.memory
+    result.update(engine_device=str(llm.engine.runner.device), engine_dtype=str(llm.engine.runner.dtype),
                   kv_cache_bytes=plan.kv_cache, kv_blocks=plan.kv_blocks, weights_bytes=plan.weights,
                   adapter_slot_bytes=plan.adapter_slot * plan.adapter_slots)
     if device.startswith("cuda"):

@@ -56,7 +56,7 @@ def main() -> None:
             llm = LLM(adapter_dir=str(root), max_loras=8, quantization=method, double_quant=double_quant,
                       enable_prefix_caching=False)
             prompts = workload_prompts(llm.tokenizer, args.requests)
-            mem = llm.engine.memory
+            mem = llm.engine.facts.memory
             row = {"base": label, "quantization": mem.quantization, "weights_bytes": mem.weights,
                    "linear_bytes": linear_bytes(llm), "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
                    "tokens_per_s_base": throughput(llm, prompts, [None] * args.requests, args.max_tokens),

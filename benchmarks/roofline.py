@@ -79,8 +79,8 @@ def gemm_ms(llm: LLM, batch: int) -> float:
     model = llm.engine.runner.model
     layers = [m.base if isinstance(m, LoRALinear) else m for m in model.modules() if isinstance(m, (Linear, LoRALinear))]
     layers = list(dict.fromkeys(l for l in layers if isinstance(l, Linear)))
-    xs = [torch.randn(batch, l.in_features).to(llm.engine.dtype) for l in layers]
-    h = torch.randn(batch, model.embed_tokens.weight.shape[1]).to(llm.engine.dtype)
+    xs = [torch.randn(batch, l.in_features).to(llm.engine.runner.dtype) for l in layers]
+    h = torch.randn(batch, model.embed_tokens.weight.shape[1]).to(llm.engine.runner.dtype)
 
     def head() -> torch.Tensor:
         if model.head_packed is not None:

@@ -85,7 +85,8 @@ def test_the_engine_and_training_follow_the_rule(on, default_model_dir) -> None:
 
     on(ZEN3)
     llm = LLM(max_model_len=64, kv_cache_memory=8 << 20, enable_lora=False)
-    assert llm.engine.dtype == torch.float32 and llm.engine.dtype_choice.reason == "this CPU has no native bf16 (AVX2)"
+    assert llm.engine.runner.dtype == torch.float32
+    assert llm.engine.facts.dtype_reason == "dtype auto -> float32: this CPU has no native bf16 (AVX2)"
     linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed is not None for m in linears)  # oneDNN fp32 prepacked
 

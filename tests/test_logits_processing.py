@@ -170,7 +170,7 @@ def test_processing_in_a_mixed_batch_touches_no_one_else(llm: LLM) -> None:
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, special, adapters=adapters)]
     assert together == alone
     assert all(300 <= t < 900 for t in alone[3])
-    banned = [seq[0] for seq in llm.engine._bad_words(["the"]) if len(seq) == 1]
+    banned = [seq[0] for seq in llm.engine.preparer.bad_words(["the"]) if len(seq) == 1]
     assert banned and not set(banned) & set(alone[1])
     assert alone[2] == llm.generate([prompts[2]], plain, adapters=["a"])[0].outputs[0].token_ids
 

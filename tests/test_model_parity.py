@@ -377,7 +377,7 @@ def default_llm() -> Iterator[LLM]:
 def default_hf(default_llm: LLM) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(default_llm.engine.model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(default_llm.engine.facts.model_dir, dtype=torch.float32).eval()
 
 
 def test_default_model_greedy_equals_transformers(default_llm: LLM, default_hf: Any) -> None:

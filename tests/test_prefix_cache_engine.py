@@ -88,7 +88,7 @@ def test_hits_give_the_tokens_of_a_full_computation(reference: LLM, adapters: di
 def test_no_block_crosses_a_namespace(reference: LLM, adapters: dict[str, Path], tmp_path: Path) -> None:
     llm = small(lora_modules={"A": str(adapters["A"]), "B": str(adapters["B"])})
     p = prompt(llm, QUESTIONS[0])
-    base = llm.engine.model_name
+    base = llm.engine.facts.model_name
 
     def fresh(name: str, out: list[list[int]], expect: list[int]) -> None:
         assert out == [expect], f"{name}: not the tokens of a full computation"
@@ -123,7 +123,7 @@ def test_no_block_crosses_a_namespace(reference: LLM, adapters: dict[str, Path],
 def test_the_weights_digest_names_the_files_content(adapters: dict[str, Path], tmp_path: Path) -> None:
     """The digest that roots an adapter's namespace (so that one reloaded from disk after its files changed
     finds none of its old blocks) follows the files' content, not the path or the name."""
-    shapes = small().engine.lora_shapes
+    shapes = small().engine.adapters.loads.load.targets
 
     def digest(path: Path, name: str = "x") -> bytes:
         return load_peft_adapter(name, path, shapes, 16).digest
@@ -143,7 +143,7 @@ def test_reset_and_disable(adapters: dict[str, Path]) -> None:
     assert llm.engine.blocks.num_cached > 0
     assert llm.reset_prefix_cache() > 0 and llm.engine.blocks.num_cached == 0
     run(llm, [p], [None])
-    assert hits(llm).get(llm.engine.model_name, 0) == 0
+    assert hits(llm).get(llm.engine.facts.model_name, 0) == 0
     off = small(enable_prefix_caching=False)
     run(off, [p], [None])
     run(off, [p], [None])

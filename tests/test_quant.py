@@ -125,7 +125,7 @@ def test_nf4_adapter_matches_peft_fp32(peft_nf4: Callable[[torch.dtype], torch.n
     continuation positions (a near-tie may flip)."""
     peft_model = peft_nf4(torch.float32)
     llm = LLM(dtype="float32", quantization="nf4", double_quant=True, max_loras=1, lora_modules={"t": str(nf4_adapter)})
-    assert llm.engine.memory.quantization == "nf4+double-quant"
+    assert llm.engine.facts.memory.quantization == "nf4+double-quant"
     matched = total = 0
     for ids, n in _continuations(peft_model, llm):
         with torch.inference_mode():
@@ -210,7 +210,7 @@ def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
         with running(build_app(engine, None, None, 16)) as url:
             base = httpx.get(url + "/v1/models").json()["data"][0]
             assert base["quantization"] == "nf4+double-quant"
-            mem = engine.engine.memory
+            mem = engine.engine.facts.memory
             prefix = base["memory"].pop("prefix_cache")
             assert base["memory"] == {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache,
                                       "adapter_slots_bytes": mem.adapters, "adapter_slots": 2}
@@ -219,9 +219,9 @@ def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
             assert metric(url, "loraplex_memory_bytes", 'component="weights"') == mem.weights
             assert metric(url, "loraplex_kv_cache_capacity_sequences") == mem.kv_sequences_at_max_len > 0
             assert metric(url, "loraplex_adapter_slots") == 2
-            choice = engine.engine.dtype_choice
-            assert base["dtype"] == choice.name and base["dtype_reason"] == choice.describe()
-            labels = f'device="{engine.engine.device_description}",dtype="{choice.name}",quantization="nf4+double-quant"'
+            facts = engine.engine.facts
+            assert base["dtype"] == facts.dtype and base["dtype_reason"] == facts.dtype_reason
+            labels = f'device="{facts.device}",dtype="{facts.dtype}",quantization="nf4+double-quant"'
             assert metric(url, "loraplex_base_model_info", labels) == 1
     finally:
         engine.shutdown()

@@ -156,7 +156,7 @@ def test_qlora_trains_on_a_4bit_base(tmp_path: Path) -> None:
     # ... and on the quantized base it was trained against (--quantize nf4 --double-quant: the same codes)
     del llm
     qllm = LLM(dtype="float32", quantization="nf4", double_quant=True, lora_modules={"q": str(result.output)})
-    assert qllm.engine.memory.quantization == "nf4+double-quant"
+    assert qllm.engine.facts.memory.quantization == "nf4+double-quant"
     assert qllm.generate(["SELECT"], SamplingParams(max_tokens=4), adapters="q")[0].outputs[0].token_ids
 
 

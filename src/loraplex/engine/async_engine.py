@@ -1,7 +1,7 @@
 """AsyncLLMEngine: runs LLMEngine's step loop on one background thread and streams outputs to asyncio; the
 whole API the HTTP server uses (requests, adapter administration, the model's facts, snapshots for metrics).
 
-A request is prepared first (validated, tokenized, its grammar compiled: LLMEngine.prepare) on a small pool of
+A request is prepared first (validated, tokenized, its grammar compiled: engine/prepare.py Preparer) on a small pool of
 worker threads under --max-prepare-seconds (engine/prepare.py), then admitted, like aborts and adapter changes,
 on the engine thread between steps, submitted through `call`; errors come back to the awaiting coroutine. An
 adapter registration reads and validates the files on a worker thread so decoding goes on meanwhile; the
@@ -135,13 +135,14 @@ class AsyncLLMEngine:
 
     async def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None, adapter: str | None,
                        cache_salt: str | None) -> PreparedRequest:
-        """LLMEngine.prepare on a prepare worker under --max-prepare-seconds when it would tokenize or compile a
+        """Preparer.prepare on a prepare worker under --max-prepare-seconds when it would tokenize or compile a
         grammar; a token-id prompt without either is a bounded id check, done here."""
-        if not self.engine.needs_preparing(prompt, sampling):
-            return self.engine.prepare(prompt, sampling, adapter, cache_salt)
+        preparer = self.engine.preparer
+        if not preparer.needs_work(prompt, sampling):
+            return preparer.prepare(prompt, sampling, adapter, cache_salt)
         stage = Stage("preparing the request")
         warm = self.engine.structured.warm if sampling is not None and sampling.structured else None
-        return await self._preparer.run(stage, self.engine.prepare, prompt, sampling, adapter, cache_salt,
+        return await self._preparer.run(stage, preparer.prepare, prompt, sampling, adapter, cache_salt,
                                         stage, warm=warm)
 
     async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,

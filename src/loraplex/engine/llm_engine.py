@@ -1,11 +1,13 @@
-"""LLMEngine: the synchronous engine. add_request / abort_request / step, nothing else drives the model.
+"""LLMEngine: the synchronous engine. add_request / abort_request / step, nothing else drives the model. It owns
+the step, the scheduler, the runner and the facts; preparing a request, turning tokens into outputs and adapter
+state are each one module's job.
 
-Where a request goes: prepare validates, tokenizes and makes its grammar matcher (any thread), admit queues it
-(the stepping thread; add_request does both) -> Scheduler.waiting -> Scheduler.schedule
-picks the step's tokens (KV blocks, and adapter slots through the AdapterManager) -> ModelRunner.execute
-runs the forward pass and samples -> _process appends tokens, detokenizes, checks stop conditions ->
-RequestOutput. Adapter names are parsed once, here; every registration, slot and reference then goes
-through `self.adapters` (adapters.manager.AdapterManager), the one owner of adapter state.
+Where a request goes: Preparer.prepare (engine/prepare.py) validates, tokenizes and makes its grammar matcher (any
+thread), admit queues it (the stepping thread; add_request does both) -> Scheduler.waiting -> Scheduler.schedule
+picks the step's tokens (KV blocks, and adapter slots through the AdapterManager) -> ModelRunner.execute runs the
+forward pass and samples -> output_processor.append_token adds each token, detokenizes, checks stop conditions ->
+RequestOutput. Every registration, slot and reference goes through `self.adapters` (adapters.manager.AdapterManager),
+the one owner of adapter state; administration arrives as engine/admin.py's operations.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.chat_template import use_chat_template
 from loraplex.engine.build import build_model
 from loraplex.engine.model_runner import ModelRunner, StepResult
-from loraplex.engine.prepare import PreparedRequest, Stage
-from loraplex.engine.outputs import CompletionOutput, EngineSnapshot, EngineStats, PrefixCacheSnapshot, RequestOutput
+from loraplex.engine.prepare import PreparedRequest, Preparer
+from loraplex.engine.output_processor import append_token, request_output
+from loraplex.engine.outputs import EngineSnapshot, EngineStats, PrefixCacheSnapshot, RequestOutput
 from loraplex.engine.request import Request, Share
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.engine.step_log import StepLog
@@ -51,43 +54,40 @@ class LLMEngine:
         a cluster replica's claims); every one by default."""
         self.config = config
         built = build_model(config)  # dtype -> weights -> quantize -> device -> prepack -> memory plan -> LoRA
-        self.model_dir, self.model_config, self.model_name = built.model_dir, built.config, built.config.name
-        self.dtype_choice, self.dtype = built.dtype, built.dtype.dtype
-        self.device, self.device_description = built.device, built.device_description
-        self.max_model_len, self.memory = built.max_model_len, built.memory
-        self.lora_shapes = built.lora_shapes
-        self.facts = EngineFacts(self.model_name, self.model_dir, self.max_model_len, config.block_size,
-                                 config.max_num_seqs, built.dtype.name, built.dtype.describe(),
-                                 built.device_description, built.memory, config.max_prepare_seconds,
-                                 tuple(built.config.eos_token_ids))
+        self.model_config = built.config  # the architecture (vocab, layers, EOS ids); what it serves: self.facts
+        self.facts = facts = EngineFacts(built.config.name, built.model_dir, built.max_model_len, config.block_size,
+                                         config.max_num_seqs, built.dtype.name, built.dtype.describe(),
+                                         built.device_description, built.memory, config.max_prepare_seconds,
+                                         tuple(built.config.eos_token_ids))
         from transformers import AutoTokenizer
 
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(facts.model_dir)
         if config.chat_template is not None:
             use_chat_template(self.tokenizer, config.chat_template)
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, list(self.model_config.eos_token_ids))
-        self.runner = ModelRunner(built.model, built.lora_targets, self.memory.kv_blocks, config.block_size,
-                                  self.dtype, self.device, config.seed, self.structured)
-        self.blocks = BlockManager(self.memory.kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.preparer = Preparer(self.tokenizer, self.model_config.vocab_size, facts.max_model_len, self.structured)
+        self.runner = ModelRunner(built.model, built.lora_targets, facts.memory.kv_blocks, config.block_size,
+                                  built.dtype.dtype, built.device, config.seed, self.structured)
+        self.blocks = BlockManager(facts.memory.kv_blocks, config.block_size, config.enable_prefix_caching)
         registry = AdapterRegistry(
             Path(config.adapter_dir) if config.adapter_dir else None,
             Path(config.registry_file) if config.registry_file else None,
         )
-        loader = AdapterLoader(self.lora_shapes, config.max_lora_rank, config.allow_pickle_adapters, self.model_name,
-                               self.model_dir, config.enable_lora)
+        loader = AdapterLoader(built.lora_shapes, config.max_lora_rank, config.allow_pickle_adapters, facts.model_name,
+                               facts.model_dir, config.enable_lora)
         self.adapters = AdapterManager(registry, config.max_loras, config.max_cpu_loras, loader, host_admission)
-        fair_steps = config.fair_steps == "on" or (config.fair_steps == "auto" and self.device.type == "cpu")
+        fair_steps = config.fair_steps == "on" or (config.fair_steps == "auto" and built.device.type == "cpu")
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_skips, fair_steps)
         self.requests: dict[str, Request] = {}
         self._errors: list[RequestOutput] = []  # requests failed between steps, reported by the next step
         self.nonfinite_requests: dict[str, int] = {}  # model label -> requests ended by NonFiniteOutputError
         self.last_step_tokens = 0  # tokens in the latest forward pass (batch size, for metrics)
-        self.step_log = StepLog(self.model_name)  # the last steps' batch composition, for the dashboard
+        self.step_log = StepLog(facts.model_name)  # the last steps' batch composition, for the dashboard
         self._ids = itertools.count()
         # Start-up modules never undo an admin's promotion or unload (adapters/startup.py says the rules).
         self.adapters.register_startup([(validate_name(name), Path(path)) for name, path in config.lora_modules])
-        log.info("%d KV blocks of %d tokens, %d adapter slots of rank %d", self.memory.kv_blocks, config.block_size,
+        log.info("%d KV blocks of %d tokens, %d adapter slots of rank %d", facts.memory.kv_blocks, config.block_size,
                  config.max_loras, config.max_lora_rank)
 
     # ---- adapters: state owned by self.adapters; administration as engine/admin.py's operations ------
@@ -97,34 +97,6 @@ class LLMEngine:
         return op.run(self.adapters)
 
     # ---- requests -------------------------------------------------------------------------------
-    def _tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            text: str | None = prompt
-            token_ids = list(self.tokenizer.encode(prompt))
-        else:
-            text, token_ids = None, list(prompt)
-        if not token_ids:
-            raise InvalidRequestError("the prompt is empty")
-        if len(token_ids) >= self.max_model_len:  # first: the id scan below then costs at most max_model_len
-            raise PromptTooLongError(
-                f"the prompt has {len(token_ids)} tokens; the context (max_model_len) is {self.max_model_len} tokens, "
-                "which must also leave room for at least one generated token"
-            )
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        return text, token_ids
-
-    def _bad_words(self, words: list[str]) -> list[list[int]]:
-        """Each bad word's token sequences, alone and after a space (as vLLM tokenizes them)."""
-        seqs: list[list[int]] = []
-        for w in words:
-            for text in (w, " " + w.lstrip()):
-                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
-                if ids and ids not in seqs:
-                    seqs.append(ids)
-        return seqs
-
     def _adapter(self, adapter: str | AdapterSpec | None) -> AdapterKey | None:
         """'name' or 'name@version' (or a parsed spec) -> the version the request runs on; None = the base model."""
         if adapter is None:
@@ -137,37 +109,7 @@ class LLMEngine:
         """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
         Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter).
         prepare + admit in the caller's thread; AsyncLLMEngine runs prepare on a worker, admit on the engine thread."""
-        return self.admit(self.prepare(prompt, sampling, adapter, cache_salt), request_id, share)
-
-    def prepare(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                adapter: str | AdapterSpec | None = None, cache_salt: str | None = None,
-                stage: Stage | None = None) -> PreparedRequest:
-        """The part of add_request that depends on the request alone: validation, tokenization, bad_words ids, the
-        grammar matcher (compiled once per schema). Touches no engine state, so it is safe on any thread while
-        another steps; `stage` is kept saying which part runs (for PreparePool's time-cap error)."""
-        stage = stage or Stage("preparing the request")
-        sampling = sampling or SamplingParams()
-        stage.doing = "tokenizing the prompt"
-        text, token_ids = self._tokens(prompt)
-        vocab = self.model_config.vocab_size
-        for name, ids in (("stop_token_ids", sampling.stop_token_ids), ("logit_bias", list(sampling.logit_bias)),
-                          ("allowed_token_ids", sampling.allowed_token_ids or [])):
-            if any(t >= vocab for t in ids):
-                raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab})")
-        spec = AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-            raise InvalidRequestError("cache_salt must be a non-empty string")
-        stage.doing = "tokenizing bad_words"
-        bad_words_ids = self._bad_words(sampling.bad_words)
-        matcher = None
-        if sampling.structured is not None:
-            stage.doing = f"compiling the structured output's {sampling.structured.kind}"
-            matcher = self.structured.matcher(sampling.structured)
-        return PreparedRequest(text, token_ids, sampling, spec, cache_salt, bad_words_ids, matcher)
-
-    def needs_preparing(self, prompt: str | list[int], sampling: SamplingParams | None) -> bool:
-        """Whether prepare would run the tokenizer or the grammar compiler (else it is a bounded id check)."""
-        return isinstance(prompt, str) or (sampling is not None and bool(sampling.bad_words or sampling.structured))
+        return self.admit(self.preparer.prepare(prompt, sampling, adapter, cache_salt), request_id, share)
 
     def admit(self, prepared: PreparedRequest, request_id: str | None = None, share: Share | None = None) -> str:
         """Queue a prepared request (on the thread that steps). Its adapter version is resolved now, so a promotion
@@ -254,12 +196,12 @@ class LLMEngine:
         """End a request that failed in a step with `error`: its K/V blocks (maybe NaN) never enter the prefix
         cache; non-finite activations are counted per model (/metrics loraplex_nonfinite_requests_total)."""
         if isinstance(error, NonFiniteOutputError):
-            label = self.model_name if req.adapter is None else req.adapter.name
+            label = self.facts.model_name if req.adapter is None else req.adapter.name
             self.nonfinite_requests[label] = self.nonfinite_requests.get(label, 0) + 1
             log.warning("%s", error)
         if not req.finished:
             self._finish(req, "error", keep_cached=False)
-        out = self._output(req)
+        out = request_output(req)
         out.error = error
         return out
 
@@ -269,7 +211,7 @@ class LLMEngine:
         for key, error in failures.items():
             for req in [r for r in self.scheduler.waiting if r.adapter == key]:
                 self._finish(req, "error")
-                out = self._output(req)
+                out = request_output(req)
                 out.error = error
                 self._errors.append(out)
         return failures
@@ -283,51 +225,15 @@ class LLMEngine:
         return outputs
 
     def _process(self, req: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
-        req.output_token_ids.append(token)
-        if logprobs is not None:
-            req.output_logprobs.append(logprobs)
-        sp = req.sampling
-        reason: str | None = None
-        if token in sp.stop_token_ids:
-            reason, req.stop_reason = "stop", token  # stop tokens end the text, they are not part of it
-        elif (not sp.ignore_eos or req.matcher is not None) and token in self.runner.eos_ids:
-            reason = "stop"  # a grammar that is complete allows only EOS: its output ends there, whatever ignore_eos
-        else:
-            before = len(req.output_text)
-            detokenizer.append_text(self.tokenizer, req)
-            if detokenizer.find_stop(req, len(req.output_text) - before):
-                reason = "stop"
-        if reason is None and (len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len):
-            reason = "length"
+        reason = append_token(req, token, logprobs, self.tokenizer, self.runner.eos_ids, self.facts.max_model_len)
         if reason is not None:
             self._finish(req, reason)
-        return self._output(req)
-
-    def _output(self, req: Request) -> RequestOutput:
-        delta_ids = req.output_token_ids[req.emitted_token_len :]
-        req.emitted_token_len = len(req.output_token_ids)
-        completion = CompletionOutput(
-            index=0,
-            text=req.output_text,
-            token_ids=list(req.output_token_ids),
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            delta_text=detokenizer.take_delta(req),
-            delta_token_ids=delta_ids,
-            logprobs=list(req.output_logprobs) if req.sampling.logprobs is not None else None,
-            delta_logprobs=req.output_logprobs[len(req.output_token_ids) - len(delta_ids):]
-            if req.sampling.logprobs is not None else None,
-        )
-        prompt_lps = None
-        if req.sampling.prompt_logprobs is not None and len(req.prompt_logprobs) == len(req.prompt_token_ids) - 1:
-            prompt_lps = [None, *req.prompt_logprobs]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.adapter, [completion], req.finished,
-                             num_cached_tokens=req.num_cached_tokens, prompt_logprobs=prompt_lps)
+        return request_output(req)
 
     def prompt_logits(self, prompt: str | list[int], adapter: str | None = None) -> torch.Tensor:
         """Logits [len(prompt), V] (fp32) at every prompt position under `adapter`: one prefill outside the step
         loop (tests, evaluation), on KV blocks and an adapter slot borrowed as a request's would be."""
-        _, token_ids = self._tokens(prompt)
+        _, token_ids = self.preparer.tokens(prompt)
         key = self._adapter(adapter)
         req = Request(f"logits-{next(self._ids)}", token_ids, SamplingParams(max_tokens=1), key, time.monotonic())
         n = len(token_ids)
@@ -368,13 +274,13 @@ class LLMEngine:
         """The dashboard's view: the snapshot, the adapter tiers, the last steps, requests per model (call it on
         the thread that steps)."""
         snap = self.snapshot()
-        base = self.model_name
+        base = self.facts.model_name
         queued = {base: len(self.scheduler.waiting) - sum(snap.adapters.queued.values()), **snap.adapters.queued}
         running = {base: len(self.scheduler.running) - sum(snap.adapters.running.values()), **snap.adapters.running}
         return EngineStats(snap, self.adapters.tiers(), self.step_log.history(), queued, running)
 
     def _label(self, adapter: str | None) -> str:
-        return self.model_name if adapter is None else adapter
+        return self.facts.model_name if adapter is None else adapter
 
     def adapter_stats(self) -> AdapterStats:
         """Adapter-cache counters plus queued and running requests per adapter (by name, all versions)."""

@@ -1,6 +1,7 @@
-"""Request preparation off the engine thread and the event loop: a small bounded pool of worker threads that runs
-client-controlled CPU work (chat templating, tokenization, bad_words, grammar compilation) under a time cap, and
-the PreparedRequest it hands to the engine thread, which only admits ready requests.
+"""Request preparation off the engine thread and the event loop: what preparing does (Preparer: validation,
+tokenization, bad_words ids, the grammar matcher), the PreparedRequest it hands to the engine thread, which only
+admits ready requests, and a small bounded pool of worker threads that runs this client-controlled CPU work (and
+the server's chat templating) under a time cap.
 
 Why threads help: tokenizers and llguidance do this work in Rust and drop the GIL meanwhile (the fast tokenizer's
 encode, LLMatcher's constructor), so streams, /health and decoding go on (benchmarks/prepare_isolation.py measures
@@ -20,11 +21,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loraplex.adapters.key import AdapterSpec
-from loraplex.errors import EngineUnavailableError, InvalidRequestError
+from loraplex.errors import EngineUnavailableError, InvalidRequestError, PromptTooLongError
 from loraplex.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from loraplex.engine.structured import StructuredOutputs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +62,73 @@ class PreparedRequest:
     cache_salt: str | None
     bad_words_ids: list[list[int]]
     matcher: Any  # llguidance.LLMatcher when sampling.structured is set, else None
+
+
+class Preparer:
+    """The part of adding a request that depends on the request alone (LLMEngine.add_request = prepare + admit).
+    It touches no engine state, so it runs on any thread while another steps."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, structured: StructuredOutputs) -> None:
+        self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
+        self.structured = structured
+
+    def prepare(self, prompt: str | list[int], sampling: SamplingParams | None = None,
+                adapter: str | AdapterSpec | None = None, cache_salt: str | None = None,
+                stage: Stage | None = None) -> PreparedRequest:
+        """Validate and tokenize the request, make its bad_words ids and grammar matcher (compiled once per schema);
+        `stage` is kept saying which part runs (for PreparePool's time-cap error)."""
+        stage = stage or Stage("preparing the request")
+        sampling = sampling or SamplingParams()
+        stage.doing = "tokenizing the prompt"
+        text, token_ids = self.tokens(prompt)
+        vocab = self.vocab_size
+        for name, ids in (("stop_token_ids", sampling.stop_token_ids), ("logit_bias", list(sampling.logit_bias)),
+                          ("allowed_token_ids", sampling.allowed_token_ids or [])):
+            if any(t >= vocab for t in ids):
+                raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab})")
+        spec = AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidRequestError("cache_salt must be a non-empty string")
+        stage.doing = "tokenizing bad_words"
+        bad_words_ids = self.bad_words(sampling.bad_words)
+        matcher = None
+        if sampling.structured is not None:
+            stage.doing = f"compiling the structured output's {sampling.structured.kind}"
+            matcher = self.structured.matcher(sampling.structured)
+        return PreparedRequest(text, token_ids, sampling, spec, cache_salt, bad_words_ids, matcher)
+
+    @staticmethod
+    def needs_work(prompt: str | list[int], sampling: SamplingParams | None) -> bool:
+        """Whether prepare would run the tokenizer or the grammar compiler (else it is a bounded id check)."""
+        return isinstance(prompt, str) or (sampling is not None and bool(sampling.bad_words or sampling.structured))
+
+    def tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """The prompt's text (None when given as ids) and its token ids, checked against the context and vocab."""
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = list(self.tokenizer.encode(prompt))
+        else:
+            text, token_ids = None, list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:  # first: the id scan below then costs at most max_model_len
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens; the context (max_model_len) is {self.max_model_len} tokens, "
+                "which must also leave room for at least one generated token"
+            )
+        if any(not 0 <= t < self.vocab_size for t in token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        return text, token_ids
+
+    def bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token sequences, alone and after a space (as vLLM tokenizes them)."""
+        seqs: list[list[int]] = []
+        for w in words:
+            for text in (w, " " + w.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        return seqs
 
 
 class PreparePool:
