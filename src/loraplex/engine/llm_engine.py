@@ -41,7 +41,7 @@ from loraplex.engine.request import Request, Share
 from loraplex.engine.scheduler import ScheduledSeq, Scheduler
 from loraplex.engine.step_log import StepLog
 from loraplex.engine.structured import StructuredOutputs
-from loraplex.errors import InvalidRequestError, LoraplexError, NonFiniteOutputError, PromptTooLongError
+from loraplex.errors import InvalidRequestError, LoraplexError, NonFiniteOutputError
 from loraplex.sampling import SamplingParams, TokenLogprobs
 
 log = logging.getLogger(__name__)

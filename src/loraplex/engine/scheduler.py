@@ -28,7 +28,7 @@ from loraplex.engine.request import Request, RequestStatus
 
 
 class AdapterSlots(Protocol):
-    """What the scheduler needs of adapters (adapters.manager.AdapterManager implements it): whether an
+    """What the scheduler needs of adapters (adapters/holdings.py Holdings implements it): whether an
     adapter's weights are loaded, and a reference to its device slot."""
 
     def ready(self, key: Hashable) -> bool: ...
