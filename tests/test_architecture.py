@@ -177,3 +177,20 @@ def test_adapter_administration_is_declared_once() -> None:
     admins = [m for m, p in MODULES.items() if "def admin(self, op: AdminOp" in p.read_text()]
     assert sorted(admins) == ["loraplex.cluster.remote_engine", "loraplex.cluster.replica",
                               "loraplex.engine.async_engine", "loraplex.engine.client", "loraplex.engine.llm_engine"]
+
+
+def test_text_becomes_a_target_once_per_entry_point() -> None:
+    """A request's adapter is text only where it enters: the server parses the `model` field after the key's check
+    (ServerState.resolve_model); a Python caller's text goes through adapters/key.py's parse_target (LLMEngine's
+    add_request and prompt_logits, AsyncLLMEngine.generate, Ray's model id in the Prefetch op). Below them a typed
+    target is passed on. The engines behind the server take token ids: neither AsyncLLMEngine nor the cluster's
+    engines call a tokenizer (the server tokenizes once, on its prepare workers)."""
+    parses = {m for m, p in MODULES.items() if "AdapterSpec.parse(" in p.read_text()}
+    assert parses == {"loraplex.adapters.key", "loraplex.server.state"}
+    for m in ("loraplex.engine.async_engine", "loraplex.cluster.remote_engine", "loraplex.cluster.replica"):
+        assert ".encode(" not in MODULES[m].read_text(), f"{m} tokenizes"
+    for m, p in MODULES.items():
+        calls = p.read_text().count("parse_target(")
+        allowed = {"loraplex.adapters.key": 3, "loraplex.engine.llm_engine": 2, "loraplex.engine.async_engine": 1,
+                   "loraplex.engine.admin": 1}.get(m, 0)
+        assert calls <= allowed, f"{m} parses adapter text {calls} times"

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from loraplex.vllm_flag_rules import llm_kwargs
+from loraplex.adapters.key import AdapterKey
 from loraplex.config import EngineConfig
 from loraplex.engine.admin import Register
 from loraplex.engine.llm_engine import LLMEngine
@@ -62,7 +63,7 @@ class LLM:
             log.info(note)
         self.engine = LLMEngine(EngineConfig(model=model, lora_modules=modules, **config))  # type: ignore[arg-type]
         self.tokenizer = self.engine.tokenizer
-        self._lora_ids: dict[int, tuple[str, Path, str]] = {}  # lora_int_id -> (name, path, "name@version")
+        self._lora_ids: dict[int, tuple[str, Path, AdapterKey]] = {}  # lora_int_id -> (name, path, its version)
 
     def register_adapter(self, name: str, path: str) -> None:
         """Load, validate and register (promoted) a version of adapter `name`; requests name it as `model`."""
@@ -96,6 +97,7 @@ class LLM:
         texts = [_prompt(p) for p in ([prompts] if one else prompts)]  # type: ignore[list-item]
         n = len(texts)
         samplings = _per_prompt(sampling_params or sampling, n, "sampling_params", SamplingParams)
+        names: list[str | AdapterKey | None]  # text is parsed once, by add_request
         if lora_request is not None:
             names = [None if r is None else self._adapter_of(r)
                      for r in _per_prompt(lora_request, n, "lora_request", LoRARequest)]
@@ -122,14 +124,14 @@ class LLM:
             raise errors[0]  # type: ignore[misc]
         return [final[rid] for rid in ids]
 
-    def _adapter_of(self, req: LoRARequest) -> str:
-        """The registered version a LoRARequest runs on ("name@version"): registered on the id's first use, the
-        same version after. One id never names two adapters (vLLM would silently serve the first)."""
+    def _adapter_of(self, req: LoRARequest) -> AdapterKey:
+        """The registered version a LoRARequest runs on: registered on the id's first use, the same version after.
+        One id never names two adapters (vLLM would silently serve the first)."""
         path = Path(req.lora_path).expanduser().resolve()
         known = self._lora_ids.get(req.lora_int_id)
         if known is None:
             key = self.engine.admin(Register(req.lora_name, path))
-            known = self._lora_ids[req.lora_int_id] = (req.lora_name, path, str(key))
+            known = self._lora_ids[req.lora_int_id] = (req.lora_name, path, key)
         if known[:2] != (req.lora_name, path):
             raise ValueError(f"lora_int_id {req.lora_int_id} is adapter {known[0]!r} at {known[1]}; this request "
                              f"gives {req.lora_name!r} at {path}: one id per adapter")

@@ -4,7 +4,7 @@ and the key of a registered version ("legal@2") that requests run on. No torch."
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 from loraplex.errors import InvalidAdapterNameError
 
@@ -48,3 +48,23 @@ class AdapterKey(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+# What a request runs on, as its entry point resolved it once: an adapter spec ("legal", "legal@2"), the key of a
+# version a sibling request was admitted on, or None for the base model. Below the entry points, never text.
+AdapterTarget = AdapterSpec | AdapterKey | None
+
+
+@overload
+def parse_target(model: str | AdapterSpec | AdapterKey) -> AdapterSpec | AdapterKey: ...
+
+
+@overload
+def parse_target(model: str | AdapterTarget) -> AdapterTarget: ...
+
+
+def parse_target(model: str | AdapterTarget) -> AdapterTarget:
+    """A Python caller's adapter as text ("legal", "legal@2") parsed into a spec, once, where it enters (LLMEngine's
+    add_request and prompt_logits, AsyncLLMEngine.generate, Ray's multiplexed model id); a spec, key or None passes
+    as it is. The HTTP server parses the `model` field itself, after the key's check (ServerState.resolve_model)."""
+    return AdapterSpec.parse(model) if isinstance(model, str) else model

@@ -39,7 +39,7 @@ class AdapterManager(Holdings):
         return self.registry.current(key.name) == key.version
 
     # ---- names and versions ---------------------------------------------------------------------
-    def resolve(self, spec: AdapterSpec) -> AdapterKey:
+    def resolve(self, spec: AdapterSpec | AdapterKey) -> AdapterKey:
         """The version a new request for `spec` runs on (the current one unless the spec names a version)."""
         key, path = self.registry.resolve(spec)
         with self._lock:
@@ -162,7 +162,7 @@ class AdapterManager(Holdings):
             current = self.registry.current(name)
             self._set_pin(name, None if current is None else AdapterKey(name, current))
 
-    def prefetch(self, spec: AdapterSpec) -> AdapterKey:
+    def prefetch(self, spec: AdapterSpec | AdapterKey) -> AdapterKey:
         """Start loading `spec` into host memory in the background (warming a tenant before traffic)."""
         key = self.resolve(spec)
         with self._lock:

@@ -117,12 +117,11 @@ class RemoteEngine:
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     # ---- requests --------------------------------------------------------------------------------
-    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
+    async def add(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
                   request_id: str | None = None, cache_salt: str | None = None, share: Share | None = None
                   ) -> RemoteStream:
-        """`adapter` as the server resolved it, sent to the replica as it is; its text ("legal@2") keys the routing
-        and Ray's multiplexed model id."""
-        tokens = list(self._tokenizer.encode(prompt)) if isinstance(prompt, str) else prompt
+        """`prompt` as token ids and `adapter` as the server resolved it, sent to the replica as they are; the
+        adapter's text ("legal@2") keys the routing and Ray's multiplexed model id."""
         model = None if adapter is None else str(adapter)  # the routing's and Ray's key for it
         label = model or self.facts.model_name
         error: BaseException | None = None
@@ -131,7 +130,7 @@ class RemoteEngine:
         for _ in range(ATTEMPTS):
             sent = self.routing.dispatch(model, popularity)
             options = self.handle.options(stream=True, multiplexed_model_id=sent.model_id)
-            gen = options.generate.remote(tokens, sampling or SamplingParams(), adapter, cache_salt, admission,
+            gen = options.generate.remote(prompt, sampling or SamplingParams(), adapter, cache_salt, admission,
                                           sent.claim, share)
             try:
                 route = await gen.__anext__()

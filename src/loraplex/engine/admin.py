@@ -7,7 +7,7 @@ through one method, `admin(op)` (engine/client.py AdapterAdmin):
   between steps, or at once in the caller when it only reads state under the manager's lock;
 - the cluster's RemoteEngine sends it to one replica (plain data across Ray) and, when it changes the registry,
   returns once every replica has read the change.
-Names and versions are validated here, once for every engine. No torch."""
+An op's names and versions are validated when it is made, so it arrives typed at every engine. No torch."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
-from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
+from loraplex.adapters.key import AdapterKey, AdapterSpec, parse_target, validate_name
 from loraplex.adapters.registry import AdapterInfo
 from loraplex.errors import LoraplexError
 
@@ -41,6 +41,13 @@ class AdminOp(ABC, Generic[R]):
         """Apply the operation to this engine's adapters (any thread: the manager's lock orders it)."""
 
 
+def _check(name: str, version: str | None = None) -> None:
+    """An op's name and version are validated when it is made (in the route, before it reaches any engine)."""
+    validate_name(name)
+    if version is not None:
+        validate_name(version, "adapter version")
+
+
 @dataclass(frozen=True, slots=True)
 class Register(AdminOp[AdapterKey]):
     """Load, validate and register a version of `name` (the next integer when `version` is None), promoted unless
@@ -53,9 +60,11 @@ class Register(AdminOp[AdapterKey]):
     promote: bool = True
     runs_on: ClassVar[RunsOn] = "worker"
 
+    def __post_init__(self) -> None:
+        _check(self.name, self.version)
+
     def run(self, adapters: AdapterManager) -> AdapterKey:
-        version = None if self.version is None else validate_name(self.version, "adapter version")
-        return adapters.register(AdapterSpec(validate_name(self.name), version), Path(self.path), self.promote)
+        return adapters.register(AdapterSpec(self.name, self.version), Path(self.path), self.promote)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +73,11 @@ class Unregister(AdminOp[None]):
 
     name: str
 
+    def __post_init__(self) -> None:
+        _check(self.name)
+
     def run(self, adapters: AdapterManager) -> None:
-        adapters.unregister(validate_name(self.name))
+        adapters.unregister(self.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +87,11 @@ class Promote(AdminOp[None]):
     name: str
     version: str
 
+    def __post_init__(self) -> None:
+        _check(self.name, self.version)
+
     def run(self, adapters: AdapterManager) -> None:
-        adapters.promote(validate_name(self.name), validate_name(self.version, "adapter version"))
+        adapters.promote(self.name, self.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +101,11 @@ class Pin(AdminOp[None]):
     name: str
     pinned: bool = True
 
+    def __post_init__(self) -> None:
+        _check(self.name)
+
     def run(self, adapters: AdapterManager) -> None:
-        adapters.pin(validate_name(self.name), self.pinned)
+        adapters.pin(self.name, self.pinned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +120,6 @@ class ListAdapters(AdminOp[list[AdapterInfo]]):
 
 
 # ---- a cluster replica's hooks into its own engine (cluster/replica.py) ---------------------------------------------
-def _target(model: str | AdapterSpec | AdapterKey) -> AdapterSpec | AdapterKey:
-    """Ray's multiplexed model id is text ("name", "name@version"): parsed; a spec or key is used as it is."""
-    return AdapterSpec.parse(model) if isinstance(model, str) else model
-
-
 @dataclass(frozen=True, slots=True)
 class Prefetch(AdminOp[AdapterKey]):
     """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory in the
@@ -117,7 +130,7 @@ class Prefetch(AdminOp[AdapterKey]):
     changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> AdapterKey:
-        return adapters.prefetch(_target(self.model))
+        return adapters.prefetch(parse_target(self.model))  # Ray's multiplexed model id is text: parsed here, once
 
 
 @dataclass(frozen=True, slots=True)

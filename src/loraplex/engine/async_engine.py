@@ -20,13 +20,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from loraplex.adapters.key import AdapterKey
+from loraplex.adapters.key import AdapterKey, AdapterTarget, parse_target
 from loraplex.allocator import HeapTrimmer
 from loraplex.adapters.residency import HostAdmission, admit_all
 from loraplex.config import EngineConfig
 from loraplex.engine.admin import AdminOp, ListAdapters
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.engine.client import AdapterTarget, ReplicaView
+from loraplex.engine.client import ReplicaView
 from loraplex.engine.facts import EngineFacts
 from loraplex.engine.prepare import PreparedRequest, PreparePool, Stage
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
@@ -102,11 +102,14 @@ class AsyncLLMEngine:
         self._thread.start()
 
     # ---- public API (event loop side) -------------------------------------------------------------
-    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                  adapter: str | AdapterTarget = None, request_id: str | None = None,
-                  cache_salt: str | None = None, share: Share | None = None) -> RequestStream:
+    async def add(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
+                  request_id: str | None = None, cache_salt: str | None = None, share: Share | None = None
+                  ) -> RequestStream:
         """Queue a request and return its stream; a validation error (unknown adapter, prompt too long) raises here.
-        `stream.adapter` is the version it was admitted on: pass it as `adapter` to give a sibling the same version."""
+        `prompt`: token ids (the server tokenized it; add never does). `stream.adapter` is the version it was
+        admitted on: pass it as `adapter` to give a sibling the same version."""
+        if not isinstance(prompt, list):
+            raise TypeError(f"AsyncLLMEngine.add takes the prompt as token ids (a list), not {type(prompt).__name__}")
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self._streams[request_id] = stream
@@ -133,10 +136,10 @@ class AsyncLLMEngine:
                 self._submit(lambda: self.engine.abort_request(request_id))
         return abort
 
-    async def _prepare(self, prompt: str | list[int], sampling: SamplingParams | None, adapter: str | None,
+    async def _prepare(self, prompt: list[int], sampling: SamplingParams | None, adapter: AdapterTarget,
                        cache_salt: str | None) -> PreparedRequest:
-        """Preparer.prepare on a prepare worker under --max-prepare-seconds when it would tokenize or compile a
-        grammar; a token-id prompt without either is a bounded id check, done here."""
+        """Preparer.prepare on a prepare worker under --max-prepare-seconds when it would tokenize bad_words or
+        compile a grammar; without either it is a bounded id check, done here."""
         preparer = self.engine.preparer
         if not preparer.needs_work(prompt, sampling):
             return preparer.prepare(prompt, sampling, adapter, cache_salt)
@@ -145,11 +148,12 @@ class AsyncLLMEngine:
         return await self._preparer.run(stage, preparer.prepare, prompt, sampling, adapter, cache_salt,
                                         stage, warm=warm)
 
-    async def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                       adapter: str | None = None, request_id: str | None = None,
+    async def generate(self, prompt: list[int], sampling: SamplingParams | None = None,
+                       adapter: str | AdapterTarget = None, request_id: str | None = None,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs as tokens are produced. Leaving the loop early (client gone) aborts the request."""
-        stream = await self.add(prompt, sampling, adapter, request_id, cache_salt)
+        """Stream RequestOutputs as tokens are produced. Leaving the loop early (client gone) aborts the request.
+        `adapter`: "name" or "name@version" (parsed here, once), a spec or key, or None for the base model."""
+        stream = await self.add(prompt, sampling, parse_target(adapter), request_id, cache_salt)
         try:
             async for out in stream:
                 yield out

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from loraplex.adapters.key import AdapterKey, AdapterSpec
+from loraplex.adapters.key import AdapterKey, AdapterSpec, AdapterTarget  # the last two re-exported for the server
 from loraplex.adapters.registry import AdapterInfo  # ListAdapters' result, for the server (no torch: the catalog's view)
 from loraplex.engine.admin import AdminOp
 from loraplex.engine.outputs import EngineSnapshot, EngineStats, RequestOutput
@@ -20,11 +20,6 @@ if TYPE_CHECKING:
     from loraplex.engine.facts import EngineFacts
 
 R = TypeVar("R")
-
-
-# What a request runs on, as the server resolved its `model` field once: an adapter spec ("legal", "legal@2"), the
-# key of a version a sibling request was admitted on, or None for the base model.
-AdapterTarget = AdapterSpec | AdapterKey | None
 
 
 @dataclass(slots=True)
@@ -53,9 +48,10 @@ class EngineStream(Protocol):
 
 
 class Generation(Protocol):
-    """Requests in, outputs out: what the completion and chat routes need."""
+    """Requests in, outputs out: what the completion and chat routes need. A request arrives as token ids and a
+    typed target (the server tokenized and parsed it once); an engine never tokenizes or parses it again."""
 
-    async def add(self, prompt: str | list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
+    async def add(self, prompt: list[int], sampling: SamplingParams | None = None, adapter: AdapterTarget = None,
                   request_id: str | None = None, cache_salt: str | None = None, share: Share | None = None
                   ) -> EngineStream: ...
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from loraplex.adapters.key import AdapterKey, AdapterSpec, validate_name
+from loraplex.adapters.key import AdapterKey, AdapterTarget, parse_target, validate_name
 from loraplex.adapters.manager import AdapterManager
 from loraplex.adapters.metrics import AdapterStats
 from loraplex.adapters.loader import AdapterLoader
@@ -97,19 +97,19 @@ class LLMEngine:
         return op.run(self.adapters)
 
     # ---- requests -------------------------------------------------------------------------------
-    def _adapter(self, adapter: str | AdapterSpec | None) -> AdapterKey | None:
-        """'name' or 'name@version' (or a parsed spec) -> the version the request runs on; None = the base model."""
-        if adapter is None:
-            return None
-        return self.adapters.resolve(AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter)
+    def _adapter(self, target: AdapterTarget) -> AdapterKey | None:
+        """The version a request for `target` runs on now (None: the base model)."""
+        return None if target is None else self.adapters.resolve(target)
 
     def add_request(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                    adapter: str | AdapterSpec | None = None, request_id: str | None = None,
+                    adapter: str | AdapterTarget = None, request_id: str | None = None,
                     cache_salt: str | None = None, share: Share | None = None) -> str:
         """Validate and queue a request; raises a LoraplexError subclass naming the cause, queues nothing then.
+        `adapter`: "name" or "name@version" (parsed here, once), a spec or key, or None for the base model.
         Requests with a `cache_salt` share cached prompt blocks only with requests of the same salt (and adapter).
         prepare + admit in the caller's thread; AsyncLLMEngine runs prepare on a worker, admit on the engine thread."""
-        return self.admit(self.preparer.prepare(prompt, sampling, adapter, cache_salt), request_id, share)
+        prepared = self.preparer.prepare(prompt, sampling, parse_target(adapter), cache_salt)
+        return self.admit(prepared, request_id, share)
 
     def admit(self, prepared: PreparedRequest, request_id: str | None = None, share: Share | None = None) -> str:
         """Queue a prepared request (on the thread that steps). Its adapter version is resolved now, so a promotion
@@ -230,11 +230,11 @@ class LLMEngine:
             self._finish(req, reason)
         return request_output(req)
 
-    def prompt_logits(self, prompt: str | list[int], adapter: str | None = None) -> torch.Tensor:
+    def prompt_logits(self, prompt: str | list[int], adapter: str | AdapterTarget = None) -> torch.Tensor:
         """Logits [len(prompt), V] (fp32) at every prompt position under `adapter`: one prefill outside the step
         loop (tests, evaluation), on KV blocks and an adapter slot borrowed as a request's would be."""
         _, token_ids = self.preparer.tokens(prompt)
-        key = self._adapter(adapter)
+        key = self._adapter(parse_target(adapter))
         req = Request(f"logits-{next(self._ids)}", token_ids, SamplingParams(max_tokens=1), key, time.monotonic())
         n = len(token_ids)
         if not self.blocks.can_allocate(self.blocks.blocks_needed(req, n)):

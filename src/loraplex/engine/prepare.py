@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loraplex.adapters.key import AdapterSpec
+from loraplex.adapters.key import AdapterTarget
 from loraplex.errors import EngineUnavailableError, InvalidRequestError, PromptTooLongError
 from loraplex.sampling import SamplingParams
 
@@ -58,7 +58,7 @@ class PreparedRequest:
     prompt: str | None  # the prompt's text, when it was given as text
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    adapter: AdapterSpec | None  # None: the base model
+    adapter: AdapterTarget  # a spec or a sibling's key, resolved at admission; None: the base model
     cache_salt: str | None
     bad_words_ids: list[list[int]]
     matcher: Any  # llguidance.LLMatcher when sampling.structured is set, else None
@@ -73,7 +73,7 @@ class Preparer:
         self.structured = structured
 
     def prepare(self, prompt: str | list[int], sampling: SamplingParams | None = None,
-                adapter: str | AdapterSpec | None = None, cache_salt: str | None = None,
+                adapter: AdapterTarget = None, cache_salt: str | None = None,
                 stage: Stage | None = None) -> PreparedRequest:
         """Validate and tokenize the request, make its bad_words ids and grammar matcher (compiled once per schema);
         `stage` is kept saying which part runs (for PreparePool's time-cap error)."""
@@ -86,7 +86,6 @@ class Preparer:
                           ("allowed_token_ids", sampling.allowed_token_ids or [])):
             if any(t >= vocab for t in ids):
                 raise InvalidRequestError(f"{name}: token ids must be in [0, {vocab})")
-        spec = AdapterSpec.parse(adapter) if isinstance(adapter, str) else adapter
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InvalidRequestError("cache_salt must be a non-empty string")
         stage.doing = "tokenizing bad_words"
@@ -95,7 +94,7 @@ class Preparer:
         if sampling.structured is not None:
             stage.doing = f"compiling the structured output's {sampling.structured.kind}"
             matcher = self.structured.matcher(sampling.structured)
-        return PreparedRequest(text, token_ids, sampling, spec, cache_salt, bad_words_ids, matcher)
+        return PreparedRequest(text, token_ids, sampling, adapter, cache_salt, bad_words_ids, matcher)
 
     @staticmethod
     def needs_work(prompt: str | list[int], sampling: SamplingParams | None) -> bool:
