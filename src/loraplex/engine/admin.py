@@ -41,6 +41,13 @@ class AdminOp(ABC, Generic[R]):
         """Apply the operation to this engine's adapters (any thread: the manager's lock orders it)."""
 
 
+class LocalOp(AdminOp[R]):
+    """An operation on this engine alone: it writes nothing to the registry other engines read."""
+
+    __slots__ = ()
+    changes: ClassVar[bool] = False
+
+
 def _check(name: str, version: str | None = None) -> None:
     """An op's name and version are validated when it is made (in the route, before it reaches any engine)."""
     validate_name(name)
@@ -109,11 +116,10 @@ class Pin(AdminOp[None]):
 
 
 @dataclass(frozen=True, slots=True)
-class ListAdapters(AdminOp[list[AdapterInfo]]):
+class ListAdapters(LocalOp[list[AdapterInfo]]):
     """Every adapter registered or found under the adapter root (a directory scan)."""
 
     runs_on: ClassVar[RunsOn] = "worker"
-    changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> list[AdapterInfo]:
         return adapters.catalog()
@@ -121,25 +127,23 @@ class ListAdapters(AdminOp[list[AdapterInfo]]):
 
 # ---- a cluster replica's hooks into its own engine (cluster/replica.py) ---------------------------------------------
 @dataclass(frozen=True, slots=True)
-class Prefetch(AdminOp[AdapterKey]):
+class Prefetch(LocalOp[AdapterKey]):
     """Resolve `model` (AdapterNotFoundError if unknown) and start loading its version into host memory in the
     background, so the first request finds it loading or loaded (a replica claiming an adapter)."""
 
     model: str | AdapterSpec | AdapterKey
     runs_on: ClassVar[RunsOn] = "worker"
-    changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> AdapterKey:
         return adapters.prefetch(parse_target(self.model))  # Ray's multiplexed model id is text: parsed here, once
 
 
 @dataclass(frozen=True, slots=True)
-class IsResident(AdminOp[bool]):
+class IsResident(LocalOp[bool]):
     """Whether the version a request for `model` would run on is in memory now (host or device)."""
 
     model: AdapterSpec | AdapterKey
     runs_on: ClassVar[RunsOn] = "caller"
-    changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> bool:
         try:
@@ -150,35 +154,32 @@ class IsResident(AdminOp[bool]):
 
 
 @dataclass(frozen=True, slots=True)
-class SyncRegistry(AdminOp[list[str]]):
+class SyncRegistry(LocalOp[list[str]]):
     """Apply what other engines sharing the registry file changed, as if made here; returns the names changed."""
 
     runs_on: ClassVar[RunsOn] = "worker"
-    changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> list[str]:
         return adapters.sync()
 
 
 @dataclass(frozen=True, slots=True)
-class Readmit(AdminOp[int]):
+class Readmit(LocalOp[int]):
     """The host admission policy changed (a replica's claims did): drop from host memory what it no longer caches,
     except versions a request uses or a pin holds; returns how many were dropped."""
 
     runs_on: ClassVar[RunsOn] = "caller"
-    changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> int:
         return adapters.readmit()
 
 
 @dataclass(frozen=True, slots=True)
-class RegistryVersion(AdminOp[int]):
+class RegistryVersion(LocalOp[int]):
     """The registry file's mtime (ns) as this engine last read or wrote it (0 without a file): a cluster waits until
     every replica's is at least the one a change wrote."""
 
     runs_on: ClassVar[RunsOn] = "caller"
-    changes: ClassVar[bool] = False
 
     def run(self, adapters: AdapterManager) -> int:
         return adapters.registry.version
