@@ -300,12 +300,15 @@ def test_the_books_hold_under_abort() -> None:
         run_step(s, decoded)
     for r in [r for r in [*s.running, *s.waiting] if r.tenant == "c"]:
         s.finish(r, "abort")
+        s.finish(r, "abort")  # a second finish of the same request counts nothing twice
     run_step(s, decoded)
     assert "c" not in s.fair.service and {r.tenant for r in s.running} == {"a", "b"}
     assert Counter(r.tenant for r in s.running) == {"a": 3, "b": 3}
+    # Each tenant's count of requests waiting or running is the scheduler's, kept as they come and go.
+    assert s.fair.live == Counter(r.tenant for r in [*s.running, *s.waiting]) == {"a": 12, "b": 12}
     while s.has_unfinished():
         run_step(s, decoded)
-    assert s.fair.service == {} and s.blocks.num_free == s.blocks.num_blocks
+    assert s.fair.service == {} and s.fair.live == {} and s.blocks.num_free == s.blocks.num_blocks
 
 
 def test_priority_orders_a_tenants_own_requests_only() -> None:

@@ -25,6 +25,7 @@ from loraplex.engine.request import Request
 class FairShare:
     def __init__(self) -> None:
         self.service: dict[Hashable, float] = {}  # tenant -> tokens scheduled / weight, since it became active
+        self.live: dict[Hashable, int] = {}  # tenant -> its requests waiting or running
 
     def _floor(self) -> float:
         return min(self.service.values(), default=0.0)
@@ -36,9 +37,19 @@ class FairShare:
             self.service[t] = self._floor()  # joins at the virtual time: no credit for having been idle
         self.service[t] += tokens / req.weight
 
-    def forget(self, tenant: Hashable) -> None:
-        """A tenant with no request left: it rejoins at the virtual time."""
-        self.service.pop(tenant, None)
+    def joined(self, req: Request) -> None:
+        """`req` entered the scheduler (waiting)."""
+        self.live[req.tenant] = self.live.get(req.tenant, 0) + 1
+
+    def left(self, req: Request) -> None:
+        """`req` finished. A tenant with no request left is forgotten: it rejoins at the virtual time. A count per
+        tenant, so that a request's end costs O(1), not a scan of every request waiting or running."""
+        n = self.live.get(req.tenant, 0) - 1
+        if n > 0:
+            self.live[req.tenant] = n
+        else:
+            self.live.pop(req.tenant, None)
+            self.service.pop(req.tenant, None)
 
     def load(self, running: Iterable[Request]) -> dict[Hashable, float]:
         """Running requests per unit of weight, per tenant."""

@@ -89,6 +89,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+        self.fair.joined(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -100,10 +101,10 @@ class Scheduler:
             self._release(req, keep_cached)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
+        if req.status is not RequestStatus.FINISHED:
+            self.fair.left(req)  # its tenant's last: its service is not kept (it rejoins at the virtual time)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        if not any(r.tenant == req.tenant for r in (*self.running, *self.waiting)):
-            self.fair.forget(req.tenant)  # nothing left: its service is not kept (it rejoins at the virtual time)
 
     def advance(self, seqs: list[ScheduledSeq]) -> None:
         """After a step: the scheduled tokens' K/V are computed; full blocks become findable in the prefix cache."""
