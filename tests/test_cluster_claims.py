@@ -74,9 +74,11 @@ def test_a_transient_copy_is_dropped_after_its_request_unless_claimed_or_pinned(
     mgr.wait()
     mgr.poll()
     assert mgr.host.uncached() == [legal] and mgr.take_slot(legal) is not None
+    assert mgr.in_memory(legal) and legal in mgr.resident() and not mgr.in_memory(poetry)
     mgr.release_slot(legal)
     mgr.release(legal)
     assert legal not in mgr.host and legal not in mgr.slots.slot_of and legal not in mgr.table.records
+    assert not mgr.in_memory(legal) and legal not in mgr.resident()  # what a replica's IsResident reads
     mgr.acquire(poetry)
     mgr.wait()
     mgr.poll()

@@ -136,6 +136,22 @@ def test_load_unload_promote(server: str, adapter_factory: Callable[..., Path]) 
     assert bad.status_code == 404 and "does not exist" in bad.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("route", "body", "text"), [
+    ("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "/tmp"}, "invalid adapter name"),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp", "version": "a/b"}, "invalid adapter version"),
+    ("/v1/unload_lora_adapter", {"lora_name": "a b"}, "invalid adapter name"),
+    ("/v1/promote_lora_adapter", {"lora_name": "t0", "version": ".."}, "invalid adapter version"),
+    ("/v1/pin_lora_adapter", {"lora_name": "/etc", "pinned": True}, "invalid adapter name"),
+])
+def test_admin_routes_refuse_bad_names(server: str, route: str, body: dict[str, object], text: str) -> None:
+    """An admin op's name and version are checked where the op is made, in the route: a 400 naming the field, in
+    OpenAI's error shape, and the server goes on serving."""
+    r = _post(server, route, body)
+    assert r.status_code == 400, r.text
+    assert text in r.json()["error"]["message"]
+    assert chat(server, BASE)
+
+
 @pytest.mark.parametrize(("body", "status", "text"), [
     ({"model": BASE, "messages": Q, "temperature": -1}, 400, "temperature"),
     ({"model": BASE, "messages": Q, "top_p": 0}, 400, "top_p"),

@@ -89,6 +89,12 @@ class Holdings(ABC):
                 out.setdefault(key, []).insert(0, "device")
             return out
 
+    def in_memory(self, key: AdapterKey) -> bool:
+        """Whether `key` is in either tier (as `key in resident()`, without listing every version held)."""
+        with self._lock:
+            rec = self.table.get(key)
+            return rec is not None and (rec.weights is not None or rec.slot is not None)
+
     def _set_pin(self, name: str, key: AdapterKey | None) -> None:
         """Move `name`'s pin to `key` (None: unpin it): the tiers hold the pinned version, and only that one."""
         for old in [k for k, r in self.table if k.name == name and r.pinned and k != key]:

@@ -150,7 +150,7 @@ class IsResident(LocalOp[bool]):
             key = adapters.resolve(self.model)
         except LoraplexError:
             return False
-        return key in adapters.resident()
+        return adapters.in_memory(key)  # every request on a cluster asks: one record, not every version's
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,7 +141,7 @@ class AsyncLLMEngine:
         """Preparer.prepare on a prepare worker under --max-prepare-seconds when it would tokenize bad_words or
         compile a grammar; without either it is a bounded id check, done here."""
         preparer = self.engine.preparer
-        if not preparer.needs_work(prompt, sampling):
+        if not preparer.needs_work(sampling):
             return preparer.prepare(prompt, sampling, adapter, cache_salt)
         stage = Stage("preparing the request")
         warm = self.engine.structured.warm if sampling is not None and sampling.structured else None

@@ -92,8 +92,9 @@ class LLMEngine:
 
     # ---- adapters: state owned by self.adapters; administration as engine/admin.py's operations ------
     def admin(self, op: AdminOp[R]) -> R:
-        """Apply one administration operation (Register, Unregister, Promote, Pin, ListAdapters) in the caller's
-        thread; the manager's lock orders it against the stepping thread. A registration reads the disk here."""
+        """Apply one administration operation (engine/admin.py: the admin routes' and a cluster replica's) in the
+        caller's thread; the manager's lock orders it against the stepping thread. A registration reads the disk
+        here."""
         return op.run(self.adapters)
 
     # ---- requests -------------------------------------------------------------------------------

@@ -97,9 +97,10 @@ class Preparer:
         return PreparedRequest(text, token_ids, sampling, adapter, cache_salt, bad_words_ids, matcher)
 
     @staticmethod
-    def needs_work(prompt: str | list[int], sampling: SamplingParams | None) -> bool:
-        """Whether prepare would run the tokenizer or the grammar compiler (else it is a bounded id check)."""
-        return isinstance(prompt, str) or (sampling is not None and bool(sampling.bad_words or sampling.structured))
+    def needs_work(sampling: SamplingParams | None) -> bool:
+        """Whether preparing a token-id prompt would run the tokenizer (bad_words) or the grammar compiler (else it
+        is a bounded id check)."""
+        return sampling is not None and bool(sampling.bad_words or sampling.structured)
 
     def tokens(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         """The prompt's text (None when given as ids) and its token ids, checked against the context and vocab."""
