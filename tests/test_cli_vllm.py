@@ -36,6 +36,18 @@ def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return capsys.readouterr().err
 
 
+def test_batch_invariance_is_on_where_tenants_hold_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--batch-invariant defaults to on with --api-keys (tenants who do not trust each other) and off without;
+    vLLM's VLLM_BATCH_INVARIANT=1 turns it on; the flag, either way, wins."""
+    keys = str(tmp_path / "keys.json")
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    assert not configs()[0].batch_invariant and configs("--api-keys", keys)[0].batch_invariant
+    assert configs("--batch-invariant")[0].batch_invariant
+    assert not configs("--api-keys", keys, "--no-batch-invariant")[0].batch_invariant
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    assert configs()[0].batch_invariant and not configs("--no-batch-invariant")[0].batch_invariant
+
+
 def test_vllms_lora_command_line_is_taken() -> None:
     engine, server = configs(
         "--model", "base-dir", "--enable-lora", "--max-lora-rank", "64", "--quantization", "bitsandbytes",

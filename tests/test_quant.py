@@ -196,7 +196,7 @@ def test_memory_budgets_fail_clearly() -> None:
 
 
 def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
-    """/v1/models names the quantization, the dtype (and why) and the memory split; /metrics has the memory gauges,
+    """/v1/models names the quantization, the dtype (and why), batch invariance (and why not) and the memory split; /metrics has the memory gauges,
     capacity, and the quantization, dtype and CPU class as labels."""
     from server_util import metric, running
 
@@ -205,7 +205,7 @@ def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
     from loraplex.server.app import build_app
 
     engine = AsyncLLMEngine(EngineConfig(quantization="nf4", double_quant=True, max_model_len=512,
-                                         kv_cache_memory=64 << 20, max_loras=2))
+                                         kv_cache_memory=64 << 20, max_loras=2, batch_invariant=True))
     try:
         with running(build_app(engine, None, None, 16)) as url:
             base = httpx.get(url + "/v1/models").json()["data"][0]
@@ -221,6 +221,9 @@ def test_quantization_and_memory_are_published(default_model_dir: Path) -> None:
             assert metric(url, "loraplex_adapter_slots") == 2
             facts = engine.engine.facts
             assert base["dtype"] == facts.dtype and base["dtype_reason"] == facts.dtype_reason
+            assert base["batch_invariant"] == {  # asked for, and refused by name: the 4-bit GEMMs are not tiled
+                "enabled": False, "detail": "requested but not available with a nf4-quantized base: the base "
+                                            "linears' kernels pick their summation order by the number of rows"}
             labels = f'device="{facts.device}",dtype="{facts.dtype}",quantization="nf4+double-quant"'
             assert metric(url, "loraplex_base_model_info", labels) == 1
     finally:

@@ -33,13 +33,23 @@ def server(adapter_factory: Callable[..., Path]) -> Iterator[str]:
     targets = [ATTN, MLP, ALL]
     mods = tuple((t, str(adapter_factory(f"srv{i}", r=4 + i, targets=targets[i % 3], seed=300 + i)))
                  for i, t in enumerate(TENANTS))
-    engine = AsyncLLMEngine(EngineConfig(dtype="float32", lora_modules=mods, max_model_len=512, max_loras=8))
+    # Tenants hold keys: batch-invariant, as `serve --api-keys` is by default.
+    engine = AsyncLLMEngine(EngineConfig(dtype="float32", lora_modules=mods, max_model_len=512, max_loras=8,
+                                         batch_invariant=True))
     keys = {ADMIN: KeyScope(frozenset({"*"}), admin=True), LEGAL: KeyScope(frozenset({"t0"})),
             NOBASE: KeyScope(frozenset({"t1"}), base=False)}
     app = build_app(engine, keys=keys)
     with running(app) as url:
         STATES[url] = app.state.loraplex
         yield url
+
+
+def test_models_say_whether_outputs_are_batch_invariant(server: str) -> None:
+    """/v1/models says batch invariance is on and how it holds, to every key that sees the base model."""
+    for key in (ADMIN, LEGAL):
+        base = httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"][0]
+        inv = base["batch_invariant"]
+        assert inv["enabled"] is True and inv["detail"].startswith("on: every base linear runs in calls of at most")
 
 
 def client(url: str, key: str = ADMIN) -> openai.OpenAI:

@@ -79,6 +79,10 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                    help="budget for the device adapter slots, e.g. 256MiB; start-up fails if --max-loras does not fit")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the K/V of prompt prefixes, never across adapters, versions or cache salts")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="a request's output never depends on what else shares its batch (the base linears in fixed "
+                        "row tiles; prefill costs more, see docs/security.md); default: on with --api-keys, or when "
+                        "VLLM_BATCH_INVARIANT=1")
     p.add_argument("--max-prepare-seconds", type=float, default=5.0,
                    help="cap on one request's chat templating, tokenization and grammar compilation; over it: 400")
     p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
@@ -94,7 +98,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
             "quantization": QUANTIZATION_ALIASES.get(args.quantize, args.quantize), "double_quant": args.double_quant,
             "kv_cache_memory": args.kv_cache_memory, "adapter_memory": args.adapter_memory,
             "enable_prefix_caching": args.enable_prefix_caching, "max_prepare_seconds": args.max_prepare_seconds,
-            "chat_template": chat_template_text(args.chat_template)}
+            "chat_template": chat_template_text(args.chat_template), "batch_invariant": batch_invariant(args)}
+
+
+def batch_invariant(args: argparse.Namespace) -> bool:
+    """--batch-invariant as given; unset: on where tenants hold keys (--api-keys), or as vLLM's VLLM_BATCH_INVARIANT."""
+    if args.batch_invariant is not None:
+        return bool(args.batch_invariant)
+    return getattr(args, "api_keys", None) is not None or os.environ.get("VLLM_BATCH_INVARIANT", "0") == "1"
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -50,6 +50,8 @@ class EngineConfig:
     max_prepare_seconds: float = 5.0
     chat_template: str | None = None  # a Jinja chat template in place of the tokenizer's own (vLLM's --chat-template)
     seed: int = 0
+    # A row's result never depends on the other rows of its step (models/cpu_gemm.py's row tiles); costs prefill time.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         checks = [

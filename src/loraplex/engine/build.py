@@ -14,7 +14,7 @@ import torch
 
 from loraplex.allocator import bound_kernel_caches
 from loraplex.config import EngineConfig
-from loraplex.engine.facts import MemoryPlan
+from loraplex.engine.facts import BatchInvariance, MemoryPlan
 from loraplex.engine.memory import plan
 from loraplex.hardware import DtypeChoice, cpu, resolve_device, resolve_dtype, warn_if_emulated
 from loraplex.lora.layers import LoRALinear, attach_lora
@@ -36,6 +36,7 @@ class BuiltModel:
     max_model_len: int
     memory: MemoryPlan
     lora_targets: dict[tuple[int, str], LoRALinear]  # (layer, part) -> the wrapper holding that part's slots
+    batch_invariance: BatchInvariance
 
     @property
     def lora_shapes(self) -> dict[tuple[int, str], tuple[int, int]]:
@@ -64,9 +65,31 @@ def build_model(config: EngineConfig) -> BuiltModel:
                  " with double quantization" if config.double_quant else "", before / 2**20, after / 2**20,
                  before / after)
     model.to(device)
-    model.prepack()  # on CPU: oneDNN's layout for every remaining linear; on a GPU nothing (packing is CPU-only)
+    # On CPU: oneDNN's layout for every remaining linear (and its invariant row tiles); on a GPU nothing.
+    model.prepack(config.batch_invariant)
+    invariance = batch_invariance(model, config, dtype.name, device)
+    if config.batch_invariant:
+        (log.info if invariance.enabled else log.warning)("batch invariance: %s", invariance.detail)
     memory = plan(model, mcfg, config, dtype.dtype, device, max_model_len)
     log.info("%s", memory.describe())
     targets = attach_lora(model, config.max_loras, config.max_lora_rank, dtype.dtype) if config.enable_lora else {}
     log.info("built %s (%s, %s) in %.1fs", mcfg.name, mcfg.architecture, dtype.name, time.perf_counter() - t0)
-    return BuiltModel(model, mcfg, model_dir, dtype, device, where, max_model_len, memory, targets)
+    return BuiltModel(model, mcfg, model_dir, dtype, device, where, max_model_len, memory, targets, invariance)
+
+
+def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, dtype: str,
+                     device: torch.device) -> BatchInvariance:
+    """Whether every base linear, the LM head included, runs in the row tiles that make a row's result its own."""
+    if not config.batch_invariant:
+        return BatchInvariance(False, "off (--batch-invariant turns it on)")
+    why = ("on a GPU" if device.type != "cpu" else f"with a {config.quantization}-quantized base"
+           if config.quantization is not None else None)
+    tiles = model.linear_tiles()
+    sizes = [t for t in tiles if t is not None]
+    if why is None and len(sizes) < len(tiles):
+        why = f"in {dtype} without oneDNN's prepacked linear in this torch build"
+    if why is not None:
+        return BatchInvariance(False, f"requested but not available {why}: the base linears' kernels pick their "
+                                      "summation order by the number of rows")
+    return BatchInvariance(True, f"on: every base linear runs in calls of at most {min(sizes)} rows "
+                                 f"({dtype}, found on this CPU at start), one row alone padded to two")

@@ -43,6 +43,13 @@ class MemoryPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchInvariance:
+    """Whether a row's result depends only on that row, whatever else shares its step (EngineConfig.batch_invariant)."""
+    enabled: bool
+    detail: str  # how it is guaranteed, or why it is off
+
+
+@dataclass(frozen=True, slots=True)
 class EngineFacts:
     model_name: str  # the base model's own name (the served name may differ: --served-model-name)
     model_dir: Path
@@ -55,3 +62,4 @@ class EngineFacts:
     memory: MemoryPlan
     max_prepare_seconds: float  # the cap on one request's templating, tokenization and grammar compilation
     eos_token_ids: tuple[int, ...] = ()  # the tokens that end a generation (beam search completes a beam on one)
+    batch_invariance: BatchInvariance = BatchInvariance(False, "off")

@@ -58,7 +58,7 @@ class LLMEngine:
         self.facts = facts = EngineFacts(built.config.name, built.model_dir, built.max_model_len, config.block_size,
                                          config.max_num_seqs, built.dtype.name, built.dtype.describe(),
                                          built.device_description, built.memory, config.max_prepare_seconds,
-                                         tuple(built.config.eos_token_ids))
+                                         tuple(built.config.eos_token_ids), built.batch_invariance)
         from transformers import AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(facts.model_dir)

@@ -54,6 +54,8 @@ async def _models(request: Request) -> list[dict[str, Any]]:
             "root": str(engine.facts.model_dir), "parent": None, "max_model_len": engine.facts.max_model_len,
             "dtype": engine.facts.dtype, "dtype_reason": engine.facts.dtype_reason, "device": engine.facts.device,
             "quantization": mem.quantization,
+            "batch_invariant": {"enabled": engine.facts.batch_invariance.enabled,
+                                "detail": engine.facts.batch_invariance.detail},
             "memory": {"weights_bytes": mem.weights, "kv_cache_bytes": mem.kv_cache,
                        "adapter_slots_bytes": mem.adapters, "adapter_slots": mem.adapter_slots,
                        "prefix_cache": {"enabled": pc.enabled, "cached_blocks": pc.cached_blocks,
