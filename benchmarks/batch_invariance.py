@@ -1,14 +1,15 @@
 """What batch-invariant serving costs (issue 41): decode tokens per second at batch 1, 8 and 32 with 8 adapters
 mixed, and the prefill time of the same requests, batch-invariant (`batch_invariant=True`: the base linears in
-row tiles, models/cpu_gemm.py) against today's path, in one run; and how many greedy answers of the batch equal
-their solo answers on each path.
+row tiles, attention per query; docs/serving.md#batch-invariance) against today's path, in one run; and how many
+greedy answers of the batch equal their solo answers on each path.
 
-    .venv/bin/python -m benchmarks.batch_invariance [--batches 1 8 32] [--max-tokens 32] [--reps 3]
+    .venv/bin/python -m benchmarks.batch_invariance [--batches 1 8 32] [--max-tokens 32] [--reps 5]
 
 Offline, prefix cache off, greedy, EOS ignored, the model dtype resolved here (bf16 where the CPU multiplies it
-natively). Prefill: the wall time of the batch at max_tokens=1. Decode: the batch's tokens after the first, over
-the time the full run takes beyond that. The two engines are built once and measured in turn, each repetition,
-so that drift in the machine falls on both; the median repetition is reported.
+natively). Each engine step is timed: a step where every request has its prompt computed is a decode step
+(decode tokens per second: their tokens over their time); the others hold prefill work (prefill: their summed
+time). The two engines are built once and measured in turn, each repetition, so that drift in the machine falls
+on both; the median repetition is reported.
 """
 
 from __future__ import annotations
@@ -27,18 +28,35 @@ from loraplex import LLM, SamplingParams
 MODES = {"today": False, "batch-invariant": True}
 
 
-def timed(llm: LLM, prompts: list[str], adapters: list[str], max_tokens: int) -> tuple[float, list[list[int]]]:
+def run(llm: LLM, prompts: list[str], adapters: list[str], max_tokens: int, tag: str
+        ) -> tuple[float, float, int, list[list[int]]]:
+    """The batch queued at once, stepped to the end: (prefill seconds, decode seconds, decode tokens, answers)."""
+    e = llm.engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, adapters)
-    return time.perf_counter() - t0, [list(o.outputs[0].token_ids) for o in outs]
+    ids = [e.add_request(p, params, a, f"{tag}-{i}") for i, (p, a) in enumerate(zip(prompts, adapters))]
+    prefill = decode = 0.0
+    tokens = 0
+    answers: dict[str, list[int]] = {}
+    while e.has_unfinished_requests():
+        decoding = [r for r in e.requests.values() if r.num_computed_tokens >= len(r.prompt_token_ids)]
+        all_decode = len(decoding) == len(e.requests)
+        t0 = time.perf_counter()
+        outs = e.step()
+        dt = time.perf_counter() - t0
+        if all_decode:
+            decode += dt
+            tokens += len(decoding)
+        else:
+            prefill += dt
+        answers.update({o.request_id: list(o.outputs[0].token_ids) for o in outs if o.finished})
+    return prefill, decode, tokens, [answers[i] for i in ids]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--adapters", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -48,33 +66,31 @@ def main() -> None:
         llms = {mode: LLM(adapter_dir=str(root), max_loras=8, enable_prefix_caching=False, batch_invariant=on)
                 for mode, on in MODES.items()}
         prompts = workload_prompts(llms["today"].tokenizer, max(args.batches))
-        adapters = round_robin(names, max(args.batches))
-        for llm in llms.values():
-            llm.generate(warmup(prompts[:8]), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapters[:8])
-        # Greedy answers alone, for the equality count (the tiled path must give every request its solo answer).
-        solo = {mode: [timed(llm, [p], [a], args.max_tokens)[1][0] for p, a in zip(prompts, adapters)]
-                for mode, llm in llms.items()}
-        times: dict[tuple[str, int, int], list[float]] = {}
+        adapters = list(round_robin(names, max(args.batches)))
+        for mode, llm in llms.items():
+            run(llm, warmup(prompts[:8]), adapters[:8], 4, f"warm-{mode}")
+        # Greedy answers alone, for the equality count (the invariant path must give every request its solo answer).
+        solo = {mode: [run(llm, [p], [a], args.max_tokens, f"solo-{mode}-{i}")[3][0]
+                       for i, (p, a) in enumerate(zip(prompts, adapters))] for mode, llm in llms.items()}
+        runs: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
         equal: dict[tuple[str, int], int] = {}
-        for _ in range(args.reps):
+        for rep in range(args.reps):
             for b in args.batches:
                 for mode, llm in llms.items():
-                    for n in (1, args.max_tokens):
-                        dt, tokens = timed(llm, prompts[:b], list(adapters[:b]), n)
-                        times.setdefault((mode, b, n), []).append(dt)
-                        if n == args.max_tokens:
-                            equal[(mode, b)] = sum(t == s for t, s in zip(tokens, solo[mode][:b]))
+                    prefill, decode, tokens, answers = run(llm, prompts[:b], adapters[:b], args.max_tokens,
+                                                           f"{mode}-{b}-{rep}")
+                    runs.setdefault((mode, b), []).append((prefill, decode, tokens))
+                    equal[(mode, b)] = sum(x == s for x, s in zip(answers, solo[mode][:b]))
         rows: list[dict[str, Any]] = []
         for b in args.batches:
             for mode in MODES:
-                prefill = statistics.median(times[(mode, b, 1)])
-                full = statistics.median(times[(mode, b, args.max_tokens)])
-                rows.append({"mode": mode, "batch": b, "prefill_s": prefill,
-                             "decode_tokens_per_s": b * (args.max_tokens - 1) / (full - prefill),
-                             "tokens_per_s": b * args.max_tokens / full, "equal_to_solo": equal[(mode, b)]})
+                measured = runs[(mode, b)]
+                rows.append({"mode": mode, "batch": b, "prefill_s": statistics.median(p for p, _, _ in measured),
+                             "decode_tokens_per_s": statistics.median(n / d for _, d, n in measured),
+                             "equal_to_solo": equal[(mode, b)]})
                 r = rows[-1]
-                print(f"batch {b:3} {mode:16} prefill {prefill * 1e3:7.1f} ms  decode {r['decode_tokens_per_s']:7.1f} tok/s"
-                      f"  overall {r['tokens_per_s']:7.1f} tok/s  solo answers {r['equal_to_solo']}/{b}", flush=True)
+                print(f"batch {b:3} {mode:16} prefill {r['prefill_s'] * 1e3:7.1f} ms  decode "
+                      f"{r['decode_tokens_per_s']:7.1f} tok/s  solo answers {r['equal_to_solo']}/{b}", flush=True)
         detail = llms["batch-invariant"].engine.facts.batch_invariance.detail
     out = write_json("batch_invariance", {"machine": machine(), "max_tokens": args.max_tokens, "reps": args.reps,
                                           "adapters": 8, "invariance": detail, "rows": rows})

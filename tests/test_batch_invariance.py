@@ -2,8 +2,8 @@
 runs alone, whatever else shares its steps: base-model requests and several adapters mixed, prefills beside
 decodes, and prompts whose prefix comes from the prefix cache. Compared through the log-probabilities of every
 prompt and sampled token (log_softmax of the fp32 logits row: one bit of a logit changes them), in float32 and
-bfloat16, on the C++ kernels. (Where a chunked prefill splits still changes the attention's bits; the torch
-fallback kernels are not invariant yet.)
+bfloat16, on the C++ kernels, and wherever a chunked prefill splits a prompt. (The torch fallback kernels are not
+invariant yet: there the engine says so and runs without it.)
 """
 
 from __future__ import annotations
@@ -12,28 +12,33 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+import torch
 
 from conftest import ALL, ATTN, MLP
 from loraplex import LLM, SamplingParams
 from loraplex.engine.outputs import RequestOutput
+from loraplex.models import cpu_attention
 
 Job = tuple[str, str | None, list[int], int]  # request id, adapter (None: the base model), prompt, max_tokens
 SHARED = [5, 17, 99, 1000, 23, 7, 300, 41] * 4  # two full KV blocks: a prefix the cache can hold
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def llm(request: pytest.FixtureRequest, adapter_factory: Callable[..., Path]) -> Iterator[LLM]:
+def engine(dtype: str, adapter_factory: Callable[..., Path], **kw: object) -> LLM:
     mods = {"attn": adapter_factory("inv-attn", r=4, alpha=8, targets=ATTN, seed=71),
             "mlp": adapter_factory("inv-mlp", r=8, alpha=16, targets=MLP, seed=72),
             "all": adapter_factory("inv-all", r=16, alpha=16, targets=ALL, seed=73)}
-    llm = LLM(dtype=request.param, lora_modules={k: str(v) for k, v in mods.items()}, max_loras=4, max_model_len=256,
-              batch_invariant=True)
+    llm = LLM(dtype=dtype, lora_modules={k: str(v) for k, v in mods.items()}, max_loras=4, max_model_len=256,
+              batch_invariant=True, **kw)  # type: ignore[arg-type]
     inv = llm.engine.facts.batch_invariance
     if not inv.enabled:
         pytest.skip(inv.detail)
-    yield llm
+    return llm
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def llm(request: pytest.FixtureRequest, adapter_factory: Callable[..., Path]) -> Iterator[LLM]:
+    yield engine(request.param, adapter_factory)
 
 
 def sampling(n: int, prompt: bool) -> SamplingParams:
@@ -112,3 +117,40 @@ def test_a_cached_prefix_gives_the_bits_of_the_requests_own_prefill(llm: LLM) ->
     cached: dict[str, int] = {}
     assert together(llm, jobs, every=2, cached=cached, prompt=False) == solo
     assert sum(n >= len(SHARED) for n in cached.values()) >= 3, cached
+
+
+def test_where_a_chunked_prefill_splits_changes_no_bit(llm: LLM, adapter_factory: Callable[..., Path]) -> None:
+    """An engine whose steps hold 24 tokens splits every prompt longer than that, at places that depend on what
+    else is queued; its answers equal, bit for bit, the unsplit solo answers of the engine with 512-token steps
+    (prompt queries and decode queries all attend through one kernel, per query, in key order)."""
+    llm.reset_prefix_cache()
+    jobs = random_jobs(3, 12, SHARED)
+    solo = alone(llm, jobs, keep_cache=False)
+    chunked = engine(str(llm.engine.facts.dtype), adapter_factory, max_num_batched_tokens=24,
+                     enable_prefix_caching=False)
+    assert max(len(prompt) for _, _, prompt, _ in jobs) > 2 * 24
+    assert together(chunked, jobs, every=2) == solo
+
+
+def test_the_batch_invariant_path_computes_the_same_logits(adapter_factory: Callable[..., Path]) -> None:
+    """Per-query attention and tiled linears are another order of the same sums: the logits at every prompt
+    position equal the default path's to float32 rounding, for the base model and an adapter."""
+    tiled = engine("float32", adapter_factory)
+    default = LLM(dtype="float32", lora_modules={"all": str(adapter_factory("inv-all"))}, max_model_len=256)
+    prompt = random_jobs(4, 1, SHARED)[0][2] * 2
+    for adapter in (None, "all"):
+        ours, ref = tiled.engine.prompt_logits(prompt, adapter), default.engine.prompt_logits(prompt, adapter)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_cpp_kernels_it_is_off_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine without a C++ compiler the torch kernels serve, which sum by the step's shape: asked for, batch
+    invariance is reported off, naming the missing kernel, and the engine serves without it."""
+    monkeypatch.setattr(cpu_attention, "supported", lambda dtype, device: False)
+    llm = LLM(dtype="float32", max_model_len=128, batch_invariant=True)
+    inv = llm.engine.facts.batch_invariance
+    assert not inv.enabled and inv.detail == ("requested but not available without the C++ attention kernel (torch's "
+                                              "attention sums by the shape of the step)")
+    assert not llm.engine.runner.per_query_attention
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2

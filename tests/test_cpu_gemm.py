@@ -76,45 +76,48 @@ SHAPES = {"qkv": (576, 960), "down": (1536, 576), "head": (576, 49152)}  # the d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_tiled_rows_get_their_solo_bits_at_every_batch_size(dtype: torch.dtype, shape: str) -> None:
-    """In the tiles `invariant_tile` finds, each row of a call of M rows (random M from 1 to 64, and long
+    """In the tiles `invariant_tiling` finds, each row of a call of M rows (random M from 1 to 64, and long
     prefill-sized calls) has the bits it has alone, with and without bias."""
     in_f, out_f = SHAPES[shape]
     g = torch.Generator().manual_seed(out_f)
     w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype)
     bias = torch.randn(out_f, generator=g).to(dtype)
     packed = cpu_gemm.pack(w)
-    tile = cpu_gemm.invariant_tile(packed)
+    tiling = cpu_gemm.invariant_tiling(packed)
+    tile = tiling.rows
     assert 2 <= tile <= cpu_gemm.MAX_TILE
     x = torch.randn(200, in_f, generator=g).to(dtype)
     for b in (None, bias):
-        alone = torch.cat([cpu_gemm.linear(x[i:i + 1], packed, b, tile) for i in range(x.shape[0])])
+        alone = torch.cat([cpu_gemm.linear(x[i:i + 1], packed, b, tiling) for i in range(x.shape[0])])
         sizes = sorted({1, 2, tile, tile + 1, 2 * tile + 1, 200, *torch.randint(1, 65, (6,), generator=g).tolist()})
         for m in sizes:
             start = int(torch.randint(0, 200 - m + 1, (1,), generator=g))
-            assert torch.equal(cpu_gemm.linear(x[start:start + m], packed, b, tile), alone[start:start + m]), m
+            assert torch.equal(cpu_gemm.linear(x[start:start + m], packed, b, tiling), alone[start:start + m]), m
         torch.testing.assert_close(alone.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_the_probe_finds_where_the_order_of_a_sum_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 kernel that sums each row's two halves apart from 21 rows on (as a GEMM that blocks K by the row
-    count): the probe gives 20, though random rows hide the change (the sums differ in fp32 bits that rounding to
-    bf16 drops); a kernel whose order never changes gives MAX_TILE."""
+    count): the probe gives tiles of 20, though random rows hide the change (the sums differ in fp32 bits that
+    rounding to bf16 drops); a kernel that does so for one row only gets tiles of MAX_TILE and lone rows padded."""
     w = (torch.randn(40, 64, generator=torch.Generator().manual_seed(1)) / 8).bfloat16()
 
-    def kernel(split_from: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    def kernel(split: Callable[[int], bool]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
         def call(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            if x.shape[0] < split_from:
+            if not split(x.shape[0]):
                 return _sequential(x, w).bfloat16()
             return (_sequential(x[:, :32], w[:, :32]) + _sequential(x[:, 32:], w[:, 32:])).bfloat16()
         return call
 
     x = torch.randn(21, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
-    split = kernel(21)
-    assert torch.equal(split(x, w, None), torch.cat([split(x[i:i + 1].expand(2, -1), w, None)[:1] for i in range(21)]))
-    for split_from, expected in ((21, 20), (10**6, cpu_gemm.MAX_TILE)):
-        monkeypatch.setattr(cpu_gemm, "_call", kernel(split_from))
-        monkeypatch.setattr(cpu_gemm, "_tiles", {})
-        assert cpu_gemm.invariant_tile(w) == expected
+    from_21 = kernel(lambda m: m >= 21)
+    assert torch.equal(from_21(x, w, None), torch.cat([from_21(x[i:i + 1], w, None) for i in range(21)]))
+    for split, expected in ((lambda m: m >= 21, cpu_gemm.Tiling(20, False)),
+                            (lambda m: m == 1, cpu_gemm.Tiling(cpu_gemm.MAX_TILE, True)),
+                            (lambda m: False, cpu_gemm.Tiling(cpu_gemm.MAX_TILE, False))):
+        monkeypatch.setattr(cpu_gemm, "_call", kernel(split))
+        monkeypatch.setattr(cpu_gemm, "_tilings", {})
+        assert cpu_gemm.invariant_tiling(w) == expected
 
 
 def _sequential(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ from loraplex.config import EngineConfig
 from loraplex.engine.facts import BatchInvariance, MemoryPlan
 from loraplex.engine.memory import plan
 from loraplex.hardware import DtypeChoice, cpu, resolve_device, resolve_dtype, warn_if_emulated
+from loraplex.lora import cpu_kernel
 from loraplex.lora.layers import LoRALinear, attach_lora
+from loraplex.models import cpu_attention
 from loraplex.models.config import ModelConfig, load_model_config
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.models.loader import load_model, resolve_model
@@ -67,7 +69,7 @@ def build_model(config: EngineConfig) -> BuiltModel:
     model.to(device)
     # On CPU: oneDNN's layout for every remaining linear (and its invariant row tiles); on a GPU nothing.
     model.prepack(config.batch_invariant)
-    invariance = batch_invariance(model, config, dtype.name, device)
+    invariance = batch_invariance(model, config, device)
     if config.batch_invariant:
         (log.info if invariance.enabled else log.warning)("batch invariance: %s", invariance.detail)
     memory = plan(model, mcfg, config, dtype.dtype, device, max_model_len)
@@ -77,19 +79,29 @@ def build_model(config: EngineConfig) -> BuiltModel:
     return BuiltModel(model, mcfg, model_dir, dtype, device, where, max_model_len, memory, targets, invariance)
 
 
-def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, dtype: str,
-                     device: torch.device) -> BatchInvariance:
-    """Whether every base linear, the LM head included, runs in the row tiles that make a row's result its own."""
+def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torch.device) -> BatchInvariance:
+    """Whether a row's result follows from that row alone: every base linear (the LM head included) in its probed
+    row tiles, attention per query through the C++ kernel, LoRA through the C++ kernel (per token already)."""
     if not config.batch_invariant:
         return BatchInvariance(False, "off (--batch-invariant turns it on)")
-    why = ("on a GPU" if device.type != "cpu" else f"with a {config.quantization}-quantized base"
-           if config.quantization is not None else None)
-    tiles = model.linear_tiles()
-    sizes = [t for t in tiles if t is not None]
-    if why is None and len(sizes) < len(tiles):
-        why = f"in {dtype} without oneDNN's prepacked linear in this torch build"
+    dtype, cfg = model.embed_tokens.weight.dtype, model.cfg
+    tilings = model.linear_tilings()
+    sizes = [t.rows for t in tilings if t is not None]
+    missing = [  # (it holds, or why not): the first that does not hold is the reason
+        (device.type == "cpu", "on a GPU"),
+        (config.quantization is None, f"with a {config.quantization}-quantized base (its kernels pick their "
+                                      "summation order by the number of rows)"),
+        (len(sizes) == len(tilings), f"in {str(dtype).removeprefix('torch.')} without oneDNN's prepacked linear in "
+                                   "this torch build (the base linears' kernels pick their summation order by the "
+                                   "number of rows)"),
+        (cpu_attention.supported(dtype, device) and cpu_attention.handles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+         "without the C++ attention kernel (torch's attention sums by the shape of the step)"),
+        (cpu_kernel.supported(dtype, device), "without the C++ LoRA kernel (torch's grouped LoRA sums by the tokens "
+                                              "each adapter has in the step)")]
+    why = next((reason for holds, reason in missing if not holds), None)
     if why is not None:
-        return BatchInvariance(False, f"requested but not available {why}: the base linears' kernels pick their "
-                                      "summation order by the number of rows")
-    return BatchInvariance(True, f"on: every base linear runs in calls of at most {min(sizes)} rows "
-                                 f"({dtype}, found on this CPU at start), one row alone padded to two")
+        return BatchInvariance(False, f"requested but not available {why}")
+    padded = sum(t is not None and t.pad_single for t in tilings)
+    return BatchInvariance(True, f"on: every base linear runs in calls of at most {min(sizes)} rows (found on this "
+                                 f"CPU at start; a lone row padded to two in {padded} of {len(tilings)}); every "
+                                 "query, prefill or decode, attends its own keys in position order")

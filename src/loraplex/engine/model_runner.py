@@ -46,7 +46,7 @@ def _nonfinite_error(req: Request) -> NonFiniteOutputError:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, lora_targets: dict[tuple[int, str], LoRALinear],
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, seed: int,
-                 structured: StructuredOutputs) -> None:
+                 structured: StructuredOutputs, batch_invariant: bool = False) -> None:
         self.structured = structured
         self.model = model
         self.lora_targets = lora_targets
@@ -63,6 +63,12 @@ class ModelRunner:
         self.windows = {attn.sliding_window for attn in model.attention_modules()}
         # Decode groups need masks only where some layer attends them through torch (no C++ kernel).
         self.decode_masks = not all(attn.decode_kernel for attn in model.attention_modules())
+        # Batch-invariant: every query, prefill or decode, is one row of the C++ kernel's decode group, attended
+        # over its own keys in position order; so its bits follow from its keys alone, not from the step's shape,
+        # whether the prompt was split into chunks, or whether its prefix came from the cache.
+        self.per_query_attention = batch_invariant
+        if batch_invariant and self.decode_masks:
+            raise ValueError("batch-invariant attention needs the C++ attention kernel for every layer")
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_ids: dict[str, torch.Tensor] = {}  # prompts of requests with penalties, built once
         self._seed_source = torch.Generator().manual_seed(seed)
@@ -171,16 +177,31 @@ class ModelRunner:
                 sample_at.append(len(ids) - 1)
                 sampled_reqs.append(r)
         dev = self.device
+        if self.per_query_attention:
+            decode, prefill = self._queries(decodes + prefills, positions), None
+        else:
+            decode = self._group(decodes, 0, masks=self.decode_masks) if decodes else None
+            prefill = self._group(prefills, len(decodes)) if prefills else None
         batch = ForwardBatch(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode=self._group(decodes, 0, masks=self.decode_masks) if decodes else None,
-            prefill=self._group(prefills, len(decodes)) if prefills else None,
+            decode=decode,
+            prefill=prefill,
             logits_index=torch.arange(len(ids), device=dev) if all_logits
             else torch.tensor(prompt_at + sample_at, dtype=torch.long, device=dev),
             lora=build_mapping(lora_slots, self.dtype, dev),
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), batch, sampled_reqs, prompt_rows
+
+    def _queries(self, seqs: list[ScheduledSeq], positions: list[int]) -> AttentionGroup:
+        """Every token of the step as one query of the decode kernel, rows [0, T): its sequence's block table
+        [T, NB] and context length position + 1 (its causal keys; the step's K/V are written before attending)."""
+        nb = max(len(s.request.block_ids) for s in seqs)
+        tables = torch.tensor([s.request.block_ids + [0] * (nb - len(s.request.block_ids)) for s in seqs],
+                              dtype=torch.long).repeat_interleave(torch.tensor([s.num_tokens for s in seqs]), dim=0)
+        return AttentionGroup(token_index=None, start=0, num_seqs=len(positions), q_len=1,
+                              block_tables=tables.to(self.device), masks={}, valid=None,
+                              context_lens=(torch.tensor(positions, dtype=torch.long) + 1).to(self.device))
 
     def _group(self, seqs: list[ScheduledSeq], start: int, masks: bool = True) -> AttentionGroup:
         bs = self.block_size

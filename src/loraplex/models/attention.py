@@ -1,7 +1,8 @@
 """Paged attention: write new K/V into the block cache, then attend. Decode groups (one query per sequence) go
 through the C++ kernel (cpu_attention) where it is built, reading each sequence's keys in place; prefill
 groups, and every group without the kernel, through torch: gather each sequence's blocks, two matmuls. The
-torch path is the kernel's reference.
+torch path is the kernel's reference. Batch-invariant, the runner hands every token, prefill included, to the
+kernel as one query (models/batch.py), so a query's bits follow from its keys alone.
 
 Cache layout per layer: k_cache, v_cache: [num_blocks * block_size, KVH, D]; a token's slot is
 block_id * block_size + offset. Gathering by block table gives every sequence its keys in order.

@@ -10,15 +10,17 @@ This is what torch.compile's CPU weight prepacking does, without compiling the m
 
 Batch invariance (issue 41): oneDNN picks its kernel, and with it the order of each row's sum over IN, by the
 shape of the call, M rows included. So a row's bits can depend on how many rows share its call (bf16 on AMX: from
-M = 33; fp32 down_proj: M = 1 against M >= 2). `linear(..., tile=T)` calls the kernel on tiles of at most T rows,
-a 1-row tile padded to 2, and `invariant_tile` finds at start, for each weight shape on this CPU and thread count,
-the largest T for which every row of every M in 2..T gets the bits it gets in a 2-row call. The engine then only
-ever makes calls whose shapes were probed, so a row's result depends on that row alone.
+M = 33; fp32 down_proj: M = 1 against M >= 2). `linear(..., tiling)` calls the kernel on tiles of at most
+`tiling.rows` rows, a 1-row tile padded to 2 where the 1-row kernel sums in another order, and `invariant_tiling`
+finds both at start, for each weight shape on this CPU and thread count: the largest T for which every row of every
+M in 2..T gets the bits it gets in a 2-row call, and whether a 1-row call does too. The engine then only ever
+makes calls whose shapes were probed, so a row's result depends on that row alone.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +56,27 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _BATCH_HINT)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None) -> torch.Tensor:
+@dataclass(frozen=True, slots=True)
+class Tiling:
+    """How one packed linear's calls are cut so that each row's bits follow from that row alone."""
+    rows: int  # the most rows per call
+    pad_single: bool  # a lone row is called as two (itself twice): its 1-row kernel sums in another order
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, tiling: Tiling | None = None
+           ) -> torch.Tensor:
     """x: [..., IN] -> [..., OUT], = F.linear(x, weight, bias) for the weight `packed` came from.
 
-    With `tile`: in calls of 2..tile rows (a lone row padded to 2 by itself), so that each row's bits follow from
-    that row alone where `tile <= invariant_tile(packed)`."""
-    if tile is None:
+    With `tiling` (invariant_tiling(packed)): in calls of at most `tiling.rows` rows, so that each row's bits follow
+    from that row alone."""
+    if tiling is None:
         return _call(x, packed, bias)
     rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    if 1 < n <= tile:
+    n, size, pad = rows.shape[0], tiling.rows, tiling.pad_single
+    if n <= size and (n > 1 or not pad):
         return _call(x, packed, bias)
-    parts = [rows[i:i + tile] for i in range(0, n, tile)]
-    out = torch.cat([_call(p.expand(2, -1), packed, bias)[:1] if p.shape[0] == 1 else _call(p, packed, bias)
+    parts = [rows[i:i + size] for i in range(0, n, size)]
+    out = torch.cat([_call(p.expand(2, -1), packed, bias)[:1] if pad and p.shape[0] == 1 else _call(p, packed, bias)
                      for p in parts])
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -75,26 +85,28 @@ def _call(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> t
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-_tiles: dict[tuple[int, int, torch.dtype, int], int] = {}  # (OUT, IN, dtype, threads) -> invariant_tile's answer
+_tilings: dict[tuple[int, int, torch.dtype, int], Tiling] = {}  # (OUT, IN, dtype, threads) -> invariant_tiling's
 
 
-def invariant_tile(packed: torch.Tensor) -> int:
+def invariant_tiling(packed: torch.Tensor) -> Tiling:
     """The largest T <= MAX_TILE such that, for every M in 2..T, each of M rows in one call gets the bits it gets
-    in a 2-row call (itself twice); 1 if not even M = 2 holds. Probed once per shape, dtype and thread count (the
-    kernel oneDNN picks depends on those and on M, not on the values): about MAX_TILE^2 / 2 rows."""
+    in a 2-row call (itself twice), 1 if not even M = 2 holds; and whether a 1-row call differs from that. Probed
+    once per shape, dtype and thread count (the kernel oneDNN picks depends on those and on M, not on the values):
+    about MAX_TILE^2 / 2 rows."""
     key = (packed.shape[0], packed.shape[1], packed.dtype, torch.get_num_threads())
-    if key not in _tiles:
-        _tiles[key] = _probe(packed)
-    return _tiles[key]
+    if key not in _tilings:
+        _tilings[key] = _probe(packed)
+    return _tilings[key]
 
 
-def _probe(packed: torch.Tensor) -> int:
+def _probe(packed: torch.Tensor) -> Tiling:
     x = _probe_rows(packed)
     alone = torch.cat([_call(x[i:i + 1].expand(2, -1), packed, None)[:1] for i in range(MAX_TILE)])
+    pad = any(not torch.equal(_call(x[i:i + 1], packed, None), alone[i:i + 1]) for i in range(MAX_TILE))
     for m in range(2, MAX_TILE + 1):
         if not torch.equal(_call(x[:m], packed, None), alone[:m]):
-            return m - 1
-    return MAX_TILE
+            return Tiling(m - 1, pad)
+    return Tiling(MAX_TILE, pad)
 
 
 def _probe_rows(packed: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout, once prepack() ran
-        self.tile: int | None = None  # batch-invariant: rows per packed call (cpu_gemm.invariant_tile); None: any
+        self.tiling: cpu_gemm.Tiling | None = None  # batch-invariant: how packed calls are cut; None: not cut
 
     def prepack(self, batch_invariant: bool = False) -> bool:
         """Move the weight into oneDNN's CPU layout (bf16 or fp32, CPU only); the plain copy is freed. With
@@ -46,7 +46,7 @@ class Linear(nn.Module):
             return False
         self.packed = cpu_gemm.pack(self.weight)
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
-        self.tile = cpu_gemm.invariant_tile(self.packed) if batch_invariant else None
+        self.tiling = cpu_gemm.invariant_tiling(self.packed) if batch_invariant else None
         return True
 
     def part_slice(self, name: str) -> slice:
@@ -59,7 +59,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         if self.packed is not None:
-            return cpu_gemm.linear(x, self.packed, self.bias, self.tile)
+            return cpu_gemm.linear(x, self.packed, self.bias, self.tiling)
         return F.linear(x, self.weight, self.bias)
 
 

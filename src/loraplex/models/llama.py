@@ -80,7 +80,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, [("lm_head", cfg.vocab_size)])
         self.head_packed: torch.Tensor | None = None  # tied head in oneDNN's layout (prepack)
-        self.head_tile: int | None = None  # its rows per call when batch-invariant (cpu_gemm.invariant_tile)
+        self.head_tiling: cpu_gemm.Tiling | None = None  # its calls' cut when batch-invariant
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # input_ids: [T] -> logits [N, V] (fp32) for the tokens in batch.logits_index
@@ -94,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(x).float()
         if self.head_packed is not None:
-            return cpu_gemm.linear(x, self.head_packed, None, self.head_tile).float()
+            return cpu_gemm.linear(x, self.head_packed, None, self.head_tiling).float()
         return F.linear(x, self.embed_tokens.weight).float()
 
     def prepack(self, batch_invariant: bool = False) -> int:
@@ -104,16 +104,16 @@ class LlamaForCausalLM(nn.Module):
         n = sum(m.prepack(batch_invariant) for m in self.modules() if isinstance(m, Linear))
         if self.lm_head is None and self.head_packed is None and cpu_gemm.supported(self.embed_tokens.weight):
             self.head_packed = cpu_gemm.pack(self.embed_tokens.weight)
-            self.head_tile = cpu_gemm.invariant_tile(self.head_packed) if batch_invariant else None
+            self.head_tiling = cpu_gemm.invariant_tiling(self.head_packed) if batch_invariant else None
             n += 1
         return n
 
-    def linear_tiles(self) -> list[int | None]:
-        """Each base linear's batch-invariant tile (None: not packed, or packed without tiles), the LM head last."""
-        tiles = [m.tile if m.packed is not None else None for m in self.modules() if isinstance(m, Linear)]
+    def linear_tilings(self) -> list[cpu_gemm.Tiling | None]:
+        """Each base linear's batch-invariant tiling (None: not packed, or packed without one), the LM head last."""
+        tilings = [m.tiling if m.packed is not None else None for m in self.modules() if isinstance(m, Linear)]
         if self.lm_head is None:
-            tiles.append(self.head_tile if self.head_packed is not None else None)
-        return tiles
+            tilings.append(self.head_tiling if self.head_packed is not None else None)
+        return tilings
 
     def attention_modules(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
