@@ -3,13 +3,13 @@ mixed, and the prefill time of the same requests, batch-invariant (`batch_invari
 row tiles, attention per query; docs/serving.md#batch-invariance) against today's path, in one run; and how many
 greedy answers of the batch equal their solo answers on each path.
 
-    .venv/bin/python -m benchmarks.batch_invariance [--batches 1 8 32] [--max-tokens 32] [--reps 5]
+    .venv/bin/python -m benchmarks.batch_invariance [--batches 1 8 32] [--max-tokens 32] [--reps 7]
 
 Offline, prefix cache off, greedy, EOS ignored, the model dtype resolved here (bf16 where the CPU multiplies it
 natively). Each engine step is timed: a step where every request has its prompt computed is a decode step
 (decode tokens per second: their tokens over their time); the others hold prefill work (prefill: their summed
 time). The two engines are built once and measured in turn, each repetition, so that drift in the machine falls
-on both; the median repetition is reported.
+on both; the median repetition is reported, and the median of the repetitions' ratios (paired).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import default_model_dir, machine, make_adapters, round_robin, warmup, workload_prompts, write_json
+from benchmarks.common import (cpu_times, default_model_dir, machine, make_adapters, round_robin, steal_share, warmup,
+                               workload_prompts, write_json)
 from loraplex import LLM, SamplingParams
 
 MODES = {"today": False, "batch-invariant": True}
@@ -56,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--adapters", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -73,6 +74,7 @@ def main() -> None:
         solo = {mode: [run(llm, [p], [a], args.max_tokens, f"solo-{mode}-{i}")[3][0]
                        for i, (p, a) in enumerate(zip(prompts, adapters))] for mode, llm in llms.items()}
         runs: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
+        before = cpu_times()
         equal: dict[tuple[str, int], int] = {}
         for rep in range(args.reps):
             for b in args.batches:
@@ -91,9 +93,19 @@ def main() -> None:
                 r = rows[-1]
                 print(f"batch {b:3} {mode:16} prefill {r['prefill_s'] * 1e3:7.1f} ms  decode "
                       f"{r['decode_tokens_per_s']:7.1f} tok/s  solo answers {r['equal_to_solo']}/{b}", flush=True)
+            # Each repetition measured the two engines one after the other: their ratio is less exposed to the
+            # machine's drift than the ratio of medians.
+            paired = [(n1 / d1) / (n0 / d0) for (_, d0, n0), (_, d1, n1) in zip(runs[("today", b)],
+                                                                                runs[("batch-invariant", b)])]
+            rows[-1]["decode_ratio_paired"] = statistics.median(paired)
+            rows[-1]["prefill_ratio_paired"] = statistics.median(
+                p1 / p0 for (p0, _, _), (p1, _, _) in zip(runs[("today", b)], runs[("batch-invariant", b)]))
+            print(f"batch {b:3} invariant / default, median of paired repetitions: decode "
+                  f"{rows[-1]['decode_ratio_paired']:.3f}, prefill time {rows[-1]['prefill_ratio_paired']:.3f}", flush=True)
         detail = llms["batch-invariant"].engine.facts.batch_invariance.detail
+        steal = steal_share(before, cpu_times())
     out = write_json("batch_invariance", {"machine": machine(), "max_tokens": args.max_tokens, "reps": args.reps,
-                                          "adapters": 8, "invariance": detail, "rows": rows})
+                                          "adapters": 8, "invariance": detail, "steal_share": steal, "rows": rows})
     print(f"written to {out}")
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report_cluster import cluster_lines, cluster_targets
+from benchmarks.report_batch_invariance import batch_invariance_lines, batch_invariance_targets
 from benchmarks.report_fair_share import fair_share_lines, fair_share_targets
 
 PARTS = ["offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "structured", "fair_share", "cluster", "gpu"]
+         "quantized", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster", "gpu"]
 VLLM_RUNS = ("1", "8", "32", "8_all_cores", "base_lora_enabled", "base")
 # Sections in this order; classes not listed come after, by name.
 CLASS_ORDER = ["avx512-bf16", "amx-bf16", "avx512", "avx2"]
@@ -142,6 +143,7 @@ class Run:
                 rows += [(f"prefix cache, {label}: TTFT p50 without / with", v["ttft_p50_speedup"], "≥ 5×", 5.0, True),
                          (f"prefix cache, {label}: throughput with / without", v["throughput_ratio"], "≥ 2×", 2.0, True)]
         rows += fair_share_targets(self.parts.get("fair_share"))  # "not measured" where the part did not run
+        rows += batch_invariance_targets(self.parts.get("batch_invariance"))
         rows += cluster_targets(self.parts.get("cluster"))
         return [(name, value, wanted, verdict(value, target, higher)) for name, value, wanted, target, higher in rows]
 
@@ -365,6 +367,8 @@ def class_section(run: Run, out: Path) -> list[str]:
                   f"{fmt(so['tokenizer_setup_ms'])} ms."]
     if "fair_share" in P:
         lines += fair_share_lines(P["fair_share"])
+    if "batch_invariance" in P:
+        lines += batch_invariance_lines(P["batch_invariance"])
     if "cluster" in P:
         lines += cluster_lines(P["cluster"])
     lines += ["", "### Targets", "", "| target | measured | wanted | |", "|---|---|---|---|"]

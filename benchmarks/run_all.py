@@ -12,7 +12,8 @@ adapters), http_peers (64 streams over 8 adapters to loraplex, vLLM CPU and llam
 int8 base: memory and throughput), prefix_cache (shared system prompts and 5-turn chats, with and without the
 cache, loraplex and vLLM CPU), structured (batch 32 with half the requests under a JSON schema; schema compile
 time), fair_share (a quiet key beside another's 160 streams, against first come first served; four keys at weights
-1, 1, 1, 3), cluster (2 engine replicas on Ray Serve, Zipf over 64 adapters: affinity routing against queue-length
+1, 1, 1, 3), batch_invariance (--batch-invariant against the default path: decode and prefill at batch 1, 8 and
+32 over 8 adapters, and greedy answers alone against in the batch), cluster (2 engine replicas on Ray Serve, Zipf over 64 adapters: affinity routing against queue-length
 routing, 2 replicas against 1; about 45 minutes). Every system runs in the dtype loraplex resolves on this machine
 (loraplex.hardware: bf16 where the CPU multiplies it natively, else fp32).
 
@@ -36,7 +37,7 @@ from loraplex.hardware import cpu, resolve_dtype
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
 PARTS = ["offline", "peers_hf", "vllm", "llama_cpp", "http_peers", "lora_kernels", "cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "structured", "fair_share", "cluster", "gpu"]
+         "quantized", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster", "gpu"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -113,6 +114,8 @@ def main() -> None:
         run([py, "-m", "benchmarks.structured", "--adapters", str(root)])
     if "fair_share" not in args.skip:
         run([py, "-m", "benchmarks.fair_share"])
+    if "batch_invariance" not in args.skip:
+        run([py, "-m", "benchmarks.batch_invariance", "--adapters", str(root)])
     if "cluster" not in args.skip:
         run([py, "-m", "benchmarks.cluster", "--adapters", str(root)])
     if "gpu" not in args.skip:

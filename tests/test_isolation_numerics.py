@@ -4,10 +4,10 @@ Kernels: NaN planted in stale KV rows (freed blocks, the tail of a partial block
 the slots and rows a step does not use leaves the paged attention (torch path and C++ kernel) and the LoRA
 kernels (grouped torch path and C++ fused kernel) equal to their references. Loading: an adapter whose
 effective weights (B * lora_alpha/r) overflow or exceed the bound is refused naming the layer and the value.
-Engine, in float32 and bfloat16, on the C++ and the torch paths: a request whose activations become NaN or inf
-(weights that overflow on its input; NaN appearing mid-sequence) ends with NonFiniteOutputError, every other
-request in its batch gets its solo tokens, and so does every later request, on the freed KV blocks and the
-same device slot. A bug in one request's step work fails that request only.
+Engine, in float32 and bfloat16, on the C++ (batch-invariant) and the torch paths: a request whose activations
+become NaN or inf (weights that overflow on its input; NaN appearing mid-sequence) ends with NonFiniteOutputError,
+every other request in its batch gets its solo tokens, and so does every later request, on the freed KV blocks
+and the same device slot. A bug in one request's step work fails that request only.
 """
 
 from __future__ import annotations
@@ -335,8 +335,11 @@ def engine(request: pytest.FixtureRequest, good: Path, overflow: Path,
         mods = {"good": str(good), "poison": str(overflow),
                 "other": str(adapter_factory("iso-other", r=4, alpha=8, targets=ATTN, seed=52)),
                 "drift": str(adapter_factory("iso-drift", r=4, alpha=8, targets=ALL, seed=53))}
-        llm = LLM(dtype=dtype, lora_modules=mods, max_loras=2, max_model_len=256)
+        # On the C++ kernels batch-invariant, as a keyed server runs: a poisoned request must fail alone there too.
+        llm = LLM(dtype=dtype, lora_modules=mods, max_loras=2, max_model_len=256, batch_invariant=kernels == "native")
         assert llm.engine.runner.decode_masks == (kernels == "torch")
+        assert llm.engine.runner.per_query_attention == llm.engine.facts.batch_invariance.enabled
+        assert llm.engine.facts.batch_invariance.enabled or kernels == "torch" or dtype == "bfloat16"
         prompts = {k: llm.tokenizer.encode(t) for k, t in TEXTS.items()}
         assert all(len(p) % 16 for p in prompts.values())  # every prompt ends inside a partial block
         n = 4 if dtype == "float32" else 2  # bf16 is emulated on AVX2 CPUs: few tokens
