@@ -46,7 +46,7 @@ def _nonfinite_error(req: Request) -> NonFiniteOutputError:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, lora_targets: dict[tuple[int, str], LoRALinear],
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, seed: int,
-                 structured: StructuredOutputs, batch_invariant: bool = False) -> None:
+                 structured: StructuredOutputs) -> None:
         self.structured = structured
         self.model = model
         self.lora_targets = lora_targets
@@ -63,12 +63,11 @@ class ModelRunner:
         self.windows = {attn.sliding_window for attn in model.attention_modules()}
         # Decode groups need masks only where some layer attends them through torch (no C++ kernel).
         self.decode_masks = not all(attn.decode_kernel for attn in model.attention_modules())
-        # Batch-invariant: every query, prefill or decode, is one row of the C++ kernel's decode group, attended
-        # over its own keys in position order; so its bits follow from its keys alone, not from the step's shape,
-        # whether the prompt was split into chunks, or whether its prefix came from the cache.
-        self.per_query_attention = batch_invariant
-        if batch_invariant and self.decode_masks:
-            raise ValueError("batch-invariant attention needs the C++ attention kernel for every layer")
+        # Where the C++ kernel serves every layer, every query, a prompt's as a decode's, is one of its rows, attended
+        # over its own keys in position order: its bits follow from its keys alone (not from the step's shape, where
+        # a chunked prefill split the prompt, or whether its prefix came from the cache), and prefill is faster than
+        # the torch matmuls (docs/benchmarks/README.md, "Figures behind design choices").
+        self.per_query_attention = not self.decode_masks
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_ids: dict[str, torch.Tensor] = {}  # prompts of requests with penalties, built once
         self._seed_source = torch.Generator().manual_seed(seed)

@@ -1,8 +1,8 @@
-"""Paged attention: write new K/V into the block cache, then attend. Decode groups (one query per sequence) go
-through the C++ kernel (cpu_attention) where it is built, reading each sequence's keys in place; prefill
-groups, and every group without the kernel, through torch: gather each sequence's blocks, two matmuls. The
-torch path is the kernel's reference. Batch-invariant, the runner hands every token, prefill included, to the
-kernel as one query (models/batch.py), so a query's bits follow from its keys alone.
+"""Paged attention: write new K/V into the block cache, then attend. Where the C++ kernel (cpu_attention) is
+built, the runner hands it every token of the step, prefill included, as one query (models/batch.py): it reads
+that query's keys in place, in position order, so a query's bits follow from its keys alone. Without the kernel,
+decode and prefill groups go through torch: gather each sequence's blocks, two matmuls. The torch path is the
+kernel's reference.
 
 Cache layout per layer: k_cache, v_cache: [num_blocks * block_size, KVH, D]; a token's slot is
 block_id * block_size + offset. Gathering by block table gives every sequence its keys in order.
