@@ -53,21 +53,14 @@ class FairShare:
 
     def load(self, running: Iterable[Request]) -> dict[Hashable, float]:
         """Running requests per unit of weight, per tenant."""
-        load: dict[Hashable, float] = {}
-        for r in running:
-            load[r.tenant] = load.get(r.tenant, 0.0) + 1.0 / r.weight
-        return load
+        return {t: load for t, (_, load, _) in _tally(running).items()}
 
     def over_share(self, running: list[Request]) -> set[Hashable]:
         """Tenants holding more than one request beyond their weight's share of the running places (none while one
         runs alone)."""
-        count: dict[Hashable, int] = {}
-        weight: dict[Hashable, float] = {}
-        for r in running:
-            count[r.tenant] = count.get(r.tenant, 0) + 1
-            weight[r.tenant] = r.weight
-        total = sum(weight.values())
-        return {t for t, n in count.items() if n > len(running) * weight[t] / total + 1}
+        tally = _tally(running)
+        total = sum(w for _, _, w in tally.values())
+        return {t for t, (n, _, w) in tally.items() if n > len(running) * w / total + 1}
 
     def far_under(self, running: list[Request]) -> set[Hashable]:
         """Tenants running at most half the places per unit of weight of the busiest one (none while one runs alone
@@ -118,3 +111,13 @@ class FairShare:
         tenant = max(newest, key=lambda t: (load.get(t, 0.0), self.service.get(t, floor), newest[t]))
         mine = [r for r in reversed(candidates) if r.tenant == tenant]  # newest first: max keeps the first of a tie
         return max(mine, key=lambda r: r.priority)
+
+
+def _tally(running: Iterable[Request]) -> dict[Hashable, tuple[int, float, float]]:
+    """Per tenant, in one pass: its running requests, their load (the sum of 1 / weight: a request keeps the weight
+    it was admitted with, across a keys-file reload) and its latest weight."""
+    tally: dict[Hashable, tuple[int, float, float]] = {}
+    for r in running:
+        n, load, _ = tally.get(r.tenant, (0, 0.0, r.weight))
+        tally[r.tenant] = (n + 1, load + 1.0 / r.weight, r.weight)
+    return tally
