@@ -130,10 +130,10 @@ def test_engine_decodes_the_same_with_and_without_the_kernel(monkeypatch: pytest
     def run() -> tuple[list[list[int]], bool]:
         llm = LLM(dtype="float32")
         runner = llm.engine.runner
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)], runner.decode_masks
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)], runner.per_query_attention
 
-    kernel_tokens, masks = run()
-    assert not masks  # every layer decodes through the kernel, so the runner builds no decode masks
+    kernel_tokens, per_query = run()
+    assert per_query  # every layer attends through the kernel, so the runner builds no masks
     monkeypatch.setattr(cpu_attention, "supported", lambda dtype, device: False)
-    torch_tokens, masks = run()
-    assert masks and kernel_tokens == torch_tokens
+    torch_tokens, per_query = run()
+    assert not per_query and kernel_tokens == torch_tokens

@@ -337,7 +337,6 @@ def engine(request: pytest.FixtureRequest, good: Path, overflow: Path,
                 "drift": str(adapter_factory("iso-drift", r=4, alpha=8, targets=ALL, seed=53))}
         # On the C++ kernels batch-invariant, as a keyed server runs: a poisoned request must fail alone there too.
         llm = LLM(dtype=dtype, lora_modules=mods, max_loras=2, max_model_len=256, batch_invariant=kernels == "native")
-        assert llm.engine.runner.decode_masks == (kernels == "torch")
         assert llm.engine.runner.per_query_attention == (kernels == "native")
         assert llm.engine.facts.batch_invariance.enabled or kernels == "torch" or dtype == "bfloat16"
         prompts = {k: llm.tokenizer.encode(t) for k, t in TEXTS.items()}

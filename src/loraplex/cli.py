@@ -81,7 +81,7 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
                    help="reuse the K/V of prompt prefixes, never across adapters, versions or cache salts")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="a request's output never depends on what else shares its batch (the base linears in fixed "
-                        "row tiles; prefill costs more, see docs/security.md); default: on with --api-keys, or when "
+                        "row tiles; prefill costs more, see docs/serving.md); default: on with --api-keys, or when "
                         "VLLM_BATCH_INVARIANT=1")
     p.add_argument("--max-prepare-seconds", type=float, default=5.0,
                    help="cap on one request's chat templating, tokenization and grammar compilation; over it: 400")

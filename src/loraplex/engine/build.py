@@ -94,8 +94,7 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
         (len(sizes) == len(tilings), f"in {str(dtype).removeprefix('torch.')} without oneDNN's prepacked linear in "
                                    "this torch build (the base linears' kernels pick their summation order by the "
                                    "number of rows)"),
-        (cpu_attention.supported(dtype, device) and cpu_attention.handles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-         "without the C++ attention kernel (torch's attention sums by the shape of the step)"),
+        (cpu_attention.serves(dtype, device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), "without the C++ attention kernel (torch's attention sums by the shape of the step)"),
         (cpu_kernel.supported(dtype, device), "without the C++ LoRA kernel (torch's grouped LoRA sums by the tokens "
                                               "each adapter has in the step)")]
     why = next((reason for holds, reason in missing if not holds), None)

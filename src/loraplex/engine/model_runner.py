@@ -61,13 +61,12 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_modules()):
             attn.bind_cache(self.kv_cache[i, 0], self.kv_cache[i, 1], block_size)
         self.windows = {attn.sliding_window for attn in model.attention_modules()}
-        # Decode groups need masks only where some layer attends them through torch (no C++ kernel).
-        self.decode_masks = not all(attn.decode_kernel for attn in model.attention_modules())
         # Where the C++ kernel serves every layer, every query, a prompt's as a decode's, is one of its rows, attended
         # over its own keys in position order: its bits follow from its keys alone (not from the step's shape, where
         # a chunked prefill split the prompt, or whether its prefix came from the cache), and prefill is faster than
         # the torch matmuls (docs/benchmarks/README.md, "Figures behind design choices").
-        self.per_query_attention = not self.decode_masks
+        # Elsewhere decode and prefill groups go through torch, with masks.
+        self.per_query_attention = all(attn.decode_kernel for attn in model.attention_modules())
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_ids: dict[str, torch.Tensor] = {}  # prompts of requests with penalties, built once
         self._seed_source = torch.Generator().manual_seed(seed)
@@ -179,7 +178,7 @@ class ModelRunner:
         if self.per_query_attention:
             decode, prefill = self._queries(decodes + prefills, positions), None
         else:
-            decode = self._group(decodes, 0, masks=self.decode_masks) if decodes else None
+            decode = self._group(decodes, 0) if decodes else None
             prefill = self._group(prefills, len(decodes)) if prefills else None
         batch = ForwardBatch(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -202,18 +201,14 @@ class ModelRunner:
                               block_tables=tables.to(self.device), masks={}, valid=None,
                               context_lens=(torch.tensor(positions, dtype=torch.long) + 1).to(self.device))
 
-    def _group(self, seqs: list[ScheduledSeq], start: int, masks: bool = True) -> AttentionGroup:
+    def _group(self, seqs: list[ScheduledSeq], start: int) -> AttentionGroup:
+        """The sequences' tokens from row `start` as one padded group for the torch attention path."""
         bs = self.block_size
         b = len(seqs)
         q_lens = [s.num_tokens for s in seqs]
         q = max(q_lens)
         nb = max(len(s.request.block_ids) for s in seqs)
         context_lens = torch.tensor([s.request.num_computed_tokens + s.num_tokens for s in seqs], dtype=torch.long)
-        if not masks:  # a decode group for the C++ kernel: block tables and lengths are all it reads
-            table_rows = [s.request.block_ids + [0] * (nb - len(s.request.block_ids)) for s in seqs]
-            return AttentionGroup(token_index=None, start=start, num_seqs=b, q_len=1,
-                                  block_tables=torch.tensor(table_rows, dtype=torch.long).to(self.device), masks={},
-                                  valid=None, context_lens=context_lens.to(self.device))
         tables = torch.zeros(b, nb, dtype=torch.long)
         qpos = torch.zeros(b, q, dtype=torch.long)
         token_index = torch.zeros(b, q, dtype=torch.long)

@@ -38,8 +38,8 @@ class PagedAttention(nn.Module):
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int) -> None:
         """Attend over these caches ([S, KVH, D] each); decode through the C++ kernel where it serves."""
         self.k_cache, self.v_cache, self.block_size = k_cache, v_cache, block_size
-        self.decode_kernel = (cpu_attention.supported(k_cache.dtype, k_cache.device)
-                              and cpu_attention.handles(self.num_heads, self.num_kv_heads, self.head_dim))
+        self.decode_kernel = cpu_attention.serves(k_cache.dtype, k_cache.device, self.num_heads, self.num_kv_heads,
+                                                  self.head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> out [T, H*D]

@@ -45,6 +45,11 @@ def handles(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
         and head_dim <= 256
 
 
+def serves(dtype: torch.dtype, device: torch.device | str, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """The kernel attends a layer of these heads in `dtype` on `device` (else the torch path does)."""
+    return supported(dtype, device) and handles(num_heads, num_kv_heads, head_dim)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, block_size: int, window: int | None, scale: float,
                  out: torch.Tensor) -> None:

@@ -110,10 +110,8 @@ class LlamaForCausalLM(nn.Module):
 
     def linear_tilings(self) -> list[cpu_gemm.Tiling | None]:
         """Each base linear's batch-invariant tiling (None: not packed, or packed without one), the LM head last."""
-        tilings = [m.tiling if m.packed is not None else None for m in self.modules() if isinstance(m, Linear)]
-        if self.lm_head is None:
-            tilings.append(self.head_tiling if self.head_packed is not None else None)
-        return tilings
+        tilings = [m.tiling for m in self.modules() if isinstance(m, Linear)]
+        return tilings if self.lm_head is not None else tilings + [self.head_tiling]
 
     def attention_modules(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
