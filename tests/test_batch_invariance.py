@@ -2,9 +2,8 @@
 runs alone, whatever else shares its steps: base-model requests and several adapters mixed, prefills beside
 decodes, and prompts whose prefix comes from the prefix cache. Compared through the log-probabilities of every
 prompt and sampled token (log_softmax of the fp32 logits row: one bit of a logit changes them), in float32 and
-bfloat16, on the C++ kernels, and wherever a chunked prefill splits a prompt. (The torch fallback kernels are not
-invariant yet: there the engine says so and runs without it.)
-"""
+bfloat16, on the C++ kernels and on their torch twins (a machine without a C++ compiler), and wherever a chunked
+prefill splits a prompt."""
 
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ import torch
 from conftest import ALL, ATTN, MLP
 from loraplex import LLM, SamplingParams
 from loraplex.engine.outputs import RequestOutput
-from loraplex.models import cpu_attention
+from loraplex.lora import cpu_kernel
+from loraplex.models import cpu_attention, cpu_fused, cpu_gemm
 
 Job = tuple[str, str | None, list[int], int]  # request id, adapter (None: the base model), prompt, max_tokens
 SHARED = [5, 17, 99, 1000, 23, 7, 300, 41] * 4  # two full KV blocks: a prefix the cache can hold
@@ -36,9 +36,28 @@ def engine(dtype: str, adapter_factory: Callable[..., Path], **kw: object) -> LL
     return llm
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+COMBOS = [("float32", "native"), ("bfloat16", "native"), ("float32", "torch"), ("bfloat16", "torch")]
+
+
+def torch_kernels(mp: pytest.MonkeyPatch) -> None:
+    """The torch path: as on a machine where no C++ kernel is built."""
+    mp.setattr(cpu_attention, "supported", lambda dtype, device: False)
+    mp.setattr(cpu_kernel, "supported", lambda dtype, device: False)
+    mp.setattr(cpu_fused, "supported", lambda x: False)
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=[f"{d}-{k}" for d, k in COMBOS])
 def llm(request: pytest.FixtureRequest, adapter_factory: Callable[..., Path]) -> Iterator[LLM]:
-    yield engine(request.param, adapter_factory)
+    dtype, kernels = request.param
+    with pytest.MonkeyPatch.context() as mp:
+        if kernels == "torch":
+            torch_kernels(mp)
+        llm = engine(dtype, adapter_factory)
+        assert llm.engine.runner.per_query_attention
+        detail = llm.engine.facts.batch_invariance.detail
+        assert detail.count("through the C++ kernel") == (2 if kernels == "native" else 0), detail
+        assert llm.engine.runner.lora_kernel == (None if kernels == "native" else "tokenwise")
+        yield llm
 
 
 def sampling(n: int, prompt: bool) -> SamplingParams:
@@ -143,14 +162,17 @@ def test_the_batch_invariant_path_computes_the_same_logits(adapter_factory: Call
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_without_the_cpp_kernels_it_is_off_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a machine without a C++ compiler the torch kernels serve, which sum by the step's shape: asked for, batch
-    invariance is reported off, naming the missing kernel, and the engine serves without it."""
+def test_without_onednns_packed_linear_it_is_off_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch has no prepacked linear for the dtype (bf16 on an AVX2 CPU), the base linears run through
+    F.linear, whose kernel sums by the number of rows: asked for, batch invariance is reported off, naming why, and
+    the engine serves without it (attention through torch's matmuls where the kernel is missing, as by default)."""
+    monkeypatch.setattr(cpu_gemm, "supported", lambda weight: False)
     monkeypatch.setattr(cpu_attention, "supported", lambda dtype, device: False)
     llm = LLM(dtype="float32", max_model_len=128, batch_invariant=True)
     inv = llm.engine.facts.batch_invariance
-    assert not inv.enabled and inv.detail == ("requested but not available without the C++ attention kernel (torch's "
-                                              "attention sums by the shape of the step)")
-    assert not llm.engine.runner.per_query_attention
+    assert not inv.enabled and inv.detail == ("requested but not available in float32 without oneDNN's prepacked "
+                                              "linear in this torch build (the base linears' kernels pick their "
+                                              "summation order by the number of rows)")
+    assert not llm.engine.runner.per_query_attention and llm.engine.runner.lora_kernel is None
     out = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2

@@ -288,7 +288,11 @@ TEXTS = {"poison": "Write a long story about a dragon who guards a library of an
                    "and a child who visits every winter.",
          "good": "What is the capital of France?", "base": "Name three colours, please.",
          "other": "Who wrote Hamlet? Say it."}
-COMBOS = [("float32", "native"), ("float32", "torch"), ("bfloat16", "native"), ("bfloat16", "torch")]
+# (dtype, kernels, batch-invariant): the C++ kernels batch-invariant, as a keyed server runs; the torch path in
+# fp32 as a keyless server without a compiler runs it (grouped LoRA, attention by matmuls), in bf16 batch-invariant
+# (its torch twins: tokenwise LoRA, attention per query), so that every engine path has a poisoned request fail alone.
+COMBOS = [("float32", "native", True), ("float32", "torch", False), ("bfloat16", "native", True),
+          ("bfloat16", "torch", True)]
 
 
 @pytest.fixture(scope="module")
@@ -322,10 +326,10 @@ def run(llm: LLM, jobs: list[tuple[str, str | None, list[int], int]], watch: Cal
     return final
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=[f"{d}-{k}" for d, k in COMBOS])
+@pytest.fixture(scope="module", params=COMBOS, ids=[f"{d}-{k}{'-invariant' * i}" for d, k, i in COMBOS])
 def engine(request: pytest.FixtureRequest, good: Path, overflow: Path,
            adapter_factory: Callable[..., Path]) -> Iterator[Engine]:
-    dtype, kernels = request.param
+    dtype, kernels, invariant = request.param
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(peft_format, "MAX_EFFECTIVE_WEIGHT", 1e30)
         if kernels == "torch":  # the torch references of every C++ kernel
@@ -335,10 +339,11 @@ def engine(request: pytest.FixtureRequest, good: Path, overflow: Path,
         mods = {"good": str(good), "poison": str(overflow),
                 "other": str(adapter_factory("iso-other", r=4, alpha=8, targets=ATTN, seed=52)),
                 "drift": str(adapter_factory("iso-drift", r=4, alpha=8, targets=ALL, seed=53))}
-        # On the C++ kernels batch-invariant, as a keyed server runs: a poisoned request must fail alone there too.
-        llm = LLM(dtype=dtype, lora_modules=mods, max_loras=2, max_model_len=256, batch_invariant=kernels == "native")
-        assert llm.engine.runner.per_query_attention == (kernels == "native")
-        assert llm.engine.facts.batch_invariance.enabled or kernels == "torch" or dtype == "bfloat16"
+        llm = LLM(dtype=dtype, lora_modules=mods, max_loras=2, max_model_len=256, batch_invariant=invariant)
+        enabled = llm.engine.facts.batch_invariance.enabled
+        assert enabled == invariant or dtype == "bfloat16"  # bf16 without oneDNN's packed linear (AVX2): off
+        assert llm.engine.runner.per_query_attention == (kernels == "native" or enabled)
+        assert llm.engine.runner.lora_kernel == ("tokenwise" if kernels == "torch" and enabled else None)
         prompts = {k: llm.tokenizer.encode(t) for k, t in TEXTS.items()}
         assert all(len(p) % 16 for p in prompts.values())  # every prompt ends inside a partial block
         n = 4 if dtype == "float32" else 2  # bf16 is emulated on AVX2 CPUs: few tokens

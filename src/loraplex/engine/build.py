@@ -81,7 +81,7 @@ def build_model(config: EngineConfig) -> BuiltModel:
 
 def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torch.device) -> BatchInvariance:
     """Whether a row's result follows from that row alone: every base linear (the LM head included) in its probed
-    row tiles, attention per query through the C++ kernel, LoRA through the C++ kernel (per token already)."""
+    row tiles, attention per query and LoRA per token (the C++ kernels, or their torch twins)."""
     if not config.batch_invariant:
         return BatchInvariance(False, "off (--batch-invariant turns it on)")
     dtype, cfg = model.embed_tokens.weight.dtype, model.cfg
@@ -93,14 +93,16 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
                                       "summation order by the number of rows)"),
         (len(sizes) == len(tilings), f"in {str(dtype).removeprefix('torch.')} without oneDNN's prepacked linear in "
                                    "this torch build (the base linears' kernels pick their summation order by the "
-                                   "number of rows)"),
-        (cpu_attention.serves(dtype, device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim), "without the C++ attention kernel (torch's attention sums by the shape of the step)"),
-        (cpu_kernel.supported(dtype, device), "without the C++ LoRA kernel (torch's grouped LoRA sums by the tokens "
-                                              "each adapter has in the step)")]
+                                   "number of rows)")]
     why = next((reason for holds, reason in missing if not holds), None)
     if why is not None:
         return BatchInvariance(False, f"requested but not available {why}")
     padded = sum(t is not None and t.pad_single for t in tilings)
+    attention = "the C++ kernel" if cpu_attention.serves(dtype, device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) \
+        else "torch, per key block (no C++ attention kernel: slower)"
+    lora = "the C++ kernel" if cpu_kernel.supported(dtype, device) else "torch, token by token (no C++ LoRA " \
+                                                                       "kernel: slower)"
     return BatchInvariance(True, f"on: every base linear runs in calls of at most {min(sizes)} rows (found on this "
                                  f"CPU at start; a lone row padded to two in {padded} of {len(tilings)}); every "
-                                 "query, prefill or decode, attends its own keys in position order")
+                                 f"query, prefill or decode, attends its own keys in position order through "
+                                 f"{attention}; every token's LoRA sums over its own adapter through {lora}")

@@ -67,7 +67,8 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, list(self.model_config.eos_token_ids))
         self.preparer = Preparer(self.tokenizer, self.model_config.vocab_size, facts.max_model_len, self.structured)
         self.runner = ModelRunner(built.model, built.lora_targets, facts.memory.kv_blocks, config.block_size,
-                                  built.dtype.dtype, built.device, config.seed, self.structured)
+                                  built.dtype.dtype, built.device, config.seed, self.structured,
+                                  built.batch_invariance.enabled)
         self.blocks = BlockManager(facts.memory.kv_blocks, config.block_size, config.enable_prefix_caching)
         registry = AdapterRegistry(
             Path(config.adapter_dir) if config.adapter_dir else None,

@@ -15,6 +15,7 @@ import torch
 from loraplex.adapters.peft_format import AdapterWeights
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledSeq
+from loraplex.lora import kernel_choice
 from loraplex.lora.layers import LoRALinear, PartWeights
 from loraplex.lora.mapping import build_mapping
 from loraplex.models.batch import AttentionGroup, ForwardBatch
@@ -46,7 +47,7 @@ def _nonfinite_error(req: Request) -> NonFiniteOutputError:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, lora_targets: dict[tuple[int, str], LoRALinear],
                  num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device, seed: int,
-                 structured: StructuredOutputs) -> None:
+                 structured: StructuredOutputs, batch_invariant: bool = False) -> None:
         self.structured = structured
         self.model = model
         self.lora_targets = lora_targets
@@ -65,8 +66,13 @@ class ModelRunner:
         # over its own keys in position order: its bits follow from its keys alone (not from the step's shape, where
         # a chunked prefill split the prompt, or whether its prefix came from the cache), and prefill is faster than
         # the torch matmuls (docs/benchmarks/README.md, "Figures behind design choices").
-        # Elsewhere decode and prefill groups go through torch, with masks.
-        self.per_query_attention = all(attn.decode_kernel for attn in model.attention_modules())
+        # Elsewhere decode and prefill groups go through torch's matmuls, with masks; or, batch-invariant, every query
+        # through the kernel's torch twin (models/query_attention.py), slower than the matmuls but in a fixed order.
+        self.per_query_attention = batch_invariant or all(attn.decode_kernel for attn in model.attention_modules())
+        for attn in model.attention_modules():
+            attn.per_query = self.per_query_attention
+        # LoRA: the fused kernel where it runs (per token already); else, batch-invariant, the tokenwise torch kernel.
+        self.lora_kernel = "tokenwise" if batch_invariant and not kernel_choice.supported(dtype, device) else None
         self.generators: dict[str, torch.Generator] = {}
         self.prompt_ids: dict[str, torch.Tensor] = {}  # prompts of requests with penalties, built once
         self._seed_source = torch.Generator().manual_seed(seed)
@@ -187,7 +193,7 @@ class ModelRunner:
             prefill=prefill,
             logits_index=torch.arange(len(ids), device=dev) if all_logits
             else torch.tensor(prompt_at + sample_at, dtype=torch.long, device=dev),
-            lora=build_mapping(lora_slots, self.dtype, dev),
+            lora=build_mapping(lora_slots, self.dtype, dev, self.lora_kernel),
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), batch, sampled_reqs, prompt_rows
 

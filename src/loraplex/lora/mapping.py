@@ -25,7 +25,9 @@ from loraplex.lora import kernel_choice
 # the profile is in docs/benchmarks/REPORT.md). Elsewhere one torch kernel serves: the grouped
 # (SGMV-style) bmm, ~ S_k * Tmax * R * (IN + OUT) FLOPs plus a gather and a scatter that vanish when decode
 # tokens come sorted by slot (the model runner sorts them).
-KERNELS = ("fused", "grouped")
+# The third, "tokenwise", serves batch-invariant engines where the fused kernel does not run (lora/ops.py,
+# lora_tokenwise): each token's sums over its own slot's weights, in an order fixed by the layer's shape alone.
+KERNELS = ("fused", "grouped", "tokenwise")
 
 
 @dataclass(slots=True)
@@ -50,6 +52,14 @@ class GroupedBatches:
 
 
 @dataclass(slots=True)
+class TokenRows:
+    """The tokenwise kernel's metadata: the tokens that use an adapter, and their slots."""
+
+    tokens: torch.Tensor  # [N] long, token indices
+    slots: torch.Tensor  # [N] long, their slots
+
+
+@dataclass(slots=True)
 class LoRAMapping:
     token_slots: torch.Tensor  # [T] long, slot per token, -1 = no adapter
     active: tuple[int, ...]  # distinct slots used by some token this step (sorted), on the host
@@ -57,10 +67,11 @@ class LoRAMapping:
     span: slice | None  # kernel slots as a range: kernels read A[span], B[span] as views
     fused: FusedGroups | None = None  # set when the fused kernel runs this step
     grouped: GroupedBatches | None = None  # set when the torch grouped kernel does
+    tokenwise: TokenRows | None = None  # set when the torch tokenwise kernel does
 
     @property
     def kernel(self) -> str:
-        return "fused" if self.fused is not None else "grouped"
+        return "fused" if self.fused is not None else "tokenwise" if self.tokenwise is not None else "grouped"
 
 
 def kernel_slots(active: list[int]) -> tuple[list[int], slice | None]:
@@ -102,10 +113,17 @@ def _grouped_batches(token_slots: list[int], slots: list[int], device: torch.dev
                           torch.tensor(targets, dtype=torch.long).to(device))
 
 
+def _token_rows(token_slots: list[int], device: torch.device | str) -> TokenRows:
+    tokens = [t for t, s in enumerate(token_slots) if s >= 0]
+    return TokenRows(torch.tensor(tokens, dtype=torch.long).to(device),
+                     torch.tensor([token_slots[t] for t in tokens], dtype=torch.long).to(device))
+
+
 def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.device | str = "cpu",
                   kernel: str | None = None) -> LoRAMapping | None:
     """Return the mapping for one step, or None if no token uses an adapter. `kernel` forces one (tests,
-    benchmarks); by default the fused kernel where it serves this dtype and device, else the grouped one.
+    benchmarks, the tokenwise kernel of a batch-invariant engine); by default the fused kernel where it serves this
+    dtype and device, else the grouped one.
 
     Built with Python lists and one tensor per field, not many small tensor ops: it runs on the engine thread once
     per step, for every adapter in it (benchmarks/lora_kernels.py times it; docs/benchmarks/REPORT.md, "Switching
@@ -126,4 +144,5 @@ def build_mapping(token_slots: list[int], dtype: torch.dtype, device: torch.devi
         span=span,
         fused=_fused_groups(token_slots, device) if kernel == "fused" else None,
         grouped=_grouped_batches(token_slots, slots, device) if kernel == "grouped" else None,
+        tokenwise=_token_rows(token_slots, device) if kernel == "tokenwise" else None,
     )

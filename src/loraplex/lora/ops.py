@@ -6,6 +6,7 @@ Shapes:
     x: [T, IN]    A: [S, R, IN]    B: [S, R, OUT]    token_slots s: [T]    y: [T, OUT]
 R is the slot's padded rank (packed layers stack their parts' ranks); the LoRA scaling is folded into B.
 The fused kernels (C++ on CPU, Triton on CUDA) read B compact instead: [S, max_rank*OUT], see lora/slot_layout.py.
+The torch kernels: `lora_grouped` (the default where no fused kernel runs) and `lora_tokenwise` (batch-invariant).
 """
 
 from __future__ import annotations
@@ -61,6 +62,30 @@ def lora_grouped(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMappi
     return out.index_copy_(0, g.targets, yg.index_select(0, g.rows))  # padded rows selected away, never written
 
 
+TOKEN_TILE = 32  # tokens per tokenwise pass: bounds its gathered copies (~4-13 MB in fp32 for the default model)
+
+
+def lora_tokenwise(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch-invariant: a token's delta is summed over its own slot's weights only, each sum over a dimension whose
+    length is the layer's (IN for the shrink, R for the expand), one row per output, in the same vectorised loop
+    whatever the step holds; the grouped bmm instead sums in an order that its padded group shape picks. In fp32,
+    xa rounded to the model dtype (as a bf16 matmul does), base + delta rounded once. With `out`, added in place.
+    Shapes as lora_reference; FLOPs ~ N * R * (IN + OUT), with copies of each token's A and B (slower than
+    grouped: it serves where batch invariance is asked for and the fused kernel does not run)."""
+    rows = m.tokenwise
+    assert rows is not None
+    if out is None:
+        out = torch.zeros(x.shape[0], b.shape[-1], dtype=x.dtype, device=x.device)
+    for lo in range(0, rows.tokens.shape[0], TOKEN_TILE):
+        t, s = rows.tokens[lo:lo + TOKEN_TILE], rows.slots[lo:lo + TOKEN_TILE]
+        xa = (x.index_select(0, t).float()[:, None, :] * a.index_select(0, s).float()).sum(-1)  # [n, R, IN] -> [n, R]
+        bt = b.index_select(0, s).transpose(1, 2).contiguous().float()  # [n, OUT, R]: R innermost, summed
+        y = (xa.to(x.dtype).float()[:, None, :] * bt).sum(-1)  # [n, OUT]
+        out.index_copy_(0, t, (out.index_select(0, t).float() + y).to(out.dtype))
+    return out
+
+
 def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping, layout: SlotLayout,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The fused kernel (C++ on CPU, Triton on CUDA): per slot group, shrink and expand in one pass over
@@ -88,4 +113,6 @@ def lora_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoRAMapping
         return lora_fused(x, a, b, m, layout, out)
     if layout is not None and layout.compact:
         raise ValueError(f"the {m.kernel} LoRA kernel reads B block-diagonal [S, R, OUT], not compact")
+    if m.kernel == "tokenwise":
+        return lora_tokenwise(x, a, b, m, out)
     return lora_grouped(x, a, b, m, out)

@@ -1,8 +1,9 @@
 """Paged attention: write new K/V into the block cache, then attend. Where the C++ kernel (cpu_attention) is
 built, the runner hands it every token of the step, prefill included, as one query (models/batch.py): it reads
 that query's keys in place, in position order, so a query's bits follow from its keys alone. Without the kernel,
-decode and prefill groups go through torch: gather each sequence's blocks, two matmuls. The torch path is the
-kernel's reference.
+decode and prefill groups go through torch: gather each sequence's blocks, two matmuls (the kernel's reference);
+or, where batch invariance is asked for, every token as one query again, through query_attention's torch twin of
+the kernel.
 
 Cache layout per layer: k_cache, v_cache: [num_blocks * block_size, KVH, D]; a token's slot is
 block_id * block_size + offset. Gathering by block table gives every sequence its keys in order.
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from loraplex.models import cpu_attention
+from loraplex.models.query_attention import attend_queries
 from loraplex.models.batch import AttentionGroup, ForwardBatch
 
 
@@ -34,6 +36,7 @@ class PagedAttention(nn.Module):
         self.v_cache = torch.empty(0)
         self.block_size = 0
         self.decode_kernel = False  # decode groups by cpu_attention.paged_decode (set with the caches)
+        self.per_query = False  # every token is one query of the decode group (set by the model runner)
 
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int) -> None:
         """Attend over these caches ([S, KVH, D] each); decode through the C++ kernel where it serves."""
@@ -48,10 +51,11 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         d = batch.decode
         if d is not None:
-            if self.decode_kernel:  # one query per sequence, rows [start, start + B) of q
+            if self.decode_kernel or self.per_query:  # one query per row, rows [start, start + B) of q
                 rows = slice(d.start, d.start + d.num_seqs)
-                cpu_attention.paged_decode(q[rows], self.k_cache, self.v_cache, d.block_tables, d.context_lens,
-                                           self.block_size, self.sliding_window, self.scale, out[rows])
+                attend = cpu_attention.paged_decode if self.decode_kernel else attend_queries
+                attend(q[rows], self.k_cache, self.v_cache, d.block_tables, d.context_lens, self.block_size,
+                       self.sliding_window, self.scale, out[rows])
             else:
                 self._attend_group(q, out, d)
         if batch.prefill is not None:

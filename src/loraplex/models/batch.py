@@ -2,8 +2,9 @@
 
 Tokens of one step are flattened to [T]. Decode tokens (one per sequence) come first, then the
 prefill chunks, sequence after sequence. Nothing here is global: the runner passes this object down.
-Where the C++ attention kernel serves (ModelRunner.per_query_attention), `decode` holds every token of the step,
-each as its own query (block table of its sequence, context length = its position + 1), and `prefill` is None.
+Where the C++ attention kernel serves, or batch invariance is on (ModelRunner.per_query_attention), `decode` holds
+every token of the step, each as its own query (block table of its sequence, context length = its position + 1),
+and `prefill` is None.
 """
 
 from __future__ import annotations
