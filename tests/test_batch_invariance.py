@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from conftest import ALL, ATTN, MLP
-from loraplex import LLM, SamplingParams
+from loraplex import LLM, EngineConfig, SamplingParams
+from loraplex.engine.build import batch_invariance
+from loraplex.engine.facts import BatchInvariance
 from loraplex.engine.outputs import RequestOutput
 from loraplex.lora import cpu_kernel
 from loraplex.models import cpu_attention, cpu_fused, cpu_gemm
@@ -36,7 +38,8 @@ def engine(dtype: str, adapter_factory: Callable[..., Path], **kw: object) -> LL
     return llm
 
 
-COMBOS = [("float32", "native"), ("bfloat16", "native"), ("float32", "torch"), ("bfloat16", "torch")]
+COMBOS = [("float32", "native"), ("bfloat16", "native"), pytest.param(("float32", "torch"), marks=pytest.mark.slow),
+          pytest.param(("bfloat16", "torch"), marks=pytest.mark.slow)]
 
 
 def torch_kernels(mp: pytest.MonkeyPatch) -> None:
@@ -46,7 +49,7 @@ def torch_kernels(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(cpu_fused, "supported", lambda x: False)
 
 
-@pytest.fixture(scope="module", params=COMBOS, ids=[f"{d}-{k}" for d, k in COMBOS])
+@pytest.fixture(scope="module", params=COMBOS, ids=["float32-native", "bfloat16-native", "float32-torch", "bfloat16-torch"])
 def llm(request: pytest.FixtureRequest, adapter_factory: Callable[..., Path]) -> Iterator[LLM]:
     dtype, kernels = request.param
     with pytest.MonkeyPatch.context() as mp:
@@ -162,17 +165,31 @@ def test_the_batch_invariant_path_computes_the_same_logits(adapter_factory: Call
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_without_onednns_packed_linear_it_is_off_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where torch has no prepacked linear for the dtype (bf16 on an AVX2 CPU), the base linears run through
-    F.linear, whose kernel sums by the number of rows: asked for, batch invariance is reported off, naming why, and
-    the engine serves without it (attention through torch's matmuls where the kernel is missing, as by default)."""
-    monkeypatch.setattr(cpu_gemm, "supported", lambda weight: False)
-    monkeypatch.setattr(cpu_attention, "supported", lambda dtype, device: False)
-    llm = LLM(dtype="float32", max_model_len=128, batch_invariant=True)
-    inv = llm.engine.facts.batch_invariance
-    assert not inv.enabled and inv.detail == ("requested but not available in float32 without oneDNN's prepacked "
-                                              "linear in this torch build (the base linears' kernels pick their "
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["plain", "nf4", "int8"])
+def test_plain_and_quantized_base_linears_run_in_their_own_row_tiles(base: str, adapter_factory: Callable[..., Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without oneDNN's packed linear (bf16 on an AVX2 CPU), F.linear runs in the row tiles probed for it; a quantized
+    base in those of its own kernel (nf4: dequantize, then F.linear; int8 in bf16: torch's weight-only kernel).
+    Random mixed batches get their solo bits there too."""
+    if base == "plain":
+        monkeypatch.setattr(cpu_gemm, "supported", lambda weight: False)
+    llm = engine("bfloat16" if base == "int8" else "float32", adapter_factory,
+                 **({} if base == "plain" else {"quantization": base}))
+    model = llm.engine.runner.model
+    assert all(t is not None for t in model.linear_tilings())
+    assert (model.head_packed is None) == (base == "plain")
+    jobs = random_jobs(5, 12)
+    solo = alone(llm, jobs, keep_cache=False)
+    assert together(llm, jobs, every=3) == solo
+
+
+def test_on_a_gpu_it_is_off_and_says_why() -> None:
+    """On a GPU the base linears' libraries pick their summation order by the number of rows: asked for, batch
+    invariance is reported off, naming why (the engine then serves without it)."""
+    model = LLM(dtype="float32", max_model_len=128, batch_invariant=True).engine.runner.model
+    inv = batch_invariance(model, EngineConfig(batch_invariant=True), torch.device("cuda"))
+    assert not inv.enabled and inv.detail == ("requested but not available on a GPU (its GEMM libraries pick their "
                                               "summation order by the number of rows)")
-    assert not llm.engine.runner.per_query_attention and llm.engine.runner.lora_kernel is None
-    out = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 2
+    assert batch_invariance(model, EngineConfig(), torch.device("cpu")) == BatchInvariance(
+        False, "off (--batch-invariant turns it on)")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loraplex.models import cpu_gemm
+from loraplex.models import cpu_gemm, row_tiles
 from loraplex.models.layers import Linear
 from loraplex.models.loader import load_model
 
@@ -85,7 +85,7 @@ def test_tiled_rows_get_their_solo_bits_at_every_batch_size(dtype: torch.dtype, 
     packed = cpu_gemm.pack(w)
     tiling = cpu_gemm.invariant_tiling(packed)
     tile = tiling.rows
-    assert 2 <= tile <= cpu_gemm.MAX_TILE
+    assert 2 <= tile <= row_tiles.MAX_TILE
     x = torch.randn(200, in_f, generator=g).to(dtype)
     for b in (None, bias):
         alone = torch.cat([cpu_gemm.linear(x[i:i + 1], packed, b, tiling) for i in range(x.shape[0])])
@@ -112,11 +112,11 @@ def test_the_probe_finds_where_the_order_of_a_sum_changes(monkeypatch: pytest.Mo
     x = torch.randn(21, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
     from_21 = kernel(lambda m: m >= 21)
     assert torch.equal(from_21(x, w, None), torch.cat([from_21(x[i:i + 1], w, None) for i in range(21)]))
-    for split, expected in ((lambda m: m >= 21, cpu_gemm.Tiling(20, False)),
-                            (lambda m: m == 1, cpu_gemm.Tiling(cpu_gemm.MAX_TILE, True)),
-                            (lambda m: False, cpu_gemm.Tiling(cpu_gemm.MAX_TILE, False))):
+    for split, expected in ((lambda m: m >= 21, row_tiles.Tiling(20, False)),
+                            (lambda m: m == 1, row_tiles.Tiling(row_tiles.MAX_TILE, True)),
+                            (lambda m: False, row_tiles.Tiling(row_tiles.MAX_TILE, False))):
         monkeypatch.setattr(cpu_gemm, "_call", kernel(split))
-        monkeypatch.setattr(cpu_gemm, "_tilings", {})
+        monkeypatch.setattr(row_tiles, "_tilings", {})
         assert cpu_gemm.invariant_tiling(w) == expected
 
 

@@ -341,7 +341,7 @@ def engine(request: pytest.FixtureRequest, good: Path, overflow: Path,
                 "drift": str(adapter_factory("iso-drift", r=4, alpha=8, targets=ALL, seed=53))}
         llm = LLM(dtype=dtype, lora_modules=mods, max_loras=2, max_model_len=256, batch_invariant=invariant)
         enabled = llm.engine.facts.batch_invariance.enabled
-        assert enabled == invariant or dtype == "bfloat16"  # bf16 without oneDNN's packed linear (AVX2): off
+        assert enabled == invariant
         assert llm.engine.runner.per_query_attention == (kernels == "native" or enabled)
         assert llm.engine.runner.lora_kernel == ("tokenwise" if kernels == "torch" and enabled else None)
         prompts = {k: llm.tokenizer.encode(t) for k, t in TEXTS.items()}

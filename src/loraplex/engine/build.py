@@ -80,23 +80,18 @@ def build_model(config: EngineConfig) -> BuiltModel:
 
 
 def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torch.device) -> BatchInvariance:
-    """Whether a row's result follows from that row alone: every base linear (the LM head included) in its probed
-    row tiles, attention per query and LoRA per token (the C++ kernels, or their torch twins)."""
+    """Whether a row's result follows from that row alone: every base linear (the LM head included; packed, plain or
+    quantized) in its probed row tiles, attention per query and LoRA per token (the C++ kernels, or their torch
+    twins). On a CPU it always holds; a GPU is reported off."""
     if not config.batch_invariant:
         return BatchInvariance(False, "off (--batch-invariant turns it on)")
+    if device.type != "cpu":
+        return BatchInvariance(False, "requested but not available on a GPU (its GEMM libraries pick their "
+                                      "summation order by the number of rows)")
     dtype, cfg = model.embed_tokens.weight.dtype, model.cfg
     tilings = model.linear_tilings()
+    assert all(t is not None for t in tilings), "prepack(batch_invariant=True) tiles every base linear on a CPU"
     sizes = [t.rows for t in tilings if t is not None]
-    missing = [  # (it holds, or why not): the first that does not hold is the reason
-        (device.type == "cpu", "on a GPU"),
-        (config.quantization is None, f"with a {config.quantization}-quantized base (its kernels pick their "
-                                      "summation order by the number of rows)"),
-        (len(sizes) == len(tilings), f"in {str(dtype).removeprefix('torch.')} without oneDNN's prepacked linear in "
-                                   "this torch build (the base linears' kernels pick their summation order by the "
-                                   "number of rows)")]
-    why = next((reason for holds, reason in missing if not holds), None)
-    if why is not None:
-        return BatchInvariance(False, f"requested but not available {why}")
     padded = sum(t is not None and t.pad_single for t in tilings)
     attention = "the C++ kernel" if cpu_attention.serves(dtype, device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) \
         else "torch, per key block (no C++ attention kernel: slower)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from loraplex.models import cpu_fused, cpu_gemm
 from loraplex.models.batch import ForwardBatch
+from loraplex.models.row_tiles import Tiling, invariant_tiling, tiled
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -20,6 +22,15 @@ def layer_index(module_name: str) -> int | None:
     (embeddings, final norm, LM head). LoRA, quantization and memory accounting all act on these modules."""
     m = _LAYER_RE.search(module_name + ".")
     return None if m is None else int(m.group(1))
+
+
+@runtime_checkable
+class BaseLinear(Protocol):
+    """A base linear the model prepacks at load, plain (Linear) or quantized (quant.linear.QuantLinear)."""
+
+    tiling: Tiling | None  # batch-invariant: how its calls are cut into row tiles; None: not cut
+
+    def prepack(self, batch_invariant: bool = False) -> bool: ...
 
 
 class Linear(nn.Module):
@@ -37,17 +48,20 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # the weight in oneDNN's layout, once prepack() ran
-        self.tiling: cpu_gemm.Tiling | None = None  # batch-invariant: how packed calls are cut; None: not cut
+        self.tiling: Tiling | None = None  # batch-invariant: how calls are cut into row tiles; None: not cut
 
     def prepack(self, batch_invariant: bool = False) -> bool:
-        """Move the weight into oneDNN's CPU layout (bf16 or fp32, CPU only); the plain copy is freed. With
-        `batch_invariant`, calls are cut into tiles of rows whose results do not depend on the other rows."""
-        if self.packed is not None or not cpu_gemm.supported(self.weight):
-            return False
-        self.packed = cpu_gemm.pack(self.weight)
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
-        self.tiling = cpu_gemm.invariant_tiling(self.packed) if batch_invariant else None
-        return True
+        """Move the weight into oneDNN's CPU layout (bf16 or fp32, CPU only), freeing the plain copy; True if it
+        did. With `batch_invariant` (CPU only), calls are cut into tiles of rows whose results do not depend on the
+        other rows, packed or not."""
+        packed = self.packed is None and cpu_gemm.supported(self.weight)
+        if packed:
+            self.packed = cpu_gemm.pack(self.weight)
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        if batch_invariant and self.tiling is None and (self.packed is not None or self.weight.device.type == "cpu"):
+            self.tiling = cpu_gemm.invariant_tiling(self.packed) if self.packed is not None else \
+                dense_tiling(self.weight)
+        return packed
 
     def part_slice(self, name: str) -> slice:
         start = 0
@@ -60,7 +74,15 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         if self.packed is not None:
             return cpu_gemm.linear(x, self.packed, self.bias, self.tiling)
+        if self.tiling is not None:
+            return tiled(x, lambda rows: F.linear(rows, self.weight, self.bias), self.tiling)
         return F.linear(x, self.weight, self.bias)
+
+
+def dense_tiling(weight: torch.Tensor) -> Tiling:
+    """The row tiles of F.linear on a plain [OUT, IN] weight of this shape and dtype (row_tiles)."""
+    return invariant_tiling(lambda rows: F.linear(rows, weight), "F.linear", weight.shape[0], weight.shape[1],
+                            weight.dtype)
 
 
 class RMSNorm(nn.Module):

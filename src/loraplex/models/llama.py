@@ -14,7 +14,8 @@ from loraplex.models import cpu_fused, cpu_gemm
 from loraplex.models.attention import PagedAttention
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.config import ModelConfig
-from loraplex.models.layers import Linear, RMSNorm
+from loraplex.models.layers import BaseLinear, Linear, RMSNorm, dense_tiling
+from loraplex.models.row_tiles import Tiling, tiled
 from loraplex.models.rope import RotaryEmbedding
 
 
@@ -80,7 +81,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, [("lm_head", cfg.vocab_size)])
         self.head_packed: torch.Tensor | None = None  # tied head in oneDNN's layout (prepack)
-        self.head_tiling: cpu_gemm.Tiling | None = None  # its calls' cut when batch-invariant
+        self.head_tiling: Tiling | None = None  # its calls' cut when batch-invariant
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # input_ids: [T] -> logits [N, V] (fp32) for the tokens in batch.logits_index
@@ -95,22 +96,27 @@ class LlamaForCausalLM(nn.Module):
             return self.lm_head(x).float()
         if self.head_packed is not None:
             return cpu_gemm.linear(x, self.head_packed, None, self.head_tiling).float()
+        if self.head_tiling is not None:
+            return tiled(x, lambda rows: F.linear(rows, self.embed_tokens.weight), self.head_tiling).float()
         return F.linear(x, self.embed_tokens.weight).float()
 
     def prepack(self, batch_invariant: bool = False) -> int:
         """Prepack every base Linear and the LM head for the CPU GEMM (see cpu_gemm); returns how many.
         A tied head keeps the plain embedding for lookups and adds a packed copy for the logits. With
         `batch_invariant`, each packed linear runs in row tiles whose results do not depend on the other rows."""
-        n = sum(m.prepack(batch_invariant) for m in self.modules() if isinstance(m, Linear))
-        if self.lm_head is None and self.head_packed is None and cpu_gemm.supported(self.embed_tokens.weight):
-            self.head_packed = cpu_gemm.pack(self.embed_tokens.weight)
-            self.head_tiling = cpu_gemm.invariant_tiling(self.head_packed) if batch_invariant else None
+        n = sum(m.prepack(batch_invariant) for m in self.modules() if isinstance(m, BaseLinear))
+        head = self.embed_tokens.weight
+        if self.lm_head is None and self.head_packed is None and cpu_gemm.supported(head):
+            self.head_packed = cpu_gemm.pack(head)
             n += 1
+        if self.lm_head is None and batch_invariant and self.head_tiling is None and head.device.type == "cpu":
+            self.head_tiling = cpu_gemm.invariant_tiling(self.head_packed) if self.head_packed is not None else \
+                dense_tiling(head)
         return n
 
-    def linear_tilings(self) -> list[cpu_gemm.Tiling | None]:
-        """Each base linear's batch-invariant tiling (None: not packed, or packed without one), the LM head last."""
-        tilings = [m.tiling for m in self.modules() if isinstance(m, Linear)]
+    def linear_tilings(self) -> list[Tiling | None]:
+        """Each base linear's batch-invariant tiling (None: without one), the LM head last."""
+        tilings = [m.tiling for m in self.modules() if isinstance(m, BaseLinear)]
         return tilings if self.lm_head is not None else tilings + [self.head_tiling]
 
     def attention_modules(self) -> list[PagedAttention]:

@@ -18,6 +18,7 @@ Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import nn
 
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear, layer_index
+from loraplex.models.row_tiles import Tiling, invariant_tiling, tiled
 
 METHODS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64
@@ -61,6 +63,7 @@ class QuantLinear(nn.Module):
         self.dtype = w.dtype  # activations and outputs stay in the model dtype
         self.bias = base.bias
         self.states: list[object] = []  # 4-bit: bitsandbytes QuantState per part (scales, nested scales)
+        self.tiling: Tiling | None = None  # batch-invariant: how calls are cut into row tiles; None: not cut
         if method == "int8":
             cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16 if w.device.type == "cuda" else w.dtype))
             self.register_buffer("int8_weight", cb, persistent=False)  # [OUT, IN] int8
@@ -92,11 +95,36 @@ class QuantLinear(nn.Module):
             ws.append(bnbf.dequantize_4bit(codes, state).to(self.dtype))
         return ws[0] if len(ws) == 1 else torch.cat(ws)
 
+    def prepack(self, batch_invariant: bool = False) -> bool:
+        """Nothing to pack (the codes stay as bitsandbytes holds them). With `batch_invariant` (CPU only), calls are
+        cut into row tiles whose results do not depend on the other rows, found for this layer's kernel."""
+        device = self.codes[0].device if self.states else self.int8_weight.device
+        if batch_invariant and self.tiling is None and device.type == "cpu":
+            kernel = "int8pack" if self._int8pack(self.dtype, device) else "F.linear"  # nf4/fp4: a dense GEMM
+            call = self._rows(None if kernel == "int8pack" else self.dequantize())
+            self.tiling = invariant_tiling(call, kernel, self.out_features, self.in_features, self.dtype)
+        return False
+
+    def _int8pack(self, dtype: torch.dtype, device: torch.device) -> bool:
+        return self.method == "int8" and device.type == "cpu" and dtype == self.dtype == torch.bfloat16 \
+            and _int8pack_mm_ok()
+
+    def _rows(self, weight: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layer on rows [M, IN] -> [M, OUT], bias excluded: torch's int8 kernel, or F.linear on `weight`
+        (the dequantized weight)."""
+        if weight is None:
+            return lambda rows: torch._weight_int8pack_mm(rows.contiguous(), self.int8_weight, self.int8_scale)
+        return lambda rows: F.linear(rows, weight)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        if self.method == "int8" and x.device.type == "cpu" and x.dtype == self.dtype == torch.bfloat16 and _int8pack_mm_ok():
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.int8_weight, self.int8_scale)
-            y = y.view(*x.shape[:-1], self.out_features)
+        if self._int8pack(x.dtype, x.device):
+            call = self._rows(None)
+            rows = x.reshape(-1, self.in_features)
+            y = (call(rows) if self.tiling is None else tiled(rows, call, self.tiling)).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
+        if self.tiling is not None:
+            w = self.dequantize()  # once per call, then row tiles
+            return tiled(x, lambda rows: F.linear(rows, w, self.bias), self.tiling)
         return F.linear(x, self.dequantize(), self.bias)
 
     def nbytes(self) -> int:
