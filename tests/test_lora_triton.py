@@ -55,3 +55,29 @@ def test_triton_adds_into_the_base_output() -> None:
     out = triton_lora(x, a, b, layout, slots, out=base.clone())
     zero = triton_lora(x, a, b, layout, slots)
     torch.testing.assert_close(out, base + zero, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_tokens_bits_do_not_depend_on_the_tokens_beside_it(dtype: torch.dtype, shape: str) -> None:
+    """Batch invariance of the Triton kernels (issue 41, item 4): their blocks are fixed (16 tokens, 64 inputs, 64
+    outputs, the rank block by the layout's max_rank), never chosen by the step's size; the grid only grows. So each
+    token added into a base output has the bits it has alone, in batches of 2 to 40 tokens mixing the three slots
+    and base tokens, groups spanning one block or three."""
+    x, a, b, layout, _ = kernel_case(shape, "uniform", 40, dtype)
+    g = torch.Generator().manual_seed(5)
+    slots = torch.randint(-1, 3, (40,), generator=g).tolist()
+    base = torch.randn(40, b.shape[-1], generator=g).to(dtype)
+
+    def added(rows: slice) -> torch.Tensor:
+        out = base[rows].clone()
+        if any(s >= 0 for s in slots[rows]):  # base-model tokens only: no mapping, nothing added
+            triton_lora(x[rows].contiguous(), a, b, layout, slots[rows], out=out)
+        return out
+
+    alone = torch.cat([added(slice(i, i + 1)) for i in range(40)])
+    assert not torch.equal(alone, base)
+    for m in (2, 17, 40):
+        start = int(torch.randint(0, 40 - m + 1, (1,), generator=g))
+        rows = slice(start, start + m)
+        assert torch.equal(added(rows), alone[rows]), m
