@@ -97,7 +97,8 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
         else "torch, per key block (no C++ attention kernel: slower)"
     lora = "the C++ kernel" if cpu_kernel.supported(dtype, device) else "torch, token by token (no C++ LoRA " \
                                                                        "kernel: slower)"
-    return BatchInvariance(True, f"on: every base linear runs in calls of at most {min(sizes)} rows (found on this "
+    rows = f"{min(sizes)} rows" if min(sizes) > 1 else "1 row"
+    return BatchInvariance(True, f"on: every base linear runs in calls of at most {rows} (found on this "
                                  f"CPU at start; a lone row padded to two in {padded} of {len(tilings)}); every "
                                  f"query, prefill or decode, attends its own keys in position order through "
                                  f"{attention}; every token's LoRA sums over its own adapter through {lora}")
