@@ -3,19 +3,23 @@ mixed, and the prefill time of the same requests, batch-invariant (`batch_invari
 row tiles, attention per query; docs/serving.md#batch-invariance) against today's path, in one run; and how many
 greedy answers of the batch equal their solo answers on each path.
 
-    .venv/bin/python -m benchmarks.batch_invariance [--batches 1 8 32] [--max-tokens 32] [--reps 7]
+    .venv/bin/python -m benchmarks.batch_invariance [--batches 1 8 32] [--max-tokens 32] [--reps 7] [--kernels torch]
 
 Offline, prefix cache off, greedy, EOS ignored, the model dtype resolved here (bf16 where the CPU multiplies it
 natively). Each engine step is timed: a step where every request has its prompt computed is a decode step
 (decode tokens per second: their tokens over their time); the others hold prefill work (prefill: their summed
 time). The two engines are built once and measured in turn, each repetition, so that drift in the machine falls
 on both; the median repetition is reported, and the median of the repetitions' ratios (paired).
+`--kernels torch` measures the torch path of a machine without a C++ compiler instead (every C++ kernel switched
+off by its environment variable: the default is the grouped LoRA kernel and attention by matmuls, the invariant path
+their torch twins), written to batch_invariance_torch.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -27,6 +31,7 @@ from benchmarks.common import (cpu_times, default_model_dir, machine, make_adapt
 from loraplex import LLM, SamplingParams
 
 MODES = {"today": False, "batch-invariant": True}
+SWITCHES = ("LORAPLEX_ATTENTION_KERNEL", "LORAPLEX_LORA_KERNEL", "LORAPLEX_FUSED_OPS")  # "torch": the kernel is off
 
 
 def run(llm: LLM, prompts: list[str], adapters: list[str], max_tokens: int, tag: str
@@ -59,7 +64,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--adapters", type=Path, default=None)
+    ap.add_argument("--kernels", choices=["native", "torch"], default="native")
     args = ap.parse_args()
+    if args.kernels == "torch":
+        os.environ.update({name: "torch" for name in SWITCHES})  # read when each kernel is first loaded
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.adapters or Path(tmp)
@@ -104,8 +112,9 @@ def main() -> None:
                   f"{rows[-1]['decode_ratio_paired']:.3f}, prefill time {rows[-1]['prefill_ratio_paired']:.3f}", flush=True)
         detail = llms["batch-invariant"].engine.facts.batch_invariance.detail
         steal = steal_share(before, cpu_times())
-    out = write_json("batch_invariance", {"machine": machine(), "max_tokens": args.max_tokens, "reps": args.reps,
-                                          "adapters": 8, "invariance": detail, "steal_share": steal, "rows": rows})
+    name = "batch_invariance" if args.kernels == "native" else "batch_invariance_torch"
+    out = write_json(name, {"machine": machine(), "kernels": args.kernels, "max_tokens": args.max_tokens,
+                            "reps": args.reps, "adapters": 8, "invariance": detail, "steal_share": steal, "rows": rows})
     print(f"written to {out}")
 
 
