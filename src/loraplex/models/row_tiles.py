@@ -29,6 +29,11 @@ class Tiling:
     pad_single: bool  # a lone row is called as two (itself twice): its 1-row kernel sums in another order
 
 
+# A kernel that sums each row in an order fixed by the layer's shape alone (the fused 4-bit kernel): batch-invariant
+# by construction, so its calls are never cut.
+WHOLE = Tiling(2**62, False)
+
+
 def tiled(x: torch.Tensor, call: Rows, tiling: Tiling) -> torch.Tensor:
     """x: [..., IN] -> [..., OUT], = call(x), in calls of at most `tiling.rows` rows (a lone row as two where
     `tiling.pad_single`)."""

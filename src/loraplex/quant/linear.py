@@ -12,7 +12,10 @@ as its base.
 - int8: `bitsandbytes.functional.int8_vectorwise_quant`, one absmax scale per output row (LLM.int8's
   weight format). Forward is weight-only int8: activations stay in the serving dtype, y = x (W_int8 * scale)^T,
   by torch's `_weight_int8pack_mm` CPU kernel in bf16 when present, else by dequantizing.
-Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_quant.py.
+- On a CPU, nf4 / fp4 decode steps run through the fused 4-bit kernel (cpu_q4, csrc/q4_cpu.cpp) where it is built:
+  the codes are decoded inside the GEMM, a few rows of W at a time, never as a whole weight (KERNEL_MAX_ROWS says
+  which calls; batch-invariant, all of them).
+Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_quant.py and tests/test_q4_kernel.py.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ from torch import nn
 
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear, layer_index
-from loraplex.models.row_tiles import Tiling, invariant_tiling, tiled
+from loraplex.models.row_tiles import WHOLE, Tiling, invariant_tiling, tiled
+from loraplex.quant import cpu_q4
 
 METHODS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64
+# The fused 4-bit kernel serves calls of up to this many rows (decode steps), where it reads 4-bit codes instead of
+# a dequantized copy; longer calls (prefill) dequantize and run the dense GEMM, faster there (oneDNN's AMX and
+# blocked kernels). Batch-invariant, the kernel serves every call: one order for every row count.
+KERNEL_MAX_ROWS = 16
 
 
 @functools.cache
@@ -64,6 +72,7 @@ class QuantLinear(nn.Module):
         self.bias = base.bias
         self.states: list[object] = []  # 4-bit: bitsandbytes QuantState per part (scales, nested scales)
         self.tiling: Tiling | None = None  # batch-invariant: how calls are cut into row tiles; None: not cut
+        self.kernel_parts: list[cpu_q4.Codes] | None = None  # 4-bit on CPU: each part's codes, for the fused kernel
         if method == "int8":
             cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16 if w.device.type == "cuda" else w.dtype))
             self.register_buffer("int8_weight", cb, persistent=False)  # [OUT, IN] int8
@@ -96,10 +105,16 @@ class QuantLinear(nn.Module):
         return ws[0] if len(ws) == 1 else torch.cat(ws)
 
     def prepack(self, batch_invariant: bool = False) -> bool:
-        """Nothing to pack (the codes stay as bitsandbytes holds them). With `batch_invariant` (CPU only), calls are
-        cut into row tiles whose results do not depend on the other rows, found for this layer's kernel."""
+        """Nothing to pack: the codes stay as bitsandbytes holds them. 4-bit on a CPU with the fused kernel
+        (cpu_q4): its view of each part's codes, batch-invariant by construction. Elsewhere, with `batch_invariant`
+        (CPU only), calls are cut into row tiles whose results do not depend on the other rows, found for this
+        layer's kernel."""
         device = self.codes[0].device if self.states else self.int8_weight.device
-        if batch_invariant and self.tiling is None and device.type == "cpu":
+        if self.states and self.kernel_parts is None and cpu_q4.supported(self.dtype, device):
+            self.kernel_parts = [cpu_q4.Codes.of(c, s) for c, s in zip(self.codes, self.states)]
+        if batch_invariant and self.tiling is None and self.kernel_parts is not None:
+            self.tiling = WHOLE
+        elif batch_invariant and self.tiling is None and device.type == "cpu":
             kernel = "int8pack" if self._int8pack(self.dtype, device) else "F.linear"  # nf4/fp4: a dense GEMM
             call = self._rows(None if kernel == "int8pack" else self.dequantize())
             self.tiling = invariant_tiling(call, kernel, self.out_features, self.in_features, self.dtype)
@@ -117,6 +132,9 @@ class QuantLinear(nn.Module):
         return lambda rows: F.linear(rows, weight)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        if self.kernel_parts is not None and x.dtype == self.dtype and (
+                self.tiling is WHOLE or x.numel() <= KERNEL_MAX_ROWS * self.in_features):
+            return self._fused(x)
         if self._int8pack(x.dtype, x.device):
             call = self._rows(None)
             rows = x.reshape(-1, self.in_features)
@@ -126,6 +144,18 @@ class QuantLinear(nn.Module):
             w = self.dequantize()  # once per call, then row tiles
             return tiled(x, lambda rows: F.linear(rows, w, self.bias), self.tiling)
         return F.linear(x, self.dequantize(), self.bias)
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused 4-bit kernel, part by part into its columns of one output."""
+        assert self.kernel_parts is not None
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
+        col = 0
+        for part in self.kernel_parts:
+            bias = None if self.bias is None else self.bias[col:col + part.n]
+            cpu_q4.linear(rows, part, bias, out, col)
+            col += part.n
+        return out.view(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
         """Bytes held for the weight: codes, scales and nested scales (not the bias)."""

@@ -1,0 +1,109 @@
+"""The fused 4-bit linear CPU kernel (csrc/q4_cpu.cpp): NF4 and FP4 on bitsandbytes' own codes and block scales
+(double quantization included), decoded inside the GEMM a few rows of W at a time, never as a whole weight.
+Built once per machine (loraplex.native), called through ctypes. Without a C++ compiler, or with
+LORAPLEX_Q4_KERNEL=torch, QuantLinear dequantizes the weight and calls F.linear (its reference);
+tests/test_q4_kernel.py holds the two equal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplex import native
+
+SOURCE = Path(__file__).with_name("csrc") / "q4_cpu.cpp"
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # loaded after torch: its OpenMP is torch's (same soname)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.loraplex_q4_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_float, i64, i64,
+                                       p, p, i64, ctypes.c_int]
+    lib.loraplex_q4_dequantize.argtypes = [ctypes.c_int, i64, i64, p, p, p, p, p, p, ctypes.c_float, i64, i64, p]
+    lib.loraplex_q4_linear.restype = lib.loraplex_q4_dequantize.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (dequantize-then-F.linear serves) with the reason logged once."""
+    return native.load_or_none(SOURCE, load, "the fused 4-bit linear kernel", "dequantize-then-GEMM",
+                               "LORAPLEX_Q4_KERNEL")
+
+
+def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu" and dtype in DTYPES and library() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Codes:
+    """One [N, K] matrix's 4-bit codes and scales, as the kernel reads them (from a bitsandbytes QuantState)."""
+
+    codes: torch.Tensor  # [ceil(N*K/2)] uint8
+    table: torch.Tensor  # [16] fp32
+    absmax: torch.Tensor  # [blocks] fp32, or uint8 with double quantization
+    absmax2: torch.Tensor | None  # nested: [blocks / bs2] fp32
+    code2: torch.Tensor | None  # nested: [256] fp32
+    offset: float
+    blocksize: int
+    blocksize2: int
+    n: int
+    k: int
+
+    @staticmethod
+    def of(codes: torch.Tensor, state: object) -> Codes:
+        s: object = state
+        n, k = s.shape  # type: ignore[attr-defined]
+        nested = bool(s.nested)  # type: ignore[attr-defined]
+        s2 = s.state2 if nested else None  # type: ignore[attr-defined]
+        return Codes(codes.contiguous().view(-1), s.code.float().contiguous(),  # type: ignore[attr-defined]
+                     s.absmax.contiguous(), s2.absmax.float().contiguous() if s2 else None,  # type: ignore[attr-defined]
+                     s2.code.float().contiguous() if s2 else None,  # type: ignore[attr-defined]
+                     float(s.offset) if nested else 0.0, int(s.blocksize),  # type: ignore[attr-defined]
+                     int(s2.blocksize) if s2 else 1, int(n), int(k))
+
+    def _scales(self) -> tuple[int, int, int, int]:
+        nested = self.absmax2 is not None
+        assert not nested or (self.absmax.dtype == torch.uint8 and self.code2 is not None)
+        assert nested or self.absmax.dtype == torch.float32
+        return (0 if nested else self.absmax.data_ptr(), self.absmax.data_ptr() if nested else 0,
+                self.absmax2.data_ptr() if nested else 0, self.code2.data_ptr() if nested else 0)  # type: ignore[union-attr]
+
+
+def linear(x: torch.Tensor, w: Codes, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
+    """out[:, col0:col0+N] = x @ W^T (+ bias), W decoded from `w` (rounded to x's dtype, as dequantize_4bit returns it).
+
+    x: [M, K] contiguous, fp32 or bf16; bias: [N] in x's dtype; out: [M, ldo] contiguous in x's dtype."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the fused 4-bit linear kernel is not built (cpu_q4.library() is None)")
+    m, k = x.shape
+    ok = (x.dtype in DTYPES and x.dtype == out.dtype and x.is_contiguous() and out.is_contiguous() and k == w.k
+          and out.shape[0] == m and col0 + w.n <= out.shape[1] and w.codes.dtype == torch.uint8
+          and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == (w.n,)))
+          and x.device.type == "cpu")
+    if not ok:
+        raise ValueError(f"4-bit linear: x [M, {w.k}] and out [M, >= {col0 + w.n}] contiguous on the CPU in one dtype "
+                         f"(float32/bfloat16), bias [{w.n}]; got x {tuple(x.shape)} {x.dtype}, out "
+                         f"{tuple(out.shape)} {out.dtype}, bias {None if bias is None else tuple(bias.shape)}")
+    fp32, q, a2, c2 = w._scales()
+    lib.loraplex_q4_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.table.data_ptr(), fp32, q,
+                           a2, c2, w.offset, w.blocksize, w.blocksize2, 0 if bias is None else bias.data_ptr(),
+                           out.data_ptr() + col0 * out.element_size(), out.shape[1], torch.get_num_threads())
+
+
+def dequantize(w: Codes, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight the kernel multiplies by, in `dtype` (for the tests)."""
+    lib = library()
+    assert lib is not None and dtype in DTYPES
+    out = torch.empty(w.n, w.k, dtype=torch.float32)
+    fp32, q, a2, c2 = w._scales()
+    lib.loraplex_q4_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.table.data_ptr(), fp32, q, a2, c2,
+                               w.offset, w.blocksize, w.blocksize2, out.data_ptr())
+    return out.to(dtype)

@@ -1,0 +1,131 @@
+"""The fused 4-bit linear kernel (quant/cpu_q4.py, quant/csrc/q4_cpu.cpp) against its reference, F.linear on
+bitsandbytes' dequantized weight: NF4 and FP4, with and without double quantization, fp32 and bf16, over odd shapes
+and block remainders (K odd, rows starting inside a byte and inside a block) and every batch size from 1 to 128.
+It decodes exactly bitsandbytes' weights, a row's result has the same bits in any batch, and the AVX2 build agrees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loraplex import native
+from loraplex.quant import cpu_q4
+
+pytestmark = pytest.mark.skipif(cpu_q4.library() is None, reason="no C++ compiler to build the kernel")
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(7, 70), (33, 64), (5, 129), (3, 31), (9, 33), (40, 576)]  # (N, K)
+KINDS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
+
+
+def quantized(n: int, k: int, dtype: torch.dtype, kind: tuple[str, bool], seed: int = 0
+              ) -> tuple[cpu_q4.Codes, torch.Tensor]:
+    """The kernel's view of a random [N, K] weight quantized by bitsandbytes, and its dequantized weight."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=kind[1], quant_type=kind[0],
+                                      quant_storage=torch.uint8)
+    return cpu_q4.Codes.of(codes, state), bnbf.dequantize_4bit(codes, state).to(dtype)
+
+
+def run(x: torch.Tensor, w: cpu_q4.Codes, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.full((x.shape[0], w.n), float("nan"), dtype=x.dtype)
+    cpu_q4.linear(x, w, bias, out)
+    return out
+
+
+def assert_like_reference(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """fp32: to float32 rounding. bf16: no further from the fp32 result than F.linear in bf16 is (plus an ulp)."""
+    exact = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
+        return
+    mine = (out.float() - exact).abs().max().item()
+    theirs = (F.linear(x, w, bias).float() - exact).abs().max().item()
+    assert mine <= max(1.5 * theirs, 2 * torch.finfo(torch.bfloat16).eps * exact.abs().max().item()), (mine, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS, ids=[f"{q}{'-dq' * d}" for q, d in KINDS])
+def test_it_decodes_exactly_the_weights_bitsandbytes_dequantizes(dtype: torch.dtype, kind: tuple[str, bool]) -> None:
+    for n, k in SHAPES:
+        w, ref = quantized(n, k, dtype, kind, seed=n)
+        assert torch.equal(cpu_q4.dequantize(w, dtype), ref), (n, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS, ids=[f"{q}{'-dq' * d}" for q, d in KINDS])
+def test_it_matches_the_reference_at_every_batch_size(dtype: torch.dtype, kind: tuple[str, bool]) -> None:
+    """Every M from 1 to 128 for one shape, a few for the others, with and without bias."""
+    for n, k in SHAPES:
+        w, ref = quantized(n, k, dtype, kind, seed=k)
+        g = torch.Generator().manual_seed(n * k)
+        bias = torch.randn(n, generator=g).to(dtype)
+        x = torch.randn(128, k, generator=g).to(dtype)
+        for m in range(1, 129) if (n, k) == (9, 33) else (1, 2, 5, 17, 128):
+            b = bias if m % 2 else None
+            assert_like_reference(run(x[:m], w, b), x[:m], ref, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(dtype: torch.dtype) -> None:
+    """Batch invariance by construction (issue 41, issue 32 item 2): each of 128 rows alone has the bits it has in
+    calls of 2 to 128 rows starting anywhere, whatever the thread count."""
+    w, _ = quantized(40, 576, dtype, ("nf4", True))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 576, generator=g).to(dtype)
+    bias = torch.randn(40, generator=g).to(dtype)
+    alone = torch.cat([run(x[i:i + 1], w, bias) for i in range(128)])
+    for m in (2, 3, 4, 5, 7, 16, 33, 64, 127, 128):
+        start = int(torch.randint(0, 128 - m + 1, (1,), generator=g))
+        assert torch.equal(run(x[start:start + m], w, bias), alone[start:start + m]), m
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(run(x, w, bias), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_packed_layers_parts_go_to_their_own_columns() -> None:
+    """Two matrices (as q and k of a packed layer, quantized apart) written side by side into one output."""
+    (wq, rq), (wk, rk) = quantized(6, 64, torch.float32, ("nf4", False), 1), quantized(10, 64, torch.float32,
+                                                                                        ("nf4", False), 2)
+    x = torch.randn(3, 64)
+    out = torch.empty(3, 16)
+    cpu_q4.linear(x, wq, None, out, 0)
+    cpu_q4.linear(x, wk, None, out, 6)
+    torch.testing.assert_close(out, F.linear(x, torch.cat([rq, rk])), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_refused_before_any_pointer_is_read() -> None:
+    w, _ = quantized(6, 64, torch.float32, ("nf4", False))
+    with pytest.raises(ValueError, match="4-bit linear"):
+        cpu_q4.linear(torch.randn(2, 63), w, None, torch.empty(2, 6))  # K does not match
+    with pytest.raises(ValueError, match="4-bit linear"):
+        cpu_q4.linear(torch.randn(2, 64), w, None, torch.empty(2, 5))  # too few columns
+    with pytest.raises(ValueError, match="4-bit linear"):
+        cpu_q4.linear(torch.randn(2, 64).bfloat16(), w, None, torch.empty(2, 6))  # dtypes differ
+
+
+@pytest.mark.slow
+def test_the_avx2_build_matches_the_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The kernel as built for AVX2-only CPUs (8-lane vectors, its own code lookup), checked here whatever this CPU
+    has: the same decoded weights, results like the reference, and rows' bits independent of the batch."""
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    cxx = native.compiler()
+    assert cxx is not None
+    lib = cpu_q4.load(native.build(cpu_q4.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]))
+    monkeypatch.setattr(cpu_q4, "library", lambda: lib)
+    for dtype in DTYPES:
+        for kind in KINDS:
+            for n, k in SHAPES:
+                w, ref = quantized(n, k, dtype, kind, seed=n + k)
+                assert torch.equal(cpu_q4.dequantize(w, dtype), ref), (dtype, kind, n, k)
+                x = torch.randn(37, k).to(dtype)
+                out = run(x, w, None)
+                assert_like_reference(out, x, ref, None)
+                assert torch.equal(torch.cat([run(x[i:i + 1], w, None) for i in range(37)]), out)
