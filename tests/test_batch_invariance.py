@@ -188,8 +188,8 @@ def test_the_batch_invariant_path_computes_the_same_logits(adapter_factory: Call
 def test_plain_and_quantized_base_linears_run_in_their_own_row_tiles(base: str, adapter_factory: Callable[..., Path],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Without oneDNN's packed linear (bf16 on an AVX2 CPU), F.linear runs in the row tiles probed for it; a quantized
-    base through its own kernel: nf4's fused 4-bit kernel (a fixed order per row, never cut), int8 in bf16 torch's
-    weight-only kernel in its probed tiles. Random mixed batches get their solo bits there too."""
+    base through its kernel: nf4's fused kernel (a fixed order per row, calls never cut), int8 in bf16 torch's
+    weight-only int8 kernel in its probed tiles. Random mixed batches get their solo bits there too."""
     if base == "plain":
         monkeypatch.setattr(cpu_gemm, "supported", lambda weight: False)
     llm = engine("bfloat16" if base == "int8" else "float32", adapter_factory,

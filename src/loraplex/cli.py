@@ -354,7 +354,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from loraplex import hardware
     from loraplex.lora import cpu_kernel
     from loraplex.models import cpu_attention, cpu_fused
-    from loraplex.quant import cpu_q4
+    from loraplex.quant import cpu_quant
 
     info = hardware.cpu()
     print(f"cpu: {info.describe()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -362,7 +362,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{device}: {hardware.resolve_dtype('auto', device).describe()}")
     kernels = (("fused LoRA kernel", cpu_kernel.library()), ("paged decode attention", cpu_attention.library()),
-               ("fused norm/rope/activation", cpu_fused.library()), ("fused 4-bit linear", cpu_q4.library()))
+               ("fused norm/rope/activation", cpu_fused.library()), ("fused quantized linears", cpu_quant.library()))
     for name, ready in kernels:
         print(f"{name}: {'ready' if ready is not None else 'unavailable, torch serves'}")
 

@@ -93,14 +93,14 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
     tilings = model.linear_tilings()
     assert all(t is not None for t in tilings), "prepack(batch_invariant=True) tiles every base linear on a CPU"
     sizes = [t.rows for t in tilings if t is not None and t is not WHOLE]
-    fixed = sum(t is WHOLE for t in tilings)  # the fused 4-bit kernel's layers: fixed order, never cut
+    fixed = sum(t is WHOLE for t in tilings)  # the fused quantized kernels' layers: fixed order, never cut
     padded = sum(t is not None and t.pad_single for t in tilings)
     attention = "the C++ kernel" if cpu_attention.serves(dtype, device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) \
         else "torch, per key block (no C++ attention kernel: slower)"
     lora = "the C++ kernel" if cpu_kernel.supported(dtype, device) else "torch, token by token (no C++ LoRA " \
                                                                        "kernel: slower)"
     rows = f"{min(sizes)} rows" if min(sizes) > 1 else "1 row"
-    kernel = f", or through the fused 4-bit kernel, which sums each row in a fixed order ({fixed} of " \
+    kernel = f", or through the fused quantized kernel, which sums each row in a fixed order ({fixed} of " \
         f"{len(tilings)})" if fixed else ""
     return BatchInvariance(True, f"on: every base linear runs in calls of at most {rows} (found on this "
                                  f"CPU at start; a lone row padded to two in {padded} of {len(tilings)}){kernel}; every "

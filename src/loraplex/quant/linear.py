@@ -12,10 +12,10 @@ as its base.
 - int8: `bitsandbytes.functional.int8_vectorwise_quant`, one absmax scale per output row (LLM.int8's
   weight format). Forward is weight-only int8: activations stay in the serving dtype, y = x (W_int8 * scale)^T,
   by torch's `_weight_int8pack_mm` CPU kernel in bf16 when present, else by dequantizing.
-- On a CPU, nf4 / fp4 decode steps run through the fused 4-bit kernel (cpu_q4, csrc/q4_cpu.cpp) where it is built:
-  the codes are decoded inside the GEMM, a few rows of W at a time, never as a whole weight (KERNEL_MAX_ROWS says
-  which calls; batch-invariant, all of them).
-Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_quant.py and tests/test_q4_kernel.py.
+- On a CPU, decode steps run through the fused kernels (cpu_quant, csrc/quant_cpu.cpp) where they are built (int8:
+  where torch's int8 kernel does not serve): the codes are decoded inside the GEMM, a few rows of W at a time,
+  never as a whole weight (KERNEL_MAX_ROWS says which calls; batch-invariant, all of them).
+Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_quant.py and tests/test_quant_kernels.py.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from torch import nn
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.layers import Linear, layer_index
 from loraplex.models.row_tiles import WHOLE, Tiling, invariant_tiling, tiled
-from loraplex.quant import cpu_q4
+from loraplex.quant import cpu_quant
 
 METHODS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64
-# The fused 4-bit kernel serves calls of up to this many rows (decode steps), where it reads 4-bit codes instead of
-# a dequantized copy; longer calls (prefill) dequantize and run the dense GEMM, faster there (oneDNN's AMX and
+# The fused kernels serve calls of up to this many rows (decode steps), where they read the codes instead of a
+# dequantized copy; longer calls (prefill) dequantize and run the dense GEMM, faster there (oneDNN's AMX and
 # blocked kernels). Batch-invariant, the kernel serves every call: one order for every row count.
 KERNEL_MAX_ROWS = 16
 
@@ -72,7 +72,8 @@ class QuantLinear(nn.Module):
         self.bias = base.bias
         self.states: list[object] = []  # 4-bit: bitsandbytes QuantState per part (scales, nested scales)
         self.tiling: Tiling | None = None  # batch-invariant: how calls are cut into row tiles; None: not cut
-        self.kernel_parts: list[cpu_q4.Codes] | None = None  # 4-bit on CPU: each part's codes, for the fused kernel
+        # On a CPU, the fused kernels' view of the codes: each 4-bit part's, or the int8 matrix
+        self.kernel_parts: list[cpu_quant.Codes | cpu_quant.Int8Rows] | None = None
         if method == "int8":
             cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16 if w.device.type == "cuda" else w.dtype))
             self.register_buffer("int8_weight", cb, persistent=False)  # [OUT, IN] int8
@@ -105,13 +106,16 @@ class QuantLinear(nn.Module):
         return ws[0] if len(ws) == 1 else torch.cat(ws)
 
     def prepack(self, batch_invariant: bool = False) -> bool:
-        """Nothing to pack: the codes stay as bitsandbytes holds them. 4-bit on a CPU with the fused kernel
-        (cpu_q4): its view of each part's codes, batch-invariant by construction. Elsewhere, with `batch_invariant`
+        """Nothing to pack: the codes stay as bitsandbytes holds them. On a CPU with the fused kernels (cpu_quant):
+        their view of the codes, batch-invariant by construction. Elsewhere, with `batch_invariant`
         (CPU only), calls are cut into row tiles whose results do not depend on the other rows, found for this
         layer's kernel."""
         device = self.codes[0].device if self.states else self.int8_weight.device
-        if self.states and self.kernel_parts is None and cpu_q4.supported(self.dtype, device):
-            self.kernel_parts = [cpu_q4.Codes.of(c, s) for c, s in zip(self.codes, self.states)]
+        # int8 in bf16: torch's weight-only int8 kernel is faster than ours there (docs/quantization.md)
+        if self.kernel_parts is None and cpu_quant.supported(self.dtype, device) and not self._int8pack(self.dtype,
+                                                                                                         device):
+            self.kernel_parts = [cpu_quant.Codes.of(c, s) for c, s in zip(self.codes, self.states)] if self.states \
+                else [cpu_quant.Int8Rows(self.int8_weight.contiguous(), self.int8_scale.contiguous())]
         if batch_invariant and self.tiling is None and self.kernel_parts is not None:
             self.tiling = WHOLE
         elif batch_invariant and self.tiling is None and device.type == "cpu":
@@ -146,14 +150,14 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize(), self.bias)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused 4-bit kernel, part by part into its columns of one output."""
+        """The fused kernel, part by part into its columns of one output."""
         assert self.kernel_parts is not None
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
         col = 0
         for part in self.kernel_parts:
             bias = None if self.bias is None else self.bias[col:col + part.n]
-            cpu_q4.linear(rows, part, bias, out, col)
+            cpu_quant.linear(rows, part, bias, out, col)
             col += part.n
         return out.view(*x.shape[:-1], self.out_features)
 

@@ -1,8 +1,8 @@
-"""The fused 4-bit linear CPU kernel (csrc/q4_cpu.cpp): NF4 and FP4 on bitsandbytes' own codes and block scales
-(double quantization included), decoded inside the GEMM a few rows of W at a time, never as a whole weight.
-Built once per machine (loraplex.native), called through ctypes. Without a C++ compiler, or with
-LORAPLEX_Q4_KERNEL=torch, QuantLinear dequantizes the weight and calls F.linear (its reference);
-tests/test_q4_kernel.py holds the two equal.
+"""The fused quantized linear CPU kernels (csrc/quant_cpu.cpp): NF4 and FP4 on bitsandbytes' own codes and block
+scales (double quantization included), and int8 with per-row scales, decoded inside the GEMM a few rows of W at a
+time, never as a whole weight. Built once per machine (loraplex.native), called through ctypes. Without a C++
+compiler, or with LORAPLEX_QUANT_KERNEL=torch, QuantLinear dequantizes the weight and calls F.linear (its
+reference); tests/test_quant_kernels.py holds the two equal.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from loraplex import native
 
-SOURCE = Path(__file__).with_name("csrc") / "q4_cpu.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "quant_cpu.cpp"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes
 
 
@@ -26,15 +26,18 @@ def load(path: Path) -> ctypes.CDLL:
     lib.loraplex_q4_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_float, i64, i64,
                                        p, p, i64, ctypes.c_int]
     lib.loraplex_q4_dequantize.argtypes = [ctypes.c_int, i64, i64, p, p, p, p, p, p, ctypes.c_float, i64, i64, p]
-    lib.loraplex_q4_linear.restype = lib.loraplex_q4_dequantize.restype = ctypes.c_int
+    lib.loraplex_q8_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p, p, i64, ctypes.c_int]
+    lib.loraplex_q8_dequantize.argtypes = [ctypes.c_int, i64, i64, p, p, p]
+    for fn in (lib.loraplex_q4_linear, lib.loraplex_q4_dequantize, lib.loraplex_q8_linear, lib.loraplex_q8_dequantize):
+        fn.restype = ctypes.c_int
     return lib
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None (dequantize-then-F.linear serves) with the reason logged once."""
-    return native.load_or_none(SOURCE, load, "the fused 4-bit linear kernel", "dequantize-then-GEMM",
-                               "LORAPLEX_Q4_KERNEL")
+    return native.load_or_none(SOURCE, load, "the fused quantized linear kernels", "dequantize-then-GEMM",
+                               "LORAPLEX_QUANT_KERNEL")
 
 
 def supported(dtype: torch.dtype, device: torch.device | str) -> bool:
@@ -76,33 +79,61 @@ class Codes:
                 self.absmax2.data_ptr() if nested else 0, self.code2.data_ptr() if nested else 0)  # type: ignore[union-attr]
 
 
-def linear(x: torch.Tensor, w: Codes, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
-    """out[:, col0:col0+N] = x @ W^T (+ bias), W decoded from `w` (rounded to x's dtype, as dequantize_4bit returns it).
+@dataclass(frozen=True, slots=True)
+class Int8Rows:
+    """One [N, K] int8 matrix with a scale per output row, as the kernel reads it (QuantLinear's int8 buffers)."""
+
+    codes: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] in the model dtype
+
+    @property
+    def n(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.codes.shape[1])
+
+
+def linear(x: torch.Tensor, w: Codes | Int8Rows, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
+    """out[:, col0:col0+N] = x @ W^T (+ bias), W decoded from `w` (rounded to x's dtype, as dequantize_4bit and
+    QuantLinear.dequantize return it).
 
     x: [M, K] contiguous, fp32 or bf16; bias: [N] in x's dtype; out: [M, ldo] contiguous in x's dtype."""
     lib = library()
     if lib is None:
-        raise RuntimeError("the fused 4-bit linear kernel is not built (cpu_q4.library() is None)")
+        raise RuntimeError("the fused quantized linear kernels are not built (cpu_quant.library() is None)")
     m, k = x.shape
     ok = (x.dtype in DTYPES and x.dtype == out.dtype and x.is_contiguous() and out.is_contiguous() and k == w.k
-          and out.shape[0] == m and col0 + w.n <= out.shape[1] and w.codes.dtype == torch.uint8
+          and out.shape[0] == m and col0 + w.n <= out.shape[1]
+          and (w.codes.dtype == torch.uint8 if isinstance(w, Codes) else (
+              w.codes.dtype == torch.int8 and w.codes.is_contiguous() and w.scale.dtype == x.dtype
+              and w.scale.is_contiguous() and w.scale.shape == (w.n,)))
           and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == (w.n,)))
           and x.device.type == "cpu")
     if not ok:
-        raise ValueError(f"4-bit linear: x [M, {w.k}] and out [M, >= {col0 + w.n}] contiguous on the CPU in one dtype "
+        raise ValueError(f"quantized linear: x [M, {w.k}] and out [M, >= {col0 + w.n}] contiguous on the CPU in one dtype "
                          f"(float32/bfloat16), bias [{w.n}]; got x {tuple(x.shape)} {x.dtype}, out "
                          f"{tuple(out.shape)} {out.dtype}, bias {None if bias is None else tuple(bias.shape)}")
+    ptr = out.data_ptr() + col0 * out.element_size()
+    if isinstance(w, Int8Rows):
+        lib.loraplex_q8_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.scale.data_ptr(),
+                               0 if bias is None else bias.data_ptr(), ptr, out.shape[1], torch.get_num_threads())
+        return
     fp32, q, a2, c2 = w._scales()
     lib.loraplex_q4_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.table.data_ptr(), fp32, q,
                            a2, c2, w.offset, w.blocksize, w.blocksize2, 0 if bias is None else bias.data_ptr(),
-                           out.data_ptr() + col0 * out.element_size(), out.shape[1], torch.get_num_threads())
+                           ptr, out.shape[1], torch.get_num_threads())
 
 
-def dequantize(w: Codes, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(w: Codes | Int8Rows, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight the kernel multiplies by, in `dtype` (for the tests)."""
     lib = library()
     assert lib is not None and dtype in DTYPES
     out = torch.empty(w.n, w.k, dtype=torch.float32)
+    if isinstance(w, Int8Rows):
+        lib.loraplex_q8_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.scale.data_ptr(), out.data_ptr())
+        return out.to(dtype)
     fp32, q, a2, c2 = w._scales()
     lib.loraplex_q4_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.table.data_ptr(), fp32, q, a2, c2,
                                w.offset, w.blocksize, w.blocksize2, out.data_ptr())

@@ -1,7 +1,8 @@
-"""The fused 4-bit linear kernel (quant/cpu_q4.py, quant/csrc/q4_cpu.cpp) against its reference, F.linear on
-bitsandbytes' dequantized weight: NF4 and FP4, with and without double quantization, fp32 and bf16, over odd shapes
-and block remainders (K odd, rows starting inside a byte and inside a block) and every batch size from 1 to 128.
-It decodes exactly bitsandbytes' weights, a row's result has the same bits in any batch, and the AVX2 build agrees."""
+"""The fused quantized linear kernels (quant/cpu_quant.py, quant/csrc/quant_cpu.cpp) against their reference, F.linear
+on the dequantized weight: NF4 and FP4, with and without double quantization, and int8 with per-row scales, fp32 and
+bf16, over odd shapes and block remainders (K odd, rows starting inside a byte and inside a block) and every batch
+size from 1 to 128. They decode exactly the weights bitsandbytes and QuantLinear dequantize, a row's result has the
+same bits in any batch, and the AVX2 build agrees."""
 
 from __future__ import annotations
 
@@ -12,28 +13,35 @@ import torch
 import torch.nn.functional as F
 
 from loraplex import native
-from loraplex.quant import cpu_q4
+from loraplex.models.layers import Linear
+from loraplex.quant import cpu_quant
+from loraplex.quant.linear import QuantLinear
 
-pytestmark = pytest.mark.skipif(cpu_q4.library() is None, reason="no C++ compiler to build the kernel")
+pytestmark = pytest.mark.skipif(cpu_quant.library() is None, reason="no C++ compiler to build the kernel")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(7, 70), (33, 64), (5, 129), (3, 31), (9, 33), (40, 576)]  # (N, K)
-KINDS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
+KINDS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]
 
 
 def quantized(n: int, k: int, dtype: torch.dtype, kind: tuple[str, bool], seed: int = 0
-              ) -> tuple[cpu_q4.Codes, torch.Tensor]:
+              ) -> tuple[cpu_quant.Codes | cpu_quant.Int8Rows, torch.Tensor]:
     """The kernel's view of a random [N, K] weight quantized by bitsandbytes, and its dequantized weight."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if kind[0] == "int8":
+        base = Linear(k, [("w", n)]).to(dtype)
+        base.weight.data.copy_(w)
+        q = QuantLinear(base, "int8")
+        return cpu_quant.Int8Rows(q.int8_weight, q.int8_scale), q.dequantize()
     codes, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=kind[1], quant_type=kind[0],
                                       quant_storage=torch.uint8)
-    return cpu_q4.Codes.of(codes, state), bnbf.dequantize_4bit(codes, state).to(dtype)
+    return cpu_quant.Codes.of(codes, state), bnbf.dequantize_4bit(codes, state).to(dtype)
 
 
-def run(x: torch.Tensor, w: cpu_q4.Codes, bias: torch.Tensor | None) -> torch.Tensor:
+def run(x: torch.Tensor, w: cpu_quant.Codes, bias: torch.Tensor | None) -> torch.Tensor:
     out = torch.full((x.shape[0], w.n), float("nan"), dtype=x.dtype)
-    cpu_q4.linear(x, w, bias, out)
+    cpu_quant.linear(x, w, bias, out)
     return out
 
 
@@ -50,10 +58,10 @@ def assert_like_reference(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS, ids=[f"{q}{'-dq' * d}" for q, d in KINDS])
-def test_it_decodes_exactly_the_weights_bitsandbytes_dequantizes(dtype: torch.dtype, kind: tuple[str, bool]) -> None:
+def test_it_decodes_exactly_the_weights_that_are_dequantized(dtype: torch.dtype, kind: tuple[str, bool]) -> None:
     for n, k in SHAPES:
         w, ref = quantized(n, k, dtype, kind, seed=n)
-        assert torch.equal(cpu_q4.dequantize(w, dtype), ref), (n, k)
+        assert torch.equal(cpu_quant.dequantize(w, dtype), ref), (n, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -71,10 +79,11 @@ def test_it_matches_the_reference_at_every_batch_size(dtype: torch.dtype, kind: 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(dtype: torch.dtype, method: str) -> None:
     """Batch invariance by construction (issue 41, issue 32 item 2): each of 128 rows alone has the bits it has in
     calls of 2 to 128 rows starting anywhere, whatever the thread count."""
-    w, _ = quantized(40, 576, dtype, ("nf4", True))
+    w, _ = quantized(40, 576, dtype, (method, method == "nf4"))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(128, 576, generator=g).to(dtype)
     bias = torch.randn(40, generator=g).to(dtype)
@@ -96,19 +105,19 @@ def test_a_packed_layers_parts_go_to_their_own_columns() -> None:
                                                                                         ("nf4", False), 2)
     x = torch.randn(3, 64)
     out = torch.empty(3, 16)
-    cpu_q4.linear(x, wq, None, out, 0)
-    cpu_q4.linear(x, wk, None, out, 6)
+    cpu_quant.linear(x, wq, None, out, 0)
+    cpu_quant.linear(x, wk, None, out, 6)
     torch.testing.assert_close(out, F.linear(x, torch.cat([rq, rk])), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_refused_before_any_pointer_is_read() -> None:
     w, _ = quantized(6, 64, torch.float32, ("nf4", False))
-    with pytest.raises(ValueError, match="4-bit linear"):
-        cpu_q4.linear(torch.randn(2, 63), w, None, torch.empty(2, 6))  # K does not match
-    with pytest.raises(ValueError, match="4-bit linear"):
-        cpu_q4.linear(torch.randn(2, 64), w, None, torch.empty(2, 5))  # too few columns
-    with pytest.raises(ValueError, match="4-bit linear"):
-        cpu_q4.linear(torch.randn(2, 64).bfloat16(), w, None, torch.empty(2, 6))  # dtypes differ
+    with pytest.raises(ValueError, match="quantized linear"):
+        cpu_quant.linear(torch.randn(2, 63), w, None, torch.empty(2, 6))  # K does not match
+    with pytest.raises(ValueError, match="quantized linear"):
+        cpu_quant.linear(torch.randn(2, 64), w, None, torch.empty(2, 5))  # too few columns
+    with pytest.raises(ValueError, match="quantized linear"):
+        cpu_quant.linear(torch.randn(2, 64).bfloat16(), w, None, torch.empty(2, 6))  # dtypes differ
 
 
 @pytest.mark.slow
@@ -118,13 +127,13 @@ def test_the_avx2_build_matches_the_reference(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
     cxx = native.compiler()
     assert cxx is not None
-    lib = cpu_q4.load(native.build(cpu_q4.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]))
-    monkeypatch.setattr(cpu_q4, "library", lambda: lib)
+    lib = cpu_quant.load(native.build(cpu_quant.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]))
+    monkeypatch.setattr(cpu_quant, "library", lambda: lib)
     for dtype in DTYPES:
         for kind in KINDS:
             for n, k in SHAPES:
                 w, ref = quantized(n, k, dtype, kind, seed=n + k)
-                assert torch.equal(cpu_q4.dequantize(w, dtype), ref), (dtype, kind, n, k)
+                assert torch.equal(cpu_quant.dequantize(w, dtype), ref), (dtype, kind, n, k)
                 x = torch.randn(37, k).to(dtype)
                 out = run(x, w, None)
                 assert_like_reference(out, x, ref, None)

@@ -1,11 +1,13 @@
-// Fused 4-bit linear for CPU: y = x W^T (+ bias), with W held as bitsandbytes' 4-bit codes (NF4 or FP4, with or
-// without double quantization) and never dequantized as a whole: each thread decodes a few rows of W at a time
-// into a buffer of a few KiB and multiplies the rows of x against them.
+// Fused quantized linears for CPU: y = x W^T (+ bias), with W held as bitsandbytes' codes and never dequantized as
+// a whole: each thread decodes a few rows of W at a time into a buffer of a few KiB and multiplies the rows of x
+// against them. Two weight formats:
+//   4-bit (loraplex_q4_*): NF4 or FP4 codes in blocks, with or without double quantization (below);
+//   int8 (loraplex_q8_*): codes [N, K] int8 with one scale per output row, W[n, k] = codes[n, k] * scale[n].
 //
-// The torch reference is F.linear(x, QuantLinear.dequantize(), bias) (quant/linear.py); tests/test_q4_kernel.py
+// The torch reference is F.linear(x, QuantLinear.dequantize(), bias) (quant/linear.py); tests/test_quant_kernels.py
 // holds the two equal. Built by loraplex/native.py with the machine's C++ compiler, called through ctypes.
 //
-// Shapes (row-major, contiguous):
+// Shapes of the 4-bit format (row-major, contiguous):
 //   x       [M, K]            fp32 or bf16 (uint16 bits)
 //   codes   [ceil(N*K / 2)]   uint8: W flattened row-major, two codes a byte, the first in the high nibble
 //   table   [16] fp32         the values of the 16 codes (QuantState.code: NF4 or FP4)
@@ -15,7 +17,8 @@
 //   out     [M, ldo]          x's dtype: W's outputs go to columns [0, N) of each row (a packed layer's parts are
 //                             separate 4-bit matrices, each written to its own columns)
 // W[n, k] = table[code(n*K + k)] * absmax[(n*K + k) / bs], in fp32, rounded to x's dtype: what
-// bitsandbytes.functional.dequantize_4bit returns for the model's dtype.
+// bitsandbytes.functional.dequantize_4bit returns for the model's dtype. int8: codes [N, K] int8, scale [N] in x's
+// dtype, W[n, k] = codes[n, k] * scale[n] in fp32, rounded to x's dtype (QuantLinear.dequantize).
 //
 // Batch invariance (issue 41): y[m, n] is the sum over k of x[m, k] * W[n, k] in kL fp32 lanes (lane k mod kL,
 // in k order), then a fixed tree of shuffles, plus the k past the last full vector in k order, plus the bias,
@@ -54,6 +57,20 @@ inline fvec fmadd(fvec a, fvec b, fvec c) {  // a * b + c, one rounding where th
 #else
   return a * b + c;
 #endif
+}
+
+// w[0:K] rounded to bf16 values (nearest even), kept as fp32: what a weight stored in bf16 holds.
+inline void round_row(float* w, int64_t K) {
+  int64_t j = 0;
+  for (; j + kL <= K; j += kL) {
+    const fvec r = round_bf16(loadv(w + j));
+    std::memcpy(w + j, &r, sizeof r);
+  }
+  for (; j < K; ++j) {
+    uint16_t h;
+    store1(&h, w[j]);
+    w[j] = to_f32(h);
+  }
 }
 
 struct Q4 {
@@ -130,18 +147,22 @@ struct Q4 {
       for (int64_t j = k0; j < end; ++j) w[j] *= s;
       k0 = end;
     }
-    if (bf16) {
-      int64_t j = 0;
-      for (; j + kL <= K; j += kL) {
-        const fvec r = round_bf16(loadv(w + j));
-        std::memcpy(w + j, &r, sizeof r);
-      }
-      for (; j < K; ++j) {
-        uint16_t h;
-        store1(&h, w[j]);
-        w[j] = to_f32(h);
-      }
-    }
+    if (bf16) round_row(w, K);
+  }
+};
+
+// int8 codes with one scale per output row.
+struct Q8 {
+  const int8_t* codes;
+  const void* scale;  // [N] fp32 or bf16 bits
+  int64_t K;
+  bool bf16;
+
+  void decode_row(int64_t n, float* w) const {
+    const float s = bf16 ? to_f32(static_cast<const uint16_t*>(scale)[n]) : static_cast<const float*>(scale)[n];
+    const int8_t* c = codes + n * K;
+    for (int64_t k = 0; k < K; ++k) w[k] = float(c[k]) * s;
+    if (bf16) round_row(w, K);
   }
 };
 
@@ -176,8 +197,8 @@ void rows(const T* x, const float* w, int64_t M, int64_t K, int64_t ldo, int64_t
   for (; m < M; ++m) tile<1, NR>(x, w, K, ldo, m, n0, bias, out);  // each row's sums are the same in any tile
 }
 
-template <typename T>
-void linear(const T* x, const Q4& q, int64_t M, int64_t N, int64_t ldo, const T* bias, T* out, int nthreads) {
+template <typename Q, typename T>
+void linear(const T* x, const Q& q, int64_t M, int64_t N, int64_t ldo, const T* bias, T* out, int nthreads) {
   const int64_t K = q.K;
   const int64_t tiles = (N + kNR - 1) / kNR;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -198,6 +219,25 @@ void linear(const T* x, const Q4& q, int64_t M, int64_t N, int64_t ldo, const T*
   }
 }
 
+Q4 q4(const uint8_t* codes, const float* table, const float* absmax, const uint8_t* absmax_q, const float* absmax2,
+      const float* code2, float offset, int64_t bs, int64_t bs2, int64_t K, bool bf16) {
+  Q4 q{codes, {}, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, bf16};
+  for (int v = 0; v < 256; ++v) q.pairs[v][0] = table[v >> 4], q.pairs[v][1] = table[v & 15];
+  return q;
+}
+
+template <typename Q>
+int run(int dtype, const void* x, const Q& q, int64_t M, int64_t N, const void* bias, void* out, int64_t ldo,
+        int nthreads) {
+  if (dtype == 0)
+    linear(static_cast<const float*>(x), q, M, N, ldo, static_cast<const float*>(bias), static_cast<float*>(out),
+           nthreads);
+  else
+    linear(static_cast<const uint16_t*>(x), q, M, N, ldo, static_cast<const uint16_t*>(bias),
+           static_cast<uint16_t*>(out), nthreads);
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -209,15 +249,8 @@ int loraplex_q4_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N
                        const float* code2, float offset, int64_t bs, int64_t bs2, const void* bias, void* out,
                        int64_t ldo, int nthreads) {
   if (dtype != 0 && dtype != 1) return 1;
-  Q4 q{codes, {}, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, dtype == 1};
-  for (int v = 0; v < 256; ++v) q.pairs[v][0] = table[v >> 4], q.pairs[v][1] = table[v & 15];
-  if (dtype == 0)
-    linear(static_cast<const float*>(x), q, M, N, ldo, static_cast<const float*>(bias), static_cast<float*>(out),
-           nthreads);
-  else
-    linear(static_cast<const uint16_t*>(x), q, M, N, ldo, static_cast<const uint16_t*>(bias),
-           static_cast<uint16_t*>(out), nthreads);
-  return 0;
+  const Q4 q = q4(codes, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, dtype == 1);
+  return run(dtype, x, q, M, N, bias, out, ldo, nthreads);
 }
 
 // The decoded W [N, K] in fp32 (rounded to bf16 values where dtype is 1): what the kernel multiplies by, for the
@@ -226,8 +259,21 @@ int loraplex_q4_dequantize(int dtype, int64_t K, int64_t N, const uint8_t* codes
                            const float* absmax, const uint8_t* absmax_q, const float* absmax2, const float* code2,
                            float offset, int64_t bs, int64_t bs2, float* w) {
   if (dtype != 0 && dtype != 1) return 1;
-  Q4 q{codes, {}, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, dtype == 1};
-  for (int v = 0; v < 256; ++v) q.pairs[v][0] = table[v >> 4], q.pairs[v][1] = table[v & 15];
+  const Q4 q = q4(codes, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, dtype == 1);
+  for (int64_t n = 0; n < N; ++n) q.decode_row(n, w + n * K);
+  return 0;
+}
+
+// int8 codes [N, K] with per-row scales [N] (x's dtype). Returns 0, or 1 for an unknown dtype.
+int loraplex_q8_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N, const int8_t* codes,
+                       const void* scale, const void* bias, void* out, int64_t ldo, int nthreads) {
+  if (dtype != 0 && dtype != 1) return 1;
+  return run(dtype, x, Q8{codes, scale, K, dtype == 1}, M, N, bias, out, ldo, nthreads);
+}
+
+int loraplex_q8_dequantize(int dtype, int64_t K, int64_t N, const int8_t* codes, const void* scale, float* w) {
+  if (dtype != 0 && dtype != 1) return 1;
+  const Q8 q{codes, scale, K, dtype == 1};
   for (int64_t n = 0; n < N; ++n) q.decode_row(n, w + n * K);
   return 0;
 }
