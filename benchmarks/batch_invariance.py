@@ -22,40 +22,15 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (cpu_times, default_model_dir, machine, make_adapters, round_robin, steal_share, warmup,
-                               workload_prompts, write_json)
+from benchmarks.common import (cpu_times, default_model_dir, machine, make_adapters, round_robin, steal_share,
+                               step_timed, warmup, workload_prompts, write_json)
 from loraplex import LLM, SamplingParams
 
 MODES = {"today": False, "batch-invariant": True}
 SWITCHES = ("LORAPLEX_ATTENTION_KERNEL", "LORAPLEX_LORA_KERNEL", "LORAPLEX_FUSED_OPS")  # "torch": the kernel is off
-
-
-def run(llm: LLM, prompts: list[str], adapters: list[str], max_tokens: int, tag: str
-        ) -> tuple[float, float, int, list[list[int]]]:
-    """The batch queued at once, stepped to the end: (prefill seconds, decode seconds, decode tokens, answers)."""
-    e = llm.engine
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    ids = [e.add_request(p, params, a, f"{tag}-{i}") for i, (p, a) in enumerate(zip(prompts, adapters))]
-    prefill = decode = 0.0
-    tokens = 0
-    answers: dict[str, list[int]] = {}
-    while e.has_unfinished_requests():
-        decoding = [r for r in e.requests.values() if r.num_computed_tokens >= len(r.prompt_token_ids)]
-        all_decode = len(decoding) == len(e.requests)
-        t0 = time.perf_counter()
-        outs = e.step()
-        dt = time.perf_counter() - t0
-        if all_decode:
-            decode += dt
-            tokens += len(decoding)
-        else:
-            prefill += dt
-        answers.update({o.request_id: list(o.outputs[0].token_ids) for o in outs if o.finished})
-    return prefill, decode, tokens, [answers[i] for i in ids]
 
 
 def main() -> None:
@@ -77,9 +52,9 @@ def main() -> None:
         prompts = workload_prompts(llms["today"].tokenizer, max(args.batches))
         adapters = list(round_robin(names, max(args.batches)))
         for mode, llm in llms.items():
-            run(llm, warmup(prompts[:8]), adapters[:8], 4, f"warm-{mode}")
+            step_timed(llm, warmup(prompts[:8]), adapters[:8], 4, f"warm-{mode}")
         # Greedy answers alone, for the equality count (the invariant path must give every request its solo answer).
-        solo = {mode: [run(llm, [p], [a], args.max_tokens, f"solo-{mode}-{i}")[3][0]
+        solo = {mode: [step_timed(llm, [p], [a], args.max_tokens, f"solo-{mode}-{i}")[3][0]
                        for i, (p, a) in enumerate(zip(prompts, adapters))] for mode, llm in llms.items()}
         runs: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
         before = cpu_times()
@@ -87,7 +62,7 @@ def main() -> None:
         for rep in range(args.reps):
             for b in args.batches:
                 for mode, llm in llms.items():
-                    prefill, decode, tokens, answers = run(llm, prompts[:b], adapters[:b], args.max_tokens,
+                    prefill, decode, tokens, answers = step_timed(llm, prompts[:b], adapters[:b], args.max_tokens,
                                                            f"{mode}-{b}-{rep}")
                     runs.setdefault((mode, b), []).append((prefill, decode, tokens))
                     equal[(mode, b)] = sum(x == s for x, s in zip(answers, solo[mode][:b]))

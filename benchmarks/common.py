@@ -6,10 +6,14 @@ import json
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from loraplex import LLM
 
 # Where a part writes its JSON: run_all points this at results/<cpu class> for the parts it starts.
 RESULTS = Path(os.environ.get("LORAPLEX_RESULTS", "results"))
@@ -115,3 +119,30 @@ def default_model_dir() -> Path:
     from loraplex.models.loader import resolve_model
 
     return resolve_model(None)
+
+
+def step_timed(llm: LLM, prompts: list[str], adapters: list[str | None], max_tokens: int, tag: str
+               ) -> tuple[float, float, int, list[list[int]]]:
+    """The batch queued at once, stepped to the end: (prefill seconds, decode seconds, decode tokens, answers).
+    Each engine step is timed: a step where every request has its prompt computed is a decode step."""
+    from loraplex import SamplingParams
+
+    e = llm.engine
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    ids = [e.add_request(p, params, a, f"{tag}-{i}") for i, (p, a) in enumerate(zip(prompts, adapters))]
+    prefill = decode = 0.0
+    tokens = 0
+    answers: dict[str, list[int]] = {}
+    while e.has_unfinished_requests():
+        decoding = [r for r in e.requests.values() if r.num_computed_tokens >= len(r.prompt_token_ids)]
+        all_decode = len(decoding) == len(e.requests)
+        t0 = time.perf_counter()
+        outs = e.step()
+        dt = time.perf_counter() - t0
+        if all_decode:
+            decode += dt
+            tokens += len(decoding)
+        else:
+            prefill += dt
+        answers.update({o.request_id: list(o.outputs[0].token_ids) for o in outs if o.finished})
+    return prefill, decode, tokens, [answers[i] for i in ids]

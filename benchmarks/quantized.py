@@ -1,10 +1,12 @@
 """Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant) and int8, with
 8 adapters on top.
 
-    .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32]
+    .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32] [--batches 1 8 32]
 
 Memory is the engine's own accounting (engine/memory.py: tensors as held) plus the decoder linears
-alone; throughput is the offline workload (base only, and 8 adapters round-robin), greedy, EOS ignored.
+alone; throughput is the offline workload (base only, and 8 adapters round-robin), greedy, EOS ignored:
+`--requests` at once through LLM.generate, and decode tokens per second at each of `--batches` (engine steps
+timed, decode steps only: benchmarks.common.step_timed), the median of `--reps`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, warmup, workload_prompts,
-                               write_json)
+import torch
+
+from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, step_timed, warmup,
+                               workload_prompts, write_json)
 from loraplex import LLM, SamplingParams
 from loraplex.engine.memory import module_bytes
 from loraplex.models.layers import Linear, layer_index
@@ -33,6 +38,16 @@ def linear_bytes(llm: LLM) -> int:
                if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None)
 
 
+def kernels(llm: LLM, method: str | None) -> str:
+    """What the quantized linears run at decode: the fused CPU kernels, torch's int8 kernel, or dequantize + GEMM."""
+    quant = [m for m in llm.engine.runner.model.modules() if isinstance(m, QuantLinear)]
+    if not quant:
+        return "dense"
+    if quant[0].kernel_parts is not None:
+        return "fused"
+    return "torch int8" if quant[0]._int8pack(quant[0].dtype, torch.device("cpu")) else "dequantize"
+
+
 def throughput(llm: LLM, prompts: list[str], adapters: list[str | None], max_tokens: int) -> float:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     llm.generate(warmup(prompts[:4]), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), adapters[:4])  # warm-up
@@ -41,11 +56,24 @@ def throughput(llm: LLM, prompts: list[str], adapters: list[str | None], max_tok
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
 
 
+def decode_rates(llm: LLM, prompts: list[str], names: list[str], batches: list[int], max_tokens: int, reps: int
+                 ) -> dict[str, dict[str, float]]:
+    """batch -> {"base": decode tok/s, "8_adapters": decode tok/s}, each the median of `reps` runs."""
+    rates: dict[str, dict[str, float]] = {}
+    for b in batches:
+        for kind, adapters in (("base", [None] * b), ("8_adapters", list(round_robin(names, b)))):
+            runs = [step_timed(llm, prompts[:b], adapters, max_tokens, f"{kind}-{b}-{i}") for i in range(reps)]
+            rates.setdefault(str(b), {})[kind] = statistics.median(n / d for _, d, n, _ in runs)
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--adapters", type=Path, default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows: list[dict[str, Any]] = []
@@ -60,13 +88,15 @@ def main() -> None:
             row = {"base": label, "quantization": mem.quantization, "weights_bytes": mem.weights,
                    "linear_bytes": linear_bytes(llm), "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
                    "tokens_per_s_base": throughput(llm, prompts, [None] * args.requests, args.max_tokens),
-                   "tokens_per_s_8_adapters": throughput(llm, prompts, list(round_robin(names, args.requests)), args.max_tokens)}
+                   "tokens_per_s_8_adapters": throughput(llm, prompts, list(round_robin(names, args.requests)), args.max_tokens),
+                   "decode_tokens_per_s": decode_rates(llm, prompts, names, args.batches, args.max_tokens, args.reps),
+                   "kernels": kernels(llm, method)}
             rows.append(row)
             print(f"{label}: weights {mem.weights / 2**20:.1f} MiB (decoder linears {row['linear_bytes'] / 2**20:.1f} MiB), "
                   f"base {row['tokens_per_s_base']:.1f} tok/s, 8 adapters {row['tokens_per_s_8_adapters']:.1f} tok/s", flush=True)
             del llm
             gc.collect()
-    print(f"written to {write_json('quantized', {'machine': machine(), 'requests': args.requests, 'max_tokens': args.max_tokens, 'rows': rows})}")
+    print(f"written to {write_json('quantized', {'machine': machine(), 'requests': args.requests, 'max_tokens': args.max_tokens, 'batches': args.batches, 'reps': args.reps, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 from benchmarks.report_cluster import cluster_lines, cluster_targets
 from benchmarks.report_batch_invariance import batch_invariance_lines, batch_invariance_targets
 from benchmarks.report_fair_share import fair_share_lines, fair_share_targets
+from benchmarks.report_quantized import quantized_lines, quantized_targets
 
 PARTS = ["offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load", "serving", "roofline",
          "quantized", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster", "gpu"]
@@ -144,6 +145,7 @@ class Run:
                          (f"prefix cache, {label}: throughput with / without", v["throughput_ratio"], "≥ 2×", 2.0, True)]
         rows += fair_share_targets(self.parts.get("fair_share"))  # "not measured" where the part did not run
         rows += batch_invariance_targets(self.parts.get("batch_invariance"))
+        rows += quantized_targets(self.parts.get("quantized"))
         rows += cluster_targets(self.parts.get("cluster"))
         return [(name, value, wanted, verdict(value, target, higher)) for name, value, wanted, target, higher in rows]
 
@@ -340,19 +342,7 @@ def class_section(run: Run, out: Path) -> list[str]:
     if "roofline" in P:
         lines += roofline_lines(P["roofline"])
     if "quantized" in P:
-        q = P["quantized"]
-        plain = next((r for r in q["rows"] if r["quantization"] == "none"), None)
-        lines += ["", "### Quantized base: memory and throughput", "",
-                  f"{q['requests']} requests x {q['max_tokens']} tokens; memory from the engine's accounting (tensors "
-                  f"as held: codes, scales, packed copies). LoRA runs in the model dtype ({m.get('dtype', '?')}) on top "
-                  "of every base.", "",
-                  "| base | weights (MiB) | decoder linears (MiB) | vs unquantized | KV cache (MiB) | adapter slots (MiB) | "
-                  "tok/s base | tok/s 8 adapters |", "|---|---|---|---|---|---|---|---|"]
-        for r in q["rows"]:
-            shrink = f"{plain['linear_bytes'] / r['linear_bytes']:.2f}x smaller" if plain and r is not plain else "—"
-            lines.append(f"| {r['quantization']} | {r['weights_bytes'] / 2**20:.1f} | {r['linear_bytes'] / 2**20:.1f} | "
-                         f"{shrink} | {r['kv_cache_bytes'] / 2**20:.0f} | {r['adapter_slots_bytes'] / 2**20:.1f} | "
-                         f"{fmt(r['tokens_per_s_base'])} | {fmt(r['tokens_per_s_8_adapters'])} |")
+        lines += quantized_lines(P["quantized"])
     if "prefix_cache" in P:
         lines += prefix_cache_lines(P["prefix_cache"])
     if "structured" in P:

@@ -1,0 +1,62 @@
+"""The report's section for benchmarks/quantized.py: memory and throughput of the dense, NF4 and int8 bases, decode
+at batch 1, 8 and 32 with their ratios to the dense base, and issue 32's targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Issue 32: quantized decode against the dense base, with 8 adapters mixed, at batch 1, 8 and 32.
+TARGETS = {"nf4": (3.0, 1.5, 1.0), "int8": (2.0, 1.2, 1.0)}
+
+
+def _row(q: dict[str, Any] | None, base: str) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    return next((r for r in q["rows"] if r["quantization"].split("+")[0] == base), None)
+
+
+def _ratio(q: dict[str, Any] | None, base: str, batch: int, kind: str = "8_adapters") -> float | None:
+    ours, dense = _row(q, base), _row(q, "none")
+    if not ours or not dense or "decode_tokens_per_s" not in ours or str(batch) not in ours["decode_tokens_per_s"]:
+        return None
+    return ours["decode_tokens_per_s"][str(batch)][kind] / dense["decode_tokens_per_s"][str(batch)][kind]
+
+
+def quantized_lines(q: dict[str, Any]) -> list[str]:
+    m = q["machine"]
+    plain = _row(q, "none")
+    lines = ["", "### Quantized base: memory and throughput", "",
+             f"{q['requests']} requests x {q['max_tokens']} tokens; memory from the engine's accounting (tensors "
+             f"as held: codes, scales, packed copies). LoRA runs in the model dtype ({m.get('dtype', '?')}) on top "
+             "of every base.", "",
+             "| base | weights (MiB) | decoder linears (MiB) | vs unquantized | KV cache (MiB) | adapter slots (MiB) | "
+             "tok/s base | tok/s 8 adapters |", "|---|---|---|---|---|---|---|---|"]
+    for r in q["rows"]:
+        shrink = f"{plain['linear_bytes'] / r['linear_bytes']:.2f}x smaller" if plain and r is not plain else "—"
+        lines.append(f"| {r['quantization']} | {r['weights_bytes'] / 2**20:.1f} | {r['linear_bytes'] / 2**20:.1f} | "
+                     f"{shrink} | {r['kv_cache_bytes'] / 2**20:.0f} | {r['adapter_slots_bytes'] / 2**20:.1f} | "
+                     f"{r['tokens_per_s_base']:.0f} | {r['tokens_per_s_8_adapters']:.0f} |")
+    batches = q.get("batches")
+    if not batches:
+        return lines
+    lines += ["", f"Decode tokens per second (engine steps timed, median of {q['reps']} runs) and the ratio to the "
+                  "dense base, base only / 8 adapters round-robin:", "",
+              "| base | kernels | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|---|" + "---|" * len(batches)]
+    for r in q["rows"]:
+        base = r["quantization"].split("+")[0]
+        cells = []
+        for b in batches:
+            d = r["decode_tokens_per_s"][str(b)]
+            ratio = "" if base == "none" else (f" ({_ratio(q, base, b, 'base'):.2f}x / "
+                                               f"{_ratio(q, base, b):.2f}x)")
+            cells.append(f"{d['base']:.1f} / {d['8_adapters']:.1f}{ratio}")
+        lines.append(f"| {r['quantization']} | {r.get('kernels', '?')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def quantized_targets(q: dict[str, Any] | None) -> list[tuple[str, float | None, str, float, bool]]:
+    """Issue 32: nf4 >= 3x / 1.5x / 1.0x the dense base's decode at batch 1 / 8 / 32, int8 >= 2x / 1.2x / 1.0x, with
+    8 adapters mixed."""
+    return [(f"{base} / dense decode, 8 adapters, batch {b}", _ratio(q, base, b), f"≥ {bar:.1f}", bar, True)
+            for base, bars in TARGETS.items() for b, bar in zip((1, 8, 32), bars)]
