@@ -56,15 +56,17 @@ def test_a_key_is_a_tenant_with_its_weight(engine: AsyncLLMEngine, tmp_path: Pat
 
 
 def test_without_keys_the_adapter_is_the_tenant(engine: AsyncLLMEngine) -> None:
+    """The server hands the engine the tenant its caps count: the adapter's name, the base model by its served
+    name (one encoding of a keyless tenant, not one per layer)."""
     with running(build_app(engine)) as url:
-        assert in_engine(url, None, "a", engine) == (("adapter", "a"), 1.0, 0)
-        assert in_engine(url, None, BASE, engine)[0] == ("adapter", None)
+        assert in_engine(url, None, "a", engine) == (("tenant", "a"), 1.0, 0)
+        assert in_engine(url, None, BASE, engine)[0] == ("tenant", BASE)
 
 
 def test_without_keys_the_flags_set_each_adapters_weight_and_caps(engine: AsyncLLMEngine) -> None:
     app = build_app(engine, tenant_weights={"a": 3.0}, open_limits=Limits(requests_per_minute=1))
     with running(app) as url:
-        assert in_engine(url, None, "a", engine) == (("adapter", "a"), 3.0, 0)
+        assert in_engine(url, None, "a", engine) == (("tenant", "a"), 3.0, 0)
         body = {"model": BASE, "prompt": "Hi", "max_tokens": 1}
         first = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "1"

@@ -123,8 +123,8 @@ class LLMEngine:
         share = share or Share()
         if not (isinstance(share.weight, (int, float)) and 0 < share.weight < float("inf")):
             raise InvalidRequestError(f"a tenant's weight must be a positive number, got {share.weight!r}")
-        # Without a tenant of its own, a request's tenant is its adapter's name, the base model being one tenant
-        # (tagged, so that no adapter name can be a given tenant's).
+        # Without a tenant of its own (offline: the server always names one), a request's tenant is its adapter's
+        # name, the base model being one tenant (tagged, so that no adapter name can be a given tenant's).
         tenant = ("tenant", share.tenant) if share.tenant is not None else ("adapter", None if key is None else key.name)
         req = Request(request_id, prepared.prompt_token_ids, prepared.sampling, key, time.monotonic(),
                       prompt=prepared.prompt, tenant=tenant, weight=float(share.weight), priority=share.priority,

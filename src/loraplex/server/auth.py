@@ -46,7 +46,7 @@ class KeyScope:
     limits: Limits = Limits()  # its caps at the door (server/quotas.py)
 
     def share(self, priority: int = 0) -> Share:
-        """The key as the engine's tenant (on an open server none: the engine's default, the adapter's name)."""
+        """The key as the engine's tenant (on an open server none: RequestJob.share names the adapter instead)."""
         return Share(self.owner, self.weight, priority)
 
     def may_use(self, adapter: str | None) -> bool:

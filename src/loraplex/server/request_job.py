@@ -163,11 +163,12 @@ class RequestJob:
 
     @property
     def share(self) -> Share:
-        """The engine's tenant, weight and priority: the key's; without keys, the adapter's weight (the engine
-        takes the adapter as the tenant)."""
+        """The engine's tenant, weight and priority: the key's; without keys, this request's `tenant` (the adapter's
+        name, or the served name for the base model) and its weight, so that the engine schedules by the same
+        tenants as the caps count."""
         if self.scope.owner is not None:
             return self.scope.share(self.priority)
-        return Share(None, self.st.tenant_weights.get(self._model, 1.0), self.priority)
+        return Share(self._model, self.st.tenant_weights.get(self._model, 1.0), self.priority)
 
     @property
     def _model(self) -> str:
