@@ -173,6 +173,30 @@ def assert_like_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
     assert ours <= max(1.5 * theirs, rounding), (ours, theirs, rounding)
 
 
+def assert_tokens_bits_are_their_own(kernel: Callable[..., object], shape: str, dtype: torch.dtype, tokens: int,
+                                     sizes: tuple[int, ...]) -> None:
+    """Batch invariance of a fused LoRA kernel (issue 41): `kernel(x, a, b, layout, slots, out=...)` adds into a base
+    output; each of `tokens` tokens (three slots and base tokens, random) gets alone the bits it gets in calls of each
+    of `sizes` tokens, starting anywhere."""
+    x, a, b, layout, _ = kernel_case(shape, "uniform", tokens, dtype)
+    g = torch.Generator().manual_seed(5)
+    slots = torch.randint(-1, 3, (tokens,), generator=g).tolist()
+    base = torch.randn(tokens, b.shape[-1], generator=g).to(dtype)
+
+    def added(rows: slice) -> torch.Tensor:
+        out = base[rows].clone()
+        if any(s >= 0 for s in slots[rows]):  # base-model tokens only: no mapping, nothing added
+            kernel(x[rows].contiguous(), a, b, layout, slots[rows], out=out)
+        return out
+
+    alone = torch.cat([added(slice(i, i + 1)) for i in range(tokens)])
+    assert not torch.equal(alone, base)
+    for m in sizes:
+        start = int(torch.randint(0, tokens - m + 1, (1,), generator=g))
+        rows = slice(start, start + m)
+        assert torch.equal(added(rows), alone[rows]), m
+
+
 def fused_inputs(x: torch.Tensor, b: torch.Tensor, layout: SlotLayout, slots: list[int]) -> tuple[LoRAMapping, torch.Tensor]:
     """What the fused kernels take beside x and A: the step's mapping (tokens grouped by slot) and B compact."""
     from loraplex.lora.mapping import build_mapping

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALL, POPULARITY, SHAPES, assert_like_reference, fused_inputs, kernel_case, packed_weights
+from conftest import assert_tokens_bits_are_their_own, ALL, POPULARITY, SHAPES, assert_like_reference, fused_inputs, kernel_case, packed_weights
 from loraplex import LLM, SamplingParams, native
 from loraplex.lora import cpu_kernel
 from loraplex.lora.mapping import build_mapping
@@ -169,20 +169,4 @@ def test_engine_tokens_equal_with_fused_and_torch_kernels(adapter_factory: Calla
 def test_a_tokens_bits_do_not_depend_on_the_tokens_beside_it(dtype: torch.dtype, shape: str) -> None:
     """Batch invariance of the fused kernel (issue 41): each token added into a base output has the bits it has
     alone, in batches of 1 to 64 tokens mixing the three slots and base tokens in runs of every length."""
-    x, a, b, layout, _ = kernel_case(shape, "uniform", 64, dtype)
-    g = torch.Generator().manual_seed(5)
-    slots = torch.randint(-1, 3, (64,), generator=g).tolist()
-    base = torch.randn(64, b.shape[-1], generator=g).to(dtype)
-
-    def added(rows: slice) -> torch.Tensor:
-        out = base[rows].clone()
-        if any(s >= 0 for s in slots[rows]):  # base-model tokens only: no mapping, nothing added
-            fused(x[rows], a, b, layout, slots[rows], out=out)
-        return out
-
-    alone = torch.cat([added(slice(i, i + 1)) for i in range(64)])
-    assert not torch.equal(alone, base)
-    for m in (2, 7, 16, 33, 64):
-        start = int(torch.randint(0, 64 - m + 1, (1,), generator=g))
-        rows = slice(start, start + m)
-        assert torch.equal(added(rows), alone[rows]), m
+    assert_tokens_bits_are_their_own(fused, shape, dtype, 64, (2, 7, 16, 33, 64))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import POPULARITY, SHAPES, assert_like_reference, fused_inputs, kernel_case
+from conftest import assert_tokens_bits_are_their_own, POPULARITY, SHAPES, assert_like_reference, fused_inputs, kernel_case
 
 # Triton reads TRITON_INTERPRET when it is imported, when the kernels are defined and when they run (the fixture
 # below): it is set for those moments only, so nothing else in this process runs Triton interpreted.
@@ -64,20 +64,4 @@ def test_a_tokens_bits_do_not_depend_on_the_tokens_beside_it(dtype: torch.dtype,
     outputs, the rank block by the layout's max_rank), never chosen by the step's size; the grid only grows. So each
     token added into a base output has the bits it has alone, in batches of 2 to 40 tokens mixing the three slots
     and base tokens, groups spanning one block or three."""
-    x, a, b, layout, _ = kernel_case(shape, "uniform", 40, dtype)
-    g = torch.Generator().manual_seed(5)
-    slots = torch.randint(-1, 3, (40,), generator=g).tolist()
-    base = torch.randn(40, b.shape[-1], generator=g).to(dtype)
-
-    def added(rows: slice) -> torch.Tensor:
-        out = base[rows].clone()
-        if any(s >= 0 for s in slots[rows]):  # base-model tokens only: no mapping, nothing added
-            triton_lora(x[rows].contiguous(), a, b, layout, slots[rows], out=out)
-        return out
-
-    alone = torch.cat([added(slice(i, i + 1)) for i in range(40)])
-    assert not torch.equal(alone, base)
-    for m in (2, 17, 40):
-        start = int(torch.randint(0, 40 - m + 1, (1,), generator=g))
-        rows = slice(start, start + m)
-        assert torch.equal(added(rows), alone[rows]), m
+    assert_tokens_bits_are_their_own(triton_lora, shape, dtype, 40, (2, 17, 40))

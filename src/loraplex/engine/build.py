@@ -90,11 +90,12 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
         return BatchInvariance(False, "requested but not available on a GPU (its GEMM libraries pick their "
                                       "summation order by the number of rows)")
     dtype, cfg = model.embed_tokens.weight.dtype, model.cfg
-    tilings = model.linear_tilings()
-    assert all(t is not None for t in tilings), "prepack(batch_invariant=True) tiles every base linear on a CPU"
-    sizes = [t.rows for t in tilings if t is not None and t is not WHOLE]
+    found = model.linear_tilings()
+    tilings = [t for t in found if t is not None]
+    assert len(tilings) == len(found), "prepack(batch_invariant=True) tiles every base linear on a CPU"
+    sizes = [t.rows for t in tilings if t is not WHOLE]
     fixed = sum(t is WHOLE for t in tilings)  # the fused quantized kernels' layers: fixed order, never cut
-    padded = sum(t is not None and t.pad_single for t in tilings)
+    padded = sum(t.pad_single for t in tilings)
     attention = "the C++ kernel" if cpu_attention.serves(dtype, device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) \
         else "torch, per key block (no C++ attention kernel: slower)"
     lora = "the C++ kernel" if cpu_kernel.supported(dtype, device) else "torch, token by token (no C++ LoRA " \

@@ -59,8 +59,7 @@ class Linear(nn.Module):
             self.packed = cpu_gemm.pack(self.weight)
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
         if batch_invariant and self.tiling is None and (self.packed is not None or self.weight.device.type == "cpu"):
-            self.tiling = cpu_gemm.invariant_tiling(self.packed) if self.packed is not None else \
-                dense_tiling(self.weight)
+            self.tiling = dense_tiling(self.weight, self.packed)
         return packed
 
     def part_slice(self, name: str) -> slice:
@@ -72,15 +71,25 @@ class Linear(nn.Module):
         raise KeyError(name)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        if self.packed is not None:
-            return cpu_gemm.linear(x, self.packed, self.bias, self.tiling)
-        if self.tiling is not None:
-            return tiled(x, lambda rows: F.linear(rows, self.weight, self.bias), self.tiling)
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias, self.packed, self.tiling)
 
 
-def dense_tiling(weight: torch.Tensor) -> Tiling:
-    """The row tiles of F.linear on a plain [OUT, IN] weight of this shape and dtype (row_tiles)."""
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None = None,
+                 tiling: Tiling | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias): through `weight`'s oneDNN copy where it has one (cpu_gemm), in `tiling`'s row tiles
+    where given (dense_tiling). Base linears, the tied LM head and a dequantized weight all run here."""
+    if packed is not None:
+        return cpu_gemm.linear(x, packed, bias, tiling)
+    if tiling is not None:
+        return tiled(x, lambda rows: F.linear(rows, weight, bias), tiling)
+    return F.linear(x, weight, bias)
+
+
+def dense_tiling(weight: torch.Tensor, packed: torch.Tensor | None = None) -> Tiling:
+    """The row tiles of dense_linear on this [OUT, IN] weight (its packed copy where there is one), probed once per
+    kernel, shape, dtype and thread count (row_tiles)."""
+    if packed is not None:
+        return cpu_gemm.invariant_tiling(packed)
     return invariant_tiling(lambda rows: F.linear(rows, weight), "F.linear", weight.shape[0], weight.shape[1],
                             weight.dtype)
 

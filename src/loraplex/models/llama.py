@@ -14,8 +14,8 @@ from loraplex.models import cpu_fused, cpu_gemm
 from loraplex.models.attention import PagedAttention
 from loraplex.models.batch import ForwardBatch
 from loraplex.models.config import ModelConfig
-from loraplex.models.layers import BaseLinear, Linear, RMSNorm, dense_tiling
-from loraplex.models.row_tiles import Tiling, tiled
+from loraplex.models.layers import BaseLinear, Linear, RMSNorm, dense_linear, dense_tiling
+from loraplex.models.row_tiles import Tiling
 from loraplex.models.rope import RotaryEmbedding
 
 
@@ -94,11 +94,7 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x.index_select(0, rows), residual.index_select(0, rows))
         if self.lm_head is not None:
             return self.lm_head(x).float()
-        if self.head_packed is not None:
-            return cpu_gemm.linear(x, self.head_packed, None, self.head_tiling).float()
-        if self.head_tiling is not None:
-            return tiled(x, lambda rows: F.linear(rows, self.embed_tokens.weight), self.head_tiling).float()
-        return F.linear(x, self.embed_tokens.weight).float()
+        return dense_linear(x, self.embed_tokens.weight, None, self.head_packed, self.head_tiling).float()
 
     def prepack(self, batch_invariant: bool = False) -> int:
         """Prepack every base Linear and the LM head for the CPU GEMM (see cpu_gemm); returns how many.
@@ -110,8 +106,7 @@ class LlamaForCausalLM(nn.Module):
             self.head_packed = cpu_gemm.pack(head)
             n += 1
         if self.lm_head is None and batch_invariant and self.head_tiling is None and head.device.type == "cpu":
-            self.head_tiling = cpu_gemm.invariant_tiling(self.head_packed) if self.head_packed is not None else \
-                dense_tiling(head)
+            self.head_tiling = dense_tiling(head, self.head_packed)
         return n
 
     def linear_tilings(self) -> list[Tiling | None]:

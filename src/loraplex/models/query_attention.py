@@ -18,7 +18,7 @@ Why a row's bits follow from that row alone, whatever T and NB (the longest tabl
   tail whose place depends on T);
 - the blocks' outputs are added in block order, and a block past the query's context adds exactly 0.
 Every block is one fixed-shape step, so a chunked prefill's split and a cached prefix change no bit either.
-tests/test_batch_invariance.py runs the engine on this path; tests/test_cpu_attention.py holds it to the reference.
+tests/test_batch_invariance.py runs the engine on this path; tests/test_query_attention.py holds it to the reference.
 """
 
 from __future__ import annotations

@@ -21,14 +21,13 @@ Reference for every path: F.linear(x, dequantize(), bias), tested in tests/test_
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraplex.models.batch import ForwardBatch
-from loraplex.models.layers import Linear, layer_index
+from loraplex.models.layers import Linear, dense_linear, dense_tiling, layer_index
 from loraplex.models.row_tiles import WHOLE, Tiling, invariant_tiling, tiled
 from loraplex.quant import cpu_quant
 
@@ -119,35 +118,29 @@ class QuantLinear(nn.Module):
         if batch_invariant and self.tiling is None and self.kernel_parts is not None:
             self.tiling = WHOLE
         elif batch_invariant and self.tiling is None and device.type == "cpu":
-            kernel = "int8pack" if self._int8pack(self.dtype, device) else "F.linear"  # nf4/fp4: a dense GEMM
-            call = self._rows(None if kernel == "int8pack" else self.dequantize())
-            self.tiling = invariant_tiling(call, kernel, self.out_features, self.in_features, self.dtype)
+            self.tiling = invariant_tiling(self._int8_rows, "int8pack", self.out_features, self.in_features,
+                                           self.dtype) if self._int8pack(self.dtype, device) \
+                else dense_tiling(self.dequantize())  # a dense GEMM on the dequantized weight
         return False
 
     def _int8pack(self, dtype: torch.dtype, device: torch.device) -> bool:
         return self.method == "int8" and device.type == "cpu" and dtype == self.dtype == torch.bfloat16 \
             and _int8pack_mm_ok()
 
-    def _rows(self, weight: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The layer on rows [M, IN] -> [M, OUT], bias excluded: torch's int8 kernel, or F.linear on `weight`
-        (the dequantized weight)."""
-        if weight is None:
-            return lambda rows: torch._weight_int8pack_mm(rows.contiguous(), self.int8_weight, self.int8_scale)
-        return lambda rows: F.linear(rows, weight)
+    def _int8_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """torch's weight-only int8 kernel on rows [M, IN] -> [M, OUT], bias excluded."""
+        return torch._weight_int8pack_mm(rows.contiguous(), self.int8_weight, self.int8_scale)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         if self.kernel_parts is not None and x.dtype == self.dtype and (
                 self.tiling is WHOLE or x.numel() <= KERNEL_MAX_ROWS * self.in_features):
             return self._fused(x)
         if self._int8pack(x.dtype, x.device):
-            call = self._rows(None)
             rows = x.reshape(-1, self.in_features)
-            y = (call(rows) if self.tiling is None else tiled(rows, call, self.tiling)).view(*x.shape[:-1], -1)
+            y = (self._int8_rows(rows) if self.tiling is None else tiled(rows, self._int8_rows, self.tiling))
+            y = y.view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
-        if self.tiling is not None:
-            w = self.dequantize()  # once per call, then row tiles
-            return tiled(x, lambda rows: F.linear(rows, w, self.bias), self.tiling)
-        return F.linear(x, self.dequantize(), self.bias)
+        return dense_linear(x, self.dequantize(), self.bias, tiling=self.tiling)  # dequantized once per call
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """The fused kernel, part by part into its columns of one output."""
