@@ -20,14 +20,23 @@
 // bitsandbytes.functional.dequantize_4bit returns for the model's dtype. int8: codes [N, K] int8, scale [N] in x's
 // dtype, W[n, k] = codes[n, k] * scale[n] in fp32, rounded to x's dtype (QuantLinear.dequantize).
 //
-// Batch invariance (issue 41): y[m, n] is the sum over k of x[m, k] * W[n, k] in kL fp32 lanes (lane k mod kL,
-// in k order), then a fixed tree of shuffles, plus the k past the last full vector in k order, plus the bias,
-// rounded once. That order depends on K alone: not on M, not on the rows beside m, not on the thread count (each
-// output is one thread's), whichever register tile computes it.
+// Batch invariance (issue 41): y[m, n] is the sum over k of x[m, k] * W[n, k] in kL fp32 lanes, then a fixed tree
+// of shuffles, plus the k past the last full vector in k order, plus the bias, rounded once. Lane l takes k = l mod
+// kL in k order, except in a 4-bit matrix whose rows are whole blocks of whole 2*kL-code chunks (K % bs == 0,
+// bs % 2kL == 0: every shape of the served models): there each chunk's high-nibble codes (even k) go through the
+// lanes first, then its low-nibble codes (odd k), so that a code's value is looked up straight into its lane (x is
+// permuted to match once per call). Which order depends on K and bs alone: not on M, not on the rows beside m, not
+// on the thread count (each output is one thread's), whichever path computes it: W decoded a chunk at a time into
+// registers (calls of up to kMR rows) or a few rows at a time into a buffer.
+//
+// A 4-bit block's values are its scaled table, table[c] * scale (rounded to bf16 where x is bf16), 16 products a
+// block instead of one per code: the same fp32 product, so the same weights.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -73,6 +82,63 @@ inline void round_row(float* w, int64_t K) {
   }
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr bool kHasChunks = true;  // lookup_chunk below exists in this build
+#else
+constexpr bool kHasChunks = false;
+#endif
+constexpr int kChunk = 2 * kL;  // codes per chunk: kL bytes
+
+// A 16-entry table of code values: one vector (AVX-512), or 16 floats that AVX2 loads as two (entries 0-7, 8-15).
+struct Tab {
+#if defined(__AVX512F__)
+  fvec v;
+  static Tab load(const float* t) { return Tab{loadv(t)}; }
+  Tab times(float s, bool bf16) const {  // each entry * s, rounded to bf16 values where asked
+    const fvec p = v * s;
+    return Tab{bf16 ? round_bf16(p) : p};
+  }
+#else
+  alignas(32) float e[16];  // in memory: 8 ymm tables for a 4-row tile spilled worse (1.3x slower at batch 1)
+  static Tab load(const float* t) {
+    Tab r;
+    std::memcpy(r.e, t, sizeof r.e);
+    return r;
+  }
+  Tab times(float s, bool bf16) const {
+    fvec a = loadv(e) * s, b = loadv(e + kL) * s;
+    if (bf16) a = round_bf16(a), b = round_bf16(b);
+    Tab r;
+    std::memcpy(r.e, &a, sizeof a);
+    std::memcpy(r.e + kL, &b, sizeof b);
+    return r;
+  }
+#endif
+};
+
+// The values of the 2kL codes in the kL bytes at c, looked up in t: we = the high nibbles' (codes 0, 2, ...,
+// 2kL - 2), wo = the low nibbles' (codes 1, 3, ..., 2kL - 1). The permutes read only an index's low bits (4 with
+// AVX-512; 3, and bit 3 moved to the sign for the blend, with AVX2), so a low nibble needs no mask.
+inline void lookup_chunk(const uint8_t* c, const Tab& t, fvec& we, fvec& wo) {
+#if defined(__AVX512F__)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+  we = (fvec)_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), (__m512)t.v);
+  wo = (fvec)_mm512_permutexvar_ps(v, (__m512)t.v);
+#elif defined(__AVX2__)
+  const auto look = [&](__m256i i) {  // 16 entries: two 8-entry permutes, bit 3 of the code picks one
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(t.e), i),
+                            _mm256_permutevar8x32_ps(_mm256_load_ps(t.e + 8), i),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+  };
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+  we = (fvec)look(_mm256_srli_epi32(v, 4));
+  wo = (fvec)look(v);
+#else
+  (void)c, (void)t;
+  we = wo = fvec{};
+#endif
+}
+
 struct Q4 {
   const uint8_t* codes;
   float pairs[256][2];  // byte -> the values of its two codes (high nibble first)
@@ -84,41 +150,40 @@ struct Q4 {
   float offset;
   int64_t bs, bs2, K;
   bool bf16;
+  bool chunked;
+  int shift2;  // log2(bs2) where bs2 is a power of two (bitsandbytes' 256), else -1: no division per block  // rows are whole blocks of whole chunks: the chunk layout (top of the file)
 
   float scale(int64_t b) const {
     if (absmax != nullptr) return absmax[b];
-    float p = code2[absmax_q[b]] * absmax2[b / bs2];
+    float p = code2[absmax_q[b]] * absmax2[shift2 >= 0 ? b >> shift2 : b / bs2];
     asm("" : "+x"(p));  // rounded before the add, as bitsandbytes computes it: the compiler may not fuse the two
     return p + offset;
   }
+
+  // table[c] * scale(b), rounded to bf16 values where the model is bf16: block b's weight of each code.
+  Tab scaled_table(int64_t b) const { return Tab::load(table).times(scale(b), bf16); }
 
   // The table values of the codes from byte c on, into w[k ...], a vector of bytes at a time (while a whole one
   // fits before K); returns the k it stopped at. A byte's two codes are looked up as two vectors (high nibbles,
   // low nibbles) and interleaved back into code order.
   int64_t lookup(const uint8_t* c, float* w, int64_t k) const {
 #if defined(__AVX512F__)
-    const __m512 tab = _mm512_loadu_ps(table);
-    const __m512i nib = _mm512_set1_epi32(15);
     const __m512i lo_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi_half = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (; k + 32 <= K; k += 32, c += 16) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      const __m512 first = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);  // codes 0, 2, ..., 30
-      const __m512 second = _mm512_permutexvar_ps(_mm512_and_si512(v, nib), tab);  // codes 1, 3, ..., 31
-      _mm512_storeu_ps(w + k, _mm512_permutex2var_ps(first, lo_half, second));
-      _mm512_storeu_ps(w + k + 16, _mm512_permutex2var_ps(first, hi_half, second));
+    const Tab t = Tab::load(table);
+    for (; k + kChunk <= K; k += kChunk, c += kL) {
+      fvec first, second;
+      lookup_chunk(c, t, first, second);
+      _mm512_storeu_ps(w + k, _mm512_permutex2var_ps((__m512)first, lo_half, (__m512)second));
+      _mm512_storeu_ps(w + k + 16, _mm512_permutex2var_ps((__m512)first, hi_half, (__m512)second));
     }
 #elif defined(__AVX2__)
-    const __m256 tab_lo = _mm256_loadu_ps(table), tab_hi = _mm256_loadu_ps(table + 8);
-    const __m256i nib = _mm256_set1_epi32(15);
-    const auto look = [&](__m256i i) {  // 16 entries: two 8-entry permutes, bit 3 of the code picks one
-      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tab_lo, i), _mm256_permutevar8x32_ps(tab_hi, i),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
-    };
-    for (; k + 16 <= K; k += 16, c += 8) {
-      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
-      const __m256 first = look(_mm256_srli_epi32(v, 4)), second = look(_mm256_and_si256(v, nib));
-      const __m256 u0 = _mm256_unpacklo_ps(first, second), u1 = _mm256_unpackhi_ps(first, second);
+    const Tab t = Tab::load(table);
+    for (; k + kChunk <= K; k += kChunk, c += kL) {
+      fvec first, second;
+      lookup_chunk(c, t, first, second);
+      const __m256 u0 = _mm256_unpacklo_ps((__m256)first, (__m256)second);
+      const __m256 u1 = _mm256_unpackhi_ps((__m256)first, (__m256)second);
       _mm256_storeu_ps(w + k, _mm256_permute2f128_ps(u0, u1, 0x20));
       _mm256_storeu_ps(w + k + 8, _mm256_permute2f128_ps(u0, u1, 0x31));
     }
@@ -126,7 +191,7 @@ struct Q4 {
     return k;
   }
 
-  // W[n, 0:K] into w (fp32 values, rounded to bf16 where the model is bf16).
+  // W[n, 0:K] into w in k order (fp32 values, rounded to bf16 where the model is bf16).
   void decode_row(int64_t n, float* w) const {
     const int64_t f = n * K;
     int64_t k = 0;
@@ -149,6 +214,21 @@ struct Q4 {
     }
     if (bf16) round_row(w, K);
   }
+
+  // W[n, 0:K] into w in the chunk layout (chunked matrices): each block's codes looked up in its scaled table.
+  void decode_chunks(int64_t n, float* w) const {
+    for (int64_t k0 = 0, b = n * (K / bs); k0 < K; k0 += bs, ++b) {  // rows are whole blocks
+      const Tab t = scaled_table(b);
+      for (int64_t k = k0; k < k0 + bs; k += kChunk) {
+        fvec we, wo;
+        lookup_chunk(codes + ((n * K + k) >> 1), t, we, wo);
+        std::memcpy(w + k, &we, sizeof we);
+        std::memcpy(w + k + kL, &wo, sizeof wo);
+      }
+    }
+  }
+
+  void decode(int64_t n, float* w) const { chunked ? decode_chunks(n, w) : decode_row(n, w); }
 };
 
 // int8 codes with one scale per output row.
@@ -158,17 +238,49 @@ struct Q8 {
   int64_t K;
   bool bf16;
 
-  void decode_row(int64_t n, float* w) const {
-    const float s = bf16 ? to_f32(static_cast<const uint16_t*>(scale)[n]) : static_cast<const float*>(scale)[n];
-    const int8_t* c = codes + n * K;
-    for (int64_t k = 0; k < K; ++k) w[k] = float(c[k]) * s;
-    if (bf16) round_row(w, K);
+  float row_scale(int64_t n) const {
+    return bf16 ? to_f32(static_cast<const uint16_t*>(scale)[n]) : static_cast<const float*>(scale)[n];
+  }
+  fvec vec(int64_t n, int64_t k, fvec s) const {  // W[n, k:k+kL]
+    typedef int8_t bvec __attribute__((vector_size(kL)));
+    bvec c;
+    std::memcpy(&c, codes + n * K + k, sizeof c);
+    const fvec w = __builtin_convertvector(c, fvec) * s;
+    return bf16 ? round_bf16(w) : w;
+  }
+  float at(int64_t n, int64_t k, float s) const {  // W[n, k], rounded as vec rounds
+    float w = float(codes[n * K + k]) * s;
+    if (bf16) {
+      uint16_t h;
+      store1(&h, w);
+      w = to_f32(h);
+    }
+    return w;
+  }
+  void decode(int64_t n, float* w) const {
+    const float s = row_scale(n);
+    const int64_t kv = K - K % kL;
+    for (int64_t k = 0; k < kv; k += kL) {
+      const fvec v = vec(n, k, fvec{} + s);
+      std::memcpy(w + k, &v, sizeof v);
+    }
+    for (int64_t k = kv; k < K; ++k) w[k] = at(n, k, s);
   }
 };
 
-// out[m0 + i, n0 + j] for i < MR, j < NR: x rows against the decoded W rows w[j * K ...].
-template <int MR, int NR, typename T>
-void tile(const T* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_t n0, const T* bias, T* out) {
+// out[n] = the lanes' sum, then the tail, then the bias, rounded once: the one way every path ends an output. The
+// tails' products are added by std::fma, never by a * b + c: g++ contracts that into an FMA in some inlined copies
+// and not in others (C++ builds contract by default), which gave a row other bits alone than in a batch.
+template <typename T>
+inline void finish(fvec acc, float tail, const T* bias, int64_t n, T* out) {
+  float y = hsum(acc) + tail;
+  if (bias != nullptr) y += to_f32(bias[n]);
+  store1(out + n, y);
+}
+
+// out[m0 + i, n0 + j] for i < MR, j < NR: rows of x (fp32 or x's dtype) against decoded W rows w[j * K ...].
+template <int MR, int NR, typename X, typename T>
+void tile(const X* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_t n0, const T* bias, T* out) {
   fvec acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = fvec{};
@@ -183,32 +295,99 @@ void tile(const T* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
       float tail = 0.f;
-      for (int64_t k = kv; k < K; ++k) tail += to_f32(x[(m0 + i) * K + k]) * w[j * K + k];
-      float y = hsum(acc[i][j]) + tail;
-      if (bias != nullptr) y += to_f32(bias[n0 + j]);
-      store1(out + (m0 + i) * ldo + n0 + j, y);
+      for (int64_t k = kv; k < K; ++k) tail = std::fma(to_f32(x[(m0 + i) * K + k]), w[j * K + k], tail);
+      finish(acc[i][j], tail, bias, n0 + j, out + (m0 + i) * ldo);
     }
 }
 
-template <int NR, typename T>
-void rows(const T* x, const float* w, int64_t M, int64_t K, int64_t ldo, int64_t n0, const T* bias, T* out) {
+template <int NR, typename X, typename T>
+void rows(const X* x, const float* w, int64_t M, int64_t K, int64_t ldo, int64_t n0, const T* bias, T* out) {
   int64_t m = 0;
   for (; m + kMR <= M; m += kMR) tile<kMR, NR>(x, w, K, ldo, m, n0, bias, out);
   for (; m < M; ++m) tile<1, NR>(x, w, K, ldo, m, n0, bias, out);  // each row's sums are the same in any tile
 }
 
-template <typename Q, typename T>
-void linear(const T* x, const Q& q, int64_t M, int64_t N, int64_t ldo, const T* bias, T* out, int nthreads) {
+// All MR (<= kMR) rows of x against W rows n0 .. n0 + kNR of a chunked 4-bit matrix, each chunk looked up straight
+// into registers: the sums of tile() over decode_chunks, without the buffer. xp: x in the chunk layout, fp32.
+template <int MR, typename T>
+void direct(const float* xp, const Q4& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
+  const int64_t K = q.K;
+  fvec acc[MR][kNR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) acc[i][j] = fvec{};
+  Tab t[kNR];
+  const int64_t blocks = K / q.bs;  // a row's: rows are whole blocks
+  for (int64_t k0 = 0, b = n0 * blocks; k0 < K; k0 += q.bs, ++b) {
+    for (int j = 0; j < kNR; ++j) t[j] = q.scaled_table(b + j * blocks);
+    for (int64_t k = k0; k < k0 + q.bs; k += kChunk) {
+      fvec xe[MR], xo[MR];
+      for (int i = 0; i < MR; ++i) xe[i] = loadv(xp + i * K + k), xo[i] = loadv(xp + i * K + k + kL);
+      for (int j = 0; j < kNR; ++j) {
+        fvec we, wo;
+        lookup_chunk(q.codes + (((n0 + j) * K + k) >> 1), t[j], we, wo);
+        for (int i = 0; i < MR; ++i) acc[i][j] = fmadd(xo[i], wo, fmadd(xe[i], we, acc[i][j]));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) finish(acc[i][j], 0.f, bias, n0 + j, out + i * ldo);
+}
+
+// The same for int8 rows, k in order: the sums of tile() over Q8::decode, without the buffer.
+template <int MR, typename T>
+void direct(const T* x, const Q8& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
+  const int64_t K = q.K, kv = K - K % kL;
+  fvec acc[MR][kNR], s[kNR];
+  float sj[kNR];
+  for (int j = 0; j < kNR; ++j) sj[j] = q.row_scale(n0 + j), s[j] = fvec{} + sj[j];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) acc[i][j] = fvec{};
+  for (int64_t k = 0; k < kv; k += kL) {
+    fvec xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = loadv(x + i * K + k);
+    for (int j = 0; j < kNR; ++j) {
+      const fvec w = q.vec(n0 + j, k, s[j]);
+      for (int i = 0; i < MR; ++i) acc[i][j] = fmadd(xv[i], w, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) {
+      float tail = 0.f;
+      for (int64_t k = kv; k < K; ++k) tail = std::fma(to_f32(x[i * K + k]), q.at(n0 + j, k, sj[j]), tail);
+      finish(acc[i][j], tail, bias, n0 + j, out + i * ldo);
+    }
+}
+
+// y = x W^T over tiles of kNR rows of W, split between the threads. A whole tile of a call of up to kMR rows goes
+// through direct() when `registers` (no buffer: at batch 1 the decode is the cost); the rest decode their W rows
+// into a per-thread buffer and run the register tiles over every row of x.
+template <typename Q, typename X, typename T>
+void linear(const X* x, const Q& q, int64_t M, int64_t N, int64_t ldo, const T* bias, T* out, int nthreads,
+            bool registers) {
   const int64_t K = q.K;
   const int64_t tiles = (N + kNR - 1) / kNR;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
-    std::vector<float> w(kNR * K);
+    std::vector<float> w;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * kNR;
       const int nr = int(std::min<int64_t>(kNR, N - n0));
-      for (int j = 0; j < nr; ++j) q.decode_row(n0 + j, w.data() + j * K);
+      if constexpr (std::is_same_v<Q, Q8> || std::is_same_v<X, float>) {  // a direct() exists for these
+        if (registers && nr == kNR && M <= kMR) {
+          switch (M) {
+            case 1: direct<1>(x, q, ldo, n0, bias, out); break;
+            case 2: direct<2>(x, q, ldo, n0, bias, out); break;
+#if defined(__AVX512F__)
+            case 3: direct<3>(x, q, ldo, n0, bias, out); break;
+            case 4: direct<4>(x, q, ldo, n0, bias, out); break;
+#endif
+          }
+          continue;
+        }
+      }
+      w.resize(kNR * K);
+      for (int j = 0; j < nr; ++j) q.decode(n0 + j, w.data() + j * K);
       switch (nr) {
         case 4: rows<4>(x, w.data(), M, K, ldo, n0, bias, out); break;
         case 3: rows<3>(x, w.data(), M, K, ldo, n0, bias, out); break;
@@ -218,23 +397,54 @@ void linear(const T* x, const Q& q, int64_t M, int64_t N, int64_t ldo, const T* 
     }
   }
 }
+static_assert(kMR == 4 || kMR == 2, "direct() is dispatched for M up to kMR");
 
 Q4 q4(const uint8_t* codes, const float* table, const float* absmax, const uint8_t* absmax_q, const float* absmax2,
       const float* code2, float offset, int64_t bs, int64_t bs2, int64_t K, bool bf16) {
-  Q4 q{codes, {}, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, bf16};
+  const bool chunked = kHasChunks && bs > 0 && K % bs == 0 && bs % kChunk == 0;
+  int shift2 = -1;
+  for (int i = 0; i < 62; ++i)
+    if (bs2 == int64_t(1) << i) shift2 = i;
+  Q4 q{codes, {}, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, bf16, chunked, shift2};
   for (int v = 0; v < 256; ++v) q.pairs[v][0] = table[v >> 4], q.pairs[v][1] = table[v & 15];
   return q;
+}
+
+// x [M, K] as fp32 in the chunk layout: each chunk's even k first, then its odd k (K % kChunk == 0).
+template <typename T>
+std::vector<float> chunk_layout(const T* x, int64_t M, int64_t K) {
+  std::vector<float> xp(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += kChunk)
+      for (int l = 0; l < kL; ++l) {
+        xp[m * K + k + l] = to_f32(x[m * K + k + 2 * l]);
+        xp[m * K + k + kL + l] = to_f32(x[m * K + k + 2 * l + 1]);
+      }
+  return xp;
+}
+
+template <typename T>
+void run(const T* x, const Q4& q, int64_t M, int64_t N, const T* bias, T* out, int64_t ldo, int nthreads) {
+  if (q.chunked)
+    linear(chunk_layout(x, M, q.K).data(), q, M, N, ldo, bias, out, nthreads, true);
+  else
+    linear(x, q, M, N, ldo, bias, out, nthreads, false);
+}
+
+template <typename T>
+void run(const T* x, const Q8& q, int64_t M, int64_t N, const T* bias, T* out, int64_t ldo, int nthreads) {
+  linear(x, q, M, N, ldo, bias, out, nthreads, true);
 }
 
 template <typename Q>
 int run(int dtype, const void* x, const Q& q, int64_t M, int64_t N, const void* bias, void* out, int64_t ldo,
         int nthreads) {
   if (dtype == 0)
-    linear(static_cast<const float*>(x), q, M, N, ldo, static_cast<const float*>(bias), static_cast<float*>(out),
-           nthreads);
+    run(static_cast<const float*>(x), q, M, N, static_cast<const float*>(bias), static_cast<float*>(out), ldo,
+        nthreads);
   else
-    linear(static_cast<const uint16_t*>(x), q, M, N, ldo, static_cast<const uint16_t*>(bias),
-           static_cast<uint16_t*>(out), nthreads);
+    run(static_cast<const uint16_t*>(x), q, M, N, static_cast<const uint16_t*>(bias), static_cast<uint16_t*>(out),
+        ldo, nthreads);
   return 0;
 }
 
@@ -260,7 +470,16 @@ int loraplex_q4_dequantize(int dtype, int64_t K, int64_t N, const uint8_t* codes
                            float offset, int64_t bs, int64_t bs2, float* w) {
   if (dtype != 0 && dtype != 1) return 1;
   const Q4 q = q4(codes, table, absmax, absmax_q, absmax2, code2, offset, bs, bs2, K, dtype == 1);
-  for (int64_t n = 0; n < N; ++n) q.decode_row(n, w + n * K);
+  std::vector<float> row(K);
+  for (int64_t n = 0; n < N; ++n) {
+    if (!q.chunked) {
+      q.decode_row(n, w + n * K);
+      continue;
+    }
+    q.decode_chunks(n, row.data());  // back into k order
+    for (int64_t k = 0; k < K; k += kChunk)
+      for (int l = 0; l < kL; ++l) w[n * K + k + 2 * l] = row[k + l], w[n * K + k + 2 * l + 1] = row[k + kL + l];
+  }
   return 0;
 }
 
@@ -274,7 +493,7 @@ int loraplex_q8_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N
 int loraplex_q8_dequantize(int dtype, int64_t K, int64_t N, const int8_t* codes, const void* scale, float* w) {
   if (dtype != 0 && dtype != 1) return 1;
   const Q8 q{codes, scale, K, dtype == 1};
-  for (int64_t n = 0; n < N; ++n) q.decode_row(n, w + n * K);
+  for (int64_t n = 0; n < N; ++n) q.decode(n, w + n * K);
   return 0;
 }
 
