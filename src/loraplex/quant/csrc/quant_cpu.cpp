@@ -242,11 +242,17 @@ struct Q8 {
     return bf16 ? to_f32(static_cast<const uint16_t*>(scale)[n]) : static_cast<const float*>(scale)[n];
   }
   fvec vec(int64_t n, int64_t k, fvec s) const {  // W[n, k:k+kL]
-    typedef int8_t bvec __attribute__((vector_size(kL)));
-    bvec c;
-    std::memcpy(&c, codes + n * K + k, sizeof c);
-    const fvec w = __builtin_convertvector(c, fvec) * s;
-    return bf16 ? round_bf16(w) : w;
+    const int8_t* c = codes + n * K + k;
+    // widened by intrinsics: g++ converts a generic int8 vector to float one lane at a time (10x slower)
+#if defined(__AVX512F__)
+    const fvec w = (fvec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+#elif defined(__AVX2__)
+    const fvec w = (fvec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+#else
+    fvec w;
+    for (int l = 0; l < kL; ++l) w[l] = float(c[l]);
+#endif
+    return bf16 ? round_bf16(w * s) : w * s;
   }
   float at(int64_t n, int64_t k, float s) const {  // W[n, k], rounded as vec rounds
     float w = float(codes[n * K + k]) * s;
