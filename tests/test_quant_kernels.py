@@ -6,6 +6,7 @@ same bits in any batch, and the AVX2 build agrees."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,11 @@ def test_bad_arguments_are_refused_before_any_pointer_is_read() -> None:
         cpu_quant.linear(torch.randn(2, 64), w, None, torch.empty(2, 5))  # too few columns
     with pytest.raises(ValueError, match="quantized linear"):
         cpu_quant.linear(torch.randn(2, 64).bfloat16(), w, None, torch.empty(2, 6))  # dtypes differ
+    assert isinstance(w, cpu_quant.Codes)
+    with pytest.raises(ValueError, match=r"4-bit codes for \[6, 64\]"):  # the weight is checked once, when made
+        dataclasses.replace(w, codes=w.codes[:-1])
+    with pytest.raises(ValueError, match="int8 rows"):
+        cpu_quant.Int8Rows(torch.zeros(6, 64, dtype=torch.int8), torch.ones(5))
 
 
 @pytest.mark.slow

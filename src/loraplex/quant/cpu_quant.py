@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,31 @@ class Codes:
     blocksize2: int
     n: int
     k: int
+    # The kernel's weight arguments (pointers and sizes), checked and taken once: a decode step calls the kernel
+    # 210 times on the default model, and checking the weight at every call cost about a third of its overhead.
+    args: tuple[int | float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        nested = self.absmax2 is not None
+        blocks = -(-self.n * self.k // self.blocksize) if self.blocksize > 0 else -1
+        ok = (self.codes.dtype == torch.uint8 and self.codes.is_contiguous() and self.codes.dim() == 1
+              and self.codes.numel() == -(-self.n * self.k // 2) and self.table.dtype == torch.float32
+              and self.table.shape == (16,) and self.table.is_contiguous() and self.absmax.is_contiguous()
+              and self.absmax.shape == (blocks,) and self.absmax.dtype == (torch.uint8 if nested else torch.float32)
+              and (not nested or (self.code2 is not None and self.code2.shape == (256,) and self.blocksize2 > 0
+                                  and self.absmax2.shape == (-(-blocks // self.blocksize2),)  # type: ignore[union-attr]
+                                  and self.absmax2.dtype == self.code2.dtype == torch.float32  # type: ignore[union-attr]
+                                  and self.absmax2.is_contiguous() and self.code2.is_contiguous()))  # type: ignore[union-attr]
+              and all(t.device.type == "cpu" for t in (self.codes, self.table, self.absmax)))
+        if not ok:
+            raise ValueError(f"4-bit codes for [{self.n}, {self.k}]: codes [{-(-self.n * self.k // 2)}] uint8, table "
+                             f"[16] float32, absmax [{blocks}] (float32, or uint8 with nested scales), contiguous on "
+                             f"the CPU; got codes {tuple(self.codes.shape)} {self.codes.dtype}, absmax "
+                             f"{tuple(self.absmax.shape)} {self.absmax.dtype}")
+        scales = (0, self.absmax.data_ptr(), self.absmax2.data_ptr(), self.code2.data_ptr()) if nested \
+            else (self.absmax.data_ptr(), 0, 0, 0)  # type: ignore[union-attr]
+        object.__setattr__(self, "args", (self.codes.data_ptr(), self.table.data_ptr(), *scales, self.offset,
+                                          self.blocksize, self.blocksize2))
 
     @staticmethod
     def of(codes: torch.Tensor, state: object) -> Codes:
@@ -71,13 +96,6 @@ class Codes:
                      float(s.offset) if nested else 0.0, int(s.blocksize),  # type: ignore[attr-defined]
                      int(s2.blocksize) if s2 else 1, int(n), int(k))
 
-    def _scales(self) -> tuple[int, int, int, int]:
-        nested = self.absmax2 is not None
-        assert not nested or (self.absmax.dtype == torch.uint8 and self.code2 is not None)
-        assert nested or self.absmax.dtype == torch.float32
-        return (0 if nested else self.absmax.data_ptr(), self.absmax.data_ptr() if nested else 0,
-                self.absmax2.data_ptr() if nested else 0, self.code2.data_ptr() if nested else 0)  # type: ignore[union-attr]
-
 
 @dataclass(frozen=True, slots=True)
 class Int8Rows:
@@ -85,6 +103,14 @@ class Int8Rows:
 
     codes: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N] in the model dtype
+
+    def __post_init__(self) -> None:
+        if not (self.codes.dtype == torch.int8 and self.codes.dim() == 2 and self.codes.is_contiguous()
+                and self.scale.dtype in DTYPES and self.scale.shape == (self.codes.shape[0],)
+                and self.scale.is_contiguous() and self.codes.device.type == self.scale.device.type == "cpu"):
+            raise ValueError(f"int8 rows: codes [N, K] int8 and scale [N] (float32/bfloat16), contiguous on the CPU; "
+                             f"got {tuple(self.codes.shape)} {self.codes.dtype}, {tuple(self.scale.shape)} "
+                             f"{self.scale.dtype}")
 
     @property
     def n(self) -> int:
@@ -105,12 +131,9 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows, bias: torch.Tensor | None, out:
         raise RuntimeError("the fused quantized linear kernels are not built (cpu_quant.library() is None)")
     m, k = x.shape
     ok = (x.dtype in DTYPES and x.dtype == out.dtype and x.is_contiguous() and out.is_contiguous() and k == w.k
-          and out.shape[0] == m and col0 + w.n <= out.shape[1]
-          and (w.codes.dtype == torch.uint8 if isinstance(w, Codes) else (
-              w.codes.dtype == torch.int8 and w.codes.is_contiguous() and w.scale.dtype == x.dtype
-              and w.scale.is_contiguous() and w.scale.shape == (w.n,)))
-          and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == (w.n,)))
-          and x.device.type == "cpu")
+          and out.shape[0] == m and col0 + w.n <= out.shape[1] and x.device.type == "cpu"
+          and (isinstance(w, Codes) or w.scale.dtype == x.dtype)  # the weight itself was checked when made
+          and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == (w.n,))))
     if not ok:
         raise ValueError(f"quantized linear: x [M, {w.k}] and out [M, >= {col0 + w.n}] contiguous on the CPU in one dtype "
                          f"(float32/bfloat16), bias [{w.n}]; got x {tuple(x.shape)} {x.dtype}, out "
@@ -120,9 +143,7 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows, bias: torch.Tensor | None, out:
         lib.loraplex_q8_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.scale.data_ptr(),
                                0 if bias is None else bias.data_ptr(), ptr, out.shape[1], torch.get_num_threads())
         return
-    fp32, q, a2, c2 = w._scales()
-    lib.loraplex_q4_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.table.data_ptr(), fp32, q,
-                           a2, c2, w.offset, w.blocksize, w.blocksize2, 0 if bias is None else bias.data_ptr(),
+    lib.loraplex_q4_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, *w.args, 0 if bias is None else bias.data_ptr(),
                            ptr, out.shape[1], torch.get_num_threads())
 
 
@@ -134,7 +155,5 @@ def dequantize(w: Codes | Int8Rows, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, Int8Rows):
         lib.loraplex_q8_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.scale.data_ptr(), out.data_ptr())
         return out.to(dtype)
-    fp32, q, a2, c2 = w._scales()
-    lib.loraplex_q4_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.table.data_ptr(), fp32, q, a2, c2,
-                               w.offset, w.blocksize, w.blocksize2, out.data_ptr())
+    lib.loraplex_q4_dequantize(DTYPES[dtype], w.k, w.n, *w.args, out.data_ptr())
     return out.to(dtype)

@@ -149,10 +149,9 @@ class QuantLinear(nn.Module):
         out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype)
         col = 0
         for part in self.kernel_parts:
-            bias = None if self.bias is None else self.bias[col:col + part.n]
-            cpu_quant.linear(rows, part, bias, out, col)
+            cpu_quant.linear(rows, part, None if self.bias is None else self.bias[col:col + part.n], out, col)
             col += part.n
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
         """Bytes held for the weight: codes, scales and nested scales (not the bias)."""
