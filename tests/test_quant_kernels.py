@@ -1,8 +1,9 @@
 """The fused quantized linear kernels (quant/cpu_quant.py, quant/csrc/quant_cpu.cpp) against their reference, F.linear
-on the dequantized weight: NF4 and FP4, with and without double quantization, and int8 with per-row scales, fp32 and
-bf16, over odd shapes and block remainders (K odd, rows starting inside a byte and inside a block) and every batch
-size from 1 to 128. They decode exactly the weights bitsandbytes and QuantLinear dequantize, a row's result has the
-same bits in any batch, and the AVX2 build agrees."""
+on the dequantized weight: NF4 and FP4, with and without double quantization, int8 with per-row scales, and GGUF's
+Q4_0, Q4_1 and Q8_0 blocks (against gguf-py's dequantize), fp32 and bf16, over odd shapes and block remainders (K
+odd, rows starting inside a byte and inside a block) and every batch size from 1 to 128. They decode exactly the
+weights bitsandbytes, QuantLinear and gguf-py dequantize, a row's result has the same bits in any batch, and the AVX2
+build agrees."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def quantized(n: int, k: int, dtype: torch.dtype, kind: tuple[str, bool], seed: 
     return cpu_quant.Codes.of(codes, state), bnbf.dequantize_4bit(codes, state).to(dtype)
 
 
-def run(x: torch.Tensor, w: cpu_quant.Codes, bias: torch.Tensor | None) -> torch.Tensor:
+def run(x: torch.Tensor, w: cpu_quant.Codes | cpu_quant.Int8Rows | cpu_quant.GgufRows,
+        bias: torch.Tensor | None) -> torch.Tensor:
     out = torch.full((x.shape[0], w.n), float("nan"), dtype=x.dtype)
     cpu_quant.linear(x, w, bias, out)
     return out
@@ -126,14 +128,68 @@ def test_bad_arguments_are_refused_before_any_pointer_is_read() -> None:
         cpu_quant.Int8Rows(torch.zeros(6, 64, dtype=torch.int8), torch.ones(5))
 
 
+GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+GGUF_SHAPES = [(7, 32), (33, 96), (40, 576), (5, 160)]  # (N, K): K whole blocks of 32
+
+
+def gguf_quantized(n: int, k: int, kind: str, seed: int = 0) -> tuple[cpu_quant.GgufRows, torch.Tensor]:
+    """A random [N, K] weight in a GGUF block format as gguf-py writes it, and its fp32 weight as gguf-py reads it
+    (what transformers loads a GGUF with)."""
+    gq = pytest.importorskip("gguf.quants")
+    qtype = pytest.importorskip("gguf").GGMLQuantizationType(GGUF_TYPES[kind])
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).numpy()
+    data = torch.from_numpy(gq.quantize(w, qtype).copy())
+    return cpu_quant.GgufRows(data, GGUF_TYPES[kind], n, k), torch.from_numpy(gq.dequantize(data.numpy(), qtype).copy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", GGUF_TYPES)
+def test_gguf_blocks_decode_as_gguf_py_reads_them_and_multiply_like_the_reference(dtype: torch.dtype, kind: str) -> None:
+    """Q4_0, Q4_1 and Q8_0 as shipped: the decoded weights are gguf-py's bit for bit (rounded to the dtype), a
+    subnormal fp16 scale included; results equal F.linear on them at batch 1 to 40; a row has its solo bits in any
+    batch; and a row map reads stored rows in its order."""
+    for n, k in GGUF_SHAPES:
+        w, ref = gguf_quantized(n, k, kind, seed=n + k)
+        w.data[0, :2] = torch.tensor([1, 0], dtype=torch.uint8)  # the first block's d: fp16 2^-24, subnormal
+        ref = torch.from_numpy(pytest.importorskip("gguf.quants").dequantize(
+            w.data.numpy(), pytest.importorskip("gguf").GGMLQuantizationType(GGUF_TYPES[kind])).copy())
+        assert torch.equal(cpu_quant.dequantize(w, dtype), ref.to(dtype)), (n, k)
+        g = torch.Generator().manual_seed(n * k)
+        x = torch.randn(40, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        for m in (1, 2, 3, 4, 5, 9, 40):
+            assert_like_reference(run(x[:m], w, bias), x[:m], ref.to(dtype), bias)
+        alone = torch.cat([run(x[i:i + 1], w, bias) for i in range(40)])
+        assert torch.equal(run(x, w, bias), alone)
+        perm = torch.randperm(n, generator=g)
+        mapped = cpu_quant.GgufRows(w.data, w.type, n, k, perm)
+        assert torch.equal(cpu_quant.dequantize(mapped, dtype), ref[perm].to(dtype))
+        assert torch.equal(run(x[:3], mapped, None), run(x[:3], w, None)[:, perm])
+
+
+def test_bad_gguf_rows_are_refused_when_made() -> None:
+    w, _ = gguf_quantized(4, 64, "Q4_1")
+    with pytest.raises(ValueError, match=r"GGUF rows for \[4, 64\]"):
+        cpu_quant.GgufRows(w.data, 6, 4, 64)  # Q5_0: not read here
+    with pytest.raises(ValueError, match="GGUF rows"):
+        cpu_quant.GgufRows(w.data[:, :-1].contiguous(), w.type, 4, 64)  # a row is not whole blocks
+    with pytest.raises(ValueError, match="GGUF rows"):
+        cpu_quant.GgufRows(w.data, w.type, 4, 64, torch.tensor([0, 1, 2, 4]))  # the map reads past the stored rows
+
+
 @pytest.mark.slow
-def test_the_avx2_build_matches_the_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The kernel as built for AVX2-only CPUs (8-lane vectors, its own code lookup), checked here whatever this CPU
-    has: the same decoded weights, results like the reference, and rows' bits independent of the batch."""
+@pytest.mark.parametrize("build", ["avx2", "x86-64"])
+def test_the_avx2_and_plain_x86_builds_match_the_reference(build: str, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    """The kernel as built for AVX2-only CPUs (8-lane vectors, its own code lookup) and for an x86-64 CPU without AVX
+    (no vector lookup, GGUF's scalar decode and fp16 conversion), checked here whatever this CPU has: the same
+    decoded weights, results like the reference, and rows' bits independent of the batch."""
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
     cxx = native.compiler()
     assert cxx is not None
-    lib = cpu_quant.load(native.build(cpu_quant.SOURCE, cxx, [*native.FLAGS, "-mno-avx512f"]))
+    flags = [*native.FLAGS, "-mno-avx512f"] if build == "avx2" else \
+        [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64"]
+    lib = cpu_quant.load(native.build(cpu_quant.SOURCE, cxx, flags))
     monkeypatch.setattr(cpu_quant, "library", lambda: lib)
     for dtype in DTYPES:
         for kind in KINDS:
@@ -143,4 +199,12 @@ def test_the_avx2_build_matches_the_reference(monkeypatch: pytest.MonkeyPatch, t
                 x = torch.randn(37, k).to(dtype)
                 out = run(x, w, None)
                 assert_like_reference(out, x, ref, None)
+                assert torch.equal(torch.cat([run(x[i:i + 1], w, None) for i in range(37)]), out)
+        for kind in GGUF_TYPES:
+            for n, k in GGUF_SHAPES:
+                w, ref = gguf_quantized(n, k, kind, seed=n + k)
+                assert torch.equal(cpu_quant.dequantize(w, dtype), ref.to(dtype)), (dtype, kind, n, k)
+                x = torch.randn(37, k).to(dtype)
+                out = run(x, w, None)
+                assert_like_reference(out, x, ref.to(dtype), None)
                 assert torch.equal(torch.cat([run(x[i:i + 1], w, None) for i in range(37)]), out)

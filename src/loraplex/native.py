@@ -1,9 +1,9 @@
 """C++ kernels built on the machine that runs them: one compiler call, cached, loaded through ctypes.
 
-The sources (lora/csrc, models/csrc) use no torch headers, so a build is one call of the system's C++
-compiler taking about a second, made on first use (and by `make setup`). Builds are cached under
-$LORAPLEX_CACHE/kernels by a hash of the source, the flags, the compiler and the CPU's feature flags: a
-cached build never runs on a CPU it was not made for. Without a compiler, or when a build fails, the
+The sources (lora/csrc, models/csrc, quant/csrc) use no torch headers, so a build is one call of the system's
+C++ compiler taking about a second, made on first use (and by `make setup`). Builds are cached under
+$LORAPLEX_CACHE/kernels by a hash of the source, the headers (csrc/ and the source's own), the flags, the compiler
+and the CPU's feature flags: a cached build never runs on a CPU it was not made for. Without a compiler, or when a build fails, the
 caller's torch path serves (each kernel module says which), with the reason logged once.
 """
 
@@ -48,7 +48,7 @@ def compiler() -> list[str] | None:
 def library_path(source: Path, cxx: list[str], flags: list[str]) -> Path:
     version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=False, timeout=60).stdout
     cpu_flags = " ".join(sorted(hardware.cpu().flags))
-    headers = [h.read_text() for h in sorted(INCLUDE.glob("*.h"))]
+    headers = [h.read_text() for h in [*sorted(INCLUDE.glob("*.h")), *sorted(source.parent.glob("*.h"))]]  # shared, own
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, version, cpu_flags]).encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"{source.stem}-{key}.so"
 

@@ -1,6 +1,6 @@
 """The fused quantized linear CPU kernels (csrc/quant_cpu.cpp): NF4 and FP4 on bitsandbytes' own codes and block
-scales (double quantization included), and int8 with per-row scales, decoded inside the GEMM a few rows of W at a
-time, never as a whole weight. Built once per machine (loraplex.native), called through ctypes. Without a C++
+scales (double quantization included), int8 with per-row scales, and GGUF's Q4_0, Q4_1 and Q8_0 blocks as shipped,
+decoded inside the GEMM a few rows of W at a time, never as a whole weight. Built once per machine (loraplex.native), called through ctypes. Without a C++
 compiler, or with LORAPLEX_QUANT_KERNEL=torch, QuantLinear dequantizes the weight and calls F.linear (its
 reference); tests/test_quant_kernels.py holds the two equal.
 """
@@ -28,7 +28,11 @@ def load(path: Path) -> ctypes.CDLL:
     lib.loraplex_q4_dequantize.argtypes = [ctypes.c_int, i64, i64, p, p, p, p, p, p, ctypes.c_float, i64, i64, p]
     lib.loraplex_q8_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p, p, i64, ctypes.c_int]
     lib.loraplex_q8_dequantize.argtypes = [ctypes.c_int, i64, i64, p, p, p]
-    for fn in (lib.loraplex_q4_linear, lib.loraplex_q4_dequantize, lib.loraplex_q8_linear, lib.loraplex_q8_dequantize):
+    lib.loraplex_gguf_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, ctypes.c_int, p, i64, p, p, p, i64,
+                                         ctypes.c_int]
+    lib.loraplex_gguf_dequantize.argtypes = [ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p, p]
+    for fn in (lib.loraplex_q4_linear, lib.loraplex_q4_dequantize, lib.loraplex_q8_linear, lib.loraplex_q8_dequantize,
+               lib.loraplex_gguf_linear, lib.loraplex_gguf_dequantize):
         fn.restype = ctypes.c_int
     return lib
 
@@ -121,7 +125,42 @@ class Int8Rows:
         return int(self.codes.shape[1])
 
 
-def linear(x: torch.Tensor, w: Codes | Int8Rows, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
+GGUF_BLOCK = 32
+GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # ggml type id -> bytes a block: Q4_0, Q4_1, Q8_0
+
+
+@dataclass(frozen=True, slots=True)
+class GgufRows:
+    """One [N, K] matrix in a GGUF block format (Q4_0, Q4_1 or Q8_0), its bytes as the file ships them
+    (csrc/gguf_blocks.h); output row n reads stored row rows[n] where a row map is given."""
+
+    data: torch.Tensor  # [stored rows, K / 32 * bytes a block] uint8
+    type: int  # ggml's type id
+    n: int
+    k: int
+    rows: torch.Tensor | None = None  # [N] int64 in [0, stored rows), or None: row n is stored row n
+
+    def __post_init__(self) -> None:
+        block = GGUF_BLOCK_BYTES.get(self.type, 0)
+        stored = self.data.shape[0] if self.data.dim() == 2 else -1
+        ok = (block > 0 and self.k % GGUF_BLOCK == 0 and self.data.dtype == torch.uint8 and self.data.dim() == 2
+              and self.data.shape[1] == self.k // GGUF_BLOCK * block and self.data.is_contiguous()
+              and self.data.device.type == "cpu")
+        if ok and self.rows is None:
+            ok = stored == self.n
+        elif ok and self.rows is not None:
+            r = self.rows
+            ok = (r.dtype == torch.int64 and r.shape == (self.n,) and r.is_contiguous() and r.device.type == "cpu"
+                  and (self.n == 0 or (int(r.min()) >= 0 and int(r.max()) < stored)))
+        if not ok:
+            raise ValueError(f"GGUF rows for [{self.n}, {self.k}]: ggml type Q4_0 (2), Q4_1 (3) or Q8_0 (8), K a "
+                             f"multiple of {GGUF_BLOCK}, data [rows, K / {GGUF_BLOCK} * bytes a block] uint8 "
+                             f"contiguous on the CPU, a row map [N] int64 within the stored rows; got type "
+                             f"{self.type}, data {tuple(self.data.shape)} {self.data.dtype}, row map "
+                             f"{None if self.rows is None else tuple(self.rows.shape)}")
+
+
+def linear(x: torch.Tensor, w: Codes | Int8Rows | GgufRows, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
     """out[:, col0:col0+N] = x @ W^T (+ bias), W decoded from `w` (rounded to x's dtype, as dequantize_4bit and
     QuantLinear.dequantize return it).
 
@@ -132,13 +171,18 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows, bias: torch.Tensor | None, out:
     m, k = x.shape
     ok = (x.dtype in DTYPES and x.dtype == out.dtype and x.is_contiguous() and out.is_contiguous() and k == w.k
           and out.shape[0] == m and col0 + w.n <= out.shape[1] and x.device.type == "cpu"
-          and (isinstance(w, Codes) or w.scale.dtype == x.dtype)  # the weight itself was checked when made
+          and (not isinstance(w, Int8Rows) or w.scale.dtype == x.dtype)  # the weight itself was checked when made
           and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous() and bias.shape == (w.n,))))
     if not ok:
         raise ValueError(f"quantized linear: x [M, {w.k}] and out [M, >= {col0 + w.n}] contiguous on the CPU in one dtype "
                          f"(float32/bfloat16), bias [{w.n}]; got x {tuple(x.shape)} {x.dtype}, out "
                          f"{tuple(out.shape)} {out.dtype}, bias {None if bias is None else tuple(bias.shape)}")
     ptr = out.data_ptr() + col0 * out.element_size()
+    if isinstance(w, GgufRows):
+        lib.loraplex_gguf_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.type, w.data.data_ptr(), w.data.shape[1],
+                                 0 if w.rows is None else w.rows.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                 ptr, out.shape[1], torch.get_num_threads())
+        return
     if isinstance(w, Int8Rows):
         lib.loraplex_q8_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.scale.data_ptr(),
                                0 if bias is None else bias.data_ptr(), ptr, out.shape[1], torch.get_num_threads())
@@ -147,11 +191,15 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows, bias: torch.Tensor | None, out:
                            ptr, out.shape[1], torch.get_num_threads())
 
 
-def dequantize(w: Codes | Int8Rows, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(w: Codes | Int8Rows | GgufRows, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight the kernel multiplies by, in `dtype` (for the tests)."""
     lib = library()
     assert lib is not None and dtype in DTYPES
     out = torch.empty(w.n, w.k, dtype=torch.float32)
+    if isinstance(w, GgufRows):
+        lib.loraplex_gguf_dequantize(DTYPES[dtype], w.k, w.n, w.type, w.data.data_ptr(), w.data.shape[1],
+                                     0 if w.rows is None else w.rows.data_ptr(), out.data_ptr())
+        return out.to(dtype)
     if isinstance(w, Int8Rows):
         lib.loraplex_q8_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.scale.data_ptr(), out.data_ptr())
         return out.to(dtype)

@@ -1,11 +1,13 @@
-// Fused quantized linears for CPU: y = x W^T (+ bias), with W held as bitsandbytes' codes and never dequantized as
-// a whole: each thread decodes a few rows of W at a time into a buffer of a few KiB and multiplies the rows of x
-// against them. Two weight formats:
-//   4-bit (loraplex_q4_*): NF4 or FP4 codes in blocks, with or without double quantization (below);
-//   int8 (loraplex_q8_*): codes [N, K] int8 with one scale per output row, W[n, k] = codes[n, k] * scale[n].
+// Fused quantized linears for CPU: y = x W^T (+ bias), with W held as its codes and never dequantized as a whole:
+// each thread decodes a few rows of W at a time (into registers, or a buffer of a few KiB) and multiplies the rows
+// of x against them. Three weight formats:
+//   4-bit (loraplex_q4_*): bitsandbytes' NF4 or FP4 codes in blocks, with or without double quantization (below);
+//   int8 (loraplex_q8_*): codes [N, K] int8 with one scale per output row, W[n, k] = codes[n, k] * scale[n];
+//   GGUF (loraplex_gguf_*): Q4_0, Q4_1 and Q8_0 blocks as the file ships them (gguf_blocks.h).
+// The register tiles they share are in quant_tiles.h.
 //
-// The torch reference is F.linear(x, QuantLinear.dequantize(), bias) (quant/linear.py); tests/test_quant_kernels.py
-// holds the two equal. Built by loraplex/native.py with the machine's C++ compiler, called through ctypes.
+// The torch reference is F.linear(x, dequantized W, bias) (QuantLinear.dequantize in quant/linear.py; gguf-py's
+// dequantize for GGUF); tests/test_quant_kernels.py holds them equal. Built by loraplex/native.py with the machine's C++ compiler, called through ctypes.
 //
 // Shapes of the 4-bit format (row-major, contiguous):
 //   x       [M, K]            fp32 or bf16 (uint16 bits)
@@ -45,99 +47,13 @@
 
 #include <immintrin.h>
 
+#include "gguf_blocks.h"
+#include "quant_tiles.h"
 #include "simd.h"
 
 namespace {
 
 using namespace loraplex;
-
-#if defined(__AVX512F__)
-constexpr int kMR = 4;  // rows of x per register tile
-#else
-constexpr int kMR = 2;  // 16 ymm registers: 2 x 4 accumulators, 2 x and 4 W vectors
-#endif
-constexpr int kNR = 4;  // rows of W decoded together
-
-inline fvec fmadd(fvec a, fvec b, fvec c) {  // a * b + c, one rounding where the CPU fuses
-#if defined(__AVX512F__)
-  return (fvec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
-  return (fvec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
-
-// w[0:K] rounded to bf16 values (nearest even), kept as fp32: what a weight stored in bf16 holds.
-inline void round_row(float* w, int64_t K) {
-  int64_t j = 0;
-  for (; j + kL <= K; j += kL) {
-    const fvec r = round_bf16(loadv(w + j));
-    std::memcpy(w + j, &r, sizeof r);
-  }
-  for (; j < K; ++j) {
-    uint16_t h;
-    store1(&h, w[j]);
-    w[j] = to_f32(h);
-  }
-}
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-constexpr bool kHasChunks = true;  // lookup_chunk below exists in this build
-#else
-constexpr bool kHasChunks = false;
-#endif
-constexpr int kChunk = 2 * kL;  // codes per chunk: kL bytes
-
-// A 16-entry table of code values: one vector (AVX-512), or 16 floats that AVX2 loads as two (entries 0-7, 8-15).
-struct Tab {
-#if defined(__AVX512F__)
-  fvec v;
-  static Tab load(const float* t) { return Tab{loadv(t)}; }
-  Tab times(float s, bool bf16) const {  // each entry * s, rounded to bf16 values where asked
-    const fvec p = v * s;
-    return Tab{bf16 ? round_bf16(p) : p};
-  }
-#else
-  alignas(32) float e[16];  // in memory: 8 ymm tables for a 4-row tile spilled worse (1.3x slower at batch 1)
-  static Tab load(const float* t) {
-    Tab r;
-    std::memcpy(r.e, t, sizeof r.e);
-    return r;
-  }
-  Tab times(float s, bool bf16) const {
-    fvec a = loadv(e) * s, b = loadv(e + kL) * s;
-    if (bf16) a = round_bf16(a), b = round_bf16(b);
-    Tab r;
-    std::memcpy(r.e, &a, sizeof a);
-    std::memcpy(r.e + kL, &b, sizeof b);
-    return r;
-  }
-#endif
-};
-
-// The values of the 2kL codes in the kL bytes at c, looked up in t: we = the high nibbles' (codes 0, 2, ...,
-// 2kL - 2), wo = the low nibbles' (codes 1, 3, ..., 2kL - 1). The permutes read only an index's low bits (4 with
-// AVX-512; 3, and bit 3 moved to the sign for the blend, with AVX2), so a low nibble needs no mask.
-inline void lookup_chunk(const uint8_t* c, const Tab& t, fvec& we, fvec& wo) {
-#if defined(__AVX512F__)
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-  we = (fvec)_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), (__m512)t.v);
-  wo = (fvec)_mm512_permutexvar_ps(v, (__m512)t.v);
-#elif defined(__AVX2__)
-  const auto look = [&](__m256i i) {  // 16 entries: two 8-entry permutes, bit 3 of the code picks one
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(t.e), i),
-                            _mm256_permutevar8x32_ps(_mm256_load_ps(t.e + 8), i),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
-  };
-  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
-  we = (fvec)look(_mm256_srli_epi32(v, 4));
-  wo = (fvec)look(v);
-#else
-  (void)c, (void)t;
-  we = wo = fvec{};
-#endif
-}
 
 struct Q4 {
   const uint8_t* codes;
@@ -242,17 +158,8 @@ struct Q8 {
     return bf16 ? to_f32(static_cast<const uint16_t*>(scale)[n]) : static_cast<const float*>(scale)[n];
   }
   fvec vec(int64_t n, int64_t k, fvec s) const {  // W[n, k:k+kL]
-    const int8_t* c = codes + n * K + k;
-    // widened by intrinsics: g++ converts a generic int8 vector to float one lane at a time (10x slower)
-#if defined(__AVX512F__)
-    const fvec w = (fvec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-#elif defined(__AVX2__)
-    const fvec w = (fvec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
-#else
-    fvec w;
-    for (int l = 0; l < kL; ++l) w[l] = float(c[l]);
-#endif
-    return bf16 ? round_bf16(w * s) : w * s;
+    const fvec w = widen_i8(codes + n * K + k) * s;
+    return bf16 ? round_bf16(w) : w;
   }
   float at(int64_t n, int64_t k, float s) const {  // W[n, k], rounded as vec rounds
     float w = float(codes[n * K + k]) * s;
@@ -273,45 +180,6 @@ struct Q8 {
     for (int64_t k = kv; k < K; ++k) w[k] = at(n, k, s);
   }
 };
-
-// out[n] = the lanes' sum, then the tail, then the bias, rounded once: the one way every path ends an output. The
-// tails' products are added by std::fma, never by a * b + c: g++ contracts that into an FMA in some inlined copies
-// and not in others (C++ builds contract by default), which gave a row other bits alone than in a batch.
-template <typename T>
-inline void finish(fvec acc, float tail, const T* bias, int64_t n, T* out) {
-  float y = hsum(acc) + tail;
-  if (bias != nullptr) y += to_f32(bias[n]);
-  store1(out + n, y);
-}
-
-// out[m0 + i, n0 + j] for i < MR, j < NR: rows of x (fp32 or x's dtype) against decoded W rows w[j * K ...].
-template <int MR, int NR, typename X, typename T>
-void tile(const X* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_t n0, const T* bias, T* out) {
-  fvec acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = fvec{};
-  const int64_t kv = K - K % kL;
-  for (int64_t k = 0; k < kv; k += kL) {
-    fvec xv[MR], wv[NR];
-    for (int i = 0; i < MR; ++i) xv[i] = loadv(x + (m0 + i) * K + k);
-    for (int j = 0; j < NR; ++j) wv[j] = loadv(w + j * K + k);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = fmadd(xv[i], wv[j], acc[i][j]);
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float tail = 0.f;
-      for (int64_t k = kv; k < K; ++k) tail = std::fma(to_f32(x[(m0 + i) * K + k]), w[j * K + k], tail);
-      finish(acc[i][j], tail, bias, n0 + j, out + (m0 + i) * ldo);
-    }
-}
-
-template <int NR, typename X, typename T>
-void rows(const X* x, const float* w, int64_t M, int64_t K, int64_t ldo, int64_t n0, const T* bias, T* out) {
-  int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) tile<kMR, NR>(x, w, K, ldo, m, n0, bias, out);
-  for (; m < M; ++m) tile<1, NR>(x, w, K, ldo, m, n0, bias, out);  // each row's sums are the same in any tile
-}
 
 // All MR (<= kMR) rows of x against W rows n0 .. n0 + kNR of a chunked 4-bit matrix, each chunk looked up straight
 // into registers: the sums of tile() over decode_chunks, without the buffer. xp: x in the chunk layout, fp32.
@@ -379,7 +247,7 @@ void linear(const X* x, const Q& q, int64_t M, int64_t N, int64_t ldo, const T* 
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * kNR;
       const int nr = int(std::min<int64_t>(kNR, N - n0));
-      if constexpr (std::is_same_v<Q, Q8> || std::is_same_v<X, float>) {  // a direct() exists for these
+      if constexpr (!std::is_same_v<Q, Q4> || std::is_same_v<X, float>) {  // a direct() exists for these
         if (registers && nr == kNR && M <= kMR) {
           switch (M) {
             case 1: direct<1>(x, q, ldo, n0, bias, out); break;
@@ -437,8 +305,8 @@ void run(const T* x, const Q4& q, int64_t M, int64_t N, const T* bias, T* out, i
     linear(x, q, M, N, ldo, bias, out, nthreads, false);
 }
 
-template <typename T>
-void run(const T* x, const Q8& q, int64_t M, int64_t N, const T* bias, T* out, int64_t ldo, int nthreads) {
+template <typename T, typename Q>  // int8 rows, GGUF blocks: k order, x as it is
+void run(const T* x, const Q& q, int64_t M, int64_t N, const T* bias, T* out, int64_t ldo, int nthreads) {
   linear(x, q, M, N, ldo, bias, out, nthreads, true);
 }
 
@@ -499,6 +367,27 @@ int loraplex_q8_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N
 int loraplex_q8_dequantize(int dtype, int64_t K, int64_t N, const int8_t* codes, const void* scale, float* w) {
   if (dtype != 0 && dtype != 1) return 1;
   const Q8 q{codes, scale, K, dtype == 1};
+  for (int64_t n = 0; n < N; ++n) q.decode(n, w + n * K);
+  return 0;
+}
+
+// GGUF blocks (gguf_blocks.h): data [stored rows, row_bytes] as in the file, rows [N] int64 or null. Returns 0, 1
+// for an unknown dtype, 2 for a type these kernels do not read or a K that is not whole blocks of it.
+int loraplex_gguf_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N, int type, const uint8_t* data,
+                         int64_t row_bytes, const int64_t* rows, const void* bias, void* out, int64_t ldo,
+                         int nthreads) {
+  if (dtype != 0 && dtype != 1) return 1;
+  if (gguf_block_bytes(type) == 0 || K % kGgufBlock != 0 || row_bytes != K / kGgufBlock * gguf_block_bytes(type))
+    return 2;
+  return run(dtype, x, Gguf{data, rows, type, K, row_bytes, dtype == 1}, M, N, bias, out, ldo, nthreads);
+}
+
+int loraplex_gguf_dequantize(int dtype, int64_t K, int64_t N, int type, const uint8_t* data, int64_t row_bytes,
+                             const int64_t* rows, float* w) {
+  if (dtype != 0 && dtype != 1) return 1;
+  if (gguf_block_bytes(type) == 0 || K % kGgufBlock != 0 || row_bytes != K / kGgufBlock * gguf_block_bytes(type))
+    return 2;
+  const Gguf q{data, rows, type, K, row_bytes, dtype == 1};
   for (int64_t n = 0; n < N; ++n) q.decode(n, w + n * K);
   return 0;
 }
