@@ -1,5 +1,5 @@
-"""Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant) and int8, with
-8 adapters on top.
+"""Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant), int8 and the
+embedded GGUF's own Q4_1 blocks (--quantization gguf), with 8 adapters on top.
 
     .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32] [--batches 1 8 32]
 
@@ -29,7 +29,8 @@ from loraplex.engine.memory import module_bytes
 from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
 
-CONFIGS: list[tuple[str, str | None, bool]] = [("model dtype", None, False), ("nf4", "nf4", True), ("int8", "int8", False)]
+CONFIGS: list[tuple[str, str | None, bool]] = [("model dtype", None, False), ("nf4", "nf4", True), ("int8", "int8", False),
+                                               ("GGUF Q4_1 as shipped", "gguf", False)]
 
 
 def linear_bytes(llm: LLM) -> int:

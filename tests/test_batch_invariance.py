@@ -192,15 +192,16 @@ def test_float16_serves_batch_invariant_through_the_torch_twins(adapter_factory:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["plain", "nf4", "int8"])
+@pytest.mark.parametrize("base", ["plain", "nf4", "int8", "gguf"])
 def test_plain_and_quantized_base_linears_run_in_their_own_row_tiles(base: str, adapter_factory: Callable[..., Path],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Without oneDNN's packed linear (bf16 on an AVX2 CPU), F.linear runs in the row tiles probed for it; a quantized
     base through its kernel: nf4's fused kernel (a fixed order per row, calls never cut), int8 in bf16 torch's
-    weight-only int8 kernel in its probed tiles. Random mixed batches get their solo bits there too."""
+    weight-only int8 kernel in its probed tiles, the GGUF file's own Q4_1 blocks (bf16) through the fused GGUF
+    kernel. Random mixed batches get their solo bits there too."""
     if base == "plain":
         monkeypatch.setattr(cpu_gemm, "supported", lambda weight: False)
-    llm = engine("bfloat16" if base == "int8" else "float32", adapter_factory,
+    llm = engine("bfloat16" if base in ("int8", "gguf") else "float32", adapter_factory,
                  **({} if base == "plain" else {"quantization": base}))
     model = llm.engine.runner.model
     assert all(t is not None for t in model.linear_tilings())

@@ -54,6 +54,7 @@ def test_vllms_lora_command_line_is_taken() -> None:
         "--lora-modules", '{"name": "a", "path": "/ad/a", "base_model_name": "base-dir"}', "b=/ad/b",
         "--lora-modules", '{"name": "c", "path": "/ad/c"}', "--api-key", "k1", "k2", "--device", "cpu")
     assert engine.model == "base-dir" and engine.max_lora_rank == 64 and engine.quantization == "nf4"
+    assert configs("--model", "m.gguf", "--quantization", "gguf")[0].quantization == "gguf"  # the file's own blocks
     assert engine.lora_modules == (("a", "/ad/a"), ("b", "/ad/b"), ("c", "/ad/c"))
     assert engine.device == "cpu" and engine.enable_lora
     assert server.admin_keys == ("k1", "k2") and server.api_keys is None and server.keyed

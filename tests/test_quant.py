@@ -193,7 +193,7 @@ def test_memory_budgets_fail_clearly() -> None:
         LLM(adapter_memory=1 << 20)
     with pytest.raises(InvalidRequestError, match="--kv-cache-memory .* fewer than"):
         LLM(kv_cache_memory=1 << 16, max_model_len=2048)
-    with pytest.raises(InvalidRequestError, match="quantization must be nf4, fp4 or int8"):
+    with pytest.raises(InvalidRequestError, match="quantization must be nf4, fp4, int8 or gguf"):
         LLM(quantization="int4")
     with pytest.raises(InvalidRequestError, match="double_quant applies to 4-bit"):
         LLM(quantization="int8", double_quant=True)

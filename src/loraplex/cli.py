@@ -37,7 +37,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-QUANTIZATIONS = ["nf4", "fp4", "int8"]
+QUANTIZATIONS = ["nf4", "fp4", "int8", "gguf"]
 # vLLM's --quantization names for what loraplex does: bitsandbytes' in-flight quantization is 4-bit NF4 there too.
 QUANTIZATION_ALIASES = {"bitsandbytes": "nf4"}
 
@@ -71,7 +71,8 @@ def _engine_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("--allow-pickle-adapters", action="store_true", help="accept adapter_model.bin (weights_only)")
     p.add_argument("--quantize", "--quantization", "-q", dest="quantize", default=None,
                    choices=QUANTIZATIONS + list(QUANTIZATION_ALIASES),
-                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes; LoRA runs in --dtype "
+                   help="store the base linear layers 4-bit (nf4/fp4) or 8-bit by bitsandbytes, or serve a GGUF "
+                        "model's linears on the blocks it ships (gguf: Q4_0/Q4_1/Q8_0, CPU); LoRA runs in --dtype "
                         "(vLLM's --quantization bitsandbytes: nf4)")
     p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: quantize the block scales too")
     p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache budget, e.g. 1GiB")

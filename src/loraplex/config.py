@@ -31,7 +31,8 @@ class EngineConfig:
     # cache in place of kv_cache_memory (vLLM's --gpu-memory-utilization); the rest is left to activations.
     gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = True  # reuse the K/V of full prompt blocks, per adapter version (block_manager.py)
-    quantization: str | None = None  # None (model dtype), "nf4", "fp4" or "int8": the base linears, by bitsandbytes
+    # None (model dtype), "nf4", "fp4" or "int8": the base linears, by bitsandbytes; "gguf": a GGUF model's own blocks
+    quantization: str | None = None
     double_quant: bool = False  # 4-bit only: quantize the block scales too (~0.4 bit/weight saved)
     adapter_memory: int | None = None  # bytes allowed for the device adapter slots; None = what max_loras needs
     enable_lora: bool = True
@@ -72,8 +73,8 @@ class EngineConfig:
              f"fair_steps must be one of {', '.join(FAIR_STEPS)}, got {self.fair_steps!r}"),
             (self.max_prepare_seconds > 0, f"max_prepare_seconds must be > 0, got {self.max_prepare_seconds}"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be >= 2"),
-            (self.quantization in (None, "nf4", "fp4", "int8"),
-             f"quantization must be nf4, fp4 or int8, got {self.quantization!r}"),
+            (self.quantization in (None, "nf4", "fp4", "int8", "gguf"),
+             f"quantization must be nf4, fp4, int8 or gguf, got {self.quantization!r}"),
             (not self.double_quant or self.quantization in ("nf4", "fp4"),
              "double_quant applies to 4-bit quantization only: use it with quantization nf4 (or fp4)"),
             (self.adapter_memory is None or self.adapter_memory > 0, "adapter_memory must be > 0"),

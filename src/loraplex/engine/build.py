@@ -60,10 +60,15 @@ def build_model(config: EngineConfig) -> BuiltModel:
     mcfg = load_model_config(model_dir)
     max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
     model = load_model(model_dir, dtype.dtype, max_model_len, mcfg)
-    if config.quantization is not None:  # decoder-layer linears -> bitsandbytes codes; LoRA goes on top in `dtype`
+    if config.quantization == "gguf":  # decoder-layer linears -> the file's own blocks
+        from loraplex.quant.gguf import serve_gguf_blocks
+
+        before, after = serve_gguf_blocks(model, config.model, mcfg, dtype.dtype, device)
+    elif config.quantization is not None:  # decoder-layer linears -> bitsandbytes codes; LoRA goes on top in `dtype`
         from loraplex.quant.linear import quantize_model
 
         before, after = quantize_model(model, config.quantization, config.double_quant)
+    if config.quantization is not None:
         log.info("quantized the decoder linears to %s%s: %.1f MiB -> %.1f MiB (%.2fx smaller)", config.quantization,
                  " with double quantization" if config.double_quant else "", before / 2**20, after / 2**20,
                  before / after)

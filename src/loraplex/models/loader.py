@@ -42,6 +42,14 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gguf_file(model: str | os.PathLike[str] | None) -> Path | None:
+    """The GGUF file a model spec names (the embedded default is one), or None for a Hugging Face directory."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     """Return a Hugging Face model directory for a model spec: None/default name, a GGUF file or a directory."""
     if model is None or str(model) == DEFAULT_MODEL:

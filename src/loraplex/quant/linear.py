@@ -12,6 +12,8 @@ as its base.
 - int8: `bitsandbytes.functional.int8_vectorwise_quant`, one absmax scale per output row (LLM.int8's
   weight format). Forward is weight-only int8: activations stay in the serving dtype, y = x (W_int8 * scale)^T,
   by torch's `_weight_int8pack_mm` CPU kernel in bf16 when present, else by dequantizing.
+- gguf: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (quant/gguf.py builds them with `of_gguf`), CPU only, always
+  through the fused kernel (cpu_quant.GgufRows); gguf-py's dequantize is the reference.
 - On a CPU, decode steps run through the fused kernels (cpu_quant, csrc/quant_cpu.cpp) where they are built (int8:
   where torch's int8 kernel does not serve): the codes are decoded inside the GEMM, a few rows of W at a time,
   never as a whole weight (KERNEL_MAX_ROWS says which calls; batch-invariant, all of them).
@@ -31,7 +33,7 @@ from loraplex.models.layers import Linear, dense_linear, dense_tiling, layer_ind
 from loraplex.models.row_tiles import WHOLE, Tiling, invariant_tiling, tiled
 from loraplex.quant import cpu_quant
 
-METHODS = ("nf4", "fp4", "int8")
+METHODS = ("nf4", "fp4", "int8")  # by bitsandbytes, at load; "gguf" comes from a file (of_gguf)
 BLOCKSIZE = 64
 # The fused kernels serve calls of up to this many rows (decode steps), where they read the codes instead of a
 # dequantized copy; longer calls (prefill) dequantize and run the dense GEMM, faster there (oneDNN's AMX and
@@ -55,11 +57,12 @@ def _int8pack_mm_ok() -> bool:
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, base: Linear, method: str, double_quant: bool = False) -> None:
+    def __init__(self, base: Linear, method: str, double_quant: bool = False,
+                 gguf: list[cpu_quant.GgufRows] | None = None) -> None:
         super().__init__()
         import bitsandbytes.functional as bnbf
 
-        if method not in METHODS:
+        if method not in METHODS and not (method == "gguf" and gguf is not None):
             raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
         self.method = method
         self.double_quant = double_quant and method in ("nf4", "fp4")
@@ -72,8 +75,16 @@ class QuantLinear(nn.Module):
         self.states: list[object] = []  # 4-bit: bitsandbytes QuantState per part (scales, nested scales)
         self.tiling: Tiling | None = None  # batch-invariant: how calls are cut into row tiles; None: not cut
         # On a CPU, the fused kernels' view of the codes: each 4-bit part's, or the int8 matrix
-        self.kernel_parts: list[cpu_quant.Codes | cpu_quant.Int8Rows] | None = None
-        if method == "int8":
+        self.kernel_parts: list[cpu_quant.Codes | cpu_quant.Int8Rows | cpu_quant.GgufRows] | None = None
+        self.gguf_parts: list[cpu_quant.GgufRows] = []  # gguf: each part's blocks
+        if gguf is not None:
+            if [(p.n, p.k) for p in gguf] != [(size, self.in_features) for _, size in self.parts]:
+                raise ValueError(f"GGUF parts {[(p.n, p.k) for p in gguf]} do not match the layer's parts "
+                                 f"{[(size, self.in_features) for _, size in self.parts]}")
+            self.gguf_parts = list(gguf)
+            for i, part in enumerate(gguf):  # buffers too, as a module's tensors are seen (CPU only: never moved)
+                self.register_buffer(f"gguf_{i}", part.data, persistent=False)
+        elif method == "int8":
             cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16 if w.device.type == "cuda" else w.dtype))
             self.register_buffer("int8_weight", cb, persistent=False)  # [OUT, IN] int8
             self.register_buffer("int8_scale", (scb.float() / 127.0).to(self.dtype), persistent=False)  # [OUT]
@@ -87,6 +98,11 @@ class QuantLinear(nn.Module):
                 self.states.append(state)
                 start += size
 
+    @classmethod
+    def of_gguf(cls, base: Linear, parts: list[cpu_quant.GgufRows]) -> QuantLinear:
+        """`base`'s parts as a GGUF file ships them, one GgufRows a part (quant/gguf.py)."""
+        return cls(base, "gguf", gguf=parts)
+
     @property
     def codes(self) -> list[torch.Tensor]:
         return [getattr(self, f"codes_{i}") for i in range(len(self.states))]
@@ -95,6 +111,14 @@ class QuantLinear(nn.Module):
         """The weight [OUT, IN] in the model dtype, as the quantized codes represent it."""
         if self.method == "int8":
             return (self.int8_weight.to(torch.float32) * self.int8_scale.float()[:, None]).to(self.dtype)
+        if self.method == "gguf" and cpu_quant.library() is not None:  # the kernel's decoder: gguf-py's bits, in C
+            return torch.cat([cpu_quant.dequantize(p, self.dtype) for p in self.gguf_parts])
+        if self.method == "gguf":  # gguf-py's dequantize, as transformers loads the file, rows in the model's order
+            from gguf import GGMLQuantizationType, quants
+
+            ws = [torch.from_numpy(quants.dequantize(p.data.numpy(), GGMLQuantizationType(p.type))) for p in self.gguf_parts]
+            ws = [w if p.rows is None else w[p.rows] for w, p in zip(ws, self.gguf_parts)]
+            return torch.cat(ws).to(self.dtype)
         import bitsandbytes.functional as bnbf
 
         ws = []
@@ -109,11 +133,13 @@ class QuantLinear(nn.Module):
         their view of the codes, batch-invariant by construction. Elsewhere, with `batch_invariant`
         (CPU only), calls are cut into row tiles whose results do not depend on the other rows, found for this
         layer's kernel."""
-        device = self.codes[0].device if self.states else self.int8_weight.device
+        device = self.codes[0].device if self.states else self.gguf_parts[0].data.device if self.gguf_parts \
+            else self.int8_weight.device
         # int8 in bf16: torch's weight-only int8 kernel is faster than ours there (docs/quantization.md)
         if self.kernel_parts is None and cpu_quant.supported(self.dtype, device) and not self._int8pack(self.dtype,
                                                                                                          device):
             self.kernel_parts = [cpu_quant.Codes.of(c, s) for c, s in zip(self.codes, self.states)] if self.states \
+                else list(self.gguf_parts) if self.gguf_parts \
                 else [cpu_quant.Int8Rows(self.int8_weight.contiguous(), self.int8_scale.contiguous())]
         if batch_invariant and self.tiling is None and self.kernel_parts is not None:
             self.tiling = WHOLE
@@ -157,6 +183,8 @@ class QuantLinear(nn.Module):
         """Bytes held for the weight: codes, scales and nested scales (not the bias)."""
         if self.method == "int8":
             return self.int8_weight.nbytes + self.int8_scale.nbytes
+        if self.method == "gguf":
+            return sum(p.data.nbytes + (0 if p.rows is None else p.rows.nbytes) for p in self.gguf_parts)
         total = 0
         for codes, state in zip(self.codes, self.states):
             total += codes.nbytes + state.absmax.nbytes + state.code.nbytes  # type: ignore[attr-defined]
