@@ -1,6 +1,6 @@
 """Serving a GGUF model on the blocks it ships (`--quantization gguf`, issue 32 item 3): the embedded default's
-decoder linears stay Q4_1 and run through the fused GGUF kernel. Every linear reads exactly the weights the model
-loads when it dequantizes the file (q and k rows through transformers' own reordering), so answers and
+decoder linears stay Q4_1 and its tied head and embeddings Q8_0, run through the fused GGUF kernel. Every linear
+reads exactly the weights the model loads when it dequantizes the file (q and k rows through transformers' own reordering), so answers and
 log-probabilities match the dequantized model's, with adapters on top; what is resident is the file's blocks; and
 what cannot be served that way is refused at start, naming why."""
 
@@ -40,10 +40,15 @@ def test_every_decoder_linear_reads_the_weights_the_model_loads(dtype: torch.dty
     blocks = load_model(model_dir, dtype, 256, cfg)
     before, after = gguf_model(blocks, gguf_file(None), cfg)
     plain = {n: m for n, m in dense.named_modules() if isinstance(m, Linear) and layer_index(n) is not None}
-    quant = {n: m for n, m in blocks.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in blocks.named_modules() if isinstance(m, QuantLinear) and layer_index(n) is not None}
     assert plain.keys() == quant.keys() and len(quant) == 4 * cfg.num_layers
     for name, q in quant.items():
         assert q.method == "gguf" and torch.equal(q.dequantize(), plain[name].weight), name
+    # the tied head and the embeddings: the file's Q8_0 token_embd, the loaded embedding's values
+    assert isinstance(blocks.lm_head, QuantLinear) and blocks.lm_head.gguf_parts[0].type == 8
+    assert torch.equal(blocks.lm_head.dequantize(), dense.embed_tokens.weight)
+    ids = torch.randint(0, cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(blocks.embed_tokens(ids), dense.embed_tokens(ids))
     reader = gguf.GGUFReader(str(gguf_file(None)))
     shipped = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blk.") and t.tensor_type.name == "Q4_1")
     row_maps = cfg.num_layers * (cfg.q_size + cfg.kv_size) * 8  # int64 a q or k row
@@ -77,8 +82,13 @@ def test_it_answers_as_the_dequantized_model_does(adapter_factory: Callable[...,
         return sum(module_bytes(m) for n, m in llm.engine.runner.model.named_modules()
                    if isinstance(m, (Linear, QuantLinear)) and layer_index(n) is not None)
 
-    assert mem.quantization == "gguf" and dense_mem.weights - mem.weights == linears(dense) - linears(blocks)
+    model, dense_model = blocks.engine.runner.model, dense.engine.runner.model
+    head = module_bytes(model.lm_head)  # the Q8_0 blocks, for the head and the embeddings both
+    dense_head = module_bytes(dense_model.embed_tokens) + dense_model.head_packed.nbytes  # its packed copy too
+    assert mem.quantization == "gguf" and mem.weights == dense_mem.weights - (linears(dense) - linears(blocks)) - (
+        dense_head - head)
     assert linears(blocks) * 6 < linears(dense)  # 405 MiB of fp32 weights -> 63 MiB of Q4_1 blocks (5 bits a weight)
+    assert head * 7 < dense_head  # 2 x 108 MiB of fp32 -> 30 MiB of Q8_0 blocks
 
 
 def test_what_cannot_be_served_on_its_blocks_is_refused_at_start(default_model_dir: Path,

@@ -94,7 +94,7 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
     if device.type != "cpu":
         return BatchInvariance(False, "requested but not available on a GPU (its GEMM libraries pick their "
                                       "summation order by the number of rows)")
-    dtype, cfg = model.embed_tokens.weight.dtype, model.cfg
+    dtype, cfg = model.norm.weight.dtype, model.cfg
     found = model.linear_tilings()
     tilings = [t for t in found if t is not None]
     assert len(tilings) == len(found), "prepack(batch_invariant=True) tiles every base linear on a CPU"
@@ -105,10 +105,11 @@ def batch_invariance(model: LlamaForCausalLM, config: EngineConfig, device: torc
         else "torch, per key block (no C++ attention kernel: slower)"
     lora = "the C++ kernel" if cpu_kernel.supported(dtype, device) else "torch, token by token (no C++ LoRA " \
                                                                        "kernel: slower)"
-    rows = f"{min(sizes)} rows" if min(sizes) > 1 else "1 row"
-    kernel = f", or through the fused quantized kernel, which sums each row in a fixed order ({fixed} of " \
-        f"{len(tilings)})" if fixed else ""
-    return BatchInvariance(True, f"on: every base linear runs in calls of at most {rows} (found on this "
-                                 f"CPU at start; a lone row padded to two in {padded} of {len(tilings)}){kernel}; every "
-                                 f"query, prefill or decode, attends its own keys in position order through "
-                                 f"{attention}; every token's LoRA sums over its own adapter through {lora}")
+    rows = "" if not sizes else f"{min(sizes)} rows" if min(sizes) > 1 else "1 row"
+    kernel = f"through the fused quantized kernel, which sums each row in a fixed order ({fixed} of {len(tilings)})"
+    tiles = f"in calls of at most {rows} (found on this CPU at start; a lone row padded to two in {padded} of " \
+        f"{len(tilings)})"
+    linears = f"{tiles}, or {kernel}" if sizes and fixed else tiles if sizes else kernel
+    return BatchInvariance(True, f"on: every base linear runs {linears}; every query, prefill or decode, attends its "
+                                 f"own keys in position order through {attention}; every token's LoRA sums over its "
+                                 f"own adapter through {lora}")

@@ -101,11 +101,13 @@ class LlamaForCausalLM(nn.Module):
         A tied head keeps the plain embedding for lookups and adds a packed copy for the logits. With
         `batch_invariant`, each packed linear runs in row tiles whose results do not depend on the other rows."""
         n = sum(m.prepack(batch_invariant) for m in self.modules() if isinstance(m, BaseLinear))
+        if self.lm_head is not None:  # its own BaseLinear (an untied head, or a GGUF file's tied blocks)
+            return n
         head = self.embed_tokens.weight
-        if self.lm_head is None and self.head_packed is None and cpu_gemm.supported(head):
+        if self.head_packed is None and cpu_gemm.supported(head):
             self.head_packed = cpu_gemm.pack(head)
             n += 1
-        if self.lm_head is None and batch_invariant and self.head_tiling is None and head.device.type == "cpu":
+        if batch_invariant and self.head_tiling is None and head.device.type == "cpu":
             self.head_tiling = dense_tiling(head, self.head_packed)
         return n
 

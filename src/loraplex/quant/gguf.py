@@ -1,15 +1,17 @@
 """Serving a GGUF model's decoder linears on the blocks the file ships (`--quantization gguf`).
 
-The model is loaded as always (the GGUF dequantized once into a cached Hugging Face directory: norms, embeddings
-and the LM head come from there); then each decoder linear is swapped for a QuantLinear holding its parts' GGUF
-blocks (Q4_0, Q4_1 or Q8_0: the embedded default's linears are Q4_1), run by the fused CPU kernels
-(cpu_quant.GgufRows). llama.cpp stores q and k rows permuted for its rotary layout; transformers undoes that when it
-dequantizes (its tensor processor for the architecture), and the kernel reads the same rows through a row map made
-by that processor, so the weights are the loaded ones bit for bit (tests/test_gguf_serving.py).
+The model is loaded as always (the GGUF dequantized once into a cached Hugging Face directory: the norms come from
+there); then each decoder linear is swapped for a QuantLinear holding its parts' GGUF blocks (Q4_0, Q4_1 or Q8_0:
+the embedded default's linears are Q4_1), run by the fused CPU kernels (cpu_quant.GgufRows), and a tied LM head
+and the embeddings read the file's token_embd blocks (the default's are Q8_0). llama.cpp stores q and k rows
+permuted for its rotary layout; transformers undoes that when it dequantizes (its tensor processor for the
+architecture), and the kernel reads the same rows through a row map made by that processor, so the weights are the
+loaded ones bit for bit (tests/test_gguf_serving.py).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,8 @@ from loraplex.models.config import ModelConfig
 from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.cpu_quant import GGUF_BLOCK_BYTES, GgufRows
 from loraplex.quant.linear import QuantLinear
+
+log = logging.getLogger(__name__)
 
 # Checkpoint part names (models/config.py linear_parts) -> GGUF tensor names inside "blk.{layer}."
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -79,7 +83,46 @@ def gguf_model(model: nn.Module, path: Path, cfg: ModelConfig) -> tuple[int, int
         after += q.nbytes()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
+    embd = tensors.get("token_embd.weight")
+    if cfg.tie_word_embeddings and embd is not None and int(embd.tensor_type) in GGUF_BLOCK_BYTES:
+        dense = model.embed_tokens.weight.nbytes  # type: ignore[union-attr]
+        held = tie_gguf_head(model, embd, processor, cfg)
+        log.info("tied LM head and embeddings on the file's %s blocks: %.1f MiB (dense: %.1f MiB, and as much again "
+                 "for the head's packed copy)", embd.tensor_type.name, held / 2**20, dense / 2**20)
     return before, after
+
+
+class GgufEmbedding(nn.Module):
+    """Token embeddings looked up in GGUF blocks: each id's row decoded by the kernel (rows = the ids), in the model
+    dtype. The blocks are the tied LM head's (a QuantLinear); counted there, not here."""
+
+    def __init__(self, rows: GgufRows, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.blocks = rows
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = rows.n, rows.k
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, hidden]
+        from loraplex.quant import cpu_quant
+
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        picked = cpu_quant.GgufRows(self.blocks.data, self.blocks.type, flat.numel(), self.blocks.k, flat)
+        return cpu_quant.dequantize(picked, self.dtype).view(*ids.shape, self.embedding_dim)
+
+
+def tie_gguf_head(model: nn.Module, tensor: object, processor: object, cfg: ModelConfig) -> int:
+    """The tied LM head and the embeddings on the file's token_embd blocks (the default's are Q8_0), instead of a
+    dense embedding and its packed copy; returns the blocks' bytes. The head always runs through the kernel: its
+    calls have a row a sequence, and dequantizing its 49152 rows at every call would cost more than the sums."""
+    dtype = model.norm.weight.dtype  # type: ignore[union-attr]
+    rows = gguf_rows(tensor, processor, cfg.vocab_size, cfg.hidden_size)
+    shape = Linear(cfg.hidden_size, [("lm_head", cfg.vocab_size)])
+    shape.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)  # QuantLinear reads its dtype only
+    head = QuantLinear.of_gguf(shape, [rows])
+    head.kernel_max_rows = 1 << 62
+    model.lm_head = head  # type: ignore[assignment]
+    model.embed_tokens = GgufEmbedding(rows, dtype)  # type: ignore[assignment]
+    return head.nbytes()
 
 
 def serve_gguf_blocks(model: nn.Module, spec: str | None, cfg: ModelConfig, dtype: torch.dtype,
