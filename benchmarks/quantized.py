@@ -1,7 +1,7 @@
 """Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant), int8 and the
 embedded GGUF's own Q4_1 blocks (--quantization gguf), with 8 adapters on top.
 
-    .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32] [--batches 1 8 32]
+    .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32] [--batches 1 8 32] [--bases nf4 gguf]
 
 Memory is the engine's own accounting (engine/memory.py: tensors as held) plus the decoder linears
 alone; throughput is the offline workload (base only, and 8 adapters round-robin), greedy, EOS ignored:
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--adapters", type=Path, default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bases", nargs="+", choices=[m for _, m, _ in CONFIGS if m], default=None,
+                    help="only these quantized bases (the dense base always runs: the ratios are to it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows: list[dict[str, Any]] = []
@@ -82,6 +84,8 @@ def main() -> None:
         root = args.adapters or Path(tmp)
         names = make_adapters(default_model_dir(), root, 8)
         for label, method, double_quant in CONFIGS:
+            if method is not None and args.bases is not None and method not in args.bases:
+                continue
             llm = LLM(adapter_dir=str(root), max_loras=8, quantization=method, double_quant=double_quant,
                       enable_prefix_caching=False)
             prompts = workload_prompts(llm.tokenizer, args.requests)

@@ -30,7 +30,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.loraplex_q8_dequantize.argtypes = [ctypes.c_int, i64, i64, p, p, p]
     lib.loraplex_gguf_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, ctypes.c_int, p, i64, p, p, p, i64,
                                          ctypes.c_int]
-    lib.loraplex_gguf_dequantize.argtypes = [ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p, p]
+    lib.loraplex_gguf_dequantize.argtypes = [ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p, p, ctypes.c_int]
     for fn in (lib.loraplex_q4_linear, lib.loraplex_q4_dequantize, lib.loraplex_q8_linear, lib.loraplex_q8_dequantize,
                lib.loraplex_gguf_linear, lib.loraplex_gguf_dequantize):
         fn.restype = ctypes.c_int
@@ -192,13 +192,15 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows | GgufRows, bias: torch.Tensor |
 
 
 def dequantize(w: Codes | Int8Rows | GgufRows, dtype: torch.dtype) -> torch.Tensor:
-    """The [N, K] weight the kernel multiplies by, in `dtype` (for the tests)."""
+    """The [N, K] weight the kernel multiplies by, in `dtype`: for the tests, and a GGUF layer's calls of more than a
+    decode step's rows (split between the threads)."""
     lib = library()
     assert lib is not None and dtype in DTYPES
     out = torch.empty(w.n, w.k, dtype=torch.float32)
     if isinstance(w, GgufRows):
         lib.loraplex_gguf_dequantize(DTYPES[dtype], w.k, w.n, w.type, w.data.data_ptr(), w.data.shape[1],
-                                     0 if w.rows is None else w.rows.data_ptr(), out.data_ptr())
+                                     0 if w.rows is None else w.rows.data_ptr(), out.data_ptr(),
+                                     torch.get_num_threads())
         return out.to(dtype)
     if isinstance(w, Int8Rows):
         lib.loraplex_q8_dequantize(DTYPES[dtype], w.k, w.n, w.codes.data_ptr(), w.scale.data_ptr(), out.data_ptr())

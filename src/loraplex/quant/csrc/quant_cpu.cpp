@@ -383,11 +383,13 @@ int loraplex_gguf_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t
 }
 
 int loraplex_gguf_dequantize(int dtype, int64_t K, int64_t N, int type, const uint8_t* data, int64_t row_bytes,
-                             const int64_t* rows, float* w) {
+                             const int64_t* rows, float* w, int nthreads) {
   if (dtype != 0 && dtype != 1) return 1;
   if (gguf_block_bytes(type) == 0 || K % kGgufBlock != 0 || row_bytes != K / kGgufBlock * gguf_block_bytes(type))
     return 2;
   const Gguf q{data, rows, type, K, row_bytes, dtype == 1};
+  // Every call of more than a decode step's rows dequantizes (quant/linear.py): rows split between the threads.
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t n = 0; n < N; ++n) q.decode(n, w + n * K);
   return 0;
 }
