@@ -74,6 +74,7 @@ class QuantLinear(nn.Module):
         self.bias = base.bias
         self.states: list[object] = []  # 4-bit: bitsandbytes QuantState per part (scales, nested scales)
         self.tiling: Tiling | None = None  # batch-invariant: how calls are cut into row tiles; None: not cut
+        self.kernel_max_rows = KERNEL_MAX_ROWS  # calls of more rows dequantize (a GGUF LM head: never)
         # On a CPU, the fused kernels' view of the codes: each 4-bit part's, or the int8 matrix
         self.kernel_parts: list[cpu_quant.Codes | cpu_quant.Int8Rows | cpu_quant.GgufRows] | None = None
         self.gguf_parts: list[cpu_quant.GgufRows] = []  # gguf: each part's blocks
@@ -159,7 +160,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         if self.kernel_parts is not None and x.dtype == self.dtype and (
-                self.tiling is WHOLE or x.numel() <= KERNEL_MAX_ROWS * self.in_features):
+                self.tiling is WHOLE or x.numel() <= self.kernel_max_rows * self.in_features):
             return self._fused(x)
         if self._int8pack(x.dtype, x.device):
             rows = x.reshape(-1, self.in_features)
