@@ -1,8 +1,8 @@
 """Serving a GGUF model on the blocks it ships (`--quantization gguf`, issue 32 item 3): the embedded default's
 decoder linears stay Q4_1 and its tied head and embeddings Q8_0, run through the fused GGUF kernel. Every linear
-reads exactly the weights the model loads when it dequantizes the file (q and k rows through transformers' own reordering), so answers and
-log-probabilities match the dequantized model's, with adapters on top; what is resident is the file's blocks; and
-what cannot be served that way is refused at start, naming why."""
+reads exactly the weights the model loads when it dequantizes the file (q and k rows through transformers' own
+reordering), so answers and log-probabilities match the dequantized model's, with adapters on top; what is resident
+is the file's blocks; and what cannot be served that way is refused at start, naming why."""
 
 from __future__ import annotations
 

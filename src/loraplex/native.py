@@ -3,8 +3,8 @@
 The sources (lora/csrc, models/csrc, quant/csrc) use no torch headers, so a build is one call of the system's
 C++ compiler taking about a second, made on first use (and by `make setup`). Builds are cached under
 $LORAPLEX_CACHE/kernels by a hash of the source, the headers (csrc/ and the source's own), the flags, the compiler
-and the CPU's feature flags: a cached build never runs on a CPU it was not made for. Without a compiler, or when a build fails, the
-caller's torch path serves (each kernel module says which), with the reason logged once.
+and the CPU's feature flags: a cached build never runs on a CPU it was not made for. Without a compiler, or when a
+build fails, the caller's torch path serves (each kernel module says which), with the reason logged once.
 """
 
 from __future__ import annotations

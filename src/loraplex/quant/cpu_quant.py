@@ -1,8 +1,8 @@
 """The fused quantized linear CPU kernels (csrc/quant_cpu.cpp): NF4 and FP4 on bitsandbytes' own codes and block
 scales (double quantization included), int8 with per-row scales, and GGUF's Q4_0, Q4_1 and Q8_0 blocks as shipped,
-decoded inside the GEMM a few rows of W at a time, never as a whole weight. Built once per machine (loraplex.native), called through ctypes. Without a C++
-compiler, or with LORAPLEX_QUANT_KERNEL=torch, QuantLinear dequantizes the weight and calls F.linear (its
-reference); tests/test_quant_kernels.py holds the two equal.
+decoded inside the GEMM a few rows of W at a time, never as a whole weight. Built once per machine
+(loraplex.native), called through ctypes. Without a C++ compiler, or with LORAPLEX_QUANT_KERNEL=torch, QuantLinear
+dequantizes the weight and calls F.linear (its reference); tests/test_quant_kernels.py holds the two equal.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class GgufError(ModelLoadError):
     """The GGUF file cannot be served on its own blocks (a type the kernels do not read, a shape that differs)."""
 
 
-def _row_maps(reader: object, cfg: ModelConfig) -> object:
+def _row_maps(reader: Any, cfg: ModelConfig) -> Any:
     """transformers' tensor processor for the file's architecture: the one that reorders q and k rows at load."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
@@ -44,24 +45,25 @@ def _row_maps(reader: object, cfg: ModelConfig) -> object:
                                                                 "num_key_value_heads": cfg.num_kv_heads})
 
 
-def gguf_rows(tensor: object, processor: object, n: int, k: int) -> GgufRows:
-    """One GGUF tensor's blocks as the kernel reads them, with the row map the processor implies (None if none)."""
-    t: object = tensor
-    name, qtype = t.name, int(t.tensor_type)  # type: ignore[attr-defined]
+def gguf_rows(tensor: Any, processor: Any, n: int, k: int) -> GgufRows:
+    """One GGUF tensor (gguf.ReaderTensor) as the kernel reads it, with the row map the processor (transformers'
+    TensorProcessor) implies, None if none."""
+    name, qtype = tensor.name, int(tensor.tensor_type)
     if qtype not in GGUF_BLOCK_BYTES:
-        raise GgufError(f"{name} is {t.tensor_type.name}: --quantization gguf serves Q4_0, Q4_1 and Q8_0 "  # type: ignore[attr-defined]
+        raise GgufError(f"{name} is {tensor.tensor_type.name}: --quantization gguf serves Q4_0, Q4_1 and Q8_0 "
                         f"blocks (serve this file without it to dequantize it)")
-    data = torch.from_numpy(np.array(t.data, dtype=np.uint8))  # type: ignore[attr-defined]  # a copy: the file is mapped
+    data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # a copy: the file is mapped
     if data.dim() != 2 or data.shape[0] != n:
         raise GgufError(f"{name} holds {tuple(data.shape)} bytes; the model's config wants {n} rows of {k}")
-    order = np.asarray(processor.process(np.arange(n)[:, None], name).weights)[:, 0]  # type: ignore[attr-defined]
+    order = np.asarray(processor.process(np.arange(n)[:, None], name).weights)[:, 0]
     rows = None if np.array_equal(order, np.arange(n)) else torch.from_numpy(order.astype(np.int64))
     return GgufRows(data, qtype, n, k, rows)
 
 
 def gguf_model(model: nn.Module, path: Path, cfg: ModelConfig) -> tuple[int, int]:
-    """Swap every decoder-layer Linear of `model` for a QuantLinear on the blocks `path` ships; returns (bytes
-    before, bytes after) of those layers."""
+    """Swap every decoder-layer Linear of `model` for a QuantLinear on the blocks `path` ships, and a tied head and
+    the embeddings for its token_embd blocks where the kernel reads them; returns (bytes before, bytes after) of the
+    decoder-layer linears."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -110,7 +112,7 @@ class GgufEmbedding(nn.Module):
         return cpu_quant.dequantize(picked, self.dtype).view(*ids.shape, self.embedding_dim)
 
 
-def tie_gguf_head(model: nn.Module, tensor: object, processor: object, cfg: ModelConfig) -> int:
+def tie_gguf_head(model: nn.Module, tensor: Any, processor: Any, cfg: ModelConfig) -> int:
     """The tied LM head and the embeddings on the file's token_embd blocks (the default's are Q8_0), instead of a
     dense embedding and its packed copy; returns the blocks' bytes. The head runs through the kernel at every batch:
     dequantizing its 49152 rows a call costs more than the dense GEMM saves (batch 32, 8 adapters, one run each:
@@ -136,7 +138,8 @@ def serve_gguf_blocks(model: nn.Module, spec: str | None, cfg: ModelConfig, dtyp
 
     path = gguf_file(spec)
     if path is None:
-        raise GgufError(f"--quantization gguf serves a GGUF model on its own blocks; model {spec!r} is not a .gguf file")
+        raise GgufError(f"--quantization gguf serves a GGUF model on its own blocks; model {spec!r} is not a .gguf "
+                        f"file")
     if device.type != "cpu":
         raise GgufError(f"--quantization gguf runs on the CPU (its kernels are CPU kernels), not on {device}")
     if dtype not in cpu_quant.DTYPES:

@@ -117,9 +117,9 @@ class QuantLinear(nn.Module):
         if self.method == "gguf":  # gguf-py's dequantize, as transformers loads the file, rows in the model's order
             from gguf import GGMLQuantizationType, quants
 
-            ws = [torch.from_numpy(quants.dequantize(p.data.numpy(), GGMLQuantizationType(p.type))) for p in self.gguf_parts]
-            ws = [w if p.rows is None else w[p.rows] for w, p in zip(ws, self.gguf_parts)]
-            return torch.cat(ws).to(self.dtype)
+            ws = [torch.from_numpy(quants.dequantize(p.data.numpy(), GGMLQuantizationType(p.type)))
+                  for p in self.gguf_parts]
+            return torch.cat([w if p.rows is None else w[p.rows] for w, p in zip(ws, self.gguf_parts)]).to(self.dtype)
         import bitsandbytes.functional as bnbf
 
         ws = []
@@ -178,7 +178,7 @@ class QuantLinear(nn.Module):
         for part in self.kernel_parts:
             cpu_quant.linear(rows, part, None if self.bias is None else self.bias[col:col + part.n], out, col)
             col += part.n
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
         """Bytes held for the weight: codes, scales and nested scales (not the bias)."""

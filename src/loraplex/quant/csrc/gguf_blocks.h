@@ -32,6 +32,11 @@ inline int gguf_block_bytes(int type) {  // 0 for a type these kernels do not re
   return type == kGgufQ4_0 ? 18 : type == kGgufQ4_1 ? 20 : type == kGgufQ8_0 ? 34 : 0;
 }
 
+// A row of K weights of `type` is whole blocks and row_bytes long: what the kernels can read.
+inline bool gguf_rows_fit(int type, int64_t K, int64_t row_bytes) {
+  return gguf_block_bytes(type) != 0 && K % kGgufBlock == 0 && row_bytes == K / kGgufBlock * gguf_block_bytes(type);
+}
+
 inline float half_to_float(const uint8_t* p) {  // exact, as numpy's float16 -> float32
   uint16_t h;
   std::memcpy(&h, p, 2);
@@ -129,9 +134,7 @@ struct Gguf {
 template <int MR, typename T>
 void direct(const T* x, const Gguf& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
   const int64_t K = q.K;
-  fvec acc[MR][kNR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = fvec{};
+  fvec acc[MR][kNR] = {};
   for (int64_t b = 0; b < K / kGgufBlock; ++b)
     for (int j = 0; j < kNR; ++j) {
       fvec w[kGgufBlock / kL];
@@ -139,8 +142,7 @@ void direct(const T* x, const Gguf& q, int64_t ldo, int64_t n0, const T* bias, T
       for (int v = 0; v < kGgufBlock / kL; ++v)
         for (int i = 0; i < MR; ++i) acc[i][j] = fmadd(loadv(x + i * K + b * kGgufBlock + v * kL), w[v], acc[i][j]);
     }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) finish(acc[i][j], 0.f, bias, n0 + j, out + i * ldo);
+  finish_tile(acc, bias, n0, out, ldo);
 }
 
 }  // namespace

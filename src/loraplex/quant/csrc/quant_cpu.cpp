@@ -7,7 +7,8 @@
 // The register tiles they share are in quant_tiles.h.
 //
 // The torch reference is F.linear(x, dequantized W, bias) (QuantLinear.dequantize in quant/linear.py; gguf-py's
-// dequantize for GGUF); tests/test_quant_kernels.py holds them equal. Built by loraplex/native.py with the machine's C++ compiler, called through ctypes.
+// dequantize for GGUF); tests/test_quant_kernels.py holds them equal. Built by loraplex/native.py with the machine's
+// C++ compiler, called through ctypes.
 //
 // Shapes of the 4-bit format (row-major, contiguous):
 //   x       [M, K]            fp32 or bf16 (uint16 bits)
@@ -66,8 +67,8 @@ struct Q4 {
   float offset;
   int64_t bs, bs2, K;
   bool bf16;
-  bool chunked;
-  int shift2;  // log2(bs2) where bs2 is a power of two (bitsandbytes' 256), else -1: no division per block  // rows are whole blocks of whole chunks: the chunk layout (top of the file)
+  bool chunked;  // rows are whole blocks of whole chunks: the chunk layout (top of the file)
+  int shift2;    // log2(bs2) where bs2 is a power of two (bitsandbytes' 256), else -1: no division per block
 
   float scale(int64_t b) const {
     if (absmax != nullptr) return absmax[b];
@@ -186,9 +187,7 @@ struct Q8 {
 template <int MR, typename T>
 void direct(const float* xp, const Q4& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
   const int64_t K = q.K;
-  fvec acc[MR][kNR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = fvec{};
+  fvec acc[MR][kNR] = {};
   Tab t[kNR];
   const int64_t blocks = K / q.bs;  // a row's: rows are whole blocks
   for (int64_t k0 = 0, b = n0 * blocks; k0 < K; k0 += q.bs, ++b) {
@@ -203,19 +202,16 @@ void direct(const float* xp, const Q4& q, int64_t ldo, int64_t n0, const T* bias
       }
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) finish(acc[i][j], 0.f, bias, n0 + j, out + i * ldo);
+  finish_tile(acc, bias, n0, out, ldo);
 }
 
 // The same for int8 rows, k in order: the sums of tile() over Q8::decode, without the buffer.
 template <int MR, typename T>
 void direct(const T* x, const Q8& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
   const int64_t K = q.K, kv = K - K % kL;
-  fvec acc[MR][kNR], s[kNR];
+  fvec acc[MR][kNR] = {}, s[kNR];
   float sj[kNR];
   for (int j = 0; j < kNR; ++j) sj[j] = q.row_scale(n0 + j), s[j] = fvec{} + sj[j];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = fvec{};
   for (int64_t k = 0; k < kv; k += kL) {
     fvec xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = loadv(x + i * K + k);
@@ -377,16 +373,14 @@ int loraplex_gguf_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t
                          int64_t row_bytes, const int64_t* rows, const void* bias, void* out, int64_t ldo,
                          int nthreads) {
   if (dtype != 0 && dtype != 1) return 1;
-  if (gguf_block_bytes(type) == 0 || K % kGgufBlock != 0 || row_bytes != K / kGgufBlock * gguf_block_bytes(type))
-    return 2;
+  if (!gguf_rows_fit(type, K, row_bytes)) return 2;
   return run(dtype, x, Gguf{data, rows, type, K, row_bytes, dtype == 1}, M, N, bias, out, ldo, nthreads);
 }
 
 int loraplex_gguf_dequantize(int dtype, int64_t K, int64_t N, int type, const uint8_t* data, int64_t row_bytes,
                              const int64_t* rows, float* w, int nthreads) {
   if (dtype != 0 && dtype != 1) return 1;
-  if (gguf_block_bytes(type) == 0 || K % kGgufBlock != 0 || row_bytes != K / kGgufBlock * gguf_block_bytes(type))
-    return 2;
+  if (!gguf_rows_fit(type, K, row_bytes)) return 2;
   const Gguf q{data, rows, type, K, row_bytes, dtype == 1};
   // Every call of more than a decode step's rows dequantizes (quant/linear.py): rows split between the threads.
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)

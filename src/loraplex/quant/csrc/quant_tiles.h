@@ -127,12 +127,18 @@ inline void finish(fvec acc, float tail, const T* bias, int64_t n, T* out) {
   store1(out + n, y);
 }
 
+// finish() for each output of an MR x kNR tile: rows out + i * ldo, columns n0 .. n0 + kNR; every k was in the
+// lanes (no tail).
+template <int MR, typename T>
+inline void finish_tile(const fvec (&acc)[MR][kNR], const T* bias, int64_t n0, T* out, int64_t ldo) {
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) finish(acc[i][j], 0.f, bias, n0 + j, out + i * ldo);
+}
+
 // out[m0 + i, n0 + j] for i < MR, j < NR: rows of x (fp32 or x's dtype) against decoded W rows w[j * K ...].
 template <int MR, int NR, typename X, typename T>
 void tile(const X* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_t n0, const T* bias, T* out) {
-  fvec acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = fvec{};
+  fvec acc[MR][NR] = {};
   const int64_t kv = K - K % kL;
   for (int64_t k = 0; k < kv; k += kL) {
     fvec xv[MR], wv[NR];
