@@ -121,6 +121,25 @@ def default_model_dir() -> Path:
     return resolve_model(None)
 
 
+def bf16_copy(model_dir: Path, out: Path) -> Path:
+    """`model_dir` saved as a bf16 checkpoint in `out` (what most Hugging Face checkpoints are): every tensor rounded to
+    bf16, the config saying so, the tokenizer beside it. Made once: an existing `out` is returned as it is."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    for f in model_dir.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(f)).items()}, str(out / f.name),
+                  metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # last: marks the copy whole
+    return out
+
+
 def step_timed(llm: LLM, prompts: list[str], adapters: list[str | None], max_tokens: int, tag: str
                ) -> tuple[float, float, int, list[list[int]]]:
     """The batch queued at once, stepped to the end: (prefill seconds, decode seconds, decode tokens, answers).

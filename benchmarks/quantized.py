@@ -1,5 +1,6 @@
-"""Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant), int8 and the
-embedded GGUF's own Q4_1 blocks (--quantization gguf), with 8 adapters on top.
+"""Memory and throughput of the base unquantized (in the dtype resolved here), NF4 (double-quant), int8, the
+embedded GGUF's own Q4_1 blocks (--quantization gguf) and, where `auto` resolves to float32 (a CPU without native
+bf16), a bf16 copy of the model whose decoder linears stay bf16 (quant/bf16_weights.py), with 8 adapters on top.
 
     .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32] [--batches 1 8 32] [--bases nf4 gguf]
 
@@ -22,15 +23,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, step_timed, warmup,
+from benchmarks.common import (bf16_copy, default_model_dir, machine, make_adapters, round_robin, step_timed, warmup,
                                workload_prompts, write_json)
 from loraplex import LLM, SamplingParams
 from loraplex.engine.memory import module_bytes
+from loraplex.hardware import resolve_dtype
+from loraplex.quant.bf16_weights import FORMAT as BF16_WEIGHTS
 from loraplex.models.layers import Linear, layer_index
 from loraplex.quant.linear import QuantLinear
 
 CONFIGS: list[tuple[str, str | None, bool]] = [("model dtype", None, False), ("nf4", "nf4", True), ("int8", "int8", False),
-                                               ("GGUF Q4_1 as shipped", "gguf", False)]
+                                               ("GGUF Q4_1 as shipped", "gguf", False),
+                                               ("bf16 checkpoint, linears kept bf16", BF16_WEIGHTS, False)]
 
 
 def linear_bytes(llm: LLM) -> int:
@@ -86,7 +90,13 @@ def main() -> None:
         for label, method, double_quant in CONFIGS:
             if method is not None and args.bases is not None and method not in args.bases:
                 continue
-            llm = LLM(adapter_dir=str(root), max_loras=8, quantization=method, double_quant=double_quant,
+            model = None
+            if method == BF16_WEIGHTS:  # the dense row's model in bf16; its linears stay bf16 where auto is fp32
+                if resolve_dtype("auto").dtype != torch.float32:
+                    print(f"{label}: skipped, auto resolves to {resolve_dtype('auto').name} here", flush=True)
+                    continue
+                model, method = str(bf16_copy(default_model_dir(), Path(tmp) / "bf16-model")), None
+            llm = LLM(model=model, adapter_dir=str(root), max_loras=8, quantization=method, double_quant=double_quant,
                       enable_prefix_caching=False)
             prompts = workload_prompts(llm.tokenizer, args.requests)
             mem = llm.engine.facts.memory

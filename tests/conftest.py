@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ from loraplex.lora.mapping import LoRAMapping
 from loraplex.lora.slot_layout import SlotLayout, SlotShape
 from loraplex.models.loader import resolve_model
 from loraplex.training.synthetic import random_adapter
+
+if TYPE_CHECKING:
+    from loraplex import LLM
 
 # A test over its time limit (pyproject.toml: pytest-timeout) fails with every thread's stack (tests/hang_guard.py).
 pytest_plugins = ["hang_guard"]
@@ -66,6 +70,14 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bf16_checkpoint(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model saved as a bf16 checkpoint (what most Hugging Face checkpoints are)."""
+    from benchmarks.common import bf16_copy
+
+    return bf16_copy(default_model_dir, tmp_path_factory.mktemp("bf16-checkpoint"))
+
+
+@pytest.fixture(scope="session")
 def hf_base(default_model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -83,6 +95,24 @@ def adapter_factory(hf_base: torch.nn.Module, tmp_path_factory: pytest.TempPathF
         return path
 
     return make
+
+
+def assert_same_greedy_answers(reference: LLM, ours: LLM, adapter: str, tolerance: float = 2e-3) -> None:
+    """Three chat prompts, on the base model and on `adapter`: greedy tokens equal `reference`'s one for one, and
+    their log-probabilities within `tolerance` (fp32 rounding of a different summation order); the base says Paris."""
+    from loraplex import SamplingParams
+
+    prompts = [[{"role": "user", "content": p}] for p in
+               ("What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.")]
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
+    for name in (None, adapter):
+        a = reference.chat(prompts, params, name, use_tqdm=False)  # type: ignore[arg-type]
+        b = ours.chat(prompts, params, name, use_tqdm=False)  # type: ignore[arg-type]
+        for x, y in zip(a, b):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids, (name, x.outputs[0].text, y.outputs[0].text)
+            for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+                assert abs(lx.logprob - ly.logprob) < tolerance
+        assert name is not None or "Paris" in b[0].outputs[0].text
 
 
 # ---- multi-LoRA kernel tests (tests/test_lora_cpu_kernel.py, tests/test_lora_triton.py) ----

@@ -16,9 +16,11 @@ import torch
 
 from conftest import ALL, ATTN, MLP
 from loraplex import LLM, EngineConfig, SamplingParams
+from loraplex.engine import build
 from loraplex.engine.build import batch_invariance
 from loraplex.engine.facts import BatchInvariance
 from loraplex.engine.outputs import RequestOutput
+from loraplex.hardware import DtypeChoice
 from loraplex.lora import cpu_kernel
 from loraplex.models import cpu_attention, cpu_fused, cpu_gemm
 
@@ -192,17 +194,25 @@ def test_float16_serves_batch_invariant_through_the_torch_twins(adapter_factory:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", ["plain", "nf4", "int8", "gguf"])
+@pytest.mark.parametrize("base", ["plain", "nf4", "int8", "gguf", "bf16-weights"])
 def test_plain_and_quantized_base_linears_run_in_their_own_row_tiles(base: str, adapter_factory: Callable[..., Path],
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      request: pytest.FixtureRequest) -> None:
     """Without oneDNN's packed linear (bf16 on an AVX2 CPU), F.linear runs in the row tiles probed for it; a quantized
     base through its kernel: nf4's fused kernel (a fixed order per row, calls never cut), int8 in bf16 torch's
     weight-only int8 kernel in its probed tiles, the GGUF file's own Q4_1 blocks (bf16) through the fused GGUF
-    kernel. Random mixed batches get their solo bits there too."""
+    kernel, a bf16 checkpoint's weights kept in bf16 in an fp32 model (auto on a CPU without native bf16) through the
+    kernel that widens them. Random mixed batches get their solo bits there too."""
     if base == "plain":
         monkeypatch.setattr(cpu_gemm, "supported", lambda weight: False)
-    llm = engine("bfloat16" if base in ("int8", "gguf") else "float32", adapter_factory,
-                 **({} if base == "plain" else {"quantization": base}))
+    if base == "bf16-weights":
+        fp32 = DtypeChoice(torch.float32, "auto", "this CPU has no native bf16 (AVX2)", True)
+        monkeypatch.setattr(build, "resolve_dtype", lambda name, device: fp32)
+        llm = engine("auto", adapter_factory, model=str(request.getfixturevalue("bf16_checkpoint")))
+        assert llm.engine.facts.memory.quantization == "bf16-weights"
+    else:
+        llm = engine("bfloat16" if base in ("int8", "gguf") else "float32", adapter_factory,
+                     **({} if base == "plain" else {"quantization": base}))
     model = llm.engine.runner.model
     assert all(t is not None for t in model.linear_tilings())
     # The tied head is oneDNN-packed wherever its dtype packs here (not bf16 on AVX2); else it too runs in tiles.

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALL
-from loraplex import LLM, EngineConfig, SamplingParams
+from conftest import ALL, assert_same_greedy_answers
+from loraplex import LLM, EngineConfig
 from loraplex.engine.memory import module_bytes
 from loraplex.errors import InvalidRequestError
 from loraplex.models.config import load_model_config
@@ -65,17 +65,7 @@ def test_it_answers_as_the_dequantized_model_does(adapter_factory: Callable[...,
     adapter = adapter_factory("gguf-all", r=8, alpha=16, targets=ALL, seed=11)
     kw: dict[str, object] = {"dtype": "float32", "max_model_len": 256, "lora_modules": {"t": str(adapter)}}
     dense, blocks = LLM(**kw), LLM(quantization="gguf", **kw)  # type: ignore[arg-type]
-    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
-    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
-    for adapter_name in (None, "t"):
-        a = dense.chat([[{"role": "user", "content": p}] for p in prompts], params, adapter_name, use_tqdm=False)
-        b = blocks.chat([[{"role": "user", "content": p}] for p in prompts], params, adapter_name, use_tqdm=False)
-        for x, y in zip(a, b):
-            assert x.outputs[0].token_ids == y.outputs[0].token_ids, (adapter_name, x.outputs[0].text,
-                                                                       y.outputs[0].text)
-            for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
-                assert abs(lx.logprob - ly.logprob) < 2e-3
-    assert "Paris" in b[0].outputs[0].text or adapter_name == "t"
+    assert_same_greedy_answers(dense, blocks, "t")
     mem, dense_mem = blocks.engine.facts.memory, dense.engine.facts.memory
 
     def linears(llm: LLM) -> int:

@@ -1,7 +1,7 @@
 """The fused quantized linear kernels (quant/cpu_quant.py, quant/csrc/quant_cpu.cpp) against their reference, F.linear
-on the dequantized weight: NF4 and FP4, with and without double quantization, int8 with per-row scales, and GGUF's
-Q4_0, Q4_1 and Q8_0 blocks (against gguf-py's dequantize), fp32 and bf16, over odd shapes and block remainders (K
-odd, rows starting inside a byte and inside a block) and every batch size from 1 to 128. They decode exactly the
+on the dequantized weight: NF4 and FP4, with and without double quantization, int8 with per-row scales, GGUF's Q4_0,
+Q4_1 and Q8_0 blocks (against gguf-py's dequantize) and bf16 weights read widened, fp32 and bf16, over odd shapes and
+block remainders (K odd, rows starting inside a byte and inside a block) and every batch size from 1 to 128. They decode exactly the
 weights bitsandbytes, QuantLinear and gguf-py dequantize, a row's result has the same bits in any batch, and the AVX2
 build agrees."""
 
@@ -24,13 +24,17 @@ bnbf = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(7, 70), (33, 64), (5, 129), (3, 31), (9, 33), (40, 576)]  # (N, K)
-KINDS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False)]
+KINDS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True), ("int8", False), ("bf16", False)]
 
 
 def quantized(n: int, k: int, dtype: torch.dtype, kind: tuple[str, bool], seed: int = 0
-              ) -> tuple[cpu_quant.Codes | cpu_quant.Int8Rows, torch.Tensor]:
-    """The kernel's view of a random [N, K] weight quantized by bitsandbytes, and its dequantized weight."""
+              ) -> tuple[cpu_quant.Codes | cpu_quant.Int8Rows | cpu_quant.Bf16Rows, torch.Tensor]:
+    """The kernel's view of a random [N, K] weight quantized by bitsandbytes (or stored in bf16), and its dequantized
+    weight in `dtype`."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if kind[0] == "bf16":  # a bf16 checkpoint's weight, whatever the model computes in
+        stored = w.bfloat16()
+        return cpu_quant.Bf16Rows(stored), stored.to(dtype)
     if kind[0] == "int8":
         base = Linear(k, [("w", n)]).to(dtype)
         base.weight.data.copy_(w)
@@ -82,7 +86,7 @@ def test_it_matches_the_reference_at_every_batch_size(dtype: torch.dtype, kind: 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["nf4", "int8", "bf16"])
 def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(dtype: torch.dtype, method: str) -> None:
     """Batch invariance by construction (issue 41, issue 32 item 2): each of 128 rows alone has the bits it has in
     calls of 2 to 128 rows starting anywhere, whatever the thread count."""
@@ -126,6 +130,10 @@ def test_bad_arguments_are_refused_before_any_pointer_is_read() -> None:
         dataclasses.replace(w, codes=w.codes[:-1])
     with pytest.raises(ValueError, match="int8 rows"):
         cpu_quant.Int8Rows(torch.zeros(6, 64, dtype=torch.int8), torch.ones(5))
+    with pytest.raises(ValueError, match=r"bf16 rows: .* got \(6, 64\) torch.float32"):
+        cpu_quant.Bf16Rows(torch.zeros(6, 64))
+    with pytest.raises(ValueError, match="bf16 rows"):
+        cpu_quant.Bf16Rows(torch.zeros(64, 6, dtype=torch.bfloat16).t())  # not contiguous
 
 
 GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}

@@ -1,4 +1,5 @@
-"""The engine's model, built in one pipeline: resolve the dtype -> load the weights -> quantize -> move to
+"""The engine's model, built in one pipeline: resolve the dtype -> load the weights -> quantize (or keep a bf16
+checkpoint's linears in bf16 where the model computes in fp32: quant/bf16_weights.py) -> move to
 the device -> prepack (CPU only: a packed weight cannot move) -> plan the memory -> attach the LoRA wrappers.
 Each step is its package's own function; this is the one place that says in which order they run.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from loraplex.models.config import ModelConfig, load_model_config
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.models.row_tiles import WHOLE
 from loraplex.models.loader import load_model, resolve_model
+from loraplex.quant import bf16_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,14 @@ def build_model(config: EngineConfig) -> BuiltModel:
     mcfg = load_model_config(model_dir)
     max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
     model = load_model(model_dir, dtype.dtype, max_model_len, mcfg)
-    if config.quantization == "gguf":  # decoder-layer linears -> the file's own blocks
+    weights_format = None
+    if bf16_weights.keeps_bf16(config.quantization, dtype, device, model_dir):
+        from loraplex.quant.linear import BF16_WEIGHTS, quantize_model
+
+        before, after = quantize_model(model, BF16_WEIGHTS)  # bf16 -> fp32 at load and back: the stored bits
+        dtype, weights_format = replace(dtype, reason=bf16_weights.reason(dtype)), bf16_weights.FORMAT
+        log.info("%s: %.1f MiB -> %.1f MiB", dtype.describe(), before / 2**20, after / 2**20)
+    elif config.quantization == "gguf":  # decoder-layer linears -> the file's own blocks
         from loraplex.quant.gguf import serve_gguf_blocks
 
         before, after = serve_gguf_blocks(model, config.model, mcfg, dtype.dtype, device)
@@ -78,7 +87,7 @@ def build_model(config: EngineConfig) -> BuiltModel:
     invariance = batch_invariance(model, config, device)
     if config.batch_invariant:
         (log.info if invariance.enabled else log.warning)("batch invariance: %s", invariance.detail)
-    memory = plan(model, mcfg, config, dtype.dtype, device, max_model_len)
+    memory = plan(model, mcfg, config, dtype.dtype, device, max_model_len, weights_format)
     log.info("%s", memory.describe())
     targets = attach_lora(model, config.max_loras, config.max_lora_rank, dtype.dtype) if config.enable_lora else {}
     log.info("built %s (%s, %s) in %.1fs", mcfg.name, mcfg.architecture, dtype.name, time.perf_counter() - t0)

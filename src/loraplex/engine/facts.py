@@ -13,7 +13,7 @@ from loraplex.units import human
 
 @dataclass(frozen=True, slots=True)
 class MemoryPlan:
-    quantization: str  # "none", "nf4", "nf4+double-quant", "fp4", "int8"
+    quantization: str  # "none", "nf4", "nf4+double-quant", "fp4", "int8", "gguf", "bf16-weights"
     weights: int  # bytes of the base model as held
     kv_cache: int  # bytes of the KV cache (num_blocks * block bytes)
     kv_blocks: int

@@ -78,9 +78,10 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def plan(model: nn.Module, cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype, device: torch.device,
-         max_model_len: int) -> MemoryPlan:
+         max_model_len: int, weights_format: str | None = None) -> MemoryPlan:
     """The memory plan for a loaded (quantized, prepacked) model, before the KV cache and slots exist: raises
-    naming the figures if a budget does not fit."""
+    naming the figures if a budget does not fit. `weights_format` names how the base weights are held where no
+    --quantization says it (bf16_weights.FORMAT)."""
     kv_block = cfg.num_layers * 2 * config.block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     one_slot = slot_bytes(model, config.max_lora_rank, dtype) if config.enable_lora else 0
     slots = config.max_loras if config.enable_lora else 0
@@ -95,7 +96,7 @@ def plan(model: nn.Module, cfg: ModelConfig, config: EngineConfig, dtype: torch.
     blocks = check_budgets(kv_budget=kv_budget, kv_block_bytes=kv_block, block_size=config.block_size,
                            max_model_len=max_model_len, max_loras=slots, one_slot=one_slot,
                            adapter_budget=config.adapter_memory, free=available_memory(device))
-    quant = (config.quantization or "none") + ("+double-quant" if config.double_quant else "")
+    quant = (config.quantization or weights_format or "none") + ("+double-quant" if config.double_quant else "")
     return MemoryPlan(quantization=quant, weights=weight_bytes(model), kv_cache=blocks * kv_block, kv_blocks=blocks,
                       block_size=config.block_size, max_model_len=max_model_len, adapter_slot=one_slot,
                       adapter_slots=slots)

@@ -169,6 +169,21 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[str, torch.Tensor, slic
         raise ModelLoadError(f"checkpoint tensor {name} has no counterpart in a {model.cfg.architecture}") from None
 
 
+def decoder_linear_dtypes(model_dir: Path) -> set[str]:
+    """The dtypes ("BF16", "F32", ...) in which the checkpoint stores its decoder layers' linear weights, read from
+    the safetensors headers (no tensor is loaded)."""
+    found: set[str] = set()
+    for file in _safetensors_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if ".layers." in name and name.endswith("_proj.weight"):
+                        found.add(f.get_slice(name).get_dtype())
+        except (OSError, RuntimeError) as e:
+            raise ModelLoadError(f"cannot read {file}: {e}") from e
+    return found
+
+
 def load_model(model_dir: Path, dtype: torch.dtype, max_positions: int,
                cfg: ModelConfig | None = None) -> LlamaForCausalLM:
     """The checkpoint's weights in our model, in `dtype`, on the CPU, in eval mode. Quantizing and prepacking

@@ -31,8 +31,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.loraplex_gguf_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, ctypes.c_int, p, i64, p, p, p, i64,
                                          ctypes.c_int]
     lib.loraplex_gguf_dequantize.argtypes = [ctypes.c_int, i64, i64, ctypes.c_int, p, i64, p, p, ctypes.c_int]
+    lib.loraplex_bf16_linear.argtypes = [ctypes.c_int, p, i64, i64, i64, p, p, p, i64, ctypes.c_int]
     for fn in (lib.loraplex_q4_linear, lib.loraplex_q4_dequantize, lib.loraplex_q8_linear, lib.loraplex_q8_dequantize,
-               lib.loraplex_gguf_linear, lib.loraplex_gguf_dequantize):
+               lib.loraplex_gguf_linear, lib.loraplex_gguf_dequantize, lib.loraplex_bf16_linear):
         fn.restype = ctypes.c_int
     return lib
 
@@ -125,6 +126,28 @@ class Int8Rows:
         return int(self.codes.shape[1])
 
 
+@dataclass(frozen=True, slots=True)
+class Bf16Rows:
+    """One [N, K] matrix stored in bf16, read by the kernel widened to fp32 (exact): a bf16 checkpoint's weights
+    served as stored where the model computes in fp32 (quant/bf16_weights.py)."""
+
+    weight: torch.Tensor  # [N, K] bf16
+
+    def __post_init__(self) -> None:
+        w = self.weight
+        if not (w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu"):
+            raise ValueError(f"bf16 rows: a weight [N, K] bfloat16, contiguous on the CPU; got {tuple(w.shape)} "
+                             f"{w.dtype} on {w.device}")
+
+    @property
+    def n(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.weight.shape[1])
+
+
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # ggml type id -> bytes a block: Q4_0, Q4_1, Q8_0
 
@@ -160,7 +183,10 @@ class GgufRows:
                              f"{None if self.rows is None else tuple(self.rows.shape)}")
 
 
-def linear(x: torch.Tensor, w: Codes | Int8Rows | GgufRows, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
+Weight = Codes | Int8Rows | Bf16Rows | GgufRows  # what the kernels read
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None, out: torch.Tensor, col0: int = 0) -> None:
     """out[:, col0:col0+N] = x @ W^T (+ bias), W decoded from `w` (rounded to x's dtype, as dequantize_4bit and
     QuantLinear.dequantize return it).
 
@@ -183,6 +209,10 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows | GgufRows, bias: torch.Tensor |
                                  0 if w.rows is None else w.rows.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                  ptr, out.shape[1], torch.get_num_threads())
         return
+    if isinstance(w, Bf16Rows):
+        lib.loraplex_bf16_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.weight.data_ptr(),
+                                 0 if bias is None else bias.data_ptr(), ptr, out.shape[1], torch.get_num_threads())
+        return
     if isinstance(w, Int8Rows):
         lib.loraplex_q8_linear(DTYPES[x.dtype], x.data_ptr(), m, k, w.n, w.codes.data_ptr(), w.scale.data_ptr(),
                                0 if bias is None else bias.data_ptr(), ptr, out.shape[1], torch.get_num_threads())
@@ -191,11 +221,13 @@ def linear(x: torch.Tensor, w: Codes | Int8Rows | GgufRows, bias: torch.Tensor |
                            ptr, out.shape[1], torch.get_num_threads())
 
 
-def dequantize(w: Codes | Int8Rows | GgufRows, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     """The [N, K] weight the kernel multiplies by, in `dtype`: for the tests, and a GGUF layer's calls of more than a
     decode step's rows (split between the threads)."""
     lib = library()
     assert lib is not None and dtype in DTYPES
+    if isinstance(w, Bf16Rows):
+        return w.weight.to(dtype)  # widening is exact: the values the kernel reads
     out = torch.empty(w.n, w.k, dtype=torch.float32)
     if isinstance(w, GgufRows):
         lib.loraplex_gguf_dequantize(DTYPES[dtype], w.k, w.n, w.type, w.data.data_ptr(), w.data.shape[1],

@@ -14,6 +14,8 @@ as its base.
   by torch's `_weight_int8pack_mm` CPU kernel in bf16 when present, else by dequantizing.
 - gguf: a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks (quant/gguf.py builds them with `of_gguf`), CPU only, always
   through the fused kernel (cpu_quant.GgufRows); gguf-py's dequantize is the reference.
+- bf16 (BF16_WEIGHTS): not a quantization but a bf16 checkpoint's weights as stored, in a model that computes in
+  float32 (quant/bf16_weights.py decides when): the kernel widens them as it reads them (cpu_quant.Bf16Rows), exact.
 - On a CPU, decode steps run through the fused kernels (cpu_quant, csrc/quant_cpu.cpp) where they are built (int8:
   where torch's int8 kernel does not serve): the codes are decoded inside the GEMM, a few rows of W at a time,
   never as a whole weight (KERNEL_MAX_ROWS says which calls; batch-invariant, all of them).
@@ -39,6 +41,10 @@ BLOCKSIZE = 64
 # dequantized copy; longer calls (prefill) dequantize and run the dense GEMM, faster there (oneDNN's AMX and
 # blocked kernels). Batch-invariant, the kernel serves every call: one order for every row count.
 KERNEL_MAX_ROWS = 16
+# bf16 weights: the kernel beat widening the weight for oneDNN's fp32 GEMM up to 128 rows (the four decoder linears
+# of the default model, 2 threads, an EPYC capped to AVX2: 9.8 against 11.2 ms at 128 rows, 37 against 28 at 512).
+BF16_KERNEL_MAX_ROWS = 128
+BF16_WEIGHTS = "bf16"  # the method of a bf16 checkpoint's weights kept as stored
 
 
 @functools.cache
@@ -60,9 +66,7 @@ class QuantLinear(nn.Module):
     def __init__(self, base: Linear, method: str, double_quant: bool = False,
                  gguf: list[cpu_quant.GgufRows] | None = None) -> None:
         super().__init__()
-        import bitsandbytes.functional as bnbf
-
-        if method not in METHODS and not (method == "gguf" and gguf is not None):
+        if method not in (*METHODS, BF16_WEIGHTS) and not (method == "gguf" and gguf is not None):
             raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
         self.method = method
         self.double_quant = double_quant and method in ("nf4", "fp4")
@@ -85,11 +89,18 @@ class QuantLinear(nn.Module):
             self.gguf_parts = list(gguf)
             for i, part in enumerate(gguf):  # buffers too, as a module's tensors are seen (CPU only: never moved)
                 self.register_buffer(f"gguf_{i}", part.data, persistent=False)
+        elif method == BF16_WEIGHTS:
+            self.register_buffer("bf16_weight", w.to(torch.bfloat16).contiguous(), persistent=False)  # [OUT, IN]
+            self.kernel_max_rows = BF16_KERNEL_MAX_ROWS
         elif method == "int8":
+            import bitsandbytes.functional as bnbf
+
             cb, scb, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16 if w.device.type == "cuda" else w.dtype))
             self.register_buffer("int8_weight", cb, persistent=False)  # [OUT, IN] int8
             self.register_buffer("int8_scale", (scb.float() / 127.0).to(self.dtype), persistent=False)  # [OUT]
         else:
+            import bitsandbytes.functional as bnbf
+
             start = 0
             for _, size in self.parts:
                 codes, state = bnbf.quantize_4bit(w[start : start + size].contiguous(), blocksize=BLOCKSIZE,
@@ -110,6 +121,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight [OUT, IN] in the model dtype, as the quantized codes represent it."""
+        if self.method == BF16_WEIGHTS:
+            return self.bf16_weight.to(self.dtype)  # exact widening (or the stored bits)
         if self.method == "int8":
             return (self.int8_weight.to(torch.float32) * self.int8_scale.float()[:, None]).to(self.dtype)
         if self.method == "gguf" and cpu_quant.library() is not None:  # the kernel's decoder: gguf-py's bits, in C
@@ -134,13 +147,13 @@ class QuantLinear(nn.Module):
         their view of the codes, batch-invariant by construction. Elsewhere, with `batch_invariant`
         (CPU only), calls are cut into row tiles whose results do not depend on the other rows, found for this
         layer's kernel."""
-        device = self.codes[0].device if self.states else self.gguf_parts[0].data.device if self.gguf_parts \
-            else self.int8_weight.device
+        device = self._held().device
         # int8 in bf16: torch's weight-only int8 kernel is faster than ours there (docs/quantization.md)
         if self.kernel_parts is None and cpu_quant.supported(self.dtype, device) and not self._int8pack(self.dtype,
                                                                                                          device):
             self.kernel_parts = [cpu_quant.Codes.of(c, s) for c, s in zip(self.codes, self.states)] if self.states \
                 else list(self.gguf_parts) if self.gguf_parts \
+                else [cpu_quant.Bf16Rows(self.bf16_weight)] if self.method == BF16_WEIGHTS \
                 else [cpu_quant.Int8Rows(self.int8_weight.contiguous(), self.int8_scale.contiguous())]
         if batch_invariant and self.tiling is None and self.kernel_parts is not None:
             self.tiling = WHOLE
@@ -149,6 +162,11 @@ class QuantLinear(nn.Module):
                                            self.dtype) if self._int8pack(self.dtype, device) \
                 else dense_tiling(self.dequantize())  # a dense GEMM on the dequantized weight
         return False
+
+    def _held(self) -> torch.Tensor:
+        """One tensor of the stored weight: where it lives."""
+        return self.codes[0] if self.states else self.gguf_parts[0].data if self.gguf_parts \
+            else self.bf16_weight if self.method == BF16_WEIGHTS else self.int8_weight
 
     def _int8pack(self, dtype: torch.dtype, device: torch.device) -> bool:
         return self.method == "int8" and device.type == "cpu" and dtype == self.dtype == torch.bfloat16 \
@@ -182,6 +200,8 @@ class QuantLinear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes held for the weight: codes, scales and nested scales (not the bias)."""
+        if self.method == BF16_WEIGHTS:
+            return self.bf16_weight.nbytes
         if self.method == "int8":
             return self.int8_weight.nbytes + self.int8_scale.nbytes
         if self.method == "gguf":

@@ -4,6 +4,8 @@
 //   4-bit (loraplex_q4_*): bitsandbytes' NF4 or FP4 codes in blocks, with or without double quantization (below);
 //   int8 (loraplex_q8_*): codes [N, K] int8 with one scale per output row, W[n, k] = codes[n, k] * scale[n];
 //   GGUF (loraplex_gguf_*): Q4_0, Q4_1 and Q8_0 blocks as the file ships them (gguf_blocks.h).
+//   bf16 (loraplex_bf16_linear): a bf16 checkpoint's weights [N, K] as stored, widened to fp32 exactly; for a
+//     CPU without native bf16, which computes in fp32.
 // The register tiles they share are in quant_tiles.h.
 //
 // The torch reference is F.linear(x, dequantized W, bias) (QuantLinear.dequantize in quant/linear.py; gguf-py's
@@ -182,6 +184,29 @@ struct Q8 {
   }
 };
 
+// bf16 weights [N, K] (their uint16 bits), widened to fp32 as they are read: exact (a shift), so a bf16 checkpoint
+// computed in fp32 (a CPU without native bf16) multiplies by the very weights an fp32 copy would hold, reading half
+// the bytes. The interface of Q8 with a scale of 1, so the two share direct().
+struct Bf16Rows {
+  const uint16_t* w;
+  int64_t K;
+
+  float row_scale(int64_t) const { return 1.f; }
+  fvec vec(int64_t n, int64_t k, fvec) const { return loadv(w + n * K + k); }  // W[n, k:k+kL]
+  float at(int64_t n, int64_t k, float) const { return to_f32(w[n * K + k]); }
+  void decode(int64_t n, float* out) const {
+    const int64_t kv = K - K % kL;
+    for (int64_t k = 0; k < kv; k += kL) {
+      const fvec v = loadv(w + n * K + k);
+      std::memcpy(out + k, &v, sizeof v);
+    }
+    for (int64_t k = kv; k < K; ++k) out[k] = at(n, k, 1.f);
+  }
+};
+
+template <typename Q>
+constexpr bool kRowsInOrder = std::is_same_v<Q, Q8> || std::is_same_v<Q, Bf16Rows>;
+
 // All MR (<= kMR) rows of x against W rows n0 .. n0 + kNR of a chunked 4-bit matrix, each chunk looked up straight
 // into registers: the sums of tile() over decode_chunks, without the buffer. xp: x in the chunk layout, fp32.
 template <int MR, typename T>
@@ -205,9 +230,9 @@ void direct(const float* xp, const Q4& q, int64_t ldo, int64_t n0, const T* bias
   finish_tile(acc, bias, n0, out, ldo);
 }
 
-// The same for int8 rows, k in order: the sums of tile() over Q8::decode, without the buffer.
-template <int MR, typename T>
-void direct(const T* x, const Q8& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
+// The same for int8 and bf16 rows, k in order: the sums of tile() over their decode(), without the buffer.
+template <int MR, typename T, typename Q, typename = std::enable_if_t<kRowsInOrder<Q>>>
+void direct(const T* x, const Q& q, int64_t ldo, int64_t n0, const T* bias, T* out) {
   const int64_t K = q.K, kv = K - K % kL;
   fvec acc[MR][kNR] = {}, s[kNR];
   float sj[kNR];
@@ -365,6 +390,13 @@ int loraplex_q8_dequantize(int dtype, int64_t K, int64_t N, const int8_t* codes,
   const Q8 q{codes, scale, K, dtype == 1};
   for (int64_t n = 0; n < N; ++n) q.decode(n, w + n * K);
   return 0;
+}
+
+// bf16 weights [N, K] (uint16 bits), widened exactly. Returns 0, or 1 for an unknown dtype.
+int loraplex_bf16_linear(int dtype, const void* x, int64_t M, int64_t K, int64_t N, const uint16_t* w,
+                         const void* bias, void* out, int64_t ldo, int nthreads) {
+  if (dtype != 0 && dtype != 1) return 1;
+  return run(dtype, x, Bf16Rows{w, K}, M, N, bias, out, ldo, nthreads);
 }
 
 // GGUF blocks (gguf_blocks.h): data [stored rows, row_bytes] as in the file, rows [N] int64 or null. Returns 0, 1
