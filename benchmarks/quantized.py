@@ -5,7 +5,8 @@ bf16), a bf16 copy of the model whose decoder linears stay bf16 (quant/bf16_weig
     .venv/bin/python -m benchmarks.quantized [--requests 32 --max-tokens 32] [--batches 1 8 32] [--bases nf4 gguf]
 
 Memory is the engine's own accounting (engine/memory.py: tensors as held) plus the decoder linears
-alone; throughput is the offline workload (base only, and 8 adapters round-robin), greedy, EOS ignored:
+alone, and the bytes of weights a decode step reads (the linears and the LM head: at batch 1 they are the step's
+traffic, so with the batch-1 rate and this machine's copy bandwidth they give the fraction of it reached); throughput is the offline workload (base only, and 8 adapters round-robin), greedy, EOS ignored:
 `--requests` at once through LLM.generate, and decode tokens per second at each of `--batches` (engine steps
 timed, decode steps only: benchmarks.common.step_timed), the median of `--reps`.
 """
@@ -25,11 +26,12 @@ import torch
 
 from benchmarks.common import (bf16_copy, default_model_dir, machine, make_adapters, round_robin, step_timed, warmup,
                                workload_prompts, write_json)
+from benchmarks.roofline import copy_bandwidth_gbs
 from loraplex import LLM, SamplingParams
 from loraplex.engine.memory import module_bytes
 from loraplex.hardware import resolve_dtype
-from loraplex.quant.bf16_weights import FORMAT as BF16_WEIGHTS
 from loraplex.models.layers import Linear, layer_index
+from loraplex.quant.bf16_weights import FORMAT as BF16_WEIGHTS
 from loraplex.quant.linear import QuantLinear
 
 CONFIGS: list[tuple[str, str | None, bool]] = [("model dtype", None, False), ("nf4", "nf4", True), ("int8", "int8", False),
@@ -41,6 +43,15 @@ def linear_bytes(llm: LLM) -> int:
     """Bytes of the decoder-layer linears as held (weights incl. their packed copies, or codes + scales)."""
     return sum(module_bytes(m) for name, m in llm.engine.runner.model.named_modules()
                if isinstance(m, (Linear, QuantLinear)) and layer_index(name) is not None)
+
+
+def step_weight_bytes(llm: LLM) -> int:
+    """Bytes of weights one decode step reads: the decoder linears and the LM head as held (the tied head's packed
+    copy where it has one; a head on the embeddings' own blocks or bf16 rows reads those)."""
+    model = llm.engine.runner.model
+    head = module_bytes(model.lm_head) if model.lm_head is not None else model.head_packed.nbytes \
+        if model.head_packed is not None else model.embed_tokens.weight.nbytes
+    return linear_bytes(llm) + head
 
 
 def kernels(llm: LLM, method: str | None) -> str:
@@ -84,6 +95,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows: list[dict[str, Any]] = []
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth {bandwidth:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.adapters or Path(tmp)
         names = make_adapters(default_model_dir(), root, 8)
@@ -101,7 +114,7 @@ def main() -> None:
             prompts = workload_prompts(llm.tokenizer, args.requests)
             mem = llm.engine.facts.memory
             row = {"base": label, "quantization": mem.quantization, "weights_bytes": mem.weights,
-                   "linear_bytes": linear_bytes(llm), "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
+                   "linear_bytes": linear_bytes(llm), "step_weight_bytes": step_weight_bytes(llm), "kv_cache_bytes": mem.kv_cache, "adapter_slots_bytes": mem.adapters,
                    "tokens_per_s_base": throughput(llm, prompts, [None] * args.requests, args.max_tokens),
                    "tokens_per_s_8_adapters": throughput(llm, prompts, list(round_robin(names, args.requests)), args.max_tokens),
                    "decode_tokens_per_s": decode_rates(llm, prompts, names, args.batches, args.max_tokens, args.reps),
@@ -111,7 +124,7 @@ def main() -> None:
                   f"base {row['tokens_per_s_base']:.1f} tok/s, 8 adapters {row['tokens_per_s_8_adapters']:.1f} tok/s", flush=True)
             del llm
             gc.collect()
-    print(f"written to {write_json('quantized', {'machine': machine(), 'requests': args.requests, 'max_tokens': args.max_tokens, 'batches': args.batches, 'reps': args.reps, 'rows': rows})}")
+    print(f"written to {write_json('quantized', {'machine': machine(), 'copy_bandwidth_gbs': bandwidth, 'requests': args.requests, 'max_tokens': args.max_tokens, 'batches': args.batches, 'reps': args.reps, 'rows': rows})}")
 
 
 if __name__ == "__main__":

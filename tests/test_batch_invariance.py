@@ -216,8 +216,8 @@ def test_plain_and_quantized_base_linears_run_in_their_own_row_tiles(base: str, 
     model = llm.engine.runner.model
     assert all(t is not None for t in model.linear_tilings())
     # The tied head is oneDNN-packed wherever its dtype packs here (not bf16 on AVX2); else it too runs in tiles.
-    # A GGUF base's head is the file's blocks, through the kernel.
-    packs = base not in ("plain", "gguf") and cpu_gemm.supported(model.embed_tokens.weight)
+    # A GGUF base's head is the file's blocks, a bf16 checkpoint's its bf16 rows, through the kernel.
+    packs = base not in ("plain", "gguf", "bf16-weights") and cpu_gemm.supported(model.embed_tokens.weight)
     assert (model.head_packed is not None) == packs
     jobs = random_jobs(5, 12)
     solo = alone(llm, jobs, keep_cache=False)

@@ -1,6 +1,6 @@
 """A bf16 checkpoint on a CPU without native bf16 (issue 32, item 3): `--dtype auto` computes in float32 there and
-keeps the decoder linears in bf16 as stored, read by the fused kernel that widens them exactly (quant/bf16_weights.py).
-The weights are the checkpoint's bits, the answers an fp32 model's (with adapters on top), the memory plan counts the
+keeps the linears (the LM head included) and the embeddings in bf16 as stored, read by the fused kernel that widens
+them exactly (quant/bf16_weights.py). The weights are the checkpoint's bits, the answers an fp32 model's (with adapters on top), the memory plan counts the
 bytes held and names the format; `--dtype float32`, an fp32 checkpoint, a quantized base, a GPU or a missing kernel
 keep today's fp32 weights.
 
@@ -9,7 +9,9 @@ cap, ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, resolves the same: tests/
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,9 +24,9 @@ from loraplex.engine import build
 from loraplex.engine.memory import module_bytes
 from loraplex.hardware import DtypeChoice, resolve_dtype
 from loraplex.models.layers import Linear, layer_index
-from loraplex.models.loader import decoder_linear_dtypes, load_model
+from loraplex.models.loader import load_model, stored_dtypes
 from loraplex.quant import cpu_quant
-from loraplex.quant.bf16_weights import FORMAT, keeps_bf16
+from loraplex.quant.bf16_weights import FORMAT, Bf16Embedding, keep_bf16_weights, keeps_bf16
 from loraplex.quant.linear import BF16_WEIGHTS, QuantLinear
 
 pytestmark = pytest.mark.skipif(cpu_quant.library() is None, reason="no C++ compiler to build the kernel")
@@ -59,21 +61,33 @@ def test_it_answers_as_the_fp32_model_does_from_half_the_bytes(bf16_checkpoint: 
         assert isinstance(q, QuantLinear) and q.method == BF16_WEIGHTS, name
         assert q.bf16_weight.dtype == torch.bfloat16 and torch.equal(q.bf16_weight, plain[name].weight), name
         assert isinstance(q.kernel_parts[0], cpu_quant.Bf16Rows) and q.dtype == torch.float32, name
-    assert kept.engine.runner.model.norm.weight.dtype == torch.float32
+    model = kept.engine.runner.model
+    assert model.norm.weight.dtype == torch.float32
+    # The tied LM head and the embeddings: one bf16 tensor, the checkpoint's, through the kernel and widened lookups.
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.method == BF16_WEIGHTS
+    assert torch.equal(model.lm_head.bf16_weight, stored.embed_tokens.weight) and model.head_packed is None
+    assert isinstance(model.embed_tokens, Bf16Embedding) and model.embed_tokens.rows is model.lm_head.bf16_weight
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.embed_tokens(ids), stored.embed_tokens(ids).float())
     assert_same_greedy_answers(fp32, kept, "t")  # with an adapter on every linear too
-    # What is resident: the memory plan (/v1/models, /metrics) names the format and counts half the linears' bytes.
+    # What is resident: the memory plan (/v1/models, /metrics) names the format and counts half the linears' bytes,
+    # and one bf16 copy of the embeddings for an fp32 embedding and the head's packed fp32 copy of it.
     facts, dense = kept.engine.facts, fp32.engine.facts
     assert (facts.dtype, facts.memory.quantization, dense.memory.quantization) == ("float32", FORMAT, "none")
-    assert "bf16 decoder linear weights kept in bf16" in facts.dtype_reason
+    assert "bf16 linear weights kept in bf16" in facts.dtype_reason
     held = sum(module_bytes(m) for m in quant.values())
     assert 2 * held == sum(module_bytes(m) for m in decoder_linears(fp32).values())
-    assert facts.memory.weights == dense.memory.weights - held
+    fp32_model = fp32.engine.runner.model
+    fp32_head = module_bytes(fp32_model.embed_tokens) + fp32_model.head_packed.nbytes
+    assert module_bytes(model.embed_tokens) == 0 and 4 * module_bytes(model.lm_head) == fp32_head
+    assert facts.memory.weights == dense.memory.weights - held - fp32_head * 3 // 4
 
 
 def test_only_auto_on_a_cpu_that_computes_in_fp32_keeps_them(bf16_checkpoint: Path, default_model_dir: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    assert decoder_linear_dtypes(bf16_checkpoint) == {"BF16"} and decoder_linear_dtypes(default_model_dir) == {"F32"}
+    assert set(stored_dtypes(bf16_checkpoint).values()) == {"BF16"}
+    assert set(stored_dtypes(default_model_dir).values()) == {"F32"}
     assert keeps_bf16(None, AVX2_AUTO, CPU, bf16_checkpoint)
     assert not keeps_bf16(None, resolve_dtype("float32"), CPU, bf16_checkpoint)  # fp32 weights, as asked
     assert not keeps_bf16(None, AVX2_AUTO, CPU, default_model_dir)  # an fp32 checkpoint
@@ -85,3 +99,26 @@ def test_only_auto_on_a_cpu_that_computes_in_fp32_keeps_them(bf16_checkpoint: Pa
     with caplog.at_level(logging.WARNING, logger="loraplex.quant.bf16_weights"):
         assert not keeps_bf16(None, AVX2_AUTO, CPU, bf16_checkpoint)
     assert "widened to float32" in caplog.text and "not built" in caplog.text
+
+
+def test_an_untied_head_and_the_embeddings_are_kept_apart(bf16_checkpoint: Path, tmp_path: Path) -> None:
+    """A checkpoint with its own lm_head.weight: the head a bf16 QuantLinear, the embeddings a bf16 buffer of their
+    own, both the checkpoint's bits; the logits those of the fp32 model loaded from it, to fp32 rounding."""
+    from safetensors.torch import load_file, save_file
+
+    untied = tmp_path / "untied"
+    shutil.copytree(bf16_checkpoint, untied)
+    state = load_file(str(untied / "model.safetensors"))
+    head = state["model.embed_tokens.weight"].flip(0).contiguous()  # another matrix than the embeddings
+    save_file({**state, "lm_head.weight": head}, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((untied / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    fp32, kept = load_model(untied, torch.float32, 64), load_model(untied, torch.float32, 64)
+    before, after = keep_bf16_weights(kept, untied)
+    assert isinstance(kept.lm_head, QuantLinear) and torch.equal(kept.lm_head.bf16_weight, head)
+    assert isinstance(kept.embed_tokens, Bf16Embedding) and torch.equal(kept.embed_tokens.rows,
+                                                                        state["model.embed_tokens.weight"])
+    assert module_bytes(kept.embed_tokens) == module_bytes(kept.lm_head) == head.nbytes and 2 * after == before
+    kept.prepack()
+    x = torch.randn(5, head.shape[1])
+    torch.testing.assert_close(kept.lm_head(x), fp32.lm_head(x), rtol=1e-5, atol=1e-4)

@@ -64,9 +64,7 @@ def build_model(config: EngineConfig) -> BuiltModel:
     model = load_model(model_dir, dtype.dtype, max_model_len, mcfg)
     weights_format = None
     if bf16_weights.keeps_bf16(config.quantization, dtype, device, model_dir):
-        from loraplex.quant.linear import BF16_WEIGHTS, quantize_model
-
-        before, after = quantize_model(model, BF16_WEIGHTS)  # bf16 -> fp32 at load and back: the stored bits
+        before, after = bf16_weights.keep_bf16_weights(model, model_dir)
         dtype, weights_format = replace(dtype, reason=bf16_weights.reason(dtype)), bf16_weights.FORMAT
         log.info("%s: %.1f MiB -> %.1f MiB", dtype.describe(), before / 2**20, after / 2**20)
     elif config.quantization == "gguf":  # decoder-layer linears -> the file's own blocks

@@ -169,16 +169,14 @@ def _target(model: LlamaForCausalLM, name: str) -> tuple[str, torch.Tensor, slic
         raise ModelLoadError(f"checkpoint tensor {name} has no counterpart in a {model.cfg.architecture}") from None
 
 
-def decoder_linear_dtypes(model_dir: Path) -> set[str]:
-    """The dtypes ("BF16", "F32", ...) in which the checkpoint stores its decoder layers' linear weights, read from
-    the safetensors headers (no tensor is loaded)."""
-    found: set[str] = set()
+def stored_dtypes(model_dir: Path) -> dict[str, str]:
+    """Each checkpoint tensor's name -> the dtype it is stored in ("BF16", "F32", ...), from the safetensors headers
+    (no tensor is read)."""
+    found: dict[str, str] = {}
     for file in _safetensors_files(model_dir):
         try:
             with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if ".layers." in name and name.endswith("_proj.weight"):
-                        found.add(f.get_slice(name).get_dtype())
+                found.update((name, f.get_slice(name).get_dtype()) for name in f.keys())
         except (OSError, RuntimeError) as e:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
     return found
