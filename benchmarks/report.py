@@ -19,10 +19,11 @@ from typing import Any
 from benchmarks.report_cluster import cluster_lines, cluster_targets
 from benchmarks.report_batch_invariance import batch_invariance_lines, batch_invariance_targets
 from benchmarks.report_fair_share import fair_share_lines, fair_share_targets
-from benchmarks.report_quantized import quantized_lines, quantized_targets
+from benchmarks.report_quantized import gguf_peer_lines, gguf_peer_targets, quantized_lines, quantized_targets
 
 PARTS = ["offline", "peers_hf", "llama_cpp", "http_peers", "lora_kernels", "adapter_cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster", "gpu"]
+         "quantized", "llama_cpp_gguf", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster",
+         "gpu"]
 VLLM_RUNS = ("1", "8", "32", "8_all_cores", "base_lora_enabled", "base")
 # Sections in this order; classes not listed come after, by name.
 CLASS_ORDER = ["avx512-bf16", "amx-bf16", "avx512", "avx2"]
@@ -146,6 +147,7 @@ class Run:
         rows += fair_share_targets(self.parts.get("fair_share"))  # "not measured" where the part did not run
         rows += batch_invariance_targets(self.parts.get("batch_invariance"))
         rows += quantized_targets(self.parts.get("quantized"))
+        rows += gguf_peer_targets(self.parts.get("llama_cpp_gguf"))
         rows += cluster_targets(self.parts.get("cluster"))
         return [(name, value, wanted, verdict(value, target, higher)) for name, value, wanted, target, higher in rows]
 
@@ -343,6 +345,8 @@ def class_section(run: Run, out: Path) -> list[str]:
         lines += roofline_lines(P["roofline"])
     if "quantized" in P:
         lines += quantized_lines(P["quantized"])
+    if "llama_cpp_gguf" in P:
+        lines += gguf_peer_lines(P["llama_cpp_gguf"])
     if "prefix_cache" in P:
         lines += prefix_cache_lines(P["prefix_cache"])
     if "structured" in P:

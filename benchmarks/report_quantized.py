@@ -38,6 +38,7 @@ def quantized_lines(q: dict[str, Any]) -> list[str]:
     m = q["machine"]
     plain = _row(q, "none")
     lines = ["", "### Quantized base: memory and throughput", "",
+             f"Measured on {m.get('cpu_description', m.get('cpu', '?'))}. "
              f"{q['requests']} requests x {q['max_tokens']} tokens; memory from the engine's accounting (tensors "
              f"as held: codes, scales, packed copies). LoRA runs in the model dtype ({m.get('dtype', '?')}) on top "
              "of every base.", "",
@@ -78,3 +79,39 @@ def quantized_targets(q: dict[str, Any] | None) -> list[tuple[str, float | None,
               for base, bars in TARGETS.items() for b, bar in zip((1, 8, 32), bars)]
     return ratios + [(f"{base} batch-1 decode, weights read / copy bandwidth", (_bandwidth(q, base) or (0, None))[1],
                       f"≥ {BANDWIDTH_TARGET:.0%}", BANDWIDTH_TARGET, True) for base in QUANTIZED]
+
+
+# Issue 32: against llama.cpp on the same GGUF weights, base only at batch 1 and 8 >= 1.0x; with 8 adapters mixed
+# >= 3x llama.cpp's figure (it does not batch requests whose adapters differ).
+GGUF_PEER_TARGETS = {"base": 1.0, "8_adapters": 3.0}
+
+
+def _peer_ratio(g: dict[str, Any] | None, fmt: str, batch: int, kind: str) -> float | None:
+    f = (g or {}).get("formats", {}).get(fmt)
+    if not f or str(batch) not in f["loraplex"] or str(batch) not in f["llama_cpp"]:
+        return None
+    return f["loraplex"][str(batch)][kind] / f["llama_cpp"][str(batch)][kind]
+
+
+def gguf_peer_lines(g: dict[str, Any]) -> list[str]:
+    lines = ["", "### The same GGUF weights: loraplex against llama.cpp", "",
+             f"Measured on {g['machine']['cpu_description']}. llama.cpp {g['version']} (llama-server) and loraplex `--quantization gguf` on the same files; decode "
+             f"tokens per second (loraplex: engine steps timed; llama.cpp: its own `timings`, summed over the requests "
+             f"of a batch), median of {g['reps']} runs of {g['max_tokens']} tokens; activations and KV cache "
+             f"{g['dtype']} ({g['kv_cache']} for llama.cpp's KV cache), adapters as GGUF LoRA f32 for llama.cpp.", "",
+             "| weights | batch | loraplex base | llama.cpp base | ratio | loraplex 8 adapters | llama.cpp 8 adapters | "
+             "ratio |", "|---|---|---|---|---|---|---|---|"]
+    for fmt, f in g["formats"].items():
+        for b in g["batches"]:
+            ours, theirs = f["loraplex"][str(b)], f["llama_cpp"][str(b)]
+            cells = [f"{ours[k]:.1f} | {theirs[k]:.1f} | {ours[k] / theirs[k]:.2f}x" for k in ("base", "8_adapters")]
+            lines.append(f"| {fmt.upper()} ({f['file_bytes'] / 2**20:.0f} MiB) | {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gguf_peer_targets(g: dict[str, Any] | None) -> list[tuple[str, float | None, str, float, bool]]:
+    """Base only at batch 1 and 8; 8 adapters mixed at batch 8 (at batch 1 there is nothing to mix)."""
+    return [(f"{fmt.upper()} {'base only' if kind == 'base' else '8 adapters mixed'} vs llama.cpp, same file, batch "
+             f"{b}", _peer_ratio(g, fmt, b, kind), f"≥ {bar:.1f}×", bar, True)
+            for fmt in ("q4_1", "q8_0") for kind, bar in GGUF_PEER_TARGETS.items()
+            for b in ((1, 8) if kind == "base" else (8,))]

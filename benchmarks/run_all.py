@@ -9,7 +9,8 @@ batch, sequential PEFT, set_adapter), vllm (vLLM CPU 0.32.0 from .venv-vllm: 1/8
 LoRA enabled (eager, as the mixed runs) and without (compiled)), llama_cpp (llama-server, base and 8 mixed
 adapters), http_peers (64 streams over 8 adapters to loraplex, vLLM CPU and llama.cpp servers), lora_kernels
 (kernel profile, mapping cost), cold_load, serving (Poisson/Zipf over HTTP), roofline, quantized (bf16 / NF4 /
-int8 base: memory and throughput), prefix_cache (shared system prompts and 5-turn chats, with and without the
+int8 base: memory and throughput), llama_cpp_gguf (loraplex and llama-server on the same GGUF files, the shipped
+Q4_1 and a Q8_0 conversion: decode at batch 1 and 8, base and 8 adapters), prefix_cache (shared system prompts and 5-turn chats, with and without the
 cache, loraplex and vLLM CPU), structured (batch 32 with half the requests under a JSON schema; schema compile
 time), fair_share (a quiet key beside another's 160 streams, against first come first served; four keys at weights
 1, 1, 1, 3), batch_invariance (--batch-invariant against the default path: decode and prefill at batch 1, 8 and
@@ -37,7 +38,8 @@ from loraplex.hardware import cpu, resolve_dtype
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", ".venv-vllm")) / "bin" / "python"
 PARTS = ["offline", "peers_hf", "vllm", "llama_cpp", "http_peers", "lora_kernels", "cold_load", "serving", "roofline",
-         "quantized", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster", "gpu"]
+         "quantized", "llama_cpp_gguf", "prefix_cache", "structured", "fair_share", "batch_invariance", "cluster",
+         "gpu"]
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -107,6 +109,8 @@ def main() -> None:
         run([py, "-m", "benchmarks.roofline"])
     if "quantized" not in args.skip:
         run([py, "-m", "benchmarks.quantized", "--adapters", str(root)])
+    if "llama_cpp_gguf" not in args.skip:
+        run([py, "-m", "benchmarks.peers.llama_cpp_gguf", "--adapters", str(root)])
     if "prefix_cache" not in args.skip:
         run([py, "-m", "benchmarks.prefix_cache", "--adapters", str(root)]
             + ([] if VLLM_PYTHON.exists() else ["--skip", "vllm"]))

@@ -34,16 +34,27 @@ from loraplex.hardware import resolve_dtype
 OUTTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
-def convert(model_dir: Path, adapters: list[Path], outtype: str) -> tuple[Path, list[Path]]:
-    """GGUF files of the base model and the adapters (made once per precision, under .llama.cpp/gguf)."""
+def _converter_env() -> tuple[Path, dict[str, str]]:
     src = fetch()
-    out = ROOT / "gguf" / outtype
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}", "NO_LOCAL_GGUF": ""}
-    base = out / "base.gguf"
+    return src, {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}", "NO_LOCAL_GGUF": ""}
+
+
+def convert_base(model_dir: Path, outtype: str) -> Path:
+    """The base model as a GGUF file of `outtype` (f32, bf16, q8_0, ...), made once under .llama.cpp/gguf."""
+    src, env = _converter_env()
+    base = ROOT / "gguf" / outtype / "base.gguf"
+    base.parent.mkdir(parents=True, exist_ok=True)
     if not base.is_file():
         subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
                         "--outfile", str(base)], check=True, env=env, cwd=src)
+    return base
+
+
+def convert_loras(model_dir: Path, adapters: list[Path], outtype: str) -> list[Path]:
+    """The PEFT adapters as GGUF LoRA files of `outtype`, made once under .llama.cpp/gguf."""
+    src, env = _converter_env()
+    out = ROOT / "gguf" / outtype
+    out.mkdir(parents=True, exist_ok=True)
     loras = []
     for a in adapters:
         path = out / f"{a.name}.gguf"
@@ -51,7 +62,12 @@ def convert(model_dir: Path, adapters: list[Path], outtype: str) -> tuple[Path, 
             subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), str(a), "--base", str(model_dir),
                             "--outtype", outtype, "--outfile", str(path)], check=True, env=env, cwd=src)
         loras.append(path)
-    return base, loras
+    return loras
+
+
+def convert(model_dir: Path, adapters: list[Path], outtype: str) -> tuple[Path, list[Path]]:
+    """GGUF files of the base model and the adapters at one precision (made once, under .llama.cpp/gguf)."""
+    return convert_base(model_dir, outtype), convert_loras(model_dir, adapters, outtype)
 
 
 class Server:

@@ -41,8 +41,8 @@ BLOCKSIZE = 64
 # dequantized copy; longer calls (prefill) dequantize and run the dense GEMM, faster there (oneDNN's AMX and
 # blocked kernels). Batch-invariant, the kernel serves every call: one order for every row count.
 KERNEL_MAX_ROWS = 16
-# bf16 weights: the kernel beat widening the weight for oneDNN's fp32 GEMM up to 128 rows (the four decoder linears
-# of the default model, 2 threads, an EPYC capped to AVX2: 9.8 against 11.2 ms at 128 rows, 37 against 28 at 512).
+# bf16 weights: the kernel beat widening the weight for F.linear in fp32 up to 128 rows (the four decoder linears of
+# the default model, 2 threads, an EPYC capped to AVX2: 9.8 against 11.2 ms at 128 rows, 37 against 28 at 512).
 BF16_KERNEL_MAX_ROWS = 128
 BF16_WEIGHTS = "bf16"  # the method of a bf16 checkpoint's weights kept as stored
 
