@@ -149,10 +149,12 @@ def main() -> None:
         base, loras = convert(model_dir, [root / n for n in names], outtype)
         result: dict[str, Any] = {"machine": machine(), "version": f"b{VERSION.split('.')[0]}", "weights": outtype,
                                   "kv_cache": outtype, "requests": args.requests, "max_tokens": args.max_tokens}
-        with Server(base, loras, args.requests, 192, outtype) as server:
+        # Base only on a server without adapters: loaded at scale 0, they still run for a request that names none.
+        with Server(base, [], args.requests, 192, outtype) as server:
             run_batch(server.url, warmup(prompts[:4]), [None] * 4, 4)  # warm-up
             result["base"] = run_batch(server.url, prompts, [None] * args.requests, args.max_tokens)
             print(f"llama.cpp ({outtype}), base only: {result['base']['tokens_per_s']:.1f} tok/s", flush=True)
+        with Server(base, loras, args.requests, 192, outtype) as server:
             # The adapters really apply: adapter 0's greedy text differs from the base model's.
             plain, adapted = (complete(server.url, prompts[0], a, 16)["content"] for a in (None, 0))
             result["adapter_changes_output"] = plain != adapted
