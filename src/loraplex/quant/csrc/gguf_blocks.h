@@ -101,7 +101,7 @@ struct Gguf {
       const fvec d = fvec{} + half_to_float(p);
       for (int v = 0; v < kGgufBlock / kL; ++v) {
         w[v] = widen_i8(reinterpret_cast<const int8_t*>(p + 2) + v * kL) * d;
-        if (bf16) w[v] = round_bf16(w[v]);
+        if (bf16) w[v] = round_bf16_normal(w[v]);  // q * d: never subnormal
       }
       return;
     }

@@ -47,6 +47,19 @@ inline void round_row(float* w, int64_t K) {
   }
 }
 
+// round_bf16 for values that are never fp32 subnormals (zero, normal, inf or NaN): the CPU's own conversion where it
+// has AVX512-BF16 (vcvtneps2bf16: nearest even, a NaN quiet with its upper payload, as round_bf16; it flushes
+// subnormals, which these values are not), 3 instructions instead of about 10. A GGUF Q8_0 weight, q * d with q an
+// int8 and d an fp16 (zero, or at least 2^-24 in magnitude), is one.
+inline fvec round_bf16_normal(fvec v) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)v);
+  return (fvec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
+  return round_bf16(v);
+#endif
+}
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 constexpr bool kHasChunks = true;  // lookup_chunk below exists in this build
 #else
