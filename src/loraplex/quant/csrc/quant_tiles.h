@@ -154,11 +154,12 @@ void tile(const X* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_
   fvec acc[MR][NR] = {};
   const int64_t kv = K - K % kL;
   for (int64_t k = 0; k < kv; k += kL) {
-    fvec xv[MR], wv[NR];
+    fvec xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = loadv(x + (m0 + i) * K + k);
-    for (int j = 0; j < NR; ++j) wv[j] = loadv(w + j * K + k);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = fmadd(xv[i], wv[j], acc[i][j]);
+    for (int j = 0; j < NR; ++j) {  // one W vector at a time: MR x NR accumulators + MR x vectors + 1 fit 16 ymm
+      const fvec wv = loadv(w + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = fmadd(xv[i], wv, acc[i][j]);
+    }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) {
@@ -168,11 +169,18 @@ void tile(const X* x, const float* w, int64_t K, int64_t ldo, int64_t m0, int64_
     }
 }
 
+#if defined(__AVX512F__)
+constexpr int kTileMR = 4;  // rows of x per tile over decoded W rows
+#else
+constexpr int kTileMR = 3;  // 12 accumulators, 3 x vectors and the W vector streamed: 16 ymm registers
+#endif
+
 template <int NR, typename X, typename T>
 void rows(const X* x, const float* w, int64_t M, int64_t K, int64_t ldo, int64_t n0, const T* bias, T* out) {
-  int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) tile<kMR, NR>(x, w, K, ldo, m, n0, bias, out);
-  for (; m < M; ++m) tile<1, NR>(x, w, K, ldo, m, n0, bias, out);  // each row's sums are the same in any tile
+  int64_t m = 0;  // each row's sums are the same in any tile
+  for (; m + kTileMR <= M; m += kTileMR) tile<kTileMR, NR>(x, w, K, ldo, m, n0, bias, out);
+  for (; m + 2 <= M; m += 2) tile<2, NR>(x, w, K, ldo, m, n0, bias, out);
+  for (; m < M; ++m) tile<1, NR>(x, w, K, ldo, m, n0, bias, out);
 }
 
 }  // namespace
