@@ -26,7 +26,7 @@ from loraplex.hardware import DtypeChoice, resolve_dtype
 from loraplex.models.layers import Linear, layer_index
 from loraplex.models.loader import load_model, stored_dtypes
 from loraplex.quant import cpu_quant
-from loraplex.quant.bf16_weights import FORMAT, Bf16Embedding, keep_bf16_weights, keeps_bf16
+from loraplex.quant.bf16_weights import FORMAT, Bf16Embedding, bf16_storage, keep_bf16_weights
 from loraplex.quant.linear import BF16_WEIGHTS, QuantLinear
 
 pytestmark = pytest.mark.skipif(cpu_quant.library() is None, reason="no C++ compiler to build the kernel")
@@ -88,16 +88,16 @@ def test_only_auto_on_a_cpu_that_computes_in_fp32_keeps_them(bf16_checkpoint: Pa
                                                               caplog: pytest.LogCaptureFixture) -> None:
     assert set(stored_dtypes(bf16_checkpoint).values()) == {"BF16"}
     assert set(stored_dtypes(default_model_dir).values()) == {"F32"}
-    assert keeps_bf16(None, AVX2_AUTO, CPU, bf16_checkpoint)
-    assert not keeps_bf16(None, resolve_dtype("float32"), CPU, bf16_checkpoint)  # fp32 weights, as asked
-    assert not keeps_bf16(None, AVX2_AUTO, CPU, default_model_dir)  # an fp32 checkpoint
-    assert not keeps_bf16("nf4", AVX2_AUTO, CPU, bf16_checkpoint)  # the quantization holds the weights
-    assert not keeps_bf16(None, AVX2_AUTO, torch.device("cuda"), bf16_checkpoint)
+    assert bf16_storage(None, AVX2_AUTO, CPU, bf16_checkpoint) == stored_dtypes(bf16_checkpoint)
+    assert bf16_storage(None, resolve_dtype("float32"), CPU, bf16_checkpoint) is None  # fp32 weights, as asked
+    assert bf16_storage(None, AVX2_AUTO, CPU, default_model_dir) is None  # an fp32 checkpoint
+    assert bf16_storage("nf4", AVX2_AUTO, CPU, bf16_checkpoint) is None  # the quantization holds the weights
+    assert bf16_storage(None, AVX2_AUTO, torch.device("cuda"), bf16_checkpoint) is None
     native = DtypeChoice(torch.bfloat16, "auto", "this CPU multiplies bf16 natively", True)
-    assert not keeps_bf16(None, native, CPU, bf16_checkpoint)  # the whole model is bf16 there
+    assert bf16_storage(None, native, CPU, bf16_checkpoint) is None  # the whole model is bf16 there
     monkeypatch.setattr(cpu_quant, "library", lambda: None)
     with caplog.at_level(logging.WARNING, logger="loraplex.quant.bf16_weights"):
-        assert not keeps_bf16(None, AVX2_AUTO, CPU, bf16_checkpoint)
+        assert bf16_storage(None, AVX2_AUTO, CPU, bf16_checkpoint) is None
     assert "widened to float32" in caplog.text and "not built" in caplog.text
 
 
@@ -114,7 +114,7 @@ def test_an_untied_head_and_the_embeddings_are_kept_apart(bf16_checkpoint: Path,
     config = json.loads((untied / "config.json").read_text())
     (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
     fp32, kept = load_model(untied, torch.float32, 64), load_model(untied, torch.float32, 64)
-    before, after = keep_bf16_weights(kept, untied)
+    before, after = keep_bf16_weights(kept, stored_dtypes(untied))
     assert isinstance(kept.lm_head, QuantLinear) and torch.equal(kept.lm_head.bf16_weight, head)
     assert isinstance(kept.embed_tokens, Bf16Embedding) and torch.equal(kept.embed_tokens.rows,
                                                                         state["model.embed_tokens.weight"])

@@ -63,8 +63,8 @@ def build_model(config: EngineConfig) -> BuiltModel:
     max_model_len = config.max_model_len or min(mcfg.max_position_embeddings, 4096)
     model = load_model(model_dir, dtype.dtype, max_model_len, mcfg)
     weights_format = None
-    if bf16_weights.keeps_bf16(config.quantization, dtype, device, model_dir):
-        before, after = bf16_weights.keep_bf16_weights(model, model_dir)
+    if (stored := bf16_weights.bf16_storage(config.quantization, dtype, device, model_dir)) is not None:
+        before, after = bf16_weights.keep_bf16_weights(model, stored)
         dtype, weights_format = replace(dtype, reason=bf16_weights.reason(dtype)), bf16_weights.FORMAT
         log.info("%s: %.1f MiB -> %.1f MiB", dtype.describe(), before / 2**20, after / 2**20)
     elif config.quantization == "gguf":  # decoder-layer linears -> the file's own blocks

@@ -35,19 +35,22 @@ def _decoder_linear(name: str) -> bool:
     return ".layers." in name and name.endswith("_proj.weight")
 
 
-def keeps_bf16(quantization: str | None, dtype: DtypeChoice, device: torch.device, model_dir: Path) -> bool:
-    """Whether to keep the checkpoint's bf16 weights in bf16: an fp32 model chosen by `auto` on a CPU, an unquantized
-    base whose checkpoint stores its decoder linears in bf16, and the kernel that reads them built."""
+def bf16_storage(quantization: str | None, dtype: DtypeChoice, device: torch.device,
+                 model_dir: Path) -> dict[str, str] | None:
+    """The checkpoint's stored dtypes (loader.stored_dtypes) where its bf16 weights are to be kept in bf16, else None:
+    an fp32 model chosen by `auto` on a CPU, an unquantized base whose checkpoint stores its decoder linears in bf16,
+    and the kernel that reads them built. Returned so that keep_bf16_weights does not read the headers again."""
     if not (device.type == "cpu" and quantization is None and dtype.requested == "auto"
             and dtype.dtype == torch.float32):
-        return False
-    if {d for n, d in stored_dtypes(model_dir).items() if _decoder_linear(n)} != {"BF16"}:
-        return False
+        return None
+    stored = stored_dtypes(model_dir)
+    if {d for n, d in stored.items() if _decoder_linear(n)} != {"BF16"}:
+        return None
     if cpu_quant.library() is None:
         log.warning("the checkpoint's bf16 linear weights are widened to float32 (twice the bytes a decode step "
                     "reads): the fused kernel that reads them as stored is not built (loraplex info says why)")
-        return False
-    return True
+        return None
+    return stored
 
 
 class Bf16Embedding(nn.Module):
@@ -67,12 +70,11 @@ class Bf16Embedding(nn.Module):
         return F.embedding(ids, self.rows).to(self.dtype)
 
 
-def keep_bf16_weights(model: nn.Module, model_dir: Path) -> tuple[int, int]:
+def keep_bf16_weights(model: nn.Module, stored: dict[str, str]) -> tuple[int, int]:
     """Keep `model`'s (loaded in fp32 from a bf16 checkpoint: the values are exact) weights in bf16 where the
-    checkpoint stores them so: the decoder linears, and the LM head with the embeddings. Returns (bytes before, bytes
-    after) of what was kept."""
+    checkpoint stores them so (`stored`: its tensors' stored dtypes, from bf16_storage): the decoder linears, and the
+    LM head with the embeddings. Returns (bytes before, bytes after) of what was kept."""
     before, after = quantize_model(model, BF16_WEIGHTS)  # bf16 -> fp32 at load and back: the stored bits
-    stored = stored_dtypes(model_dir)
     embed = next((d for n, d in stored.items() if n.endswith("embed_tokens.weight")), None)
     head = stored.get("lm_head.weight", embed)  # a tied head is the embeddings' tensor
     if embed != "BF16" or head != "BF16":
