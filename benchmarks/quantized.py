@@ -72,12 +72,15 @@ def throughput(llm: LLM, prompts: list[str], adapters: list[str | None], max_tok
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
 
 
-def decode_rates(llm: LLM, prompts: list[str], names: list[str], batches: list[int], max_tokens: int, reps: int
-                 ) -> dict[str, dict[str, float]]:
-    """batch -> {"base": decode tok/s, "8_adapters": decode tok/s}, each the median of `reps` runs."""
+def decode_rates(llm: LLM, prompts: list[str], names: list[str], batches: list[int], max_tokens: int, reps: int,
+                 warm: bool = False) -> dict[str, dict[str, float]]:
+    """batch -> {"base": decode tok/s, "8_adapters": decode tok/s}, each the median of `reps` runs; with `warm`, each
+    after a short untimed run of the same batch (prompts sharing no prefix with the timed ones)."""
     rates: dict[str, dict[str, float]] = {}
     for b in batches:
         for kind, adapters in (("base", [None] * b), ("8_adapters", list(round_robin(names, b)))):
+            if warm:
+                step_timed(llm, warmup(prompts[:b]), adapters, 4, f"warm-{kind}-{b}")
             runs = [step_timed(llm, prompts[:b], adapters, max_tokens, f"{kind}-{b}-{i}") for i in range(reps)]
             rates.setdefault(str(b), {})[kind] = statistics.median(n / d for _, d, n, _ in runs)
     return rates

@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (default_model_dir, machine, make_adapters, round_robin, step_timed, warmup,
-                               workload_prompts, write_json)
+from benchmarks.common import default_model_dir, machine, make_adapters, warmup, workload_prompts, write_json
 from benchmarks.peers.llama_cpp import OUTTYPE, Server, complete, convert_base, convert_loras
 from benchmarks.peers.llama_cpp_build import VERSION
+from benchmarks.quantized import decode_rates
 from loraplex import LLM
 from loraplex.hardware import resolve_dtype
 from loraplex.models.loader import default_gguf_path
@@ -81,14 +81,10 @@ def measure_loraplex(path: Path, adapters: Path, names: list[str], prompts: list
                      max_tokens: int, reps: int) -> dict[str, dict[str, float]]:
     llm = LLM(model=str(path), quantization="gguf", adapter_dir=str(adapters), max_loras=8,
               enable_prefix_caching=False)
-    rates: dict[str, dict[str, float]] = {}
-    for b in batches:
-        for kind in KINDS:
-            chosen: list[str | None] = [None] * b if kind == "base" else list(round_robin(names, b))
-            step_timed(llm, warmup(prompts[:b]), chosen, 4, f"warm-{kind}-{b}")
-            runs = [step_timed(llm, prompts[:b], chosen, max_tokens, f"{kind}-{b}-{i}") for i in range(reps)]
-            rates.setdefault(str(b), {})[kind] = statistics.median(n / d for _, d, n, _ in runs)
-            print(f"  loraplex, batch {b}, {kind}: {rates[str(b)][kind]:.1f} tok/s", flush=True)
+    rates = decode_rates(llm, prompts, names, batches, max_tokens, reps, warm=True)
+    for b, kinds in rates.items():
+        for kind, rate in kinds.items():
+            print(f"  loraplex, batch {b}, {kind}: {rate:.1f} tok/s", flush=True)
     del llm
     gc.collect()
     return rates
